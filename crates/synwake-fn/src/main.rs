@@ -1,0 +1,138 @@
+//! `synwake-fn`: a dependency-free HTTP/1.1 function used by synwake's tests and benchmark.
+//!
+//! Environment:
+//! - `PORT` (required unless `LISTEN_ADDR` is set): listen on 127.0.0.1:$PORT.
+//! - `LISTEN_ADDR`: full socket address to listen on instead.
+//! - `INIT_MS`: sleep this long before listening (a function with a known start time).
+//! - `EXIT_AT_START`: exit with this status before listening (a function that fails to start).
+//!
+//! Requests:
+//! - `POST` anything: echoes the body back.
+//! - `GET /crash`: the process exits mid-request (the client sees a closed connection).
+//! - `GET /sleep/<ms>`: answers after `<ms>` milliseconds.
+//! - `GET /pid`: answers with the process id.
+//! - anything else: `hello from <SYNWAKE_FUNCTION>`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+fn main() {
+    if let Ok(code) = std::env::var("EXIT_AT_START") {
+        eprintln!("synwake-fn: exiting at start as asked (EXIT_AT_START={code})");
+        std::process::exit(code.parse().unwrap_or(1));
+    }
+    let init_ms: u64 = std::env::var("INIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if init_ms > 0 {
+        std::thread::sleep(Duration::from_millis(init_ms));
+    }
+    let addr = match (std::env::var("LISTEN_ADDR"), std::env::var("PORT")) {
+        (Ok(a), _) => a,
+        (_, Ok(p)) => format!("127.0.0.1:{p}"),
+        _ => {
+            eprintln!("synwake-fn: set PORT or LISTEN_ADDR");
+            std::process::exit(2);
+        }
+    };
+    let listener = match TcpListener::bind(&addr) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("synwake-fn: cannot listen on {addr}: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!("synwake-fn: listening on {addr} after {init_ms} ms init");
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let _ = serve(stream);
+        });
+    }
+}
+
+fn serve(stream: TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    let name = std::env::var("SYNWAKE_FUNCTION").unwrap_or_else(|_| "synwake-fn".into());
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let path = parts.next().unwrap_or("/").to_string();
+        let mut content_length = 0usize;
+        let mut chunked = false;
+        let mut close = false;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h)? == 0 {
+                return Ok(());
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+                match k.as_str() {
+                    "content-length" => content_length = v.parse().unwrap_or(0),
+                    "transfer-encoding" => chunked = v.eq_ignore_ascii_case("chunked"),
+                    "connection" => close = v.eq_ignore_ascii_case("close"),
+                    _ => {}
+                }
+            }
+        }
+        let body = if chunked {
+            read_chunked(&mut reader)?
+        } else {
+            let mut b = vec![0; content_length];
+            reader.read_exact(&mut b)?;
+            b
+        };
+        let resp: Vec<u8> = if method == "POST" || method == "PUT" {
+            body
+        } else if path == "/crash" {
+            eprintln!("synwake-fn: crashing on request as asked");
+            std::process::exit(3);
+        } else if let Some(ms) = path.strip_prefix("/sleep/") {
+            std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+            b"slept\n".to_vec()
+        } else if path == "/pid" {
+            format!("{}\n", std::process::id()).into_bytes()
+        } else {
+            format!("hello from {name}\n").into_bytes()
+        };
+        write!(
+            out,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n{}\r\n",
+            resp.len(),
+            if close { "connection: close\r\n" } else { "" }
+        )?;
+        out.write_all(&resp)?;
+        out.flush()?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+fn read_chunked(reader: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut size = String::new();
+        reader.read_line(&mut size)?;
+        let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        let mut chunk = vec![0; size + 2];
+        reader.read_exact(&mut chunk)?;
+        if size == 0 {
+            return Ok(body);
+        }
+        body.extend_from_slice(&chunk[..size]);
+    }
+}
