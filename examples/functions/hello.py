@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""hello: the smallest synwake function.
+
+Answers every GET with "hello from <SYNWAKE_FUNCTION>: <GREETING>" and GET /healthz with
+200 "ok". Listens on 127.0.0.1:$PORT (synwake's process runtime sets PORT and
+SYNWAKE_FUNCTION). Python 3.11 standard library only.
+"""
+
+import os
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+NAME = os.environ.get("SYNWAKE_FUNCTION", "hello")
+GREETING = os.environ.get("GREETING", "hello")
+
+
+class Hello(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: the gateway reuses its connections
+    disable_nagle_algorithm = True  # headers and body go out as separate writes
+    server_version = "synwake-example-hello"
+
+    def _answer(self, send_body: bool) -> None:
+        if self.path.split("?", 1)[0] == "/healthz":
+            body = b"ok\n"
+        else:
+            body = f"hello from {NAME}: {GREETING}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._answer(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(send_body=False)
+
+    def do_POST(self) -> None:
+        # Read (and ignore) any body so the connection stays usable for the next request.
+        _drain_body(self)
+        self._answer(send_body=True)
+
+    def log_message(self, format: str, *args) -> None:
+        # One stderr line per request would flood synwake's log under load.
+        pass
+
+    def log_error(self, format: str, *args) -> None:
+        sys.stderr.write(f"{NAME}: {format % args}\n")
+
+
+def _drain_body(handler: BaseHTTPRequestHandler) -> None:
+    if "chunked" in handler.headers.get("Transfer-Encoding", "").lower():
+        # Not worth decoding here: answer, then close instead of reusing the connection.
+        handler.close_connection = True
+        return
+    length = int(handler.headers.get("Content-Length") or 0)
+    while length > 0:
+        chunk = handler.rfile.read(min(length, 65536))
+        if not chunk:
+            break
+        length -= len(chunk)
+
+
+def main() -> int:
+    port = os.environ.get("PORT")
+    if not port:
+        print("hello.py: set PORT (synwake's process runtime does)", file=sys.stderr)
+        return 2
+    server = ThreadingHTTPServer(("127.0.0.1", int(port)), Hello)
+    server.daemon_threads = True
+    print(f"hello.py: {NAME} listening on 127.0.0.1:{port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
