@@ -1,0 +1,46 @@
+/* synwake.h: the probe's event record and constants, shared by the BPF program and Rust. */
+#ifndef SYNWAKE_H
+#define SYNWAKE_H
+
+#include <linux/types.h>
+
+/* Why an event was emitted. */
+#define SYNWAKE_TRIGGER_SYN 1        /* SYN to a port in watched_ports */
+#define SYNWAKE_TRIGGER_TCP_OPTION 2 /* SYN carrying the synwake option with an id in watched_ids */
+
+/* The synwake TCP option (RFC 6994 experimental): kind, length, ExID, 4-byte id. */
+#define SYNWAKE_OPT_KIND 253
+#define SYNWAKE_OPT_LEN 8
+#define SYNWAKE_OPT_EXID 0x5357
+
+/* Address families carried in synwake_event.family. */
+#define SYNWAKE_FAMILY_IPV4 4
+#define SYNWAKE_FAMILY_IPV6 6
+
+/* Indexes of the per-CPU counters in map `stats`. */
+#define SYNWAKE_STAT_EVENTS 0
+#define SYNWAKE_STAT_LOST 1
+#define SYNWAKE_STAT_COUNT 2
+
+/* Maximum TCP option bytes (60-byte header - 20 fixed). */
+#define SYNWAKE_MAX_OPT_BYTES 40
+
+/*
+ * One SYN that should wake a function. All multi-byte fields are in host byte order
+ * except src_addr, which holds the address bytes as on the wire (IPv4 in bytes 0..4).
+ */
+struct synwake_event {
+	__u64 ktime_ns;     /* bpf_ktime_get_ns() when the SYN was seen (CLOCK_MONOTONIC) */
+	__u32 function_id;  /* id from the option (tcp_option), 0 for trigger syn */
+	__u32 ifindex;      /* interface the SYN arrived on */
+	__u8 src_addr[16];  /* client address */
+	__u16 dst_port;     /* destination port of the SYN */
+	__u16 src_port;     /* client port */
+	__u8 trigger;       /* SYNWAKE_TRIGGER_* */
+	__u8 family;        /* SYNWAKE_FAMILY_* */
+	__u8 _pad[2];
+};
+
+#define SYNWAKE_EVENT_SIZE 40
+
+#endif

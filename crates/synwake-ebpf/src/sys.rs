@@ -1,0 +1,219 @@
+//! Thin system calls aya 0.14 does not wrap: BPF_PROG_TEST_RUN, map-create probes, the
+//! monotonic clock, and interface discovery. Every filesystem path the crate reads is here.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+pub(crate) const SYS_CLASS_NET: &str = "/sys/class/net";
+pub(crate) const PROC_MOUNTS: &str = "/proc/mounts";
+pub(crate) const BTF_VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+pub(crate) const BPF_MAP_TYPE_ARRAY: u32 = 2;
+pub(crate) const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+const IFF_UP: u32 = 0x1;
+
+pub(crate) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `union bpf_attr` as used by BPF_PROG_TEST_RUN (the `test` member).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// Result of one BPF_PROG_TEST_RUN.
+pub(crate) struct RawTestRun {
+    pub retval: u32,
+    pub data_out: Vec<u8>,
+    pub duration_ns: u32,
+}
+
+/// Runs `prog` once (or `repeat` times) on `data` without any NIC.
+pub(crate) fn prog_test_run(
+    prog: BorrowedFd<'_>,
+    data: &[u8],
+    repeat: u32,
+) -> io::Result<RawTestRun> {
+    // Room for everything a program could grow the packet to.
+    let mut out = vec![0u8; data.len() + 4096];
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: data.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: data.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat,
+        ..Default::default()
+    };
+    // SAFETY: attr points to a correctly laid out, fully initialised bpf_attr prefix whose
+    // buffers outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRunAttr,
+            std::mem::size_of::<TestRunAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    out.truncate(attr.data_size_out as usize);
+    Ok(RawTestRun {
+        retval: attr.retval,
+        data_out: out,
+        duration_ns: attr.duration,
+    })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// Creates (and closes again) a map, to learn whether the kernel allows it.
+pub(crate) fn try_create_map(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> io::Result<()> {
+    let attr = MapCreateAttr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags: 0,
+    };
+    // SAFETY: attr is a valid bpf_attr prefix for BPF_MAP_CREATE.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &attr as *const MapCreateAttr,
+            std::mem::size_of::<MapCreateAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    Ok(())
+}
+
+/// Names of the interfaces that are administratively up, sorted, `lo` included.
+pub(crate) fn interfaces_up() -> io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(SYS_CLASS_NET)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let flags = std::fs::read_to_string(entry.path().join("flags")).unwrap_or_default();
+        let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap_or(0);
+        if flags & IFF_UP != 0 {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+pub(crate) fn ifindex(name: &str) -> Option<u32> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+pub(crate) fn is_root() -> bool {
+    // SAFETY: no arguments, cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub(crate) fn bpffs_mounted() -> bool {
+    std::fs::read_to_string(PROC_MOUNTS)
+        .map(|mounts| {
+            mounts
+                .lines()
+                .any(|line| line.split_whitespace().nth(2) == Some("bpf"))
+        })
+        .unwrap_or(false)
+}
+
+pub(crate) fn btf_present() -> bool {
+    Path::new(BTF_VMLINUX).exists()
+}
+
+/// The running kernel's (major, minor) from uname.
+pub(crate) fn kernel_version() -> Option<(u32, u32)> {
+    // SAFETY: utsname is plain data, uname fills it.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return None;
+    }
+    let release: Vec<u8> = uts
+        .release
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    let release = String::from_utf8_lossy(&release);
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lo_is_up_and_has_index_1_or_more() {
+        let up = interfaces_up().unwrap();
+        assert!(up.iter().any(|name| name == "lo"), "interfaces up: {up:?}");
+        assert!(ifindex("lo").unwrap() >= 1);
+        assert_eq!(ifindex("no-such-if0"), None);
+    }
+
+    #[test]
+    fn kernel_version_parses() {
+        let (major, _) = kernel_version().unwrap();
+        assert!(major >= 3);
+    }
+}
