@@ -1,0 +1,521 @@
+//! The synwake daemon under test: its generated config, its process inside the server
+//! namespace, and the management API calls the harness makes (scale to zero, wait cold).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::client::{self, ClientError};
+use crate::netns::{self, NetnsError};
+use crate::RuntimeKind;
+
+/// Port of the shared gateway listener inside the server namespace.
+pub const GATEWAY_PORT: u16 = 8080;
+/// Management API address inside the server namespace (loopback, not delayed).
+pub const API_ADDR: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8081);
+/// Each function gets its own port, `FUNCTION_PORT_BASE + index`.
+pub const FUNCTION_PORT_BASE: u16 = 9100;
+
+/// Errors around the daemon process and its API.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("could not write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("could not serialise the daemon config")]
+    Toml(#[from] toml::ser::Error),
+    #[error("could not start {bin}")]
+    Spawn {
+        bin: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("synwake exited before it was healthy ({status}); last log lines:\n{log}")]
+    Exited { status: String, log: String },
+    #[error("synwake not healthy after {secs} s; last log lines:\n{log}")]
+    NotHealthy { secs: u64, log: String },
+    #[error("API call {what} failed")]
+    Api {
+        what: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("API call {what} answered {status}: {body}")]
+    ApiStatus {
+        what: String,
+        status: u16,
+        body: String,
+    },
+    #[error("function {name} still not cold after {secs} s (availableReplicas {replicas}, instance processes {procs})")]
+    NotCold {
+        name: String,
+        secs: u64,
+        replicas: i64,
+        procs: usize,
+    },
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+}
+
+/// How the daemon detects that a cold function is wanted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WakeSetup {
+    /// eBPF probe on the server's veth (`syn` mode).
+    pub probe: bool,
+    /// Wake when the function's own port accepts a connection (`accept` mode).
+    pub wake_on_accept: bool,
+}
+
+/// One function in the generated config.
+#[derive(Debug, Clone)]
+pub struct FunctionSpec {
+    pub name: String,
+    pub port: u16,
+    pub init_ms: u64,
+}
+
+/// Everything needed to render a daemon config.
+#[derive(Debug, Clone)]
+pub struct DaemonSetup {
+    pub wake: WakeSetup,
+    pub runtime: RuntimeKind,
+    pub function_bin: PathBuf,
+    pub image: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub probe_iface: String,
+    pub functions: Vec<FunctionSpec>,
+}
+
+#[derive(Serialize)]
+struct ConfigFile {
+    gateway: GatewaySection,
+    defaults: DefaultsSection,
+    probe: ProbeSection,
+    function: Vec<FunctionSection>,
+}
+
+#[derive(Serialize)]
+struct GatewaySection {
+    listen: String,
+    api_listen: String,
+    state_dir: String,
+    wake_on_accept: bool,
+}
+
+#[derive(Serialize)]
+struct DefaultsSection {
+    idle_timeout: String,
+    prewarm_ttl: String,
+}
+
+#[derive(Serialize)]
+struct ProbeSection {
+    mode: String,
+    interfaces: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct FunctionSection {
+    name: String,
+    port: u16,
+    runtime: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    command: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pool: Option<u32>,
+    env: BTreeMap<String, String>,
+}
+
+impl DaemonSetup {
+    /// Renders the TOML config. Idle timeout is long so nothing scales down mid-cell; the
+    /// harness scales to zero explicitly.
+    pub fn render(&self) -> Result<String, DaemonError> {
+        let function = self
+            .functions
+            .iter()
+            .map(|f| {
+                let env = BTreeMap::from([("INIT_MS".to_string(), f.init_ms.to_string())]);
+                let oci = self.runtime != RuntimeKind::Process;
+                FunctionSection {
+                    name: f.name.clone(),
+                    port: f.port,
+                    runtime: if oci { "oci" } else { "process" }.to_string(),
+                    command: (!oci).then(|| vec![self.function_bin.display().to_string()]),
+                    image: oci
+                        .then(|| self.image.as_ref().map(|p| p.display().to_string()))
+                        .flatten(),
+                    container_port: oci.then_some(8080),
+                    pool: match self.runtime {
+                        RuntimeKind::OciPool => Some(1),
+                        RuntimeKind::Oci => Some(0),
+                        RuntimeKind::Process => None,
+                    },
+                    env,
+                }
+            })
+            .collect();
+        let cfg = ConfigFile {
+            gateway: GatewaySection {
+                listen: format!("0.0.0.0:{GATEWAY_PORT}"),
+                api_listen: API_ADDR.to_string(),
+                state_dir: self.state_dir.display().to_string(),
+                wake_on_accept: self.wake.wake_on_accept,
+            },
+            defaults: DefaultsSection {
+                idle_timeout: "3600s".into(),
+                prewarm_ttl: "10s".into(),
+            },
+            probe: ProbeSection {
+                mode: if self.wake.probe { "auto" } else { "off" }.into(),
+                interfaces: vec![self.probe_iface.clone()],
+            },
+            function,
+        };
+        Ok(toml::to_string(&cfg)?)
+    }
+}
+
+/// A running `synwake up` inside the server namespace. Dropping it stops it (SIGTERM, then
+/// SIGKILL to its whole process group).
+pub struct Daemon {
+    child: Child,
+    server_ns: String,
+    log_path: PathBuf,
+}
+
+impl Daemon {
+    /// Writes the config to `config_path`, starts the daemon with `ip netns exec` and waits
+    /// until `/healthz` answers 200.
+    pub fn start(
+        bin: &Path,
+        setup: &DaemonSetup,
+        config_path: &Path,
+        log_path: &Path,
+        server_ns: &str,
+    ) -> Result<Self, DaemonError> {
+        let write_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| DaemonError::Write { path, source }
+        };
+        std::fs::create_dir_all(&setup.state_dir).map_err(write_err(&setup.state_dir))?;
+        std::fs::write(config_path, setup.render()?).map_err(write_err(config_path))?;
+        let log = File::create(log_path).map_err(write_err(log_path))?;
+        let log2 = log.try_clone().map_err(write_err(log_path))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", server_ns])
+            .arg(bin)
+            .arg("up")
+            .arg("--config")
+            .arg(config_path)
+            .env("RUST_LOG", std::env::var("SYNWAKE_BENCH_DAEMON_LOG").unwrap_or("info".into()))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Own process group: Ctrl-C in the terminal does not race our orderly stop, and
+            // the group kill reaches instances the daemon spawned.
+            .process_group(0)
+            .spawn()
+            .map_err(|source| DaemonError::Spawn {
+                bin: bin.to_path_buf(),
+                source,
+            })?;
+        let mut daemon = Daemon {
+            child,
+            server_ns: server_ns.to_string(),
+            log_path: log_path.to_path_buf(),
+        };
+        daemon.wait_healthy(Duration::from_secs(20))?;
+        Ok(daemon)
+    }
+
+    /// The daemon's pid (`ip netns exec` execs, so this is synwake itself).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    fn wait_healthy(&mut self, limit: Duration) -> Result<(), DaemonError> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(DaemonError::Exited {
+                    status: status.to_string(),
+                    log: self.log_tail(),
+                });
+            }
+            let ok = netns::in_netns(&self.server_ns, || {
+                client::request(
+                    SocketAddr::V4(API_ADDR),
+                    "GET",
+                    "/healthz",
+                    None,
+                    Duration::from_secs(1),
+                )
+            })?
+            .is_ok_and(|r| r.status == 200);
+            if ok {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                return Err(DaemonError::NotHealthy {
+                    secs: limit.as_secs(),
+                    log: self.log_tail(),
+                });
+            }
+            crate::interrupt::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the daemon process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Stops the daemon: SIGTERM, up to 5 s grace, then SIGKILL to the process group.
+    pub fn stop(&mut self) {
+        let pid = self.child.id() as i32;
+        if self.is_running() {
+            // SAFETY: signalling the child we spawned.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let start = Instant::now();
+            while self.is_running() && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // SAFETY: the group was created by our spawn (pgid == child pid).
+        unsafe { libc::killpg(pid, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Client for the daemon's management API, called from inside the server namespace.
+#[derive(Debug, Clone)]
+pub struct Api {
+    server_ns: String,
+}
+
+impl Api {
+    pub fn new(server_ns: &str) -> Self {
+        Api {
+            server_ns: server_ns.to_string(),
+        }
+    }
+
+    fn call(&self, method: &'static str, path: String, body: Option<String>) -> Result<(u16, String), DaemonError> {
+        let what = format!("{method} {path}");
+        let resp = netns::in_netns(&self.server_ns, move || {
+            client::request(
+                SocketAddr::V4(API_ADDR),
+                method,
+                &path,
+                body.as_deref().map(str::as_bytes),
+                Duration::from_secs(10),
+            )
+        })?
+        .map_err(|source| DaemonError::Api {
+            what: what.clone(),
+            source,
+        })?;
+        Ok((resp.status, String::from_utf8_lossy(&resp.body).into_owned()))
+    }
+
+    /// `POST /system/scale-function/<name>` with `replicas`.
+    pub fn scale(&self, name: &str, replicas: u32) -> Result<(), DaemonError> {
+        let body = serde_json::json!({"serviceName": name, "replicas": replicas}).to_string();
+        let path = format!("/system/scale-function/{name}");
+        let (status, text) = self.call("POST", path.clone(), Some(body))?;
+        if !(200..300).contains(&status) {
+            return Err(DaemonError::ApiStatus {
+                what: format!("POST {path}"),
+                status,
+                body: text,
+            });
+        }
+        Ok(())
+    }
+
+    /// `availableReplicas` from `GET /system/function/<name>`.
+    pub fn available_replicas(&self, name: &str) -> Result<i64, DaemonError> {
+        let path = format!("/system/function/{name}");
+        let (status, text) = self.call("GET", path.clone(), None)?;
+        let parsed: Option<i64> = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("availableReplicas").and_then(|r| r.as_i64()));
+        match (status, parsed) {
+            (200, Some(n)) => Ok(n),
+            _ => Err(DaemonError::ApiStatus {
+                what: format!("GET {path}"),
+                status,
+                body: text,
+            }),
+        }
+    }
+
+    /// Scales `name` to zero and waits until the API reports no replica and no process of
+    /// `instance_exe` descends from the daemon.
+    pub fn scale_to_zero_and_wait(
+        &self,
+        name: &str,
+        daemon_pid: u32,
+        instance_exe: Option<&Path>,
+        limit: Duration,
+    ) -> Result<(), DaemonError> {
+        self.scale(name, 0)?;
+        let start = Instant::now();
+        loop {
+            let replicas = self.available_replicas(name)?;
+            let procs = instance_exe
+                .map(|exe| descendants_running(daemon_pid, exe))
+                .unwrap_or(0);
+            if replicas == 0 && procs == 0 {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                return Err(DaemonError::NotCold {
+                    name: name.to_string(),
+                    secs: limit.as_secs(),
+                    replicas,
+                    procs,
+                });
+            }
+            crate::interrupt::sleep(Duration::from_millis(3));
+        }
+    }
+}
+
+/// Counts live descendants of `root` whose executable is `exe` (zombies excluded).
+pub fn descendants_running(root: u32, exe: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut parent: BTreeMap<u32, u32> = BTreeMap::new();
+    let mut matching = Vec::new();
+    let exe = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
+    for pid in rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the ")" closing the command name: state ppid ...
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let state = f.next().unwrap_or("");
+        let ppid: u32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        parent.insert(pid, ppid);
+        if state != "Z"
+            && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p == exe)
+        {
+            matching.push(pid);
+        }
+    }
+    matching
+        .into_iter()
+        .filter(|&pid| {
+            let mut cur = pid;
+            for _ in 0..64 {
+                match parent.get(&cur) {
+                    Some(&pp) if pp == root => return true,
+                    Some(&pp) if pp > 1 => cur = pp,
+                    _ => return false,
+                }
+            }
+            false
+        })
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(runtime: RuntimeKind, probe: bool) -> DaemonSetup {
+        DaemonSetup {
+            wake: WakeSetup {
+                probe,
+                wake_on_accept: !probe,
+            },
+            runtime,
+            function_bin: "/bin/fn".into(),
+            image: Some("/img/busybox.tar".into()),
+            state_dir: "/tmp/st".into(),
+            probe_iface: "swb0".into(),
+            functions: vec![FunctionSpec {
+                name: "init-50".into(),
+                port: 9101,
+                init_ms: 50,
+            }],
+        }
+    }
+
+    #[test]
+    fn renders_process_config_in_the_daemon_schema() {
+        let text = setup(RuntimeKind::Process, true).render().unwrap();
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(v["gateway"]["listen"].as_str(), Some("0.0.0.0:8080"));
+        assert_eq!(v["gateway"]["api_listen"].as_str(), Some("127.0.0.1:8081"));
+        assert_eq!(v["gateway"]["wake_on_accept"].as_bool(), Some(false));
+        assert_eq!(v["probe"]["mode"].as_str(), Some("auto"));
+        assert_eq!(v["probe"]["interfaces"][0].as_str(), Some("swb0"));
+        let f = &v["function"][0];
+        assert_eq!(f["name"].as_str(), Some("init-50"));
+        assert_eq!(f["port"].as_integer(), Some(9101));
+        assert_eq!(f["runtime"].as_str(), Some("process"));
+        assert_eq!(f["command"][0].as_str(), Some("/bin/fn"));
+        assert_eq!(f["env"]["INIT_MS"].as_str(), Some("50"));
+        assert!(f.get("image").is_none());
+    }
+
+    #[test]
+    fn renders_oci_pool_config() {
+        let text = setup(RuntimeKind::OciPool, false).render().unwrap();
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(v["probe"]["mode"].as_str(), Some("off"));
+        let f = &v["function"][0];
+        assert_eq!(f["runtime"].as_str(), Some("oci"));
+        assert_eq!(f["image"].as_str(), Some("/img/busybox.tar"));
+        assert_eq!(f["container_port"].as_integer(), Some(8080));
+        assert_eq!(f["pool"].as_integer(), Some(1));
+        assert!(f.get("command").is_none());
+    }
+
+    #[test]
+    fn finds_own_children_by_exe() {
+        let mut child = Command::new("sleep").arg("5").spawn().unwrap();
+        let exe = std::fs::canonicalize("/proc/self/exe").unwrap();
+        let sleep = std::fs::read_link(format!("/proc/{}/exe", child.id())).unwrap();
+        assert_eq!(descendants_running(std::process::id(), &sleep), 1);
+        assert_eq!(descendants_running(std::process::id(), &exe), 0);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(descendants_running(std::process::id(), &sleep), 0);
+    }
+}

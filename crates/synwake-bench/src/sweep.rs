@@ -1,0 +1,529 @@
+//! The sweep: topology + delay line, then per daemon configuration, per RTT (emulation
+//! checked first), per init time, the runs of each mode. Writes the outputs at the end.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, SocketAddrV4, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::client;
+use crate::daemon::{Api, Daemon, DaemonSetup, FunctionSpec, WakeSetup, FUNCTION_PORT_BASE};
+use crate::delay::DelayLine;
+use crate::interrupt;
+use crate::netns::{self, NetnsError, Topology};
+use crate::report::{self, Record};
+use crate::stats::{percentile, Summary};
+use crate::{BenchArgs, Mode, RuntimeKind};
+
+/// Port the emulation check connects to (a bare listener, never a function).
+const CHECK_PORT: u16 = 7999;
+/// How long one request may take before the run is declared failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long scaling to zero may take.
+const COLD_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Result of timing TCP connects through the delay line.
+#[derive(Debug, Clone)]
+pub struct EmulationCheck {
+    pub rtt_ms: u64,
+    /// Connect times in ms, in the order measured.
+    pub connect_ms: Vec<f64>,
+    pub p50_ms: f64,
+    pub max_ms: f64,
+    pub tolerance_ms: f64,
+}
+
+impl EmulationCheck {
+    /// Whether the median connect time is within tolerance of the target RTT.
+    pub fn passed(&self) -> bool {
+        (self.p50_ms - self.rtt_ms as f64).abs() <= self.tolerance_ms
+    }
+}
+
+/// Why the emulation could not be checked.
+#[derive(Debug, thiserror::Error)]
+pub enum EmulationError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("could not listen on the server side for the check")]
+    Listen(#[source] std::io::Error),
+    #[error("check connect failed")]
+    Connect(#[source] std::io::Error),
+}
+
+/// Allowed error of the emulated RTT: 10 %, or 0.5 ms at RTT 0.
+pub fn tolerance_ms(rtt_ms: u64) -> f64 {
+    if rtt_ms == 0 {
+        0.5
+    } else {
+        rtt_ms as f64 * 0.1
+    }
+}
+
+/// Times `connects` TCP handshakes client -> server (after one untimed warm-up that also
+/// fills the neighbour caches). A handshake is one round trip, so it should match the RTT.
+pub fn check_emulation(
+    topo: &Topology,
+    rtt_ms: u64,
+    connects: usize,
+) -> Result<EmulationCheck, EmulationError> {
+    let bind = SocketAddrV4::new(netns::SERVER_ADDR, CHECK_PORT);
+    // The socket stays in the server namespace after the thread returns; the kernel
+    // completes handshakes from the backlog, so nobody needs to accept().
+    let listener: TcpListener =
+        netns::in_netns(&topo.server, move || TcpListener::bind(bind))?.map_err(EmulationError::Listen)?;
+    let target = SocketAddr::V4(bind);
+    let times = netns::in_netns(&topo.client, move || -> std::io::Result<Vec<f64>> {
+        let mut out = Vec::with_capacity(connects);
+        for i in 0..=connects {
+            let start = Instant::now();
+            let s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            drop(s);
+            if i > 0 {
+                out.push(ms);
+            }
+        }
+        Ok(out)
+    })?
+    .map_err(EmulationError::Connect)?;
+    drop(listener);
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(EmulationCheck {
+        rtt_ms,
+        p50_ms: percentile(&sorted, 50.0).unwrap_or(f64::NAN),
+        max_ms: sorted.last().copied().unwrap_or(f64::NAN),
+        connect_ms: times,
+        tolerance_ms: tolerance_ms(rtt_ms),
+    })
+}
+
+fn resolve_bins(args: &BenchArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+    let synwake = match &args.synwake_bin {
+        Some(p) => p.clone(),
+        None => {
+            let me = std::env::current_exe().context("current_exe")?;
+            if me.file_name().is_some_and(|n| n == "synwake") {
+                me
+            } else {
+                me.with_file_name("synwake")
+            }
+        }
+    };
+    let synwake = std::fs::canonicalize(&synwake)
+        .with_context(|| format!("synwake binary {} not found (use --synwake-bin)", synwake.display()))?;
+    let function = match args.runtime {
+        RuntimeKind::Process => {
+            let f = args
+                .function_bin
+                .clone()
+                .unwrap_or_else(|| synwake.with_file_name("synwake-fn"));
+            Some(std::fs::canonicalize(&f).with_context(|| {
+                format!("test function {} not found (use --function-bin)", f.display())
+            })?)
+        }
+        RuntimeKind::Oci | RuntimeKind::OciPool => None,
+    };
+    Ok((synwake, function))
+}
+
+/// One daemon configuration and the modes measured under it.
+struct Phase {
+    name: &'static str,
+    wake: WakeSetup,
+    modes: Vec<Mode>,
+}
+
+fn plan_phases(modes: &[Mode]) -> Vec<Phase> {
+    let has = |m| modes.contains(&m);
+    let mut phases = Vec::new();
+    if has(Mode::Request) {
+        phases.push(Phase {
+            name: "request",
+            wake: WakeSetup { probe: false, wake_on_accept: false },
+            modes: vec![Mode::Request],
+        });
+    }
+    if has(Mode::Accept) {
+        phases.push(Phase {
+            name: "accept",
+            wake: WakeSetup { probe: false, wake_on_accept: true },
+            modes: vec![Mode::Accept],
+        });
+    }
+    // syn isolates the probe: accept-wake is off, so a probe that did not fire shows up as
+    // request-mode numbers rather than being masked by the accept fallback.
+    if has(Mode::Syn) {
+        phases.push(Phase {
+            name: "syn",
+            wake: WakeSetup { probe: true, wake_on_accept: false },
+            modes: vec![Mode::Syn],
+        });
+    }
+    // warm is the reference for syn, so it runs with the same daemon (probe attached).
+    if has(Mode::Warm) {
+        match phases.iter_mut().find(|p| p.name == "syn") {
+            Some(p) => p.modes.push(Mode::Warm),
+            None => phases.push(Phase {
+                name: "warm",
+                wake: WakeSetup { probe: false, wake_on_accept: true },
+                modes: vec![Mode::Warm],
+            }),
+        }
+    }
+    phases
+}
+
+/// Per-cell observation beside the latencies.
+struct CellNotes {
+    cold_header_true: usize,
+    runs: usize,
+}
+
+pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    interrupt::install();
+    if args.runs == 0 || args.rtt.is_empty() || args.init.is_empty() || args.modes.is_empty() {
+        bail!("--runs, --rtt, --init and --modes must not be empty");
+    }
+    if args.runtime != RuntimeKind::Process && args.image.is_none() {
+        bail!("--runtime {} needs --image PATH", args.runtime);
+    }
+    let (synwake_bin, function_bin) = resolve_bins(&args)?;
+    let removed = netns::remove_stale_netns();
+    if !removed.is_empty() {
+        eprintln!("removed stale namespaces: {}", removed.join(", "));
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
+    let out = std::fs::canonicalize(&args.out)?;
+
+    let mut modes = args.modes.clone();
+    modes.sort();
+    modes.dedup();
+    let phases = plan_phases(&modes);
+    let functions: Vec<FunctionSpec> = args
+        .init
+        .iter()
+        .enumerate()
+        .map(|(i, &init_ms)| FunctionSpec {
+            name: format!("init-{init_ms}"),
+            port: FUNCTION_PORT_BASE + i as u16,
+            init_ms,
+        })
+        .collect();
+
+    let topo = Topology::create().context("create namespaces")?;
+    let line = DelayLine::start(
+        &topo.router,
+        &[netns::QUEUE_TO_SERVER, netns::QUEUE_TO_CLIENT],
+        Duration::ZERO,
+    )
+    .context("start delay line")?;
+    eprintln!(
+        "topology {} (client {}, router {}, server {})",
+        topo.prefix, topo.client, topo.router, topo.server
+    );
+
+    let total = (modes.len() * args.rtt.len() * args.init.len() * args.runs) as u64;
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} runs  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+
+    let mut records: Vec<Record> = Vec::new();
+    let mut checks: Vec<(String, EmulationCheck)> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    for phase in &phases {
+        interrupt::check()?;
+        let setup = DaemonSetup {
+            wake: phase.wake,
+            runtime: args.runtime,
+            function_bin: function_bin.clone().unwrap_or_default(),
+            image: args.image.clone(),
+            state_dir: out.join(format!("state-{}", phase.name)),
+            probe_iface: netns::ENDPOINT_IFACE.to_string(),
+            functions: functions.clone(),
+        };
+        pb.set_message(format!("starting synwake ({} phase)", phase.name));
+        let mut daemon = Daemon::start(
+            &synwake_bin,
+            &setup,
+            &out.join(format!("daemon-{}.toml", phase.name)),
+            &out.join(format!("daemon-{}.log", phase.name)),
+            &topo.server,
+        )
+        .with_context(|| format!("start synwake for the {} phase", phase.name))?;
+        let api = Api::new(&topo.server);
+        for &rtt in &args.rtt {
+            interrupt::check()?;
+            line.set_one_way(Duration::from_micros(rtt * 500));
+            let check = check_emulation(&topo, rtt, args.check_connects)
+                .with_context(|| format!("emulation check at RTT {rtt} ms"))?;
+            if !check.passed() {
+                bail!(
+                    "emulation check failed at RTT {rtt} ms: connect p50 {:.3} ms (tolerance ±{:.2} ms, samples {:?}); refusing to report",
+                    check.p50_ms,
+                    check.tolerance_ms,
+                    check.connect_ms
+                );
+            }
+            pb.println(format!(
+                "[{}] RTT {rtt} ms: emulation ok, connect p50 {:.2} ms max {:.2} ms",
+                phase.name, check.p50_ms, check.max_ms
+            ));
+            checks.push((phase.name.to_string(), check));
+            for f in &functions {
+                for &mode in &phase.modes {
+                    pb.set_message(format!("{mode} rtt={rtt}ms init={}ms", f.init_ms));
+                    let (samples, cell) = measure_cell(
+                        mode,
+                        f,
+                        &topo,
+                        &api,
+                        &mut daemon,
+                        function_bin.as_deref(),
+                        &line,
+                        args.runs,
+                        &pb,
+                    )
+                    .with_context(|| format!("{mode} at RTT {rtt} ms, init {} ms", f.init_ms))?;
+                    let s = Summary::from_durations(&samples).context("no samples")?;
+                    let expect_cold = mode != Mode::Warm;
+                    let cold_ok = if expect_cold {
+                        cell.cold_header_true == cell.runs
+                    } else {
+                        cell.cold_header_true == 0
+                    };
+                    if !cold_ok {
+                        notes.push(format!(
+                            "{mode} RTT {rtt} init {}: X-Synwake-Cold-Start true on {}/{} responses",
+                            f.init_ms, cell.cold_header_true, cell.runs
+                        ));
+                    }
+                    pb.println(format!(
+                        "  {mode:>7} rtt={rtt:>3} init={:>3}: p50 {:8.2} ms  p90 {:8.2} ms  (cold header {}/{})",
+                        f.init_ms, s.p50, s.p90, cell.cold_header_true, cell.runs
+                    ));
+                    records.push(Record::new(mode, args.runtime, rtt, f.init_ms, s));
+                }
+            }
+        }
+        daemon.stop();
+    }
+    pb.finish_and_clear();
+    let elapsed = started.elapsed();
+
+    let drops = netns::queue_drops(&topo.router).unwrap_or_default();
+    let dropped: u64 = drops.iter().map(|(_, d)| d).sum();
+    let stats = line.stats();
+    let packets = stats.packets.load(std::sync::atomic::Ordering::Relaxed);
+    let late_mean_us = stats.late_ns_sum.load(std::sync::atomic::Ordering::Relaxed) as f64
+        / packets.max(1) as f64
+        / 1e3;
+    let late_max_us = stats.late_ns_max.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e3;
+    line.stop().context("delay line")?;
+    drop(topo);
+
+    // Outputs.
+    let json = serde_json::to_string_pretty(&records)?;
+    std::fs::write(out.join("results.json"), &json)?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, &json).with_context(|| format!("write {}", path.display()))?;
+    }
+    let mut inits: Vec<u64> = args.init.clone();
+    inits.sort();
+    inits.dedup();
+    let mut svgs = Vec::new();
+    for &init in &inits {
+        let name = format!("cold-{}-init-{init}ms.svg", args.runtime);
+        std::fs::write(out.join(&name), report::svg_plot(&records, init, args.runtime))?;
+        svgs.push(name);
+    }
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "runtime `{}`, {} runs per cell, latency = client connect() to last response byte, ms\n",
+        args.runtime, args.runs
+    );
+    md.push_str(&report::markdown_table(&records));
+    md.push('\n');
+    md.push_str(&targets_section(&records, &modes));
+    let _ = writeln!(md, "\nSweep wall time: {:.1} s.", elapsed.as_secs_f64());
+    let _ = writeln!(
+        md,
+        "Delay line: {packets} packets, release lateness mean {late_mean_us:.0} us, max {late_max_us:.0} us; kernel queue drops: {dropped}."
+    );
+    md.push_str("\nEmulation checks (TCP connect time client -> server):\n\n");
+    for (phase, c) in &checks {
+        let _ = writeln!(
+            md,
+            "- {phase} phase, RTT {} ms: p50 {:.2} ms, max {:.2} ms",
+            c.rtt_ms, c.p50_ms, c.max_ms
+        );
+    }
+    if !notes.is_empty() {
+        md.push_str("\nCold-start header mismatches:\n\n");
+        for n in &notes {
+            let _ = writeln!(md, "- {n}");
+        }
+    }
+    std::fs::write(out.join("results.md"), &md)?;
+    println!("{md}");
+    println!(
+        "wrote {} ({} and {})",
+        out.display(),
+        "results.md, results.json",
+        svgs.join(", ")
+    );
+    if dropped > 0 {
+        eprintln!("warning: the kernel dropped {dropped} queued packets; numbers may be off");
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure_cell(
+    mode: Mode,
+    f: &FunctionSpec,
+    topo: &Topology,
+    api: &Api,
+    daemon: &mut Daemon,
+    function_bin: Option<&Path>,
+    line: &DelayLine,
+    runs: usize,
+    pb: &ProgressBar,
+) -> anyhow::Result<(Vec<Duration>, CellNotes)> {
+    let target = SocketAddr::V4(SocketAddrV4::new(netns::SERVER_ADDR, f.port));
+    let timed = |topo: &Topology| -> anyhow::Result<client::Response> {
+        let resp = netns::in_netns(&topo.client, move || {
+            client::request(target, "GET", "/", None, REQUEST_TIMEOUT)
+        })??;
+        if resp.status != 200 {
+            bail!(
+                "function answered {}: {}",
+                resp.status,
+                String::from_utf8_lossy(&resp.body)
+            );
+        }
+        Ok(resp)
+    };
+    if mode == Mode::Warm {
+        // Make sure an instance is up; this request is not measured.
+        timed(topo).context("warm-up request")?;
+    }
+    let mut samples = Vec::with_capacity(runs);
+    let mut cold_true = 0;
+    for _ in 0..runs {
+        interrupt::check()?;
+        if !daemon.is_running() {
+            bail!("synwake exited during the sweep");
+        }
+        if !line.is_running() {
+            bail!("the delay line stopped during the sweep");
+        }
+        if mode != Mode::Warm {
+            api.scale_to_zero_and_wait(&f.name, daemon.pid(), function_bin, COLD_TIMEOUT)?;
+        }
+        let resp = timed(topo)?;
+        if resp.cold_start() == Some(true) {
+            cold_true += 1;
+        }
+        samples.push(resp.elapsed);
+        pb.inc(1);
+    }
+    Ok((
+        samples,
+        CellNotes {
+            cold_header_true: cold_true,
+            runs,
+        },
+    ))
+}
+
+/// The targets, evaluated on the records.
+fn targets_section(records: &[Record], modes: &[Mode]) -> String {
+    let p50 = |m: Mode, rtt: u64, init: u64| {
+        records
+            .iter()
+            .find(|r| r.mode == m && r.rtt_ms == rtt && r.init_ms == init)
+            .map(|r| r.p50_ms)
+    };
+    let mut cells: Vec<(u64, u64)> = records.iter().map(|r| (r.init_ms, r.rtt_ms)).collect();
+    cells.sort();
+    cells.dedup();
+    let mut s = String::from("Targets:\n\n");
+    if modes.contains(&Mode::Syn) && modes.contains(&Mode::Warm) {
+        let (mut met, mut total) = (0, 0);
+        let mut misses = Vec::new();
+        for &(init, rtt) in &cells {
+            if rtt < init + 5 {
+                continue;
+            }
+            let (Some(syn), Some(warm)) = (p50(Mode::Syn, rtt, init), p50(Mode::Warm, rtt, init)) else {
+                continue;
+            };
+            total += 1;
+            let hidden = report::cell_hidden_fraction(records, rtt, init);
+            let ok = syn <= 1.10 * warm && hidden.is_none_or(|h| h >= 0.9);
+            if ok {
+                met += 1;
+            } else {
+                misses.push(format!(
+                    "init {init}/RTT {rtt}: syn {syn:.1} vs warm {warm:.1}, hidden {}",
+                    hidden.map_or("n/a".into(), |h| format!("{h:.2}"))
+                ));
+            }
+        }
+        let _ = writeln!(
+            s,
+            "- RTT >= init + 5 ms: syn p50 <= 1.10 x warm p50 and hidden fraction >= 0.9 in {met}/{total} cells{}",
+            if misses.is_empty() { String::new() } else { format!(" (missed: {})", misses.join("; ")) }
+        );
+    }
+    if modes.contains(&Mode::Request) && modes.contains(&Mode::Warm) {
+        let (mut met, mut total) = (0, 0);
+        for &(init, rtt) in &cells {
+            let (Some(req), Some(warm)) = (p50(Mode::Request, rtt, init), p50(Mode::Warm, rtt, init)) else {
+                continue;
+            };
+            total += 1;
+            if req >= warm + init as f64 {
+                met += 1;
+            }
+        }
+        let _ = writeln!(s, "- request p50 >= warm p50 + init in {met}/{total} cells");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tolerance_is_ten_percent_or_half_a_millisecond() {
+        assert_eq!(tolerance_ms(0), 0.5);
+        assert_eq!(tolerance_ms(20), 2.0);
+    }
+
+    #[test]
+    fn phases_pair_warm_with_the_probe_daemon() {
+        let p = plan_phases(&[Mode::Request, Mode::Accept, Mode::Syn, Mode::Warm]);
+        let names: Vec<&str> = p.iter().map(|p| p.name).collect();
+        assert_eq!(names, ["request", "accept", "syn"]);
+        assert_eq!(p[2].modes, [Mode::Syn, Mode::Warm]);
+        assert!(p[2].wake.probe && !p[2].wake.wake_on_accept);
+        assert!(!p[0].wake.probe && !p[0].wake.wake_on_accept);
+        assert!(p[1].wake.wake_on_accept);
+        let w = plan_phases(&[Mode::Warm]);
+        assert_eq!(w.len(), 1);
+        assert!(!w[0].wake.probe);
+    }
+}

@@ -1,0 +1,201 @@
+//! Privileged tests: real namespaces, iptables rules and the NFQUEUE delay line.
+//! They need root (CAP_NET_ADMIN). If they cannot run: with CI=true they fail, otherwise
+//! they are skipped with a loud message.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use synwake_bench::delay::DelayLine;
+use synwake_bench::netns::{self, Topology, QUEUE_TO_CLIENT, QUEUE_TO_SERVER};
+use synwake_bench::{check_emulation, BenchArgs};
+
+/// The delay line thread uses SCHED_FIFO and the checks time connects: run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let tools = ["ip", "iptables", "ip6tables"].iter().all(|t| {
+        Command::new(t)
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    });
+    let ok = root && tools;
+    if !ok {
+        let why = format!("privileged test needs root, ip, iptables, ip6tables (root={root}, tools={tools})");
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{why}; CI=true so this is a failure");
+        }
+        eprintln!("SKIPPED (loudly): {why}");
+    }
+    ok
+}
+
+fn ours(prefix: &str) -> Vec<String> {
+    netns::list_bench_netns()
+        .into_iter()
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}
+
+fn delay_line_matches_rtt(rtt_ms: u64) {
+    let topo = Topology::create().expect("topology");
+    let line = DelayLine::start(
+        &topo.router,
+        &[QUEUE_TO_SERVER, QUEUE_TO_CLIENT],
+        Duration::from_micros(rtt_ms * 500),
+    )
+    .expect("delay line");
+    let check = check_emulation(&topo, rtt_ms, 9).expect("check");
+    eprintln!(
+        "RTT {rtt_ms} ms: connect p50 {:.3} ms, max {:.3} ms, samples {:?}",
+        check.p50_ms, check.max_ms, check.connect_ms
+    );
+    assert!(check.passed(), "p50 {} not within {} of {}", check.p50_ms, check.tolerance_ms, rtt_ms);
+    // A delay line can only add time: no connect may be faster than the RTT.
+    assert!(check.connect_ms.iter().all(|&c| c >= rtt_ms as f64), "{:?}", check.connect_ms);
+    // Every packet went through the queue (SYN, SYN-ACK, ACK, FIN... per connect).
+    let packets = line.stats().packets.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(packets >= 10 * 3, "only {packets} packets were queued");
+    let drops: u64 = netns::queue_drops(&topo.router).unwrap().iter().map(|d| d.1).sum();
+    assert_eq!(drops, 0);
+    line.stop().expect("delay line ran without error");
+}
+
+#[test]
+fn delay_line_accuracy_at_0_20_and_50_ms() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !privileged() {
+        return;
+    }
+    for rtt in [0, 20, 50] {
+        delay_line_matches_rtt(rtt);
+    }
+}
+
+#[test]
+fn without_a_delay_line_packets_are_dropped_not_passed() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::create().expect("topology");
+    // Rules are installed but nothing is bound to the queues: never fail open.
+    let err = check_emulation(&topo, 0, 1);
+    assert!(err.is_err(), "connect succeeded without the delay line: {err:?}");
+}
+
+#[test]
+fn namespaces_and_rules_are_removed_after_success() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::create().expect("topology");
+    let prefix = topo.prefix.clone();
+    let rules = Command::new("ip")
+        .args(["netns", "exec", &topo.router, "iptables", "-S", "FORWARD"])
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert_eq!(rules.matches("NFQUEUE").count(), 2, "{rules}");
+    let rules6 = Command::new("ip")
+        .args(["netns", "exec", &topo.router, "ip6tables", "-S", "FORWARD"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&rules6.stdout).matches("NFQUEUE").count(), 2);
+    assert_eq!(ours(&prefix).len(), 3);
+    drop(topo);
+    assert!(ours(&prefix).is_empty(), "left behind: {:?}", ours(&prefix));
+    // The rules lived only in the router namespace: the host's FORWARD chain is untouched.
+    let host = Command::new("iptables").args(["-S", "FORWARD"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&host.stdout).contains("NFQUEUE"));
+}
+
+#[test]
+fn namespaces_are_removed_after_a_failed_run() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !privileged() {
+        return;
+    }
+    let prefix = format!("swb-{}-", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    // `false` is a "synwake" that exits at once: the run fails after the topology is up.
+    let args = BenchArgs {
+        rtt: vec![5],
+        init: vec![0],
+        runs: 1,
+        out: dir.path().join("out"),
+        synwake_bin: Some("/bin/false".into()),
+        function_bin: Some("/bin/true".into()),
+        ..BenchArgs::default()
+    };
+    let err = synwake_bench::run(args).expect_err("run must fail");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("exited before it was healthy"), "{msg}");
+    assert!(ours(&prefix).is_empty(), "left behind: {:?}", ours(&prefix));
+}
+
+#[test]
+fn namespaces_are_removed_after_sigint() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !privileged() {
+        return;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_synwake-bench"))
+        .args(["hold-topology", "--rtt", "10"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let prefix = line.trim().strip_prefix("READY ").expect(&line).to_string();
+    assert!(prefix.starts_with(&format!("swb-{pid}-")));
+    assert_eq!(ours(&prefix).len(), 3);
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "child did not exit on SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "interrupted run must not report success");
+    assert!(ours(&prefix).is_empty(), "left behind: {:?}", ours(&prefix));
+}
+
+#[test]
+fn stale_namespaces_of_dead_processes_are_removed() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !privileged() {
+        return;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_synwake-bench"))
+        .args(["hold-topology", "--rtt", "0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let prefix = line.trim().strip_prefix("READY ").unwrap().to_string();
+    // SIGKILL: no Drop runs, the namespaces stay until someone sweeps them.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(ours(&prefix).len(), 3);
+    let removed = netns::remove_stale_netns();
+    assert!(removed.iter().filter(|n| n.starts_with(&prefix)).count() == 3, "{removed:?}");
+    assert!(ours(&prefix).is_empty());
+}
