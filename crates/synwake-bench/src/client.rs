@@ -58,7 +58,9 @@ pub fn request(
     timeout: Duration,
 ) -> Result<Response, ClientError> {
     let body = body.unwrap_or_default();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: synwake-bench\r\nAccept: */*\r\n");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: synwake-bench\r\nAccept: */*\r\n"
+    );
     if !body.is_empty() || method == "POST" {
         req.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -127,13 +129,14 @@ fn read_response(stream: &mut TcpStream, addr: SocketAddr) -> Result<Parsed, Cli
             .map(|(_, v)| v.clone())
     };
     let mut body = buf[head_end..].to_vec();
-    let mut read_more = |stream: &mut TcpStream, body: &mut Vec<u8>| -> Result<usize, ClientError> {
-        let n = stream
-            .read(&mut chunk)
-            .map_err(|source| ClientError::Io { addr, source })?;
-        body.extend_from_slice(&chunk[..n]);
-        Ok(n)
-    };
+    let mut read_more =
+        |stream: &mut TcpStream, body: &mut Vec<u8>| -> Result<usize, ClientError> {
+            let n = stream
+                .read(&mut chunk)
+                .map_err(|source| ClientError::Io { addr, source })?;
+            body.extend_from_slice(&chunk[..n]);
+            Ok(n)
+        };
     if let Some(len) = get("content-length") {
         let len: usize = len.parse().map_err(|_| bad("bad Content-Length"))?;
         while body.len() < len {
@@ -188,7 +191,10 @@ mod tests {
 
     #[test]
     fn decodes_chunked_bodies_only_when_complete() {
-        assert_eq!(decode_chunked(b"5\r\nhello\r\n0\r\n\r\n").unwrap(), b"hello");
+        assert_eq!(
+            decode_chunked(b"5\r\nhello\r\n0\r\n\r\n").unwrap(),
+            b"hello"
+        );
         assert!(decode_chunked(b"5\r\nhello\r\n").is_none());
         assert!(decode_chunked(b"5\r\nhel").is_none());
     }

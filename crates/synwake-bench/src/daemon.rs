@@ -221,7 +221,10 @@ impl Daemon {
             .arg("up")
             .arg("--config")
             .arg(config_path)
-            .env("RUST_LOG", std::env::var("SYNWAKE_BENCH_DAEMON_LOG").unwrap_or("info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("SYNWAKE_BENCH_DAEMON_LOG").unwrap_or("info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -326,7 +329,12 @@ impl Api {
         }
     }
 
-    fn call(&self, method: &'static str, path: String, body: Option<String>) -> Result<(u16, String), DaemonError> {
+    fn call(
+        &self,
+        method: &'static str,
+        path: String,
+        body: Option<String>,
+    ) -> Result<(u16, String), DaemonError> {
         let what = format!("{method} {path}");
         let resp = netns::in_netns(&self.server_ns, move || {
             client::request(
@@ -341,7 +349,10 @@ impl Api {
             what: what.clone(),
             source,
         })?;
-        Ok((resp.status, String::from_utf8_lossy(&resp.body).into_owned()))
+        Ok((
+            resp.status,
+            String::from_utf8_lossy(&resp.body).into_owned(),
+        ))
     }
 
     /// `POST /system/scale-function/<name>` with `replicas`.
@@ -431,9 +442,7 @@ pub fn descendants_running(root: u32, exe: &Path) -> usize {
         let state = f.next().unwrap_or("");
         let ppid: u32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
         parent.insert(pid, ppid);
-        if state != "Z"
-            && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p == exe)
-        {
+        if state != "Z" && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p == exe) {
             matching.push(pid);
         }
     }

@@ -210,7 +210,9 @@ fn prepare(queues: &[u16]) -> Result<(Queue, RawFd), DelayError> {
     for &q in queues {
         queue.bind(q).map_err(setup("bind queue"))?;
         // bind() resets the copy range to 65535; metadata is all we need.
-        queue.set_copy_range(q, 0).map_err(setup("set copy range"))?;
+        queue
+            .set_copy_range(q, 0)
+            .map_err(setup("set copy range"))?;
         queue
             .set_queue_max_len(q, QUEUE_MAX_LEN)
             .map_err(setup("set queue max len"))?;

@@ -25,7 +25,17 @@ pub use sweep::{check_emulation, EmulationCheck, EmulationError};
 
 /// How the function is woken (what is measured).
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
@@ -53,7 +63,17 @@ impl fmt::Display for Mode {
 
 /// How instances run.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum RuntimeKind {
@@ -88,7 +108,12 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = RuntimeKind::Process)]
     pub runtime: RuntimeKind,
     /// Wake modes to measure.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "request,accept,syn,warm")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "request,accept,syn,warm"
+    )]
     pub modes: Vec<Mode>,
     /// Requests per cell (mode x RTT x init).
     #[arg(long, default_value_t = 10)]

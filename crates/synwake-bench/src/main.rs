@@ -4,7 +4,10 @@ use clap::{Parser, Subcommand};
 use synwake_bench::BenchArgs;
 
 #[derive(Parser)]
-#[command(name = "synwake-bench", about = "Cold-start latency per wake mode under emulated RTT")]
+#[command(
+    name = "synwake-bench",
+    about = "Cold-start latency per wake mode under emulated RTT"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -13,7 +16,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the sweep (same flags as `synwake bench`).
-    Run(BenchArgs),
+    Run(Box<BenchArgs>),
     /// Build the namespaces and delay line, print `READY <prefix>`, hold until SIGINT.
     #[command(hide = true)]
     HoldTopology {
@@ -24,9 +27,9 @@ enum Cmd {
     Cleanup,
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Cmd::Run(args) => synwake_bench::run(args),
+fn main() {
+    let result = match Cli::parse().command {
+        Cmd::Run(args) => synwake_bench::run(*args),
         Cmd::HoldTopology { rtt } => synwake_bench::hold_topology(rtt),
         Cmd::Cleanup => {
             for ns in synwake_bench::netns::remove_stale_netns() {
@@ -34,5 +37,10 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        let interrupted = err.is::<synwake_bench::interrupt::Interrupted>();
+        std::process::exit(if interrupted { 130 } else { 1 });
     }
 }

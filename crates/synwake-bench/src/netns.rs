@@ -161,7 +161,10 @@ pub fn list_bench_netns() -> Vec<String> {
 /// deletes the namespace; `ip netns del` also removes its veths and iptables rules.
 pub fn destroy_netns(name: &str) {
     if let Ok(pids) = run_cmd("ip", &["netns", "pids", name]) {
-        for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
             // SAFETY: plain kill(2) on a pid listed as living in our namespace.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
@@ -218,7 +221,11 @@ impl Topology {
     }
 
     fn build(&mut self) -> Result<(), NetnsError> {
-        for ns in [self.client.clone(), self.router.clone(), self.server.clone()] {
+        for ns in [
+            self.client.clone(),
+            self.router.clone(),
+            self.server.clone(),
+        ] {
             run_cmd("ip", &["netns", "add", &ns])?;
             self.created.push(ns.clone());
             run_cmd("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
@@ -264,10 +271,7 @@ impl Topology {
             (c, &client_cidr, &server_cidr),
             (s, &server_cidr, &client_cidr),
         ] {
-            run_cmd(
-                "ip",
-                &["-n", ns, "addr", "add", own, "dev", ENDPOINT_IFACE],
-            )?;
+            run_cmd("ip", &["-n", ns, "addr", "add", own, "dev", ENDPOINT_IFACE])?;
             run_cmd("ip", &["-n", ns, "link", "set", ENDPOINT_IFACE, "up"])?;
             run_cmd(
                 "ip",

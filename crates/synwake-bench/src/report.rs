@@ -151,19 +151,43 @@ pub fn svg_plot(records: &[Record], init: u64, runtime: RuntimeKind) -> String {
     let mut y = 0.0;
     while y <= max_y + 1e-9 {
         let py = sy(y);
-        let _ = writeln!(s, "<line x1=\"{left}\" y1=\"{py:.1}\" x2=\"{:.1}\" y2=\"{py:.1}\" stroke=\"#e5e5e5\"/>", left + pw);
-        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>", left - 6.0, py + 4.0, fmt_tick(y));
+        let _ = writeln!(
+            s,
+            "<line x1=\"{left}\" y1=\"{py:.1}\" x2=\"{:.1}\" y2=\"{py:.1}\" stroke=\"#e5e5e5\"/>",
+            left + pw
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            left - 6.0,
+            py + 4.0,
+            fmt_tick(y)
+        );
         y += ystep;
     }
     let mut x = 0.0;
     while x <= max_x + 1e-9 {
         let px = sx(x);
-        let _ = writeln!(s, "<line x1=\"{px:.1}\" y1=\"{top}\" x2=\"{px:.1}\" y2=\"{:.1}\" stroke=\"#f0f0f0\"/>", top + ph);
-        let _ = writeln!(s, "<text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>", top + ph + 18.0, fmt_tick(x));
+        let _ = writeln!(
+            s,
+            "<line x1=\"{px:.1}\" y1=\"{top}\" x2=\"{px:.1}\" y2=\"{:.1}\" stroke=\"#f0f0f0\"/>",
+            top + ph
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+            top + ph + 18.0,
+            fmt_tick(x)
+        );
         x += xstep;
     }
     let _ = writeln!(s, "<rect x=\"{left}\" y=\"{top}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#333\"/>");
-    let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">emulated RTT (ms)</text>", left + pw / 2.0, h - 12.0);
+    let _ = writeln!(
+        s,
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">emulated RTT (ms)</text>",
+        left + pw / 2.0,
+        h - 12.0
+    );
     let _ = writeln!(s, "<text transform=\"translate(18 {:.1}) rotate(-90)\" text-anchor=\"middle\">client latency, connect to last byte (ms)</text>", top + ph / 2.0);
 
     for (i, mode) in modes_in(&rows.iter().map(|r| (*r).clone()).collect::<Vec<_>>())
@@ -181,15 +205,28 @@ pub fn svg_plot(records: &[Record], init: u64, runtime: RuntimeKind) -> String {
             .iter()
             .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
             .collect();
-        let _ = writeln!(s, "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"{dash} points=\"{}\"/>", path.join(" "));
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"{dash} points=\"{}\"/>",
+            path.join(" ")
+        );
         for (x, y) in &pts {
             let _ = writeln!(s, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"><title>{mode} RTT {x} ms: p50 {y:.2} ms</title></circle>", sx(*x), sy(*y));
         }
         let ly = top + 10.0 + i as f64 * 20.0;
         let lx = left + pw + 15.0;
         let _ = writeln!(s, "<line x1=\"{lx}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"{dash}/>", lx + 24.0);
-        let label = if mode == Mode::Warm { "warm (reference)".to_string() } else { mode.to_string() };
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\">{label}</text>", lx + 30.0, ly + 4.0);
+        let label = if mode == Mode::Warm {
+            "warm (reference)".to_string()
+        } else {
+            mode.to_string()
+        };
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\">{label}</text>",
+            lx + 30.0,
+            ly + 4.0
+        );
     }
     s.push_str("</svg>\n");
     s
@@ -253,7 +290,10 @@ mod tests {
         let good = r#"{"mode":"warm","runtime":"process","rtt_ms":0,"init_ms":0,"runs":1,"p50_ms":1,"p90_ms":1,"p99_ms":1,"min_ms":1,"max_ms":1}"#;
         assert!(serde_json::from_str::<Record>(good).is_ok());
         assert!(serde_json::from_str::<Record>(&good.replace("warm", "lukewarm")).is_err());
-        assert!(serde_json::from_str::<Record>(&good.replace("\"runs\"", "\"extra\":1,\"runs\"")).is_err());
+        assert!(
+            serde_json::from_str::<Record>(&good.replace("\"runs\"", "\"extra\":1,\"runs\""))
+                .is_err()
+        );
     }
 
     #[test]
@@ -269,8 +309,15 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 4, "{t}");
         assert!(lines[0].contains("request p50 / p90 ms") && lines[0].contains("hidden fraction"));
-        assert!(lines[2].starts_with("| 50 | 0 |") && lines[2].ends_with("n/a |"), "{t}");
-        assert!(lines[3].starts_with("| 50 | 100 | 260.0 / 260.0 | 210.0 / 210.0 | 210.0 / 210.0 | 1.00 |"), "{t}");
+        assert!(
+            lines[2].starts_with("| 50 | 0 |") && lines[2].ends_with("n/a |"),
+            "{t}"
+        );
+        assert!(
+            lines[3]
+                .starts_with("| 50 | 100 | 260.0 / 260.0 | 210.0 / 210.0 | 210.0 / 210.0 | 1.00 |"),
+            "{t}"
+        );
     }
 
     #[test]

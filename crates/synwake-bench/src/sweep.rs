@@ -73,8 +73,8 @@ pub fn check_emulation(
     let bind = SocketAddrV4::new(netns::SERVER_ADDR, CHECK_PORT);
     // The socket stays in the server namespace after the thread returns; the kernel
     // completes handshakes from the backlog, so nobody needs to accept().
-    let listener: TcpListener =
-        netns::in_netns(&topo.server, move || TcpListener::bind(bind))?.map_err(EmulationError::Listen)?;
+    let listener: TcpListener = netns::in_netns(&topo.server, move || TcpListener::bind(bind))?
+        .map_err(EmulationError::Listen)?;
     let target = SocketAddr::V4(bind);
     let times = netns::in_netns(&topo.client, move || -> std::io::Result<Vec<f64>> {
         let mut out = Vec::with_capacity(connects);
@@ -114,8 +114,12 @@ fn resolve_bins(args: &BenchArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> 
             }
         }
     };
-    let synwake = std::fs::canonicalize(&synwake)
-        .with_context(|| format!("synwake binary {} not found (use --synwake-bin)", synwake.display()))?;
+    let synwake = std::fs::canonicalize(&synwake).with_context(|| {
+        format!(
+            "synwake binary {} not found (use --synwake-bin)",
+            synwake.display()
+        )
+    })?;
     let function = match args.runtime {
         RuntimeKind::Process => {
             let f = args
@@ -123,7 +127,10 @@ fn resolve_bins(args: &BenchArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> 
                 .clone()
                 .unwrap_or_else(|| synwake.with_file_name("synwake-fn"));
             Some(std::fs::canonicalize(&f).with_context(|| {
-                format!("test function {} not found (use --function-bin)", f.display())
+                format!(
+                    "test function {} not found (use --function-bin)",
+                    f.display()
+                )
             })?)
         }
         RuntimeKind::Oci | RuntimeKind::OciPool => None,
@@ -144,14 +151,20 @@ fn plan_phases(modes: &[Mode]) -> Vec<Phase> {
     if has(Mode::Request) {
         phases.push(Phase {
             name: "request",
-            wake: WakeSetup { probe: false, wake_on_accept: false },
+            wake: WakeSetup {
+                probe: false,
+                wake_on_accept: false,
+            },
             modes: vec![Mode::Request],
         });
     }
     if has(Mode::Accept) {
         phases.push(Phase {
             name: "accept",
-            wake: WakeSetup { probe: false, wake_on_accept: true },
+            wake: WakeSetup {
+                probe: false,
+                wake_on_accept: true,
+            },
             modes: vec![Mode::Accept],
         });
     }
@@ -160,7 +173,10 @@ fn plan_phases(modes: &[Mode]) -> Vec<Phase> {
     if has(Mode::Syn) {
         phases.push(Phase {
             name: "syn",
-            wake: WakeSetup { probe: true, wake_on_accept: false },
+            wake: WakeSetup {
+                probe: true,
+                wake_on_accept: false,
+            },
             modes: vec![Mode::Syn],
         });
     }
@@ -170,7 +186,10 @@ fn plan_phases(modes: &[Mode]) -> Vec<Phase> {
             Some(p) => p.modes.push(Mode::Warm),
             None => phases.push(Phase {
                 name: "warm",
-                wake: WakeSetup { probe: false, wake_on_accept: true },
+                wake: WakeSetup {
+                    probe: false,
+                    wake_on_accept: true,
+                },
                 modes: vec![Mode::Warm],
             }),
         }
@@ -343,7 +362,10 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut svgs = Vec::new();
     for &init in &inits {
         let name = format!("cold-{}-init-{init}ms.svg", args.runtime);
-        std::fs::write(out.join(&name), report::svg_plot(&records, init, args.runtime))?;
+        std::fs::write(
+            out.join(&name),
+            report::svg_plot(&records, init, args.runtime),
+        )?;
         svgs.push(name);
     }
     let mut md = String::new();
@@ -377,9 +399,8 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     std::fs::write(out.join("results.md"), &md)?;
     println!("{md}");
     println!(
-        "wrote {} ({} and {})",
+        "wrote {} (results.md, results.json and {})",
         out.display(),
-        "results.md, results.json",
         svgs.join(", ")
     );
     if dropped > 0 {
@@ -466,7 +487,8 @@ fn targets_section(records: &[Record], modes: &[Mode]) -> String {
             if rtt < init + 5 {
                 continue;
             }
-            let (Some(syn), Some(warm)) = (p50(Mode::Syn, rtt, init), p50(Mode::Warm, rtt, init)) else {
+            let (Some(syn), Some(warm)) = (p50(Mode::Syn, rtt, init), p50(Mode::Warm, rtt, init))
+            else {
                 continue;
             };
             total += 1;
@@ -490,7 +512,9 @@ fn targets_section(records: &[Record], modes: &[Mode]) -> String {
     if modes.contains(&Mode::Request) && modes.contains(&Mode::Warm) {
         let (mut met, mut total) = (0, 0);
         for &(init, rtt) in &cells {
-            let (Some(req), Some(warm)) = (p50(Mode::Request, rtt, init), p50(Mode::Warm, rtt, init)) else {
+            let (Some(req), Some(warm)) =
+                (p50(Mode::Request, rtt, init), p50(Mode::Warm, rtt, init))
+            else {
                 continue;
             };
             total += 1;

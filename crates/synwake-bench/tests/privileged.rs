@@ -27,7 +27,9 @@ fn privileged() -> bool {
     });
     let ok = root && tools;
     if !ok {
-        let why = format!("privileged test needs root, ip, iptables, ip6tables (root={root}, tools={tools})");
+        let why = format!(
+            "privileged test needs root, ip, iptables, ip6tables (root={root}, tools={tools})"
+        );
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("{why}; CI=true so this is a failure");
         }
@@ -56,13 +58,30 @@ fn delay_line_matches_rtt(rtt_ms: u64) {
         "RTT {rtt_ms} ms: connect p50 {:.3} ms, max {:.3} ms, samples {:?}",
         check.p50_ms, check.max_ms, check.connect_ms
     );
-    assert!(check.passed(), "p50 {} not within {} of {}", check.p50_ms, check.tolerance_ms, rtt_ms);
+    assert!(
+        check.passed(),
+        "p50 {} not within {} of {}",
+        check.p50_ms,
+        check.tolerance_ms,
+        rtt_ms
+    );
     // A delay line can only add time: no connect may be faster than the RTT.
-    assert!(check.connect_ms.iter().all(|&c| c >= rtt_ms as f64), "{:?}", check.connect_ms);
+    assert!(
+        check.connect_ms.iter().all(|&c| c >= rtt_ms as f64),
+        "{:?}",
+        check.connect_ms
+    );
     // Every packet went through the queue (SYN, SYN-ACK, ACK, FIN... per connect).
-    let packets = line.stats().packets.load(std::sync::atomic::Ordering::Relaxed);
+    let packets = line
+        .stats()
+        .packets
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert!(packets >= 10 * 3, "only {packets} packets were queued");
-    let drops: u64 = netns::queue_drops(&topo.router).unwrap().iter().map(|d| d.1).sum();
+    let drops: u64 = netns::queue_drops(&topo.router)
+        .unwrap()
+        .iter()
+        .map(|d| d.1)
+        .sum();
     assert_eq!(drops, 0);
     line.stop().expect("delay line ran without error");
 }
@@ -87,7 +106,10 @@ fn without_a_delay_line_packets_are_dropped_not_passed() {
     let topo = Topology::create().expect("topology");
     // Rules are installed but nothing is bound to the queues: never fail open.
     let err = check_emulation(&topo, 0, 1);
-    assert!(err.is_err(), "connect succeeded without the delay line: {err:?}");
+    assert!(
+        err.is_err(),
+        "connect succeeded without the delay line: {err:?}"
+    );
 }
 
 #[test]
@@ -108,12 +130,20 @@ fn namespaces_and_rules_are_removed_after_success() {
         .args(["netns", "exec", &topo.router, "ip6tables", "-S", "FORWARD"])
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&rules6.stdout).matches("NFQUEUE").count(), 2);
+    assert_eq!(
+        String::from_utf8_lossy(&rules6.stdout)
+            .matches("NFQUEUE")
+            .count(),
+        2
+    );
     assert_eq!(ours(&prefix).len(), 3);
     drop(topo);
     assert!(ours(&prefix).is_empty(), "left behind: {:?}", ours(&prefix));
     // The rules lived only in the router namespace: the host's FORWARD chain is untouched.
-    let host = Command::new("iptables").args(["-S", "FORWARD"]).output().unwrap();
+    let host = Command::new("iptables")
+        .args(["-S", "FORWARD"])
+        .output()
+        .unwrap();
     assert!(!String::from_utf8_lossy(&host.stdout).contains("NFQUEUE"));
 }
 
@@ -168,7 +198,10 @@ fn namespaces_are_removed_after_sigint() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "child did not exit on SIGINT");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "child did not exit on SIGINT"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(!status.success(), "interrupted run must not report success");
@@ -196,6 +229,9 @@ fn stale_namespaces_of_dead_processes_are_removed() {
     child.wait().unwrap();
     assert_eq!(ours(&prefix).len(), 3);
     let removed = netns::remove_stale_netns();
-    assert!(removed.iter().filter(|n| n.starts_with(&prefix)).count() == 3, "{removed:?}");
+    assert!(
+        removed.iter().filter(|n| n.starts_with(&prefix)).count() == 3,
+        "{removed:?}"
+    );
     assert!(ours(&prefix).is_empty());
 }
