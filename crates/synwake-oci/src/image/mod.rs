@@ -1,0 +1,656 @@
+//! Image import: oci-archive and docker-archive tars unpacked into a rootfs cache keyed by
+//! the image digest, shared read-only by every instance of the image.
+//!
+//! Everything is written into a temporary directory inside the cache directory and renamed
+//! into place only when the whole image unpacked and verified, so a refused archive leaves
+//! nothing behind and nothing is ever written outside the cache directory.
+
+mod archive;
+mod layer;
+
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use archive::ArchiveIndex;
+use layer::Compression;
+
+/// Why an image could not be imported. Every variant about an archive names the archive
+/// and the entry (a path inside the archive, or inside one of its layers) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// Reading the archive failed (including truncation detected by the tar reader).
+    #[error("{archive}: entry {entry:?}: read failed: {source}")]
+    Read {
+        archive: PathBuf,
+        entry: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The archive ends before the data an entry declares.
+    #[error("{archive}: entry {entry:?}: archive is truncated")]
+    Truncated { archive: PathBuf, entry: String },
+    /// An entry's content is not what it must be (bad gzip/tar, wrong size, bad structure).
+    #[error("{archive}: entry {entry:?}: corrupt: {reason}")]
+    Corrupt {
+        archive: PathBuf,
+        entry: String,
+        reason: String,
+    },
+    /// A required entry (manifest, config, blob, layer) is not in the archive.
+    #[error("{archive}: entry {entry:?} is missing")]
+    Missing { archive: PathBuf, entry: String },
+    /// A descriptor carries a media type synwake does not understand.
+    #[error("{archive}: entry {entry:?}: unknown media type {media_type:?}")]
+    UnknownMediaType {
+        archive: PathBuf,
+        entry: String,
+        media_type: String,
+    },
+    /// A blob or layer does not hash to the digest the manifest or config promises.
+    #[error("{archive}: entry {entry:?}: digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        archive: PathBuf,
+        entry: String,
+        expected: String,
+        actual: String,
+    },
+    /// A JSON document (index, manifest, config) does not parse.
+    #[error("{archive}: entry {entry:?}: invalid JSON: {source}")]
+    Json {
+        archive: PathBuf,
+        entry: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A path in the archive or in a layer is absolute or contains `..`.
+    #[error("{archive}: entry {entry:?}: unsafe path: {reason}")]
+    UnsafePath {
+        archive: PathBuf,
+        entry: String,
+        reason: &'static str,
+    },
+    /// A symbolic link in a layer points outside the root filesystem.
+    #[error("{archive}: entry {entry:?}: symlink target {target:?} points outside the rootfs")]
+    SymlinkEscape {
+        archive: PathBuf,
+        entry: String,
+        target: String,
+    },
+    /// A layer contains a character or block device node.
+    #[error("{archive}: entry {entry:?}: device nodes are not allowed in layers")]
+    DeviceNode { archive: PathBuf, entry: String },
+    /// Neither `index.json` (oci-archive) nor `manifest.json` (docker-archive) is present.
+    #[error("{archive}: entry \"index.json\" or \"manifest.json\" is missing: not an oci-archive or docker-archive")]
+    UnknownFormat { archive: PathBuf },
+    /// Writing into the image cache failed.
+    #[error("image cache {path}: {source}")]
+    Cache {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A directory given as a rootfs is unusable.
+    #[error("rootfs {dir}: {reason}")]
+    Rootfs { dir: PathBuf, reason: String },
+}
+
+/// The parts of an image's config that decide how its process runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    /// `Entrypoint` (empty when unset).
+    pub entrypoint: Vec<String>,
+    /// `Cmd` (empty when unset).
+    pub cmd: Vec<String>,
+    /// `Env` as `KEY=value` strings.
+    pub env: Vec<String>,
+    /// `WorkingDir`, if set.
+    pub working_dir: Option<String>,
+    /// `User` (`uid`, `uid:gid`, `name` or `name:group`), if set.
+    pub user: Option<String>,
+}
+
+/// An image ready to run: an unpacked root filesystem plus its config.
+///
+/// The rootfs is shared by every instance and never written to; each container gets its
+/// own overlay on top of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    /// `sha256:<hex>` of the manifest (oci-archive) or of the config (docker-archive); `None`
+    /// for an image made from a plain directory.
+    pub digest: Option<String>,
+    /// Absolute, symlink-free path of the root filesystem.
+    pub rootfs: PathBuf,
+    /// Entrypoint, Cmd, Env, WorkingDir, User.
+    pub config: ImageConfig,
+}
+
+/// The on-disk rootfs cache: `<dir>/<hex digest>/{rootfs/, image.json}`.
+#[derive(Debug, Clone)]
+pub struct ImageStore {
+    dir: PathBuf,
+}
+
+const TMP_PREFIX: &str = ".tmp-";
+const IMAGE_META: &str = "image.json";
+
+/// A layer to unpack, resolved from either archive format.
+struct LayerRef {
+    entry: String,
+    compression: Compression,
+    /// Digest of the blob as stored (oci-archive only).
+    blob_digest: Option<String>,
+    /// Digest of the uncompressed tar (`rootfs.diff_ids`), when the config lists it.
+    diff_id: Option<String>,
+}
+
+/// What both archive formats resolve to before unpacking.
+struct Resolved {
+    digest: String,
+    config: ImageConfig,
+    layers: Vec<LayerRef>,
+}
+
+impl ImageStore {
+    /// A cache rooted at `dir` (created on first import).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        ImageStore { dir: dir.into() }
+    }
+
+    /// The cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Removes temporary directories a crashed import left behind.
+    pub fn remove_partial_imports(&self) {
+        let Ok(rd) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
+    /// Imports an oci-archive or docker-archive (blocking). A second import of the same
+    /// image returns the cached rootfs without unpacking again.
+    pub fn import(&self, archive: &Path) -> Result<Image, ImageError> {
+        let mut idx = ArchiveIndex::open(archive)?;
+        let resolved = if idx.contains("index.json") {
+            resolve_oci(&mut idx)?
+        } else if idx.contains("manifest.json") {
+            resolve_docker(&mut idx)?
+        } else {
+            return Err(ImageError::UnknownFormat {
+                archive: archive.to_path_buf(),
+            });
+        };
+        let hex = resolved
+            .digest
+            .strip_prefix("sha256:")
+            .unwrap_or(&resolved.digest)
+            .to_string();
+        let final_dir = self.dir.join(&hex);
+        if let Some(img) = self.cached(&final_dir) {
+            tracing::debug!(archive = %archive.display(), digest = %resolved.digest, "image cache hit");
+            return Ok(img);
+        }
+        fs::create_dir_all(&self.dir).map_err(|source| ImageError::Cache {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let tmp = self.dir.join(format!(
+            "{TMP_PREFIX}{}-{}-{nanos}",
+            &hex[..12.min(hex.len())],
+            std::process::id()
+        ));
+        let result = self.unpack_into(&mut idx, &resolved, &tmp, &final_dir);
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+
+    fn unpack_into(
+        &self,
+        idx: &mut ArchiveIndex,
+        resolved: &Resolved,
+        tmp: &Path,
+        final_dir: &Path,
+    ) -> Result<Image, ImageError> {
+        let cache_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ImageError::Cache { path, source }
+        };
+        let rootfs_tmp = tmp.join("rootfs");
+        fs::create_dir_all(&rootfs_tmp).map_err(cache_err(&rootfs_tmp))?;
+        for l in &resolved.layers {
+            let reader = idx.reader(&l.entry)?;
+            layer::unpack(
+                &rootfs_tmp,
+                reader,
+                l.compression,
+                l.blob_digest.as_deref(),
+                l.diff_id.as_deref(),
+                idx.path(),
+                &l.entry,
+            )?;
+        }
+        let rootfs = final_dir.join("rootfs");
+        let image = Image {
+            digest: Some(resolved.digest.clone()),
+            rootfs,
+            config: resolved.config.clone(),
+        };
+        let meta = tmp.join(IMAGE_META);
+        let json = serde_json::to_vec_pretty(&image).expect("image metadata serializes");
+        fs::write(&meta, json).map_err(cache_err(&meta))?;
+        match fs::rename(tmp, final_dir) {
+            Ok(()) => Ok(image),
+            // A concurrent import of the same image won the race: use its result.
+            Err(_) if self.cached(final_dir).is_some() => {
+                let _ = fs::remove_dir_all(tmp);
+                Ok(self.cached(final_dir).expect("checked above"))
+            }
+            Err(source) => Err(ImageError::Cache {
+                path: final_dir.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    fn cached(&self, final_dir: &Path) -> Option<Image> {
+        let bytes = fs::read(final_dir.join(IMAGE_META)).ok()?;
+        let img: Image = serde_json::from_slice(&bytes).ok()?;
+        img.rootfs.is_dir().then_some(img)
+    }
+
+    /// An image from an already unpacked root filesystem; nothing is copied or written.
+    /// The config is empty, so the container spec must carry a command.
+    pub fn from_rootfs(dir: &Path) -> Result<Image, ImageError> {
+        let err = |reason: String| ImageError::Rootfs {
+            dir: dir.to_path_buf(),
+            reason,
+        };
+        // runc refuses a rootfs reached through a symlink, so hand it the resolved path.
+        let rootfs = fs::canonicalize(dir).map_err(|e| err(e.to_string()))?;
+        if !rootfs.is_dir() {
+            return Err(err("not a directory".into()));
+        }
+        Ok(Image {
+            digest: None,
+            rootfs,
+            config: ImageConfig::default(),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Archive formats
+
+const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const MT_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const MT_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+
+fn layer_compression(media_type: &str) -> Option<Compression> {
+    match media_type {
+        "application/vnd.oci.image.layer.v1.tar"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+        | "application/vnd.docker.image.rootfs.diff.tar" => Some(Compression::None),
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+        | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Some(Compression::Gzip),
+        _ => None,
+    }
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    #[serde(default)]
+    size: Option<u64>,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    os: String,
+}
+
+#[derive(Deserialize)]
+struct Index {
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    #[serde(rename = "mediaType", default)]
+    media_type: Option<String>,
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+#[derive(Deserialize, Default)]
+struct ConfigFile {
+    #[serde(default)]
+    config: Option<ContainerConfig>,
+    #[serde(default)]
+    rootfs: Option<RootfsDiffs>,
+}
+
+#[derive(Deserialize, Default)]
+struct ContainerConfig {
+    #[serde(rename = "Entrypoint", default)]
+    entrypoint: Option<Vec<String>>,
+    #[serde(rename = "Cmd", default)]
+    cmd: Option<Vec<String>>,
+    #[serde(rename = "Env", default)]
+    env: Option<Vec<String>>,
+    #[serde(rename = "WorkingDir", default)]
+    working_dir: Option<String>,
+    #[serde(rename = "User", default)]
+    user: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RootfsDiffs {
+    #[serde(default)]
+    diff_ids: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct DockerManifestEntry {
+    #[serde(rename = "Config")]
+    config: String,
+    #[serde(rename = "Layers", default)]
+    layers: Vec<String>,
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(
+    idx: &ArchiveIndex,
+    entry: &str,
+    bytes: &[u8],
+) -> Result<T, ImageError> {
+    serde_json::from_slice(bytes).map_err(|source| ImageError::Json {
+        archive: idx.path().to_path_buf(),
+        entry: entry.to_string(),
+        source,
+    })
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// `blobs/<alg>/<hex>` for a digest, refusing anything but a plain sha256 digest.
+fn blob_entry(idx: &ArchiveIndex, referrer: &str, digest: &str) -> Result<String, ImageError> {
+    match digest.strip_prefix("sha256:") {
+        Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(format!("blobs/sha256/{h}"))
+        }
+        _ => Err(ImageError::Corrupt {
+            archive: idx.path().to_path_buf(),
+            entry: referrer.to_string(),
+            reason: format!("unsupported digest {digest:?}"),
+        }),
+    }
+}
+
+/// Reads a small blob and checks it against its digest.
+fn read_blob(
+    idx: &mut ArchiveIndex,
+    referrer: &str,
+    d: &Descriptor,
+) -> Result<(String, Vec<u8>), ImageError> {
+    let entry = blob_entry(idx, referrer, &d.digest)?;
+    let bytes = idx.read_small(&entry)?;
+    let actual = format!("sha256:{}", sha256_hex(&bytes));
+    if actual != d.digest {
+        return Err(ImageError::DigestMismatch {
+            archive: idx.path().to_path_buf(),
+            entry,
+            expected: d.digest.clone(),
+            actual,
+        });
+    }
+    if let Some(size) = d.size {
+        if size != bytes.len() as u64 {
+            return Err(ImageError::Corrupt {
+                archive: idx.path().to_path_buf(),
+                entry,
+                reason: format!("size {} but descriptor says {size}", bytes.len()),
+            });
+        }
+    }
+    Ok((entry, bytes))
+}
+
+fn parse_config(
+    idx: &ArchiveIndex,
+    entry: &str,
+    bytes: &[u8],
+) -> Result<(ImageConfig, Vec<String>), ImageError> {
+    let cf: ConfigFile = parse_json(idx, entry, bytes)?;
+    let c = cf.config.unwrap_or_default();
+    let config = ImageConfig {
+        entrypoint: c.entrypoint.unwrap_or_default(),
+        cmd: c.cmd.unwrap_or_default(),
+        env: c.env.unwrap_or_default(),
+        working_dir: c.working_dir.filter(|w| !w.is_empty()),
+        user: c.user.filter(|u| !u.is_empty()),
+    };
+    Ok((config, cf.rootfs.map(|r| r.diff_ids).unwrap_or_default()))
+}
+
+fn check_diff_ids(
+    idx: &ArchiveIndex,
+    config_entry: &str,
+    diff_ids: &[String],
+    layers: usize,
+) -> Result<(), ImageError> {
+    if !diff_ids.is_empty() && diff_ids.len() != layers {
+        return Err(ImageError::Corrupt {
+            archive: idx.path().to_path_buf(),
+            entry: config_entry.to_string(),
+            reason: format!("{} diff_ids for {layers} layers", diff_ids.len()),
+        });
+    }
+    Ok(())
+}
+
+fn resolve_oci(idx: &mut ArchiveIndex) -> Result<Resolved, ImageError> {
+    let bytes = idx.read_small("index.json")?;
+    let index: Index = parse_json(idx, "index.json", &bytes)?;
+    let mut referrer = "index.json".to_string();
+    let mut candidates = index.manifests;
+    // Follow nested indexes (multi-platform images) down to one manifest.
+    for _ in 0..4 {
+        let Some(desc) = pick_manifest(candidates) else {
+            return Err(ImageError::Missing {
+                archive: idx.path().to_path_buf(),
+                entry: format!("{referrer}: manifests[0]"),
+            });
+        };
+        match desc.media_type.as_str() {
+            MT_OCI_INDEX | MT_DOCKER_LIST => {
+                let (entry, bytes) = read_blob(idx, &referrer, &desc)?;
+                let nested: Index = parse_json(idx, &entry, &bytes)?;
+                candidates = nested.manifests;
+                referrer = entry;
+            }
+            MT_OCI_MANIFEST | MT_DOCKER_MANIFEST => {
+                return resolve_oci_manifest(idx, &referrer, &desc)
+            }
+            other => {
+                return Err(ImageError::UnknownMediaType {
+                    archive: idx.path().to_path_buf(),
+                    entry: referrer,
+                    media_type: other.to_string(),
+                })
+            }
+        }
+    }
+    Err(ImageError::Corrupt {
+        archive: idx.path().to_path_buf(),
+        entry: referrer,
+        reason: "image indexes nested too deeply".into(),
+    })
+}
+
+fn pick_manifest(mut candidates: Vec<Descriptor>) -> Option<Descriptor> {
+    let pos = candidates
+        .iter()
+        .position(|d| {
+            d.platform
+                .as_ref()
+                .is_some_and(|p| p.os == "linux" && p.architecture == host_arch())
+        })
+        .unwrap_or(0);
+    (pos < candidates.len()).then(|| candidates.swap_remove(pos))
+}
+
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+fn resolve_oci_manifest(
+    idx: &mut ArchiveIndex,
+    referrer: &str,
+    desc: &Descriptor,
+) -> Result<Resolved, ImageError> {
+    let (manifest_entry, bytes) = read_blob(idx, referrer, desc)?;
+    let manifest: Manifest = parse_json(idx, &manifest_entry, &bytes)?;
+    if let Some(mt) = &manifest.media_type {
+        if mt != MT_OCI_MANIFEST && mt != MT_DOCKER_MANIFEST {
+            return Err(ImageError::UnknownMediaType {
+                archive: idx.path().to_path_buf(),
+                entry: manifest_entry,
+                media_type: mt.clone(),
+            });
+        }
+    }
+    let Some(config_desc) = &manifest.config else {
+        return Err(ImageError::Missing {
+            archive: idx.path().to_path_buf(),
+            entry: format!("{manifest_entry}: config"),
+        });
+    };
+    if config_desc.media_type != MT_OCI_CONFIG && config_desc.media_type != MT_DOCKER_CONFIG {
+        return Err(ImageError::UnknownMediaType {
+            archive: idx.path().to_path_buf(),
+            entry: blob_entry(idx, &manifest_entry, &config_desc.digest)?,
+            media_type: config_desc.media_type.clone(),
+        });
+    }
+    let (config_entry, config_bytes) = read_blob(idx, &manifest_entry, config_desc)?;
+    let (config, diff_ids) = parse_config(idx, &config_entry, &config_bytes)?;
+    check_diff_ids(idx, &config_entry, &diff_ids, manifest.layers.len())?;
+    let mut layers = Vec::new();
+    for (i, l) in manifest.layers.iter().enumerate() {
+        let entry = blob_entry(idx, &manifest_entry, &l.digest)?;
+        let Some(compression) = layer_compression(&l.media_type) else {
+            return Err(ImageError::UnknownMediaType {
+                archive: idx.path().to_path_buf(),
+                entry,
+                media_type: l.media_type.clone(),
+            });
+        };
+        if !idx.contains(&entry) {
+            return Err(ImageError::Missing {
+                archive: idx.path().to_path_buf(),
+                entry,
+            });
+        }
+        layers.push(LayerRef {
+            entry,
+            compression,
+            blob_digest: Some(l.digest.clone()),
+            diff_id: diff_ids.get(i).cloned(),
+        });
+    }
+    Ok(Resolved {
+        digest: desc.digest.clone(),
+        config,
+        layers,
+    })
+}
+
+fn resolve_docker(idx: &mut ArchiveIndex) -> Result<Resolved, ImageError> {
+    let bytes = idx.read_small("manifest.json")?;
+    let entries: Vec<DockerManifestEntry> = parse_json(idx, "manifest.json", &bytes)?;
+    let Some(m) = entries.into_iter().next() else {
+        return Err(ImageError::Missing {
+            archive: idx.path().to_path_buf(),
+            entry: "manifest.json: [0]".into(),
+        });
+    };
+    let config_entry =
+        archive::normalize_name(&m.config).map_err(|reason| ImageError::UnsafePath {
+            archive: idx.path().to_path_buf(),
+            entry: m.config.clone(),
+            reason,
+        })?;
+    let config_bytes = idx.read_small(&config_entry)?;
+    let (config, diff_ids) = parse_config(idx, &config_entry, &config_bytes)?;
+    check_diff_ids(idx, &config_entry, &diff_ids, m.layers.len())?;
+    let mut layers = Vec::new();
+    for (i, l) in m.layers.iter().enumerate() {
+        let entry = archive::normalize_name(l).map_err(|reason| ImageError::UnsafePath {
+            archive: idx.path().to_path_buf(),
+            entry: l.clone(),
+            reason,
+        })?;
+        let mut head = [0u8; 2];
+        let n = idx
+            .reader(&entry)?
+            .read(&mut head)
+            .map_err(|source| ImageError::Read {
+                archive: idx.path().to_path_buf(),
+                entry: entry.clone(),
+                source,
+            })?;
+        // docker save writes plain tars, but gzip-compressed layers occur in the wild.
+        let compression = if n == 2 && head == [0x1f, 0x8b] {
+            Compression::Gzip
+        } else {
+            Compression::None
+        };
+        layers.push(LayerRef {
+            entry,
+            compression,
+            blob_digest: None,
+            diff_id: diff_ids.get(i).cloned(),
+        });
+    }
+    Ok(Resolved {
+        digest: format!("sha256:{}", sha256_hex(&config_bytes)),
+        config,
+        layers,
+    })
+}

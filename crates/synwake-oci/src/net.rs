@@ -1,0 +1,376 @@
+//! Instance networking: bridge `synwake0`, one netns per container with a veth on the
+//! bridge and an address from the subnet. Bridge ports are isolated, so instances cannot
+//! reach each other (only the host, which proxies to them).
+//!
+//! Every name this module creates starts with [`NETNS_PREFIX`] or [`VETH_PREFIX`], which is
+//! how crash cleanup recognises exactly what is ours.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Mutex;
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+/// Name of the bridge every instance veth is attached to.
+pub const BRIDGE: &str = "synwake0";
+/// Prefix of every network namespace this crate creates (also the container id prefix).
+pub const NETNS_PREFIX: &str = "swk-";
+/// Prefix of every host-side veth this crate creates.
+pub const VETH_PREFIX: &str = "swkv";
+/// Where `ip netns` keeps named namespaces.
+pub const NETNS_DIR: &str = "/run/netns";
+/// Tag on every iptables rule this crate adds.
+const RULE_TAG: &str = "synwake";
+
+/// Why instance networking failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The configured subnet is not `a.b.c.d/len` with len in 8..=30.
+    #[error("invalid subnet {subnet:?}: {reason}")]
+    Subnet { subnet: String, reason: String },
+    /// Every address of the subnet is leased.
+    #[error("subnet {subnet} has no free address left")]
+    Exhausted { subnet: String },
+    /// A command (`ip`, `iptables`) failed.
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    /// A command could not be spawned.
+    #[error("cannot run `{command}`: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A leased network attachment of one container. Give it back with [`Network::release`].
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// The instance's address on the bridge.
+    pub ip: Ipv4Addr,
+    /// Name of the network namespace (under `/run/netns`).
+    pub netns: String,
+    /// Host side of the veth pair.
+    pub host_veth: String,
+    offset: u32,
+}
+
+impl Lease {
+    /// Path of the netns, for the runtime spec's network namespace.
+    pub fn netns_path(&self) -> String {
+        format!("{NETNS_DIR}/{}", self.netns)
+    }
+}
+
+/// The bridge plus an address allocator for the subnet.
+#[derive(Debug)]
+pub struct Network {
+    subnet: String,
+    base: u32,
+    prefix: u8,
+    gateway: Ipv4Addr,
+    state: Mutex<Alloc>,
+}
+
+#[derive(Debug)]
+struct Alloc {
+    used: HashSet<u32>,
+    next: u32,
+}
+
+fn parse_subnet(subnet: &str) -> Result<(u32, u8), NetError> {
+    let err = |reason: &str| NetError::Subnet {
+        subnet: subnet.to_string(),
+        reason: reason.to_string(),
+    };
+    let (addr, len) = subnet.split_once('/').ok_or_else(|| err("missing /len"))?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| err("bad address"))?;
+    let len: u8 = len.parse().map_err(|_| err("bad prefix length"))?;
+    if !(8..=30).contains(&len) {
+        return Err(err("prefix length must be 8..=30"));
+    }
+    let mask = u32::MAX << (32 - len);
+    Ok((u32::from(addr) & mask, len))
+}
+
+impl Network {
+    /// Creates (or adopts) the bridge with the subnet's first address, isolates instance
+    /// traffic, and adds or removes the MASQUERADE rule according to `outbound_nat`.
+    pub async fn setup(subnet: &str, outbound_nat: bool) -> Result<Self, NetError> {
+        let (base, prefix) = parse_subnet(subnet)?;
+        let gateway = Ipv4Addr::from(base + 1);
+        let subnet = format!("{}/{prefix}", Ipv4Addr::from(base));
+        if !Path::new("/sys/class/net").join(BRIDGE).exists() {
+            run("ip", &["link", "add", BRIDGE, "type", "bridge"]).await?;
+        }
+        run(
+            "ip",
+            &[
+                "addr",
+                "replace",
+                &format!("{gateway}/{prefix}"),
+                "dev",
+                BRIDGE,
+            ],
+        )
+        .await?;
+        run("ip", &["link", "set", BRIDGE, "up"]).await?;
+        // Routed hairpin between instances (bridged traffic is stopped by port isolation).
+        ensure_rule(
+            "filter",
+            "FORWARD",
+            &["-i", BRIDGE, "-o", BRIDGE, "-j", "DROP"],
+            true,
+        )
+        .await?;
+        let nat = ["-s", &subnet, "!", "-o", BRIDGE, "-j", "MASQUERADE"];
+        let fwd_out = ["-i", BRIDGE, "!", "-o", BRIDGE, "-j", "ACCEPT"];
+        let fwd_in = [
+            "-o",
+            BRIDGE,
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "RELATED,ESTABLISHED",
+            "-j",
+            "ACCEPT",
+        ];
+        if outbound_nat {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|source| {
+                NetError::Spawn {
+                    command: "write /proc/sys/net/ipv4/ip_forward".into(),
+                    source,
+                }
+            })?;
+        }
+        ensure_rule("nat", "POSTROUTING", &nat, outbound_nat).await?;
+        ensure_rule("filter", "FORWARD", &fwd_out, outbound_nat).await?;
+        ensure_rule("filter", "FORWARD", &fwd_in, outbound_nat).await?;
+        let size = 1u32 << (32 - prefix);
+        Ok(Network {
+            subnet,
+            base,
+            prefix,
+            gateway,
+            state: Mutex::new(Alloc {
+                used: HashSet::new(),
+                next: 2.min(size - 2),
+            }),
+        })
+    }
+
+    /// The bridge's address: instances' default gateway, and where the host reaches them from.
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.gateway
+    }
+
+    fn allocate(&self) -> Result<u32, NetError> {
+        let size = 1u32 << (32 - self.prefix);
+        let mut a = self.state.lock().expect("alloc lock");
+        // Round robin over .2 ..= broadcast-1, so a released address is not reused at once.
+        for _ in 0..size {
+            let off = a.next;
+            a.next = if a.next + 1 >= size - 1 {
+                2
+            } else {
+                a.next + 1
+            };
+            if off >= 2 && !a.used.contains(&off) {
+                a.used.insert(off);
+                return Ok(off);
+            }
+        }
+        Err(NetError::Exhausted {
+            subnet: self.subnet.clone(),
+        })
+    }
+
+    /// Creates netns `name` (must start with [`NETNS_PREFIX`]) with `eth0` on the bridge,
+    /// an address, loopback up and a default route via the bridge.
+    pub async fn attach(&self, name: &str) -> Result<Lease, NetError> {
+        debug_assert!(name.starts_with(NETNS_PREFIX));
+        let offset = self.allocate()?;
+        let lease = Lease {
+            ip: Ipv4Addr::from(self.base + offset),
+            netns: name.to_string(),
+            host_veth: format!("{VETH_PREFIX}{offset:x}"),
+            offset,
+        };
+        match self.plumb(&lease).await {
+            Ok(()) => Ok(lease),
+            Err(e) => {
+                self.release(lease).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn plumb(&self, l: &Lease) -> Result<(), NetError> {
+        // A veth of that name can only be left from a crash we did not clean: replace it.
+        if Path::new("/sys/class/net").join(&l.host_veth).exists() {
+            let _ = run("ip", &["link", "del", &l.host_veth]).await;
+        }
+        let host = format!(
+            "netns add {ns}\n\
+             link add {v} type veth peer name eth0 netns {ns}\n\
+             link set {v} master {BRIDGE}\n\
+             link set dev {v} type bridge_slave isolated on\n\
+             link set {v} up\n",
+            ns = l.netns,
+            v = l.host_veth
+        );
+        batch(&[], &host).await?;
+        let inner = format!(
+            "addr add {ip}/{p} dev eth0\n\
+             link set eth0 up\n\
+             link set lo up\n\
+             route add default via {gw}\n",
+            ip = l.ip,
+            p = self.prefix,
+            gw = self.gateway
+        );
+        batch(&["-n", &l.netns], &inner).await
+    }
+
+    /// Deletes the netns (which removes its veth pair) and frees the address.
+    pub async fn release(&self, lease: Lease) {
+        delete_netns(&lease.netns);
+        if Path::new("/sys/class/net").join(&lease.host_veth).exists() {
+            let _ = run("ip", &["link", "del", &lease.host_veth]).await;
+        }
+        self.state
+            .lock()
+            .expect("alloc lock")
+            .used
+            .remove(&lease.offset);
+    }
+}
+
+/// Unmounts and removes a named netns; its interfaces go with it.
+pub fn delete_netns(name: &str) {
+    let path = format!("{NETNS_DIR}/{name}");
+    if let Ok(c) = std::ffi::CString::new(path.clone()) {
+        // SAFETY: c is a valid NUL-terminated path.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Removes every netns and host veth with our prefixes (left by a crashed run). Returns
+/// how many namespaces and veths were removed.
+pub async fn remove_stale() -> (usize, usize) {
+    let mut netns = 0;
+    if let Ok(rd) = std::fs::read_dir(NETNS_DIR) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(NETNS_PREFIX) {
+                delete_netns(&name);
+                netns += 1;
+            }
+        }
+    }
+    let mut veths = 0;
+    if let Ok(rd) = std::fs::read_dir("/sys/class/net") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(VETH_PREFIX) && run("ip", &["link", "del", &name]).await.is_ok() {
+                veths += 1;
+            }
+        }
+    }
+    (netns, veths)
+}
+
+async fn ensure_rule(
+    table: &str,
+    chain: &str,
+    rule: &[&str],
+    present: bool,
+) -> Result<(), NetError> {
+    let mut args: Vec<&str> = vec!["-w", "-t", table, "-C", chain];
+    args.extend_from_slice(rule);
+    args.extend_from_slice(&["-m", "comment", "--comment", RULE_TAG]);
+    let exists = run("iptables", &args).await.is_ok();
+    match (exists, present) {
+        (false, true) => {
+            args[3] = "-I";
+            run("iptables", &args).await
+        }
+        (true, false) => {
+            args[3] = "-D";
+            run("iptables", &args).await
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn run(program: &str, args: &[&str]) -> Result<(), NetError> {
+    let command = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| NetError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NetError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// Runs several `ip` commands in one process (`ip -batch -`): one fork instead of five.
+async fn batch(global: &[&str], script: &str) -> Result<(), NetError> {
+    let command = format!("ip {} -batch - <<{:?}", global.join(" "), script);
+    let spawn_err = |source| NetError::Spawn {
+        command: command.clone(),
+        source,
+    };
+    let mut child = Command::new("ip")
+        .args(global)
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin
+        .write_all(script.as_bytes())
+        .await
+        .map_err(spawn_err)?;
+    drop(stdin);
+    let out = child.wait_with_output().await.map_err(spawn_err)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NetError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_parses_and_masks() {
+        assert_eq!(
+            parse_subnet("10.72.3.4/16").unwrap(),
+            (u32::from(Ipv4Addr::new(10, 72, 0, 0)), 16)
+        );
+        assert!(parse_subnet("10.72.0.0").is_err());
+        assert!(parse_subnet("10.72.0.0/31").is_err());
+    }
+}

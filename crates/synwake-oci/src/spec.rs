@@ -1,0 +1,271 @@
+//! The OCI runtime spec (`config.json`) for one container, built from the image config and
+//! the container spec.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+/// Why a runtime spec could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// Neither the container spec nor the image gives a command.
+    #[error("no command: the image has no Entrypoint/Cmd and none was given")]
+    NoCommand,
+    /// The image's `User` names a user or group the rootfs does not define.
+    #[error("user {user:?}: {reason}")]
+    User { user: String, reason: String },
+}
+
+/// Everything that decides the contents of `config.json`.
+pub struct SpecInput<'a> {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub user: Option<&'a str>,
+    /// The image rootfs (to look names up in `/etc/passwd` and `/etc/group`).
+    pub image_rootfs: &'a Path,
+    /// The container's (overlay) rootfs.
+    pub rootfs: &'a Path,
+    pub hostname: &'a str,
+    pub netns_path: &'a str,
+    pub cgroups_path: &'a str,
+    pub memory_bytes: Option<u64>,
+    pub cpus: Option<f64>,
+    pub pids: Option<u64>,
+}
+
+/// Capabilities a container process keeps (Docker's default set).
+const CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// Args from an explicit command, else Entrypoint + Cmd.
+pub fn command(
+    explicit: Option<&[String]>,
+    entrypoint: &[String],
+    cmd: &[String],
+) -> Result<Vec<String>, SpecError> {
+    let args: Vec<String> = match explicit {
+        Some(c) => c.to_vec(),
+        None => entrypoint.iter().chain(cmd).cloned().collect(),
+    };
+    if args.is_empty() {
+        return Err(SpecError::NoCommand);
+    }
+    Ok(args)
+}
+
+/// Image env overlaid with the spec's env (spec wins), PATH defaulted.
+pub fn environment(image_env: &[String], extra: &BTreeMap<String, String>) -> Vec<String> {
+    let mut merged: BTreeMap<String, String> = BTreeMap::new();
+    merged.insert(
+        "PATH".into(),
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+    );
+    for kv in image_env {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        merged.insert(k.to_string(), v.to_string());
+    }
+    for (k, v) in extra {
+        merged.insert(k.clone(), v.clone());
+    }
+    merged
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect()
+}
+
+/// Resolves `uid[:gid]` / `name[:group]` against the rootfs' passwd and group files.
+pub fn resolve_user(user: Option<&str>, rootfs: &Path) -> Result<(u32, u32), SpecError> {
+    let Some(user) = user.filter(|u| !u.is_empty()) else {
+        return Ok((0, 0));
+    };
+    let err = |reason: &str| SpecError::User {
+        user: user.to_string(),
+        reason: reason.to_string(),
+    };
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let (uid, primary_gid) = match u.parse::<u32>() {
+        Ok(uid) => {
+            let gid =
+                lookup(&passwd, |f| f.get(2) == Some(&u)).and_then(|f| f.get(3)?.parse().ok());
+            (uid, gid.unwrap_or(0))
+        }
+        Err(_) => {
+            let f = lookup(&passwd, |f| f.first() == Some(&u))
+                .ok_or_else(|| err("not in /etc/passwd"))?;
+            let uid = f
+                .get(2)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| err("bad passwd line"))?;
+            let gid = f.get(3).and_then(|s| s.parse().ok()).unwrap_or(0);
+            (uid, gid)
+        }
+    };
+    let gid = match g {
+        None => primary_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => {
+                let group = std::fs::read_to_string(rootfs.join("etc/group")).unwrap_or_default();
+                lookup(&group, |f| f.first() == Some(&g))
+                    .and_then(|f| f.get(2)?.parse().ok())
+                    .ok_or_else(|| err("group not in /etc/group"))?
+            }
+        },
+    };
+    Ok((uid, gid))
+}
+
+fn lookup<'a>(file: &'a str, pred: impl Fn(&Vec<&'a str>) -> bool) -> Option<Vec<&'a str>> {
+    file.lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| pred(f))
+}
+
+/// The runtime spec document.
+pub fn build(i: &SpecInput) -> Result<Value, SpecError> {
+    let (uid, gid) = resolve_user(i.user, i.image_rootfs)?;
+    let mut resources = json!({
+        "devices": [{ "allow": false, "access": "rwm" }],
+    });
+    if let Some(limit) = i.memory_bytes {
+        let mut mem = json!({ "limit": limit });
+        // Without swap accounting runc refuses a swap limit; with it, limit+swap == limit
+        // means no swap, so the limit is a real OOM boundary.
+        if Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists() {
+            mem["swap"] = json!(limit);
+        }
+        resources["memory"] = mem;
+    }
+    if let Some(cpus) = i.cpus.filter(|c| *c > 0.0) {
+        let period: u64 = 100_000;
+        resources["cpu"] = json!({ "quota": (cpus * period as f64) as i64, "period": period });
+    }
+    if let Some(pids) = i.pids {
+        resources["pids"] = json!({ "limit": pids });
+    }
+    Ok(json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": { "uid": uid, "gid": gid },
+            "args": i.args,
+            "env": i.env,
+            "cwd": i.cwd,
+            "capabilities": {
+                "bounding": CAPS, "effective": CAPS, "permitted": CAPS,
+            },
+            "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 }],
+            "noNewPrivileges": true
+        },
+        "root": { "path": i.rootfs, "readonly": false },
+        "hostname": i.hostname,
+        "mounts": [
+            { "destination": "/proc", "type": "proc", "source": "proc" },
+            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+              "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] },
+            { "destination": "/dev/pts", "type": "devpts", "source": "devpts",
+              "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"] },
+            { "destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+              "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"] },
+            { "destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+              "options": ["nosuid", "noexec", "nodev"] },
+            { "destination": "/sys", "type": "sysfs", "source": "sysfs",
+              "options": ["nosuid", "noexec", "nodev", "ro"] },
+            { "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+              "options": ["nosuid", "noexec", "nodev", "relatime", "ro"] }
+        ],
+        "linux": {
+            "cgroupsPath": i.cgroups_path,
+            "resources": resources,
+            "namespaces": [
+                { "type": "pid" },
+                { "type": "ipc" },
+                { "type": "uts" },
+                { "type": "mount" },
+                { "type": "network", "path": i.netns_path }
+            ],
+            "maskedPaths": [
+                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
+                "/proc/scsi"
+            ],
+            "readonlyPaths": [
+                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"
+            ]
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_prefers_explicit_then_entrypoint_cmd() {
+        let ep = vec!["/bin/sh".to_string(), "-c".to_string()];
+        let cmd = vec!["echo hi".to_string()];
+        assert_eq!(
+            command(None, &ep, &cmd).unwrap(),
+            vec!["/bin/sh", "-c", "echo hi"]
+        );
+        assert_eq!(
+            command(Some(&["/x".to_string()]), &ep, &cmd).unwrap(),
+            vec!["/x"]
+        );
+        assert!(matches!(command(None, &[], &[]), Err(SpecError::NoCommand)));
+    }
+
+    #[test]
+    fn env_spec_overrides_image() {
+        let mut extra = BTreeMap::new();
+        extra.insert("A".to_string(), "2".to_string());
+        let env = environment(&["A=1".into(), "B=x=y".into()], &extra);
+        assert!(env.contains(&"A=2".to_string()));
+        assert!(env.contains(&"B=x=y".to_string()));
+        assert!(env.iter().any(|e| e.starts_with("PATH=")));
+    }
+
+    #[test]
+    fn user_resolves_names_from_rootfs() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0::/:/bin/sh\nweb:x:33:34::/:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("etc/group"),
+            "root:x:0:\nwww:x:34:\nstaff:x:50:\n",
+        )
+        .unwrap();
+        assert_eq!(resolve_user(Some("web"), dir.path()).unwrap(), (33, 34));
+        assert_eq!(
+            resolve_user(Some("web:staff"), dir.path()).unwrap(),
+            (33, 50)
+        );
+        assert_eq!(resolve_user(Some("1000:7"), dir.path()).unwrap(), (1000, 7));
+        assert_eq!(resolve_user(None, dir.path()).unwrap(), (0, 0));
+        assert!(resolve_user(Some("nobody"), dir.path()).is_err());
+    }
+}
