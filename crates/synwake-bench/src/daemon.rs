@@ -94,6 +94,8 @@ pub struct DaemonSetup {
     pub state_dir: PathBuf,
     pub probe_iface: String,
     pub functions: Vec<FunctionSpec>,
+    /// Prefix of the instance marker; instances get `INSTANCE_MARKER_ENV=<prefix>/<name>`.
+    pub marker_prefix: String,
 }
 
 #[derive(Serialize)]
@@ -148,7 +150,13 @@ impl DaemonSetup {
             .functions
             .iter()
             .map(|f| {
-                let env = BTreeMap::from([("INIT_MS".to_string(), f.init_ms.to_string())]);
+                let env = BTreeMap::from([
+                    ("INIT_MS".to_string(), f.init_ms.to_string()),
+                    (
+                        INSTANCE_MARKER_ENV.to_string(),
+                        format!("{}/{}", self.marker_prefix, f.name),
+                    ),
+                ]);
                 let oci = self.runtime != RuntimeKind::Process;
                 FunctionSection {
                     name: f.name.clone(),
@@ -387,22 +395,19 @@ impl Api {
         }
     }
 
-    /// Scales `name` to zero and waits until the API reports no replica and no process of
-    /// `instance_exe` descends from the daemon.
+    /// Scales `name` to zero and waits until the API reports no replica and no process
+    /// carrying `marker` (see [`INSTANCE_MARKER_ENV`]) is left.
     pub fn scale_to_zero_and_wait(
         &self,
         name: &str,
-        daemon_pid: u32,
-        instance_exe: Option<&Path>,
+        marker: &str,
         limit: Duration,
     ) -> Result<(), DaemonError> {
         self.scale(name, 0)?;
         let start = Instant::now();
         loop {
             let replicas = self.available_replicas(name)?;
-            let procs = instance_exe
-                .map(|exe| descendants_running(daemon_pid, exe))
-                .unwrap_or(0);
+            let procs = instances_running(marker);
             if replicas == 0 && procs == 0 {
                 return Ok(());
             }
@@ -419,45 +424,31 @@ impl Api {
     }
 }
 
-/// Counts live descendants of `root` whose executable is `exe` (zombies excluded).
-pub fn descendants_running(root: u32, exe: &Path) -> usize {
+/// Environment variable set on every instance so the harness can tell, from /proc, whether
+/// an instance of a given function still exists (`<topology prefix>/<function name>`).
+pub const INSTANCE_MARKER_ENV: &str = "SYNWAKE_BENCH_FUNCTION";
+
+/// Counts live (non-zombie) processes whose environment holds `INSTANCE_MARKER_ENV=marker`.
+pub fn instances_running(marker: &str) -> usize {
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return 0;
     };
-    let mut parent: BTreeMap<u32, u32> = BTreeMap::new();
-    let mut matching = Vec::new();
-    let exe = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
-    for pid in rd
-        .filter_map(|e| e.ok())
+    let want = format!("{INSTANCE_MARKER_ENV}={marker}");
+    rd.filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-    {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the ")" closing the command name: state ppid ...
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let mut f = rest.split_whitespace();
-        let state = f.next().unwrap_or("");
-        let ppid: u32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        parent.insert(pid, ppid);
-        if state != "Z" && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p == exe) {
-            matching.push(pid);
-        }
-    }
-    matching
-        .into_iter()
-        .filter(|&pid| {
-            let mut cur = pid;
-            for _ in 0..64 {
-                match parent.get(&cur) {
-                    Some(&pp) if pp == root => return true,
-                    Some(&pp) if pp > 1 => cur = pp,
-                    _ => return false,
-                }
+        .filter(|pid| {
+            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+                return false;
+            };
+            if !env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()) {
+                return false;
             }
-            false
+            // Fields after the ")" closing the command name start with the state.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X") | None)
         })
         .count()
 }
@@ -477,6 +468,7 @@ mod tests {
             image: Some("/img/busybox.tar".into()),
             state_dir: "/tmp/st".into(),
             probe_iface: "swb0".into(),
+            marker_prefix: "swb-1-0".into(),
             functions: vec![FunctionSpec {
                 name: "init-50".into(),
                 port: 9101,
@@ -500,6 +492,10 @@ mod tests {
         assert_eq!(f["runtime"].as_str(), Some("process"));
         assert_eq!(f["command"][0].as_str(), Some("/bin/fn"));
         assert_eq!(f["env"]["INIT_MS"].as_str(), Some("50"));
+        assert_eq!(
+            f["env"][INSTANCE_MARKER_ENV].as_str(),
+            Some("swb-1-0/init-50")
+        );
         assert!(f.get("image").is_none());
     }
 
@@ -517,14 +513,18 @@ mod tests {
     }
 
     #[test]
-    fn finds_own_children_by_exe() {
-        let mut child = Command::new("sleep").arg("5").spawn().unwrap();
-        let exe = std::fs::canonicalize("/proc/self/exe").unwrap();
-        let sleep = std::fs::read_link(format!("/proc/{}/exe", child.id())).unwrap();
-        assert_eq!(descendants_running(std::process::id(), &sleep), 1);
-        assert_eq!(descendants_running(std::process::id(), &exe), 0);
+    fn finds_instances_by_marker() {
+        let marker = format!("test-{}", std::process::id());
+        assert_eq!(instances_running(&marker), 0);
+        let mut child = Command::new("sleep")
+            .arg("5")
+            .env(INSTANCE_MARKER_ENV, &marker)
+            .spawn()
+            .unwrap();
+        assert_eq!(instances_running(&marker), 1);
+        assert_eq!(instances_running(&format!("{marker}x")), 0);
         child.kill().unwrap();
         child.wait().unwrap();
-        assert_eq!(descendants_running(std::process::id(), &sleep), 0);
+        assert_eq!(instances_running(&marker), 0);
     }
 }

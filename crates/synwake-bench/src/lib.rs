@@ -116,7 +116,7 @@ pub struct BenchArgs {
     )]
     pub modes: Vec<Mode>,
     /// Requests per cell (mode x RTT x init).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 20)]
     pub runs: usize,
     /// Also write the JSON records here (always written to OUT/results.json).
     #[arg(long)]
@@ -146,7 +146,7 @@ impl Default for BenchArgs {
             init: vec![0, 25, 50, 100, 200],
             runtime: RuntimeKind::Process,
             modes: vec![Mode::Request, Mode::Accept, Mode::Syn, Mode::Warm],
-            runs: 10,
+            runs: 20,
             json: None,
             out: PathBuf::from("bench-results"),
             synwake_bin: None,

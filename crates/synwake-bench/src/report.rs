@@ -124,8 +124,8 @@ fn nice_step(max: f64, target: f64) -> f64 {
 /// dashed as the reference). Hand-written so the harness needs no plotting dependency.
 pub fn svg_plot(records: &[Record], init: u64, runtime: RuntimeKind) -> String {
     let rows: Vec<&Record> = records.iter().filter(|r| r.init_ms == init).collect();
-    let (w, h) = (720.0, 440.0);
-    let (left, right, top, bottom) = (70.0, 150.0, 40.0, 55.0);
+    let (w, h) = (740.0, 440.0);
+    let (left, right, top, bottom) = (70.0, 170.0, 40.0, 55.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
     let max_x = rows.iter().map(|r| r.rtt_ms).max().unwrap_or(1).max(1) as f64;
     let max_y_raw = rows.iter().map(|r| r.p50_ms).fold(1.0, f64::max);

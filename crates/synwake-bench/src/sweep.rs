@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, SocketAddrV4, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -269,6 +269,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             state_dir: out.join(format!("state-{}", phase.name)),
             probe_iface: netns::ENDPOINT_IFACE.to_string(),
             functions: functions.clone(),
+            marker_prefix: topo.prefix.clone(),
         };
         pb.set_message(format!("starting synwake ({} phase)", phase.name));
         let mut daemon = Daemon::start(
@@ -307,7 +308,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                         &topo,
                         &api,
                         &mut daemon,
-                        function_bin.as_deref(),
+                        &format!("{}/{}", topo.prefix, f.name),
                         &line,
                         args.runs,
                         &pb,
@@ -416,7 +417,7 @@ fn measure_cell(
     topo: &Topology,
     api: &Api,
     daemon: &mut Daemon,
-    function_bin: Option<&Path>,
+    marker: &str,
     line: &DelayLine,
     runs: usize,
     pb: &ProgressBar,
@@ -450,7 +451,7 @@ fn measure_cell(
             bail!("the delay line stopped during the sweep");
         }
         if mode != Mode::Warm {
-            api.scale_to_zero_and_wait(&f.name, daemon.pid(), function_bin, COLD_TIMEOUT)?;
+            api.scale_to_zero_and_wait(&f.name, marker, COLD_TIMEOUT)?;
         }
         let resp = timed(topo)?;
         if resp.cold_start() == Some(true) {
