@@ -118,6 +118,8 @@ struct GatewaySection {
 struct DefaultsSection {
     idle_timeout: String,
     prewarm_ttl: String,
+    stop_grace: String,
+    max_wakes_per_second: u32,
 }
 
 #[derive(Serialize)]
@@ -169,8 +171,7 @@ impl DaemonSetup {
                     container_port: oci.then_some(8080),
                     pool: match self.runtime {
                         RuntimeKind::OciPool => Some(1),
-                        RuntimeKind::Oci => Some(0),
-                        RuntimeKind::Process => None,
+                        RuntimeKind::Oci | RuntimeKind::Process => None,
                     },
                     env,
                 }
@@ -186,6 +187,10 @@ impl DaemonSetup {
             defaults: DefaultsSection {
                 idle_timeout: "3600s".into(),
                 prewarm_ttl: "10s".into(),
+                stop_grace: "2s".into(),
+                // One SYN per cold run, back to back: the per-function wake limiter must not
+                // be what the benchmark measures.
+                max_wakes_per_second: 1000,
             },
             probe: ProbeSection {
                 mode: if self.wake.probe { "auto" } else { "off" }.into(),

@@ -259,6 +259,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut records: Vec<Record> = Vec::new();
     let mut checks: Vec<(String, EmulationCheck)> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
+    let mut hidden_counts: Vec<String> = Vec::new();
     for phase in &phases {
         interrupt::check()?;
         let setup = DaemonSetup {
@@ -315,16 +316,25 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                     )
                     .with_context(|| format!("{mode} at RTT {rtt} ms, init {} ms", f.init_ms))?;
                     let s = Summary::from_durations(&samples).context("no samples")?;
-                    let expect_cold = mode != Mode::Warm;
-                    let cold_ok = if expect_cold {
-                        cell.cold_header_true == cell.runs
-                    } else {
-                        cell.cold_header_true == 0
+                    // request/accept must always wait for a start and warm never; with
+                    // syn a `false` means the start was fully hidden behind the network.
+                    let expected = match mode {
+                        Mode::Request | Mode::Accept => Some(cell.runs),
+                        Mode::Warm => Some(0),
+                        Mode::Syn => None,
                     };
-                    if !cold_ok {
+                    if let Some(want) = expected.filter(|&w| w != cell.cold_header_true) {
                         notes.push(format!(
-                            "{mode} RTT {rtt} init {}: X-Synwake-Cold-Start true on {}/{} responses",
+                            "{mode} RTT {rtt} init {}: X-Synwake-Cold-Start true on {}/{} responses (expected {want})",
                             f.init_ms, cell.cold_header_true, cell.runs
+                        ));
+                    }
+                    if mode == Mode::Syn {
+                        hidden_counts.push(format!(
+                            "init {} RTT {rtt}: {}/{}",
+                            f.init_ms,
+                            cell.runs - cell.cold_header_true,
+                            cell.runs
                         ));
                     }
                     pb.println(format!(
@@ -389,6 +399,13 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             md,
             "- {phase} phase, RTT {} ms: p50 {:.2} ms, max {:.2} ms",
             c.rtt_ms, c.p50_ms, c.max_ms
+        );
+    }
+    if !hidden_counts.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nsyn: requests that found the instance ready (X-Synwake-Cold-Start: false): {}",
+            hidden_counts.join(", ")
         );
     }
     if !notes.is_empty() {
