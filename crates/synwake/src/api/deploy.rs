@@ -1,0 +1,404 @@
+//! OpenFaaS FunctionDeployment <-> synwake FunctionSpec.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::lifecycle::FunctionStatus;
+use crate::spec::{self, FunctionSpec, OciSpec, Policy, RuntimeKind, Source};
+
+/// The single namespace synwake serves; OpenFaaS clients default to it.
+pub const NAMESPACE: &str = "openfaas-fn";
+
+/// OpenFaaS resource limits/requests.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Resources {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+}
+
+/// The body of POST/PUT /system/functions. Every field may be missing or null.
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct FunctionDeployment {
+    pub service: Option<String>,
+    pub image: Option<String>,
+    pub env_process: Option<String>,
+    pub env_vars: Option<BTreeMap<String, String>>,
+    pub labels: Option<BTreeMap<String, String>>,
+    pub annotations: Option<BTreeMap<String, String>>,
+    pub constraints: Option<Vec<String>>,
+    pub secrets: Option<Vec<String>>,
+    pub limits: Option<Resources>,
+    pub requests: Option<Resources>,
+    pub read_only_root_filesystem: Option<bool>,
+    pub namespace: Option<String>,
+    /// Anything else a client sends; accepted and noted in the log.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// A request field that is wrong, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid field `{field}`: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+fn field_err(field: &str, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+impl FunctionDeployment {
+    /// Fields synwake accepts but does not act on (for the one-time log note).
+    pub fn unused_fields(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.other.keys().cloned().collect();
+        if self.constraints.as_ref().is_some_and(|c| !c.is_empty()) {
+            v.push("constraints".into());
+        }
+        if self.secrets.as_ref().is_some_and(|c| !c.is_empty()) {
+            v.push("secrets".into());
+        }
+        if self.requests.is_some() {
+            v.push("requests".into());
+        }
+        if self.read_only_root_filesystem == Some(true) {
+            v.push("readOnlyRootFilesystem".into());
+        }
+        v
+    }
+
+    /// Builds a spec; synwake settings come from `com.synwake.*` annotations.
+    pub fn into_spec(self, defaults: &Policy) -> Result<FunctionSpec, FieldError> {
+        let name = self
+            .service
+            .clone()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| field_err("service", "the function name is required"))?;
+        spec::validate_name(&name).map_err(|m| field_err("service", m))?;
+        if let Some(ns) = &self.namespace {
+            if !ns.is_empty() && ns != NAMESPACE {
+                return Err(field_err(
+                    "namespace",
+                    format!("synwake has one namespace, {NAMESPACE:?}; got {ns:?}"),
+                ));
+            }
+        }
+        let annotations = self.annotations.clone().unwrap_or_default();
+        let ann = |k: &str| {
+            annotations
+                .get(&format!("com.synwake.{k}"))
+                .map(String::as_str)
+        };
+        let parse_num = |k: &str| -> Result<Option<u64>, FieldError> {
+            ann(k)
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| {
+                        field_err(
+                            &format!("annotations.com.synwake.{k}"),
+                            format!("{v:?} is not a number"),
+                        )
+                    })
+                })
+                .transpose()
+        };
+        let parse_dur = |k: &str, d| -> Result<std::time::Duration, FieldError> {
+            match ann(k) {
+                None => Ok(d),
+                Some(v) => spec::duration_str::parse(v)
+                    .map_err(|m| field_err(&format!("annotations.com.synwake.{k}"), m)),
+            }
+        };
+        let runtime = match ann("runtime") {
+            Some("process") => RuntimeKind::Process,
+            Some("oci") => RuntimeKind::Oci,
+            Some(other) => {
+                return Err(field_err(
+                    "annotations.com.synwake.runtime",
+                    format!("{other:?} is not a runtime (process or oci)"),
+                ))
+            }
+            None if self
+                .env_process
+                .as_deref()
+                .is_some_and(|s| !s.trim().is_empty()) =>
+            {
+                RuntimeKind::Process
+            }
+            None if self.image.is_some() => RuntimeKind::Oci,
+            None => RuntimeKind::Process,
+        };
+        let command = match &self.env_process {
+            Some(p) => split_command(p).map_err(|m| field_err("envProcess", m))?,
+            None => Vec::new(),
+        };
+        if runtime == RuntimeKind::Process && command.is_empty() {
+            return Err(field_err(
+                "envProcess",
+                "the process runtime needs the command line in envProcess",
+            ));
+        }
+        if runtime == RuntimeKind::Oci && self.image.as_deref().unwrap_or("").is_empty() {
+            return Err(field_err("image", "the oci runtime needs image: a path to an image archive readable by the gateway host"));
+        }
+        let port = match parse_num("port")? {
+            None => None,
+            Some(p) if (1..=65535).contains(&p) => Some(p as u16),
+            Some(p) => {
+                return Err(field_err(
+                    "annotations.com.synwake.port",
+                    format!("{p} is not a port"),
+                ))
+            }
+        };
+        let limits = self.limits.clone().unwrap_or_default();
+        let memory_bytes = limits
+            .memory
+            .as_deref()
+            .map(spec::parse_bytes)
+            .transpose()
+            .map_err(|m| field_err("limits.memory", m))?;
+        let cpus = limits
+            .cpu
+            .as_deref()
+            .map(parse_cpu)
+            .transpose()
+            .map_err(|m| field_err("limits.cpu", m))?;
+        let max_instances = parse_num("max-instances")?.unwrap_or(1) as u32;
+        if max_instances == 0 {
+            return Err(field_err(
+                "annotations.com.synwake.max-instances",
+                "must be at least 1",
+            ));
+        }
+        let policy = Policy {
+            idle_timeout: parse_dur("idle-timeout", defaults.idle_timeout)?,
+            start_timeout: parse_dur("start-timeout", defaults.start_timeout)?,
+            stop_grace: parse_dur("stop-grace", defaults.stop_grace)?,
+            prewarm_ttl: parse_dur("prewarm-ttl", defaults.prewarm_ttl)?,
+            ..defaults.clone()
+        };
+        Ok(FunctionSpec {
+            name,
+            port,
+            runtime,
+            command: if runtime == RuntimeKind::Oci
+                && ann("command").is_none()
+                && self.env_process.is_none()
+            {
+                Vec::new()
+            } else {
+                command
+            },
+            env: self.env_vars.clone().unwrap_or_default(),
+            readiness_path: ann("readiness-path").map(str::to_string),
+            max_instances,
+            max_concurrency: parse_num("max-concurrency")?.unwrap_or(0) as u32,
+            policy,
+            oci: OciSpec {
+                image: self.image.clone().filter(|_| runtime == RuntimeKind::Oci),
+                rootfs: None,
+                container_port: parse_num("container-port")?.unwrap_or(8080) as u16,
+                memory_bytes,
+                cpus,
+                pids: parse_num("pids")?,
+                pool: parse_num("pool")?.unwrap_or(0) as u32,
+            },
+            labels: self.labels.clone().unwrap_or_default(),
+            annotations,
+            source: Source::Api,
+        })
+    }
+}
+
+/// "0.5", "500m" -> cores.
+fn parse_cpu(s: &str) -> Result<f64, String> {
+    let s = s.trim();
+    let v = match s.strip_suffix('m') {
+        Some(milli) => milli.parse::<f64>().map(|m| m / 1000.0),
+        None => s.parse::<f64>(),
+    }
+    .map_err(|_| format!("{s:?} is not a CPU amount like 0.5 or 500m"))?;
+    if v <= 0.0 {
+        return Err(format!("{s:?} must be more than 0"));
+    }
+    Ok(v)
+}
+
+/// Splits a command line on whitespace, honouring single and double quotes.
+pub fn split_command(s: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut quote: Option<char> = None;
+    for c in s.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => cur.push(c),
+            (None, '"' | '\'') => {
+                quote = Some(c);
+                in_word = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if in_word {
+                    out.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            (None, c) => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if quote.is_some() {
+        return Err(format!("unterminated quote in {s:?}"));
+    }
+    if in_word {
+        out.push(cur);
+    }
+    Ok(out)
+}
+
+/// GET /system/function/<name> and the list: the OpenFaaS FunctionStatus shape.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FunctionStatusJson {
+    pub name: String,
+    pub image: String,
+    pub namespace: String,
+    pub env_process: String,
+    pub env_vars: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Resources>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests: Option<Resources>,
+    pub replicas: u64,
+    pub available_replicas: u64,
+    pub invocation_count: u64,
+}
+
+impl From<&FunctionStatus> for FunctionStatusJson {
+    fn from(s: &FunctionStatus) -> Self {
+        let spec = &s.spec;
+        let mut annotations = spec.annotations.clone();
+        annotations.insert("com.synwake.runtime".into(), spec.runtime.as_str().into());
+        if let Some(p) = spec.port {
+            annotations.insert("com.synwake.port".into(), p.to_string());
+        }
+        annotations.insert("com.synwake.id".into(), format!("{:08x}", spec.id()));
+        annotations.insert(
+            "com.synwake.source".into(),
+            match spec.source {
+                Source::Config => "config".into(),
+                Source::Api => "api".into(),
+            },
+        );
+        let limits =
+            (spec.oci.memory_bytes.is_some() || spec.oci.cpus.is_some()).then(|| Resources {
+                memory: spec.oci.memory_bytes.map(|b| b.to_string()),
+                cpu: spec.oci.cpus.map(|c| c.to_string()),
+            });
+        FunctionStatusJson {
+            name: spec.name.clone(),
+            image: spec
+                .oci
+                .image
+                .clone()
+                .or_else(|| spec.oci.rootfs.clone())
+                .unwrap_or_default(),
+            namespace: NAMESPACE.into(),
+            env_process: spec.command.join(" "),
+            env_vars: spec.env.clone(),
+            labels: spec.labels.clone(),
+            annotations,
+            limits,
+            requests: None,
+            replicas: s.replicas as u64,
+            available_replicas: s.available as u64,
+            invocation_count: s.invocations,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_honours_quotes() {
+        assert_eq!(
+            split_command("python3 'my app.py' -x").unwrap(),
+            ["python3", "my app.py", "-x"]
+        );
+        assert_eq!(split_command("  a   \"\" b ").unwrap(), ["a", "", "b"]);
+        assert!(split_command("a 'b").is_err());
+    }
+
+    #[test]
+    fn null_maps_and_unused_fields_accepted() {
+        let d: FunctionDeployment = serde_json::from_str(
+            r#"{"service":"f","image":"img","envProcess":"python3 x.py","envVars":null,"labels":null,
+                "annotations":null,"constraints":null,"secrets":["s"],"limits":null,"requests":null,
+                "readOnlyRootFilesystem":false,"namespace":"","network":"func_functions"}"#,
+        )
+        .unwrap();
+        assert_eq!(d.unused_fields(), ["network", "secrets"]);
+        let s = d.into_spec(&Policy::default()).unwrap();
+        assert_eq!(s.runtime, RuntimeKind::Process);
+        assert_eq!(s.command, ["python3", "x.py"]);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let d: FunctionDeployment = serde_json::from_str(r#"{"image":"x"}"#).unwrap();
+        assert_eq!(
+            d.into_spec(&Policy::default()).unwrap_err().field,
+            "service"
+        );
+        let d: FunctionDeployment = serde_json::from_str(
+            r#"{"service":"f","envProcess":"x","annotations":{"com.synwake.port":"http"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            d.into_spec(&Policy::default()).unwrap_err().field,
+            "annotations.com.synwake.port"
+        );
+        let d: FunctionDeployment =
+            serde_json::from_str(r#"{"service":"f","envProcess":"x","limits":{"memory":"lots"}}"#)
+                .unwrap();
+        assert_eq!(
+            d.into_spec(&Policy::default()).unwrap_err().field,
+            "limits.memory"
+        );
+        let d: FunctionDeployment =
+            serde_json::from_str(r#"{"service":"f","envProcess":"x","namespace":"other"}"#)
+                .unwrap();
+        assert_eq!(
+            d.into_spec(&Policy::default()).unwrap_err().field,
+            "namespace"
+        );
+    }
+
+    #[test]
+    fn oci_from_image_with_limits() {
+        let d: FunctionDeployment = serde_json::from_str(
+            r#"{"service":"f","image":"/x.tar","limits":{"memory":"64Mi","cpu":"500m"},
+               "annotations":{"com.synwake.pool":"1"}}"#,
+        )
+        .unwrap();
+        let s = d.into_spec(&Policy::default()).unwrap();
+        assert_eq!(s.runtime, RuntimeKind::Oci);
+        assert_eq!(s.oci.memory_bytes, Some(64 << 20));
+        assert_eq!(s.oci.cpus, Some(0.5));
+        assert_eq!(s.oci.pool, 1);
+    }
+}

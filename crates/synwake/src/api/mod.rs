@@ -1,0 +1,486 @@
+//! Management API in the OpenFaaS gateway's shape, plus /healthz, /metrics and the same
+//! /function/<name>/ proxy as the shared port (OpenFaaS clients use one gateway URL).
+
+pub mod deploy;
+mod logs;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use crate::gateway::{full, text_response, Proxy, ProxyBody, Route};
+use crate::lifecycle::{Lifecycle, ScaleError};
+use crate::spec::{FunctionSpec, Policy, Source};
+use crate::state::StateDir;
+use deploy::{FunctionDeployment, FunctionStatusJson, NAMESPACE};
+
+/// Request bodies larger than this are refused (413).
+const MAX_BODY: usize = 1 << 20;
+
+/// The management API.
+pub struct Api {
+    proxy: Arc<Proxy>,
+    state: StateDir,
+    defaults: Policy,
+    /// Ports no function may take (the gateway's own).
+    reserved_ports: Vec<u16>,
+    password: Option<String>,
+    orchestration: &'static str,
+    /// Serialises deploys/removals so persisted state matches the lifecycle.
+    write_lock: tokio::sync::Mutex<()>,
+    noted_fields: Mutex<HashSet<String>>,
+}
+
+impl Api {
+    pub fn new(
+        proxy: Arc<Proxy>,
+        state: StateDir,
+        defaults: Policy,
+        reserved_ports: Vec<u16>,
+        password: Option<String>,
+        orchestration: &'static str,
+    ) -> Arc<Self> {
+        Arc::new(Api {
+            proxy,
+            state,
+            defaults,
+            reserved_ports,
+            password,
+            orchestration,
+            write_lock: tokio::sync::Mutex::new(()),
+            noted_fields: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn lc(&self) -> &Lifecycle {
+        self.proxy.lifecycle()
+    }
+
+    /// Routes one API request.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let path = req.uri().path().to_string();
+        if path.starts_with("/function/") {
+            return self.proxy.clone().handle(req, &Route::Shared, peer).await;
+        }
+        match (req.method(), path.as_str()) {
+            (&Method::GET, "/healthz") => return text_response(StatusCode::OK, "OK"),
+            (&Method::GET, "/metrics") => {
+                return Response::builder()
+                    .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
+                    .body(full(self.lc().metrics().render()))
+                    .unwrap()
+            }
+            _ => {}
+        }
+        if path.starts_with("/system/") {
+            if let Some(resp) = self.check_auth(&req) {
+                return resp;
+            }
+            if let Some(ns) = query_param(req.uri().query(), "namespace") {
+                if !ns.is_empty() && ns != NAMESPACE {
+                    return text_response(
+                        StatusCode::NOT_FOUND,
+                        format!(
+                            "namespace {ns:?} not found; synwake has one namespace, {NAMESPACE:?}"
+                        ),
+                    );
+                }
+            }
+        }
+        let method = req.method().clone();
+        match (method, path.as_str()) {
+            (Method::GET, "/system/functions") => {
+                let list: Vec<FunctionStatusJson> =
+                    self.lc().statuses().iter().map(Into::into).collect();
+                json(StatusCode::OK, &list)
+            }
+            (Method::POST, "/system/functions") => self.deploy(req, false).await,
+            (Method::PUT, "/system/functions") => self.deploy(req, true).await,
+            (Method::DELETE, "/system/functions") => self.remove(req).await,
+            (Method::GET, "/system/info") => json(StatusCode::OK, &self.info()),
+            (Method::GET, "/system/namespaces") => json(StatusCode::OK, &[NAMESPACE]),
+            (Method::GET, "/system/logs") => logs::serve(self.lc(), req.uri().query()),
+            (Method::GET, p) if p.starts_with("/system/function/") => {
+                let name = &p["/system/function/".len()..];
+                match self.lc().status(name) {
+                    Some(s) => json(StatusCode::OK, &FunctionStatusJson::from(&s)),
+                    None => {
+                        text_response(StatusCode::NOT_FOUND, format!("function {name} not found"))
+                    }
+                }
+            }
+            (Method::POST, p) if p.starts_with("/system/scale-function/") => {
+                let name = p["/system/scale-function/".len()..].to_string();
+                self.scale(req, &name).await
+            }
+            (_, p) if p.starts_with("/system/") => text_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{} {p} is not part of the management API", req.method()),
+            ),
+            (_, p) => text_response(StatusCode::NOT_FOUND, format!("no route for {p}")),
+        }
+    }
+
+    fn check_auth(&self, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+        let password = self.password.as_ref()?;
+        let ok = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "))
+            .and_then(|b| decode_base64(b.trim()))
+            .is_some_and(|cred| constant_time_eq(&cred, format!("admin:{password}").as_bytes()));
+        if ok {
+            return None;
+        }
+        let mut r = text_response(
+            StatusCode::UNAUTHORIZED,
+            "authentication required: basic auth as user admin",
+        );
+        r.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"synwake\""),
+        );
+        Some(r)
+    }
+
+    fn info(&self) -> serde_json::Value {
+        let version = serde_json::json!({
+            "release": env!("CARGO_PKG_VERSION"),
+            "sha": option_env!("SYNWAKE_GIT_SHA").unwrap_or("unknown"),
+        });
+        serde_json::json!({
+            "provider": {"provider": "synwake", "orchestration": self.orchestration, "version": version},
+            "version": version,
+            "arch": std::env::consts::ARCH,
+        })
+    }
+
+    async fn deploy(&self, req: Request<Incoming>, update: bool) -> Response<ProxyBody> {
+        let body = match read_body(req).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let d: FunctionDeployment = match serde_json::from_slice(&body) {
+            Ok(d) => d,
+            Err(e) => {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid FunctionDeployment JSON: {e}"),
+                )
+            }
+        };
+        let unused = d.unused_fields();
+        let spec = match d.into_spec(&self.defaults) {
+            Ok(s) => s,
+            Err(e) => return text_response(StatusCode::BAD_REQUEST, e.to_string()),
+        };
+        for f in unused {
+            if self.noted_fields.lock().unwrap().insert(f.clone()) {
+                tracing::info!(
+                    "deploy of {}: field {f:?} is accepted but not used by synwake (noted once)",
+                    spec.name
+                );
+            }
+        }
+        let _w = self.write_lock.lock().await;
+        let existing = self.lc().get(&spec.name).map(|f| f.spec().clone());
+        match (&existing, update) {
+            (None, true) => {
+                return text_response(
+                    StatusCode::NOT_FOUND,
+                    format!("function {} not found (deploy it with POST)", spec.name),
+                )
+            }
+            (Some(e), _) if e.source == Source::Config => return text_response(
+                StatusCode::CONFLICT,
+                format!(
+                    "function {} is defined in the config file and is read-only through the API",
+                    spec.name
+                ),
+            ),
+            _ => {}
+        }
+        if let Err(msg) = self.check_conflicts(&spec) {
+            return text_response(StatusCode::BAD_REQUEST, msg);
+        }
+        let name = spec.name.clone();
+        if let Err(e) = self.lc().deploy(spec).await {
+            return text_response(
+                StatusCode::BAD_REQUEST,
+                format!("cannot deploy {name}: {e}"),
+            );
+        }
+        if let Err(e) = self.persist() {
+            tracing::error!("{e}");
+            return text_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("function {name} deployed but not saved: {e}"),
+            );
+        }
+        tracing::info!(
+            "function {name} {} through the API",
+            if existing.is_some() {
+                "updated"
+            } else {
+                "deployed"
+            }
+        );
+        text_response(
+            StatusCode::ACCEPTED,
+            format!(
+                "function {name} {}",
+                if existing.is_some() {
+                    "updated"
+                } else {
+                    "deployed"
+                }
+            ),
+        )
+    }
+
+    fn check_conflicts(&self, spec: &FunctionSpec) -> Result<(), String> {
+        for other in self.lc().specs() {
+            if other.name == spec.name {
+                continue;
+            }
+            if spec.port.is_some() && other.port == spec.port {
+                return Err(format!(
+                    "invalid field `annotations.com.synwake.port`: port {} is already used by function {}",
+                    spec.port.unwrap(),
+                    other.name
+                ));
+            }
+            if other.id() == spec.id() {
+                return Err(format!(
+                    "invalid field `service`: function id {:08x} of {} collides with function {}; choose another name",
+                    spec.id(),
+                    spec.name,
+                    other.name
+                ));
+            }
+        }
+        if let Some(p) = spec.port {
+            if self.reserved_ports.contains(&p) {
+                return Err(format!(
+                    "invalid field `annotations.com.synwake.port`: port {p} is the gateway's own"
+                ));
+            }
+            if self.lc().get(&spec.name).and_then(|f| f.spec().port) != Some(p) {
+                if let Err(e) = std::net::TcpListener::bind(("0.0.0.0", p)) {
+                    return Err(format!("invalid field `annotations.com.synwake.port`: port {p} cannot be bound: {e}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn persist(&self) -> Result<(), crate::state::StateError> {
+        let specs: Vec<FunctionSpec> = self
+            .lc()
+            .specs()
+            .iter()
+            .filter(|s| s.source == Source::Api)
+            .map(|s| (**s).clone())
+            .collect();
+        self.state.save_functions(&specs)
+    }
+
+    async fn remove(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Delete {
+            function_name: Option<String>,
+        }
+        let body = match read_body(req).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let name = match serde_json::from_slice::<Delete>(&body) {
+            Ok(Delete {
+                function_name: Some(n),
+            }) if !n.is_empty() => n,
+            Ok(_) => {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    "invalid field `functionName`: required",
+                )
+            }
+            Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+        };
+        let _w = self.write_lock.lock().await;
+        match self.lc().get(&name).map(|f| f.spec().source) {
+            None => return text_response(StatusCode::NOT_FOUND, format!("function {name} not found")),
+            Some(Source::Config) => {
+                return text_response(
+                    StatusCode::CONFLICT,
+                    format!("function {name} is defined in the config file and is read-only through the API"),
+                )
+            }
+            Some(Source::Api) => {}
+        }
+        self.lc().remove(&name).await;
+        if let Err(e) = self.persist() {
+            return text_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("function {name} removed but not saved: {e}"),
+            );
+        }
+        tracing::info!("function {name} removed through the API");
+        text_response(StatusCode::OK, format!("function {name} removed"))
+    }
+
+    async fn scale(&self, req: Request<Incoming>, name: &str) -> Response<ProxyBody> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Scale {
+            service_name: Option<String>,
+            replicas: Option<i64>,
+        }
+        let body = match read_body(req).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let s: Scale = match serde_json::from_slice(&body) {
+            Ok(s) => s,
+            Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+        };
+        if let Some(sn) = &s.service_name {
+            if !sn.is_empty() && sn != name {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid field `serviceName`: {sn:?} does not match the path's function {name:?}"),
+                );
+            }
+        }
+        let replicas = match s.replicas {
+            Some(r) if (0..=u32::MAX as i64).contains(&r) => r as u32,
+            Some(r) => {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid field `replicas`: {r} is negative or too large"),
+                )
+            }
+            None => {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    "invalid field `replicas`: required",
+                )
+            }
+        };
+        match self.lc().scale(name, replicas).await {
+            Ok(()) => text_response(
+                StatusCode::ACCEPTED,
+                format!("function {name} scaled to {replicas}"),
+            ),
+            Err(e @ ScaleError::UnknownFunction { .. }) => {
+                text_response(StatusCode::NOT_FOUND, e.to_string())
+            }
+            Err(e) => text_response(
+                StatusCode::BAD_REQUEST,
+                format!("invalid field `replicas`: {e}"),
+            ),
+        }
+    }
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<ProxyBody>> {
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) => Err(text_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body unreadable or over {MAX_BODY} bytes: {e}"),
+        )),
+    }
+}
+
+fn json<T: serde::Serialize + ?Sized>(status: StatusCode, v: &T) -> Response<ProxyBody> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(full(serde_json::to_vec(v).expect("serializable")))
+        .unwrap()
+}
+
+/// First value of `key` in a query string (percent-decoded).
+pub fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn decode_base64(s: &str) -> Option<Vec<u8>> {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let mut buf = 0u32;
+    let mut bits = 0;
+    for c in s.bytes().filter(|c| *c != b'=') {
+        let v = T.iter().position(|t| *t == c)? as u32;
+        buf = (buf << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+            buf &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_and_query() {
+        assert_eq!(decode_base64("YWRtaW46c2VjcmV0").unwrap(), b"admin:secret");
+        assert_eq!(decode_base64("YQ==").unwrap(), b"a");
+        assert!(decode_base64("!!").is_none());
+        assert_eq!(
+            query_param(Some("name=a%20b&tail=5"), "name").as_deref(),
+            Some("a b")
+        );
+        assert_eq!(query_param(Some("follow"), "follow").as_deref(), Some(""));
+        assert_eq!(query_param(None, "x"), None);
+    }
+}

@@ -1,0 +1,264 @@
+//! Client subcommands (`list`, `deploy`, `remove`, `scale`, `invoke`, `logs`): talk to the
+//! management API like faas-cli talks to an OpenFaaS gateway.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::api::deploy::FunctionStatusJson;
+
+/// Where the API is and how to log in.
+pub struct ApiClient {
+    base: String,
+    auth: Option<String>,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl ApiClient {
+    /// `base` like http://127.0.0.1:8081; `password` for user admin.
+    pub fn new(base: &str, password: Option<String>) -> Self {
+        let auth =
+            password.map(|p| format!("Basic {}", encode_base64(format!("admin:{p}").as_bytes())));
+        ApiClient {
+            base: base.trim_end_matches('/').to_string(),
+            auth,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// One request; returns status, headers and the response body (streamed to `sink` if given).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        mut sink: Option<&mut dyn Write>,
+    ) -> anyhow::Result<(StatusCode, http::HeaderMap, Vec<u8>)> {
+        let url = format!("{}{path}", self.base);
+        let mut req = Request::builder().method(method.clone()).uri(&url);
+        if let Some(a) = &self.auth {
+            req = req.header(http::header::AUTHORIZATION, a);
+        }
+        if body.is_some() {
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .with_context(|| format!("invalid URL {url}"))?;
+        let resp = self.client.request(req).await.with_context(|| {
+            format!("{method} {url}: is synwake running? (set --gateway or SYNWAKE_URL)")
+        })?;
+        let (parts, mut body) = resp.into_parts();
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.with_context(|| format!("reading the response of {method} {url}"))?;
+            if let Ok(data) = frame.into_data() {
+                match sink.as_deref_mut() {
+                    Some(w) if parts.status.is_success() => {
+                        w.write_all(&data)?;
+                        w.flush()?;
+                    }
+                    _ => out.extend_from_slice(&data),
+                }
+            }
+        }
+        Ok((parts.status, parts.headers, out))
+    }
+
+    async fn expect_ok(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<Vec<u8>> {
+        let (status, _, out) = self.call(method.clone(), path, body, None).await?;
+        if !status.is_success() {
+            bail!(
+                "{method} {path}: {status}: {}",
+                String::from_utf8_lossy(&out).trim()
+            );
+        }
+        Ok(out)
+    }
+
+    pub async fn list(&self) -> anyhow::Result<()> {
+        let body = self
+            .expect_ok(Method::GET, "/system/functions", None)
+            .await?;
+        let list: Vec<FunctionStatusJson> =
+            serde_json::from_slice(&body).context("parsing the function list")?;
+        println!(
+            "{:<24} {:>12} {:>9} {:>10} {:<8} {:>6}",
+            "NAME", "INVOCATIONS", "REPLICAS", "AVAILABLE", "RUNTIME", "PORT"
+        );
+        for f in list {
+            println!(
+                "{:<24} {:>12} {:>9} {:>10} {:<8} {:>6}",
+                f.name,
+                f.invocation_count,
+                f.replicas,
+                f.available_replicas,
+                f.annotations
+                    .get("com.synwake.runtime")
+                    .map(String::as_str)
+                    .unwrap_or("-"),
+                f.annotations
+                    .get("com.synwake.port")
+                    .map(String::as_str)
+                    .unwrap_or("-"),
+            );
+        }
+        Ok(())
+    }
+
+    /// Deploys like faas-cli: PUT (update) first, POST (create) when the function is new.
+    pub async fn deploy(&self, deployment: &serde_json::Value) -> anyhow::Result<String> {
+        let body = serde_json::to_vec(deployment)?;
+        let (status, _, out) = self
+            .call(Method::PUT, "/system/functions", Some(body.clone()), None)
+            .await?;
+        if status == StatusCode::NOT_FOUND {
+            let out = self
+                .expect_ok(Method::POST, "/system/functions", Some(body))
+                .await?;
+            return Ok(String::from_utf8_lossy(&out).trim().to_string());
+        }
+        if !status.is_success() {
+            bail!("deploy: {status}: {}", String::from_utf8_lossy(&out).trim());
+        }
+        Ok(String::from_utf8_lossy(&out).trim().to_string())
+    }
+
+    pub async fn remove(&self, name: &str) -> anyhow::Result<String> {
+        let body = serde_json::to_vec(&serde_json::json!({ "functionName": name }))?;
+        let out = self
+            .expect_ok(Method::DELETE, "/system/functions", Some(body))
+            .await?;
+        Ok(String::from_utf8_lossy(&out).trim().to_string())
+    }
+
+    pub async fn scale(&self, name: &str, replicas: u32) -> anyhow::Result<String> {
+        let body =
+            serde_json::to_vec(&serde_json::json!({ "serviceName": name, "replicas": replicas }))?;
+        let out = self
+            .expect_ok(
+                Method::POST,
+                &format!("/system/scale-function/{name}"),
+                Some(body),
+            )
+            .await?;
+        Ok(String::from_utf8_lossy(&out).trim().to_string())
+    }
+
+    /// Calls the function; prints the body to stdout, and timing to stderr when `verbose`.
+    pub async fn invoke(
+        &self,
+        name: &str,
+        path: &str,
+        data: Option<Vec<u8>>,
+        verbose: bool,
+    ) -> anyhow::Result<()> {
+        let method = if data.is_some() {
+            Method::POST
+        } else {
+            Method::GET
+        };
+        let path = format!("/function/{name}/{}", path.trim_start_matches('/'));
+        let t0 = Instant::now();
+        let mut stdout = std::io::stdout();
+        let (status, headers, out) = self.call(method, &path, data, Some(&mut stdout)).await?;
+        if verbose {
+            eprintln!(
+                "{status} in {:.1} ms, cold start: {}",
+                t0.elapsed().as_secs_f64() * 1e3,
+                headers
+                    .get(crate::gateway::COLD_START_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+            );
+        }
+        if !status.is_success() {
+            bail!("{name}: {status}: {}", String::from_utf8_lossy(&out).trim());
+        }
+        Ok(())
+    }
+
+    /// Prints log lines as `<timestamp> <instance> <text>`.
+    pub async fn logs(&self, name: &str, follow: bool, tail: Option<usize>) -> anyhow::Result<()> {
+        let mut q = format!("/system/logs?name={name}&follow={follow}");
+        if let Some(t) = tail {
+            q.push_str(&format!("&tail={t}"));
+        }
+        let mut printer = LogPrinter::default();
+        let (status, _, out) = self.call(Method::GET, &q, None, Some(&mut printer)).await?;
+        if !status.is_success() {
+            bail!(
+                "logs of {name}: {status}: {}",
+                String::from_utf8_lossy(&out).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Turns NDJSON log records into readable lines as they stream in.
+#[derive(Default)]
+struct LogPrinter {
+    partial: Vec<u8>,
+}
+
+impl Write for LogPrinter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.partial.extend_from_slice(buf);
+        while let Some(i) = self.partial.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            match serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(&line) {
+                Ok(m) => {
+                    let s = |k: &str| m.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+                    println!("{} {} {}", s("timestamp"), s("instance"), s("text"));
+                }
+                Err(_) => print!("{}", String::from_utf8_lossy(&line)),
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+fn encode_base64(b: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in b.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, x)| acc | (u32::from(*x) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64() {
+        assert_eq!(super::encode_base64(b"admin:secret"), "YWRtaW46c2VjcmV0");
+        assert_eq!(super::encode_base64(b"a"), "YQ==");
+        assert_eq!(super::encode_base64(b"ab"), "YWI=");
+    }
+}

@@ -1,0 +1,538 @@
+//! The TOML config file: raw serde structs (strict keys) resolved into [`Config`].
+//!
+//! Every default lives here and is documented in the README's config reference.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::spec::{self, FunctionSpec, OciSpec, Policy, RuntimeKind, Source};
+
+/// A config error: names the file, and where possible the line and key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}:{line}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+/// The resolved config the daemon runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub defaults: Policy,
+    pub probe: ProbeSection,
+    pub oci: OciSection,
+    pub functions: Vec<FunctionSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub api_listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub api_password_file: Option<PathBuf>,
+    pub wake_on_accept: bool,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeMode {
+    Auto,
+    Xdp,
+    Tc,
+    Off,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProbeSection {
+    pub mode: ProbeMode,
+    /// `None`: every interface that is up, lo included.
+    pub interfaces: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OciSection {
+    pub runtime_binary: String,
+    pub subnet: String,
+    pub outbound_nat: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    gateway: RawGateway,
+    #[serde(default)]
+    defaults: RawPolicy,
+    #[serde(default)]
+    probe: RawProbe,
+    #[serde(default)]
+    oci: RawOci,
+    #[serde(default)]
+    function: Vec<RawFunction>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    listen: Option<Spanned<String>>,
+    api_listen: Option<Spanned<String>>,
+    state_dir: Option<PathBuf>,
+    api_password_file: Option<PathBuf>,
+    wake_on_accept: Option<bool>,
+    #[serde(default, with = "opt_duration")]
+    drain_timeout: Option<Duration>,
+}
+
+/// Policy keys, allowed in `[defaults]` and in each `[[function]]`.
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPolicy {
+    #[serde(default, with = "opt_duration")]
+    idle_timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    start_timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    stop_grace: Option<Duration>,
+    max_pending: Option<usize>,
+    #[serde(default, with = "opt_duration")]
+    prewarm_ttl: Option<Duration>,
+    max_wakes_per_second: Option<u32>,
+}
+
+impl RawPolicy {
+    fn apply(&self, base: &Policy) -> Policy {
+        Policy {
+            idle_timeout: self.idle_timeout.unwrap_or(base.idle_timeout),
+            start_timeout: self.start_timeout.unwrap_or(base.start_timeout),
+            stop_grace: self.stop_grace.unwrap_or(base.stop_grace),
+            max_pending: self.max_pending.unwrap_or(base.max_pending),
+            prewarm_ttl: self.prewarm_ttl.unwrap_or(base.prewarm_ttl),
+            max_wakes_per_second: self
+                .max_wakes_per_second
+                .unwrap_or(base.max_wakes_per_second),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    #[serde(default = "default_probe_mode")]
+    mode: ProbeMode,
+    interfaces: Option<Vec<String>>,
+}
+
+impl Default for RawProbe {
+    fn default() -> Self {
+        RawProbe {
+            mode: default_probe_mode(),
+            interfaces: None,
+        }
+    }
+}
+
+fn default_probe_mode() -> ProbeMode {
+    ProbeMode::Auto
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawOci {
+    runtime_binary: Option<String>,
+    subnet: Option<String>,
+    outbound_nat: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFunction {
+    name: Spanned<String>,
+    port: Option<Spanned<u16>>,
+    #[serde(default)]
+    runtime: RuntimeKind,
+    #[serde(default)]
+    command: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    readiness_path: Option<String>,
+    max_instances: Option<u32>,
+    max_concurrency: Option<u32>,
+    #[serde(default, with = "opt_duration")]
+    idle_timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    start_timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    stop_grace: Option<Duration>,
+    max_pending: Option<usize>,
+    #[serde(default, with = "opt_duration")]
+    prewarm_ttl: Option<Duration>,
+    max_wakes_per_second: Option<u32>,
+    image: Option<String>,
+    rootfs: Option<String>,
+    container_port: Option<u16>,
+    memory: Option<Spanned<String>>,
+    cpus: Option<f64>,
+    pids: Option<u64>,
+    pool: Option<u32>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+mod opt_duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        crate::spec::duration_str::parse(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses config text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: format_toml_error(&e, text),
+        })?;
+        let line_of = |offset: usize| text[..offset.min(text.len())].lines().count().max(1);
+        let invalid =
+            |span: std::ops::Range<usize>, key: &str, message: String| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: line_of(span.start + 1),
+                key: key.to_string(),
+                message,
+            };
+
+        let parse_addr = |v: &Option<Spanned<String>>, key: &str, default: &str| match v {
+            None => Ok(default.parse().expect("default address")),
+            Some(s) => s.get_ref().parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    s.span(),
+                    key,
+                    format!(
+                        "{:?} is not an address like 127.0.0.1:8081: {e}",
+                        s.get_ref()
+                    ),
+                )
+            }),
+        };
+        let listen = parse_addr(&raw.gateway.listen, "gateway.listen", "0.0.0.0:8080")?;
+        let api_listen = parse_addr(
+            &raw.gateway.api_listen,
+            "gateway.api_listen",
+            "127.0.0.1:8081",
+        )?;
+        if !api_listen.ip().is_loopback() && raw.gateway.api_password_file.is_none() {
+            let span = raw
+                .gateway
+                .api_listen
+                .as_ref()
+                .map(|s| s.span())
+                .unwrap_or(0..0);
+            return Err(invalid(
+                span,
+                "gateway.api_listen",
+                format!("{api_listen} is not a loopback address, so gateway.api_password_file is required"),
+            ));
+        }
+        let gateway = GatewayConfig {
+            listen,
+            api_listen,
+            state_dir: raw
+                .gateway
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/synwake")),
+            api_password_file: raw.gateway.api_password_file,
+            wake_on_accept: raw.gateway.wake_on_accept.unwrap_or(true),
+            drain_timeout: raw.gateway.drain_timeout.unwrap_or(Duration::from_secs(10)),
+        };
+        let defaults = raw.defaults.apply(&Policy::default());
+
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut ports: HashMap<u16, String> = HashMap::new();
+        ports.insert(listen.port(), "gateway.listen".into());
+        ports.insert(api_listen.port(), "gateway.api_listen".into());
+        let mut ids: HashMap<u32, String> = HashMap::new();
+        let mut functions = Vec::new();
+        for f in raw.function {
+            let name = f.name.get_ref().clone();
+            spec::validate_name(&name).map_err(|m| invalid(f.name.span(), "function.name", m))?;
+            if let Some(first) = names.insert(name.clone(), line_of(f.name.span().start + 1)) {
+                return Err(invalid(
+                    f.name.span(),
+                    "function.name",
+                    format!("duplicate function name {name:?} (first declared on line {first})"),
+                ));
+            }
+            if let Some(other) = ids.insert(spec::function_id(&name), name.clone()) {
+                return Err(invalid(
+                    f.name.span(),
+                    "function.name",
+                    format!("function id of {name:?} collides with {other:?}; rename one"),
+                ));
+            }
+            let port = match &f.port {
+                None => None,
+                Some(p) => {
+                    let port = *p.get_ref();
+                    if port == 0 {
+                        return Err(invalid(
+                            p.span(),
+                            "function.port",
+                            "port 0 is not allowed".into(),
+                        ));
+                    }
+                    if let Some(owner) = ports.insert(port, format!("function {name:?}")) {
+                        return Err(invalid(
+                            p.span(),
+                            "function.port",
+                            format!("port {port} of function {name:?} is already used by {owner}"),
+                        ));
+                    }
+                    Some(port)
+                }
+            };
+            let key_span = f.name.span();
+            match f.runtime {
+                RuntimeKind::Process if f.command.is_empty() => {
+                    return Err(invalid(
+                        key_span,
+                        "function.command",
+                        format!("function {name:?} uses the process runtime and needs a command"),
+                    ))
+                }
+                RuntimeKind::Oci if f.image.is_none() == f.rootfs.is_none() => {
+                    return Err(invalid(
+                        key_span,
+                        "function.image",
+                        format!("function {name:?} uses the oci runtime and needs exactly one of image or rootfs"),
+                    ))
+                }
+                _ => {}
+            }
+            let memory_bytes = match &f.memory {
+                None => None,
+                Some(m) => Some(
+                    spec::parse_bytes(m.get_ref())
+                        .map_err(|e| invalid(m.span(), "function.memory", e))?,
+                ),
+            };
+            let max_instances = f.max_instances.unwrap_or(1);
+            if max_instances == 0 {
+                return Err(invalid(
+                    key_span,
+                    "function.max_instances",
+                    format!("function {name:?}: max_instances must be at least 1"),
+                ));
+            }
+            let policy = RawPolicy {
+                idle_timeout: f.idle_timeout,
+                start_timeout: f.start_timeout,
+                stop_grace: f.stop_grace,
+                max_pending: f.max_pending,
+                prewarm_ttl: f.prewarm_ttl,
+                max_wakes_per_second: f.max_wakes_per_second,
+            }
+            .apply(&defaults);
+            functions.push(FunctionSpec {
+                name,
+                port,
+                runtime: f.runtime,
+                command: f.command,
+                env: f.env,
+                readiness_path: f.readiness_path,
+                max_instances,
+                max_concurrency: f.max_concurrency.unwrap_or(0),
+                policy,
+                oci: OciSpec {
+                    image: f.image,
+                    rootfs: f.rootfs,
+                    container_port: f.container_port.unwrap_or(8080),
+                    memory_bytes,
+                    cpus: f.cpus,
+                    pids: f.pids,
+                    pool: f.pool.unwrap_or(0),
+                },
+                labels: f.labels,
+                annotations: BTreeMap::new(),
+                source: Source::Config,
+            });
+        }
+        Ok(Config {
+            gateway,
+            defaults,
+            probe: ProbeSection {
+                mode: raw.probe.mode,
+                interfaces: raw.probe.interfaces,
+            },
+            oci: OciSection {
+                runtime_binary: raw.oci.runtime_binary.unwrap_or_else(|| "runc".into()),
+                subnet: raw.oci.subnet.unwrap_or_else(|| "10.72.0.0/16".into()),
+                outbound_nat: raw.oci.outbound_nat.unwrap_or(false),
+            },
+            functions,
+        })
+    }
+}
+
+/// toml's own message already says "line N, column M"; keep it, minus the source excerpt.
+fn format_toml_error(e: &toml::de::Error, text: &str) -> String {
+    let msg = e.message().trim().to_string();
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].lines().count().max(1);
+            let line = if text[..span.start.min(text.len())].ends_with('\n') {
+                line + 1
+            } else {
+                line
+            };
+            let snippet = text.lines().nth(line - 1).unwrap_or("").trim();
+            format!("line {line}: {msg} (at `{snippet}`)")
+        }
+        None => msg,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse("[[function]]\nname = \"a\"\ncommand = [\"x\"]\n").unwrap();
+        assert_eq!(c.gateway.listen.port(), 8080);
+        assert_eq!(c.gateway.api_listen.port(), 8081);
+        let f = &c.functions[0];
+        assert_eq!(f.policy.idle_timeout, Duration::from_secs(60));
+        assert_eq!(f.max_instances, 1);
+        assert_eq!(f.runtime, RuntimeKind::Process);
+        assert_eq!(c.probe.mode, ProbeMode::Auto);
+    }
+
+    #[test]
+    fn function_overrides_defaults() {
+        let c = parse(
+            "[defaults]\nidle_timeout = \"5s\"\n[[function]]\nname = \"a\"\ncommand = [\"x\"]\nidle_timeout = \"250ms\"\n[[function]]\nname = \"b\"\ncommand = [\"x\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.functions[0].policy.idle_timeout,
+            Duration::from_millis(250)
+        );
+        assert_eq!(c.functions[1].policy.idle_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = parse("[gateway]\nlisten = \"0.0.0.0:1\"\nlisen = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("test.toml"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn unknown_function_key() {
+        let e = parse("[[function]]\nname = \"a\"\ncommand = [\"x\"]\ncomand = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("comand"), "{e}");
+        assert!(e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type() {
+        let e = parse("[defaults]\nmax_pending = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("max_pending"), "{e}");
+    }
+
+    #[test]
+    fn invalid_duration() {
+        let e = parse("[defaults]\nidle_timeout = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("idle_timeout"), "{e}");
+        assert!(e.contains("soon"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_name_and_port() {
+        let e = parse("[[function]]\nname = \"a\"\ncommand = [\"x\"]\n[[function]]\nname = \"a\"\ncommand = [\"x\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("test.toml:5: function.name: duplicate"),
+            "{e}"
+        );
+        let e = parse("[[function]]\nname = \"a\"\nport = 9000\ncommand = [\"x\"]\n[[function]]\nname = \"b\"\nport = 9000\ncommand = [\"x\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("test.toml:7: function.port: port 9000"),
+            "{e}"
+        );
+        let e = parse("[[function]]\nname = \"a\"\nport = 8081\ncommand = [\"x\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gateway.api_listen"), "{e}");
+    }
+
+    #[test]
+    fn public_api_needs_password() {
+        let e = parse("[gateway]\napi_listen = \"0.0.0.0:8081\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("api_password_file"), "{e}");
+    }
+
+    #[test]
+    fn oci_needs_image() {
+        let e = parse("[[function]]\nname = \"a\"\nruntime = \"oci\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("image"), "{e}");
+        let c = parse("[[function]]\nname = \"a\"\nruntime = \"oci\"\nimage = \"x.tar\"\nmemory = \"64Mi\"\npool = 2\n").unwrap();
+        assert_eq!(c.functions[0].oci.memory_bytes, Some(64 << 20));
+        assert_eq!(c.functions[0].oci.pool, 2);
+    }
+}

@@ -1,0 +1,173 @@
+//! `synwake up`: wires config, state, runtimes, lifecycle, gateway and API together, and
+//! shuts them down in order on SIGINT/SIGTERM.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::api::Api;
+use crate::config::Config;
+use crate::gateway::{listeners, PortListeners, Proxy, Route};
+use crate::lifecycle::Lifecycle;
+use crate::logs::LogStore;
+use crate::metrics::Metrics;
+use crate::runtime::process::ProcessRuntime;
+use crate::runtime::Runtime;
+use crate::spec::{RuntimeKind, Source};
+use crate::state::StateDir;
+
+/// Runs until SIGINT/SIGTERM; returns once every instance has stopped.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let state = StateDir::new(&config.gateway.state_dir)
+        .with_context(|| "preparing gateway.state_dir (set it to a writable directory)")?;
+    let metrics = Arc::new(Metrics::new());
+    let logs = Arc::new(LogStore::new());
+
+    let process = ProcessRuntime::new(state.run_dir())
+        .with_context(|| format!("creating {}", state.run_dir().display()))?;
+    let killed = process.cleanup_orphans();
+    if killed > 0 {
+        tracing::warn!(
+            "cleaned up {killed} instance(s) left by an earlier synwake that did not shut down"
+        );
+    }
+    let mut runtimes: Vec<Arc<dyn Runtime>> = vec![Arc::new(process)];
+    let mut unavailable = HashMap::new();
+    match crate::runtime::oci::setup(&config, &state).await {
+        Ok(Some(rt)) => runtimes.push(rt),
+        Ok(None) => {
+            unavailable.insert(
+                RuntimeKind::Oci,
+                "not set up (no function uses it)".to_string(),
+            );
+        }
+        Err(e) => {
+            tracing::warn!("oci runtime unavailable: {e:#}");
+            unavailable.insert(RuntimeKind::Oci, format!("{e:#}"));
+        }
+    }
+    let orchestration = if runtimes.len() > 1 { "oci" } else { "process" };
+    let lifecycle = Lifecycle::new(runtimes, unavailable, metrics.clone(), logs);
+
+    // Config functions first; API-deployed ones from the state dir after, unless shadowed.
+    let config_names: Vec<String> = config.functions.iter().map(|f| f.name.clone()).collect();
+    for spec in config.functions.clone() {
+        let name = spec.name.clone();
+        lifecycle
+            .deploy(spec)
+            .await
+            .with_context(|| format!("function {name} from the config"))?;
+    }
+    for mut spec in state.load_functions()? {
+        if config_names.contains(&spec.name) {
+            tracing::warn!(
+                "function {} from {} is shadowed by the config file",
+                spec.name,
+                state.functions_file().display()
+            );
+            continue;
+        }
+        spec.source = Source::Api;
+        let name = spec.name.clone();
+        if let Err(e) = lifecycle.deploy(spec).await {
+            tracing::error!(
+                "function {name} from {}: {e}",
+                state.functions_file().display()
+            );
+        }
+    }
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let conns = listeners::Connections::default();
+    let proxy = Proxy::new(lifecycle.clone());
+
+    let shared = listeners::bind(config.gateway.listen)
+        .with_context(|| format!("listening on gateway.listen {}", config.gateway.listen))?;
+    let api_listener = listeners::bind(config.gateway.api_listen).with_context(|| {
+        format!(
+            "listening on gateway.api_listen {}",
+            config.gateway.api_listen
+        )
+    })?;
+    let password = match &config.gateway.api_password_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading gateway.api_password_file {}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let api = Api::new(
+        proxy.clone(),
+        state.clone(),
+        config.defaults.clone(),
+        vec![
+            config.gateway.listen.port(),
+            config.gateway.api_listen.port(),
+        ],
+        password,
+        orchestration,
+    );
+    tracing::info!(
+        "synwake {} up: functions on {}, management API on {}, state in {}",
+        env!("CARGO_PKG_VERSION"),
+        config.gateway.listen,
+        config.gateway.api_listen,
+        state.root().display()
+    );
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(listeners::serve_listener(
+        shared,
+        listeners::proxy_handler(proxy.clone(), Route::Shared),
+        None,
+        shutdown_rx.clone(),
+        conns.clone(),
+    )));
+    let api_handler: listeners::Handler = Arc::new(move |req, peer| {
+        let api = api.clone();
+        Box::pin(async move { api.handle(req, peer).await })
+    });
+    tasks.push(tokio::spawn(listeners::serve_listener(
+        api_listener,
+        api_handler,
+        None,
+        shutdown_rx.clone(),
+        conns.clone(),
+    )));
+    let ports = PortListeners::new(
+        proxy.clone(),
+        config.gateway.wake_on_accept,
+        config.gateway.listen.ip(),
+        shutdown_rx.clone(),
+        conns.clone(),
+    );
+    tasks.push(tokio::spawn(ports.run()));
+    let probe = crate::probe::start(&config, lifecycle.clone(), metrics.clone());
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let sig = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(
+        "{sig}: no new connections; draining in-flight requests (up to {:?})",
+        config.gateway.drain_timeout
+    );
+    let _ = shutdown_tx.send(true);
+    for t in &tasks {
+        t.abort();
+    }
+    let left = conns.drain(config.gateway.drain_timeout).await;
+    if left > 0 {
+        tracing::warn!("{left} connection(s) still open after drain_timeout; closing them");
+    }
+    drop(probe);
+    lifecycle.shutdown().await;
+    tracing::info!("all instances stopped; bye");
+    Ok(())
+}

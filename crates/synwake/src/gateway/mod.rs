@@ -1,0 +1,335 @@
+//! HTTP reverse proxy: the shared port (`/function/<name>/<path>`) and each function's own
+//! port. A request goes through three phases, each in its own function below:
+//!
+//! 1. route    — which function (path prefix or the port it came in on);
+//! 2. acquire  — wait, bounded, for a ready instance (the lifecycle starts one if needed);
+//! 3. forward  — stream the request to the instance and its response back, holding the
+//!    instance's lease until the last byte of the response.
+//!
+//! Errors say who failed (synwake, the function's start, the instance) and carry the
+//! function name.
+
+pub mod listeners;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
+
+use crate::lifecycle::{AcquireError, Lease, Lifecycle};
+use crate::runtime::StartError;
+pub use listeners::{serve_listener, PortListeners};
+
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+pub const COLD_START_HEADER: &str = "x-synwake-cold-start";
+
+/// Builds a plain-text response whose body names what went wrong.
+pub fn text_response(status: StatusCode, body: impl Into<String>) -> Response<ProxyBody> {
+    let mut body = body.into();
+    if !body.ends_with('\n') {
+        body.push('\n');
+    }
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(full(body))
+        .expect("static response")
+}
+
+pub fn full(b: impl Into<Bytes>) -> ProxyBody {
+    Full::new(b.into())
+        .map_err(|n: Infallible| match n {})
+        .boxed()
+}
+
+/// Which function a connection's requests are for.
+#[derive(Clone, Debug)]
+pub enum Route {
+    /// Shared port: the function is named by the `/function/<name>` path prefix.
+    Shared,
+    /// A function's own port: every path goes to it.
+    Port(Arc<str>),
+}
+
+/// The proxy shared by every listener.
+pub struct Proxy {
+    lifecycle: Lifecycle,
+    client: Client<HttpConnector, Incoming>,
+}
+
+impl Proxy {
+    pub fn new(lifecycle: Lifecycle) -> Arc<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Arc::new(Proxy { lifecycle, client })
+    }
+
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
+    }
+
+    /// Serves one request end to end; never fails (errors become responses).
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        route: &Route,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let arrived = Instant::now();
+        let (function, path) = match route_request(route, req.uri()) {
+            Ok(r) => r,
+            Err(resp) => return resp,
+        };
+        let resp = match self.lifecycle.acquire(&function).await {
+            Ok(lease) => self.forward(req, lease, path, peer).await,
+            Err(e) => acquire_error_response(&e),
+        };
+        let m = self.lifecycle.metrics();
+        if !matches!(resp.status(), StatusCode::NOT_FOUND)
+            || self.lifecycle.get(&function).is_some()
+        {
+            m.invocations.inc(&[&function, resp.status().as_str()]);
+            m.request_duration
+                .observe(&[&function], arrived.elapsed().as_secs_f64());
+        }
+        resp
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        lease: Lease,
+        path: String,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let function = lease.spec().name.clone();
+        let addr = lease.instance.addr();
+        let (mut parts, body) = req.into_parts();
+        let uri: Uri = match format!("http://{addr}{path}").parse() {
+            Ok(u) => u,
+            Err(e) => {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    format!("function {function}: invalid request path {path:?}: {e}"),
+                )
+            }
+        };
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        let xff = match parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prev) => format!("{prev}, {}", peer.ip()),
+            None => peer.ip().to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            parts
+                .headers
+                .insert(HeaderName::from_static("x-forwarded-for"), v);
+        }
+        let cold = lease.cold;
+        match self.client.request(Request::from_parts(parts, body)).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                parts.headers.insert(
+                    HeaderName::from_static(COLD_START_HEADER),
+                    HeaderValue::from_static(if cold { "true" } else { "false" }),
+                );
+                let body = LeasedBody {
+                    inner: body,
+                    _lease: lease,
+                }
+                .boxed();
+                Response::from_parts(parts, body)
+            }
+            Err(e) => {
+                let detail = error_chain(&e);
+                tracing::warn!(
+                    "function {function}: instance {} failed the request: {detail}",
+                    lease.instance.describe()
+                );
+                let mut r = text_response(
+                    StatusCode::BAD_GATEWAY,
+                    format!("function {function}: the instance failed while handling the request (crashed or closed the connection): {detail}"),
+                );
+                r.headers_mut().insert(
+                    HeaderName::from_static(COLD_START_HEADER),
+                    HeaderValue::from_static(if cold { "true" } else { "false" }),
+                );
+                r
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// Phase 1: which function, and the path to send it.
+fn route_request(route: &Route, uri: &Uri) -> Result<(String, String), Response<ProxyBody>> {
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    match route {
+        Route::Port(name) => Ok((name.to_string(), format!("{}{query}", uri.path()))),
+        Route::Shared => {
+            let Some(rest) = uri.path().strip_prefix("/function/") else {
+                return Err(text_response(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "no route for {}: functions are served under /function/<name>/",
+                        uri.path()
+                    ),
+                ));
+            };
+            let (name, tail) = match rest.find('/') {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, "/"),
+            };
+            if name.is_empty() {
+                return Err(text_response(
+                    StatusCode::NOT_FOUND,
+                    "no function named in the path /function/<name>/",
+                ));
+            }
+            Ok((name.to_string(), format!("{tail}{query}")))
+        }
+    }
+}
+
+/// Phase 2 failures as responses.
+pub fn acquire_error_response(e: &AcquireError) -> Response<ProxyBody> {
+    let status = match e {
+        AcquireError::UnknownFunction { .. } => StatusCode::NOT_FOUND,
+        AcquireError::StartFailed(StartError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+        AcquireError::StartFailed(_) => StatusCode::BAD_GATEWAY,
+        AcquireError::Overloaded { .. } | AcquireError::ShuttingDown { .. } => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        AcquireError::Removed { .. } => StatusCode::NOT_FOUND,
+    };
+    let mut r = text_response(status, e.to_string());
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
+}
+
+fn strip_hop_by_hop(h: &mut http::HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = h
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    ] {
+        h.remove(n);
+    }
+}
+
+/// A response body that holds the instance's lease until it is finished or dropped.
+struct LeasedBody {
+    inner: Incoming,
+    _lease: Lease,
+}
+
+impl Body for LeasedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_route_splits_name_and_path() {
+        let uri: Uri = "/function/hello/a/b?x=1".parse().unwrap();
+        let (f, p) = route_request(&Route::Shared, &uri).unwrap();
+        assert_eq!((f.as_str(), p.as_str()), ("hello", "/a/b?x=1"));
+        let uri: Uri = "/function/hello".parse().unwrap();
+        assert_eq!(route_request(&Route::Shared, &uri).unwrap().1, "/");
+        let uri: Uri = "/other".parse().unwrap();
+        assert_eq!(
+            route_request(&Route::Shared, &uri).unwrap_err().status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+
+    #[test]
+    fn own_port_keeps_path() {
+        let uri: Uri = "/x?y".parse().unwrap();
+        let (f, p) = route_request(&Route::Port("f".into()), &uri).unwrap();
+        assert_eq!((f.as_str(), p.as_str()), ("f", "/x?y"));
+    }
+
+    #[test]
+    fn hop_by_hop_removed() {
+        let mut h = http::HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-private").is_none() && h.get("connection").is_none());
+        assert!(h.get("x-keep").is_some());
+    }
+}

@@ -1,0 +1,19 @@
+//! synwake: a scale-to-zero function platform that wakes functions on the client's TCP SYN.
+//!
+//! The hot path reads like the design's data flow:
+//! packet -> [`probe`] -> wake -> [`lifecycle`] -> [`runtime`];
+//! request -> [`gateway`] -> [`lifecycle`] (await ready) -> proxy.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod doctor;
+pub mod gateway;
+pub mod lifecycle;
+pub mod logs;
+pub mod metrics;
+pub mod probe;
+pub mod runtime;
+pub mod spec;
+pub mod state;

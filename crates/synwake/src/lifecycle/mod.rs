@@ -1,0 +1,897 @@
+//! One state machine per function: cold -> starting -> ready -> stopping -> cold.
+//!
+//! Everything that wants an instance goes through here: packets and accepted connections
+//! call [`Lifecycle::wake`], requests call [`Lifecycle::acquire`]. A start is single flight:
+//! every wake and request during a start shares it. Idle instances stop after
+//! `idle_timeout`; a packet-woken instance that no request used within `prewarm_ttl` stops
+//! and counts as wasted.
+
+mod limiter;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::logs::{LogStore, OutputSink};
+use crate::metrics::Metrics;
+use crate::runtime::{self, Instance, Runtime, StartError};
+use crate::spec::{FunctionSpec, RuntimeKind};
+pub use limiter::TokenBucket;
+
+/// What caused a wake or a start (design.md, "Wake triggers").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Trigger {
+    Syn,
+    TcpOption,
+    Sni,
+    Accept,
+    Request,
+    Api,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Syn => "syn",
+            Trigger::TcpOption => "tcp_option",
+            Trigger::Sni => "sni",
+            Trigger::Accept => "accept",
+            Trigger::Request => "request",
+            Trigger::Api => "api",
+        }
+    }
+
+    /// Wakes from packets are rate limited and may be wasted (no request follows).
+    pub fn is_speculative(self) -> bool {
+        matches!(
+            self,
+            Trigger::Syn | Trigger::TcpOption | Trigger::Sni | Trigger::Accept
+        )
+    }
+}
+
+/// What a wake did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeOutcome {
+    Started,
+    AlreadyUp,
+    Suppressed,
+    UnknownFunction,
+    AtCapacity,
+}
+
+/// Why a request could not get an instance. Each maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum AcquireError {
+    #[error("function {function} not found")]
+    UnknownFunction { function: String },
+    #[error("{0}")]
+    StartFailed(StartError),
+    #[error("function {function}: {pending} requests already wait for its start (max_pending)")]
+    Overloaded { function: String, pending: usize },
+    #[error("function {function} was removed while the request waited")]
+    Removed { function: String },
+    #[error("function {function}: synwake is shutting down")]
+    ShuttingDown { function: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScaleError {
+    #[error("function {function} not found")]
+    UnknownFunction { function: String },
+    #[error("function {function}: replicas {replicas} exceeds max_instances {max}")]
+    TooMany {
+        function: String,
+        replicas: u32,
+        max: u32,
+    },
+}
+
+/// Counts and state of one function, for the API.
+#[derive(Debug, Clone)]
+pub struct FunctionStatus {
+    pub spec: Arc<FunctionSpec>,
+    /// Starting or ready.
+    pub replicas: usize,
+    pub available: usize,
+    pub invocations: u64,
+}
+
+enum Phase {
+    Starting,
+    Ready(Arc<dyn Instance>),
+    Stopping,
+}
+
+struct Slot {
+    id: u64,
+    phase: Phase,
+    inflight: usize,
+    last_used: Instant,
+    trigger: Trigger,
+    /// When the wake that started it happened (packet arrival for probe wakes).
+    woke_at: Instant,
+    ready_at: Option<Instant>,
+    served: u64,
+}
+
+impl Slot {
+    fn ready(&self) -> Option<&Arc<dyn Instance>> {
+        match &self.phase {
+            Phase::Ready(i) => Some(i),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct FnState {
+    slots: Vec<Slot>,
+    pending: usize,
+    fail_epoch: u64,
+    last_failure: Option<StartError>,
+    removed: bool,
+}
+
+impl FnState {
+    fn count(&self, f: impl Fn(&Phase) -> bool) -> usize {
+        self.slots.iter().filter(|s| f(&s.phase)).count()
+    }
+    fn live(&self) -> usize {
+        self.count(|p| !matches!(p, Phase::Stopping))
+    }
+}
+
+/// A deployed function and its instances.
+pub struct Function {
+    spec: Arc<FunctionSpec>,
+    state: Mutex<FnState>,
+    changed: watch::Sender<u64>,
+    limiter: Mutex<TokenBucket>,
+    invocations: AtomicU64,
+}
+
+impl Function {
+    fn new(spec: FunctionSpec) -> Arc<Self> {
+        let rate = spec.policy.max_wakes_per_second;
+        Arc::new(Function {
+            spec: Arc::new(spec),
+            state: Mutex::new(FnState::default()),
+            changed: watch::channel(0).0,
+            limiter: Mutex::new(TokenBucket::new(rate)),
+            invocations: AtomicU64::new(0),
+        })
+    }
+
+    pub fn spec(&self) -> &Arc<FunctionSpec> {
+        &self.spec
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn has_capacity(&self, s: &Slot) -> bool {
+        s.ready().is_some()
+            && (self.spec.max_concurrency == 0 || s.inflight < self.spec.max_concurrency as usize)
+    }
+}
+
+/// A request's hold on one ready instance; dropping it frees the slot.
+pub struct Lease {
+    function: Arc<Function>,
+    slot: u64,
+    pub instance: Arc<dyn Instance>,
+    /// The request waited for a start.
+    pub cold: bool,
+    /// How long it waited.
+    pub waited: Duration,
+}
+
+impl Lease {
+    pub fn spec(&self) -> &Arc<FunctionSpec> {
+        &self.function.spec
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut st = self.function.state.lock().unwrap();
+        if let Some(s) = st.slots.iter_mut().find(|s| s.id == self.slot) {
+            s.inflight -= 1;
+            s.last_used = Instant::now();
+        }
+        let someone_waits = st.pending > 0;
+        drop(st);
+        if someone_waits {
+            self.function.notify();
+        }
+    }
+}
+
+/// Decrements the pending count however the wait ends (also when the client goes away).
+struct PendingGuard<'a>(&'a Function);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().unwrap().pending -= 1;
+    }
+}
+
+/// The lifecycle of every function. Cheap to clone.
+#[derive(Clone)]
+pub struct Lifecycle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    functions: RwLock<HashMap<String, Arc<Function>>>,
+    runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>>,
+    unavailable: HashMap<RuntimeKind, String>,
+    metrics: Arc<Metrics>,
+    logs: Arc<LogStore>,
+    next_instance: AtomicU64,
+    shutting_down: AtomicBool,
+    set_changed: watch::Sender<u64>,
+}
+
+impl Lifecycle {
+    /// `unavailable` names runtimes that could not be set up and why (their starts fail with that reason).
+    pub fn new(
+        runtimes: Vec<Arc<dyn Runtime>>,
+        unavailable: HashMap<RuntimeKind, String>,
+        metrics: Arc<Metrics>,
+        logs: Arc<LogStore>,
+    ) -> Self {
+        let lc = Lifecycle {
+            inner: Arc::new(Inner {
+                functions: RwLock::new(HashMap::new()),
+                runtimes: runtimes.into_iter().map(|r| (r.kind(), r)).collect(),
+                unavailable,
+                metrics,
+                logs,
+                next_instance: AtomicU64::new(1),
+                shutting_down: AtomicBool::new(false),
+                set_changed: watch::channel(0).0,
+            }),
+        };
+        let weak = Arc::downgrade(&lc.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                Lifecycle { inner }.reap_idle();
+            }
+        });
+        lc
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    pub fn logs(&self) -> &Arc<LogStore> {
+        &self.inner.logs
+    }
+
+    /// Bumped whenever a function is deployed, updated or removed.
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.inner.set_changed.subscribe()
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Function>> {
+        self.inner.functions.read().unwrap().get(name).cloned()
+    }
+
+    /// Every deployed function's spec, sorted by name.
+    pub fn specs(&self) -> Vec<Arc<FunctionSpec>> {
+        let mut v: Vec<_> = self
+            .inner
+            .functions
+            .read()
+            .unwrap()
+            .values()
+            .map(|f| f.spec.clone())
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn status(&self, name: &str) -> Option<FunctionStatus> {
+        let f = self.get(name)?;
+        let st = f.state.lock().unwrap();
+        Some(FunctionStatus {
+            spec: f.spec.clone(),
+            replicas: st.live(),
+            available: st.count(|p| matches!(p, Phase::Ready(_))),
+            invocations: f.invocations.load(Ordering::Relaxed),
+        })
+    }
+
+    pub fn statuses(&self) -> Vec<FunctionStatus> {
+        self.specs()
+            .iter()
+            .filter_map(|s| self.status(&s.name))
+            .collect()
+    }
+
+    fn runtime_for(&self, spec: &FunctionSpec) -> Result<Arc<dyn Runtime>, StartError> {
+        match self.inner.runtimes.get(&spec.runtime) {
+            Some(r) => Ok(r.clone()),
+            None => Err(StartError::Unavailable {
+                function: spec.name.clone(),
+                runtime: spec.runtime.as_str(),
+                message: self
+                    .inner
+                    .unavailable
+                    .get(&spec.runtime)
+                    .cloned()
+                    .unwrap_or_else(|| "not configured".into()),
+            }),
+        }
+    }
+
+    /// Adds a function, or replaces one of the same name (its instances are replaced: the
+    /// old ones stop, as many new ones start). Prepares the runtime first, so a bad image
+    /// is refused before anything changes.
+    pub async fn deploy(&self, spec: FunctionSpec) -> Result<(), StartError> {
+        let rt = self.runtime_for(&spec)?;
+        rt.prepare(&spec).await?;
+        let name = spec.name.clone();
+        let new = Function::new(spec);
+        let old = self
+            .inner
+            .functions
+            .write()
+            .unwrap()
+            .insert(name.clone(), new.clone());
+        self.inner.set_changed.send_modify(|v| *v += 1);
+        if let Some(old) = old {
+            let live = old.state.lock().unwrap().live();
+            self.retire(&old).await;
+            for _ in 0..live.min(new.spec.max_instances as usize) {
+                let mut st = new.state.lock().unwrap();
+                self.spawn_start(&new, &mut st, Trigger::Api, Instant::now());
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a function: waiting requests fail, instances stop. False if unknown.
+    pub async fn remove(&self, name: &str) -> bool {
+        let Some(f) = self.inner.functions.write().unwrap().remove(name) else {
+            return false;
+        };
+        self.inner.set_changed.send_modify(|v| *v += 1);
+        self.retire(&f).await;
+        if let Ok(rt) = self.runtime_for(&f.spec) {
+            rt.forget(&f.spec).await;
+        }
+        self.inner.metrics.forget_function(name);
+        self.inner.logs.forget(name);
+        true
+    }
+
+    async fn retire(&self, f: &Arc<Function>) {
+        f.state.lock().unwrap().removed = true;
+        f.notify();
+        self.stop_all(f).await;
+    }
+
+    /// A wake signal: start the function if nothing is starting or running. Never blocks.
+    pub fn wake(&self, name: &str, trigger: Trigger, at: Instant) -> WakeOutcome {
+        let Some(f) = self.get(name) else {
+            return WakeOutcome::UnknownFunction;
+        };
+        if self.inner.shutting_down.load(Ordering::Relaxed) {
+            return WakeOutcome::AtCapacity;
+        }
+        self.inner.metrics.wakes.inc(&[name, trigger.as_str()]);
+        let mut st = f.state.lock().unwrap();
+        if st.removed {
+            return WakeOutcome::UnknownFunction;
+        }
+        if st.live() > 0 {
+            return WakeOutcome::AlreadyUp;
+        }
+        if trigger.is_speculative() && !f.limiter.lock().unwrap().try_take() {
+            drop(st);
+            self.inner.metrics.wakes_suppressed.inc(&[name]);
+            return WakeOutcome::Suppressed;
+        }
+        self.spawn_start(&f, &mut st, trigger, at);
+        WakeOutcome::Started
+    }
+
+    /// Waits (bounded by start_timeout and max_pending) for a ready instance with capacity.
+    pub async fn acquire(&self, name: &str) -> Result<Lease, AcquireError> {
+        let mut f = self
+            .get(name)
+            .ok_or_else(|| AcquireError::UnknownFunction {
+                function: name.to_string(),
+            })?;
+        let arrived = Instant::now();
+        for _ in 0..3 {
+            match self.acquire_from(&f, arrived).await {
+                // An update swapped the function while we waited: wait on the new one.
+                Err(AcquireError::Removed { .. }) => match self.get(name) {
+                    Some(new) if !Arc::ptr_eq(&new, &f) => f = new,
+                    _ => break,
+                },
+                other => return other,
+            }
+        }
+        Err(AcquireError::Removed {
+            function: name.to_string(),
+        })
+    }
+
+    async fn acquire_from(
+        &self,
+        f: &Arc<Function>,
+        arrived: Instant,
+    ) -> Result<Lease, AcquireError> {
+        let name = &f.spec.name;
+        let deadline = arrived + f.spec.policy.start_timeout;
+        let mut guard: Option<PendingGuard> = None;
+        let mut epoch_at_wait = 0;
+        loop {
+            let mut rx = {
+                let mut st = f.state.lock().unwrap();
+                if st.removed {
+                    return Err(AcquireError::Removed {
+                        function: name.clone(),
+                    });
+                }
+                if self.inner.shutting_down.load(Ordering::Relaxed) {
+                    return Err(AcquireError::ShuttingDown {
+                        function: name.clone(),
+                    });
+                }
+                let best = st
+                    .slots
+                    .iter_mut()
+                    .filter(|s| f.has_capacity(s))
+                    .min_by_key(|s| s.inflight);
+                if let Some(slot) = best {
+                    let now = Instant::now();
+                    slot.inflight += 1;
+                    slot.last_used = now;
+                    slot.served += 1;
+                    let waited = now - arrived;
+                    let cold = guard.is_some();
+                    if slot.served == 1 {
+                        self.first_request(name, slot, arrived, cold, waited);
+                    }
+                    let lease = Lease {
+                        function: f.clone(),
+                        slot: slot.id,
+                        instance: slot.ready().cloned().expect("ready slot"),
+                        cold,
+                        waited,
+                    };
+                    drop(st);
+                    drop(guard);
+                    f.invocations.fetch_add(1, Ordering::Relaxed);
+                    if cold {
+                        self.inner
+                            .metrics
+                            .cold_start_wait
+                            .observe(&[name], waited.as_secs_f64());
+                    }
+                    return Ok(lease);
+                }
+                if guard.is_some()
+                    && st.fail_epoch != epoch_at_wait
+                    && st.count(|p| matches!(p, Phase::Starting | Phase::Ready(_))) == 0
+                {
+                    let err = st.last_failure.clone().expect("failure recorded");
+                    return Err(AcquireError::StartFailed(err));
+                }
+                if guard.is_none() {
+                    if st.pending >= f.spec.policy.max_pending {
+                        return Err(AcquireError::Overloaded {
+                            function: name.clone(),
+                            pending: st.pending,
+                        });
+                    }
+                    st.pending += 1;
+                    epoch_at_wait = st.fail_epoch;
+                    guard = Some(PendingGuard(f));
+                }
+                self.maybe_start(f, &mut st, Trigger::Request, arrived);
+                f.changed.subscribe()
+            };
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(_) => continue,
+                Err(_) => {
+                    self.inner.metrics.start_failures.inc(&[name]);
+                    return Err(AcquireError::StartFailed(StartError::Timeout {
+                        function: name.clone(),
+                        after: f.spec.policy.start_timeout,
+                    }));
+                }
+            }
+        }
+    }
+
+    fn first_request(
+        &self,
+        name: &str,
+        slot: &Slot,
+        arrived: Instant,
+        cold: bool,
+        waited: Duration,
+    ) {
+        if slot.trigger.is_speculative() {
+            let lead = arrived.saturating_duration_since(slot.woke_at);
+            self.inner
+                .metrics
+                .wake_lead
+                .observe(&[name], lead.as_secs_f64());
+        }
+        let start_ms = slot
+            .ready_at
+            .map(|r| (r - slot.woke_at).as_secs_f64() * 1e3)
+            .unwrap_or(0.0);
+        tracing::info!(
+            "cold start of {name}: started by {} ({:.1} ms from wake to ready); first request {} {:.2} ms",
+            slot.trigger.as_str(),
+            start_ms,
+            if cold { "still waited" } else { "waited" },
+            if cold { waited.as_secs_f64() * 1e3 } else { 0.0 },
+        );
+    }
+
+    /// Starts another instance if no ready one has capacity and the starts already in
+    /// flight cannot absorb the waiting requests.
+    fn maybe_start(&self, f: &Arc<Function>, st: &mut FnState, trigger: Trigger, at: Instant) {
+        if st.slots.iter().any(|s| f.has_capacity(s)) {
+            return;
+        }
+        if st.live() >= f.spec.max_instances as usize {
+            return;
+        }
+        let starting = st.count(|p| matches!(p, Phase::Starting));
+        let need = starting == 0
+            || (f.spec.max_concurrency > 0
+                && st.pending > starting * f.spec.max_concurrency as usize);
+        if need {
+            self.spawn_start(f, st, trigger, at);
+        }
+    }
+
+    fn spawn_start(&self, f: &Arc<Function>, st: &mut FnState, trigger: Trigger, at: Instant) {
+        let id = self.inner.next_instance.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        st.slots.push(Slot {
+            id,
+            phase: Phase::Starting,
+            inflight: 0,
+            last_used: now,
+            trigger,
+            woke_at: at.min(now),
+            ready_at: None,
+            served: 0,
+        });
+        self.inner
+            .metrics
+            .instances
+            .set(&[&f.spec.name], st.live() as f64);
+        let lc = self.clone();
+        let f = f.clone();
+        tokio::spawn(async move { lc.run_start(f, id, trigger).await });
+    }
+
+    async fn run_start(&self, f: Arc<Function>, id: u64, trigger: Trigger) {
+        let spec = f.spec.clone();
+        let t0 = Instant::now();
+        let output = OutputSink {
+            store: self.inner.logs.clone(),
+            function: spec.name.clone(),
+            instance: format!("{}-{id}", spec.name),
+        };
+        let deadline = t0 + spec.policy.start_timeout;
+        let result = async {
+            let rt = self.runtime_for(&spec)?;
+            let inst = rt.start(&spec, id, output.clone()).await?;
+            match runtime::wait_ready(&spec, inst.as_ref(), &output, deadline).await {
+                Ok(()) => Ok(inst),
+                Err(e) => {
+                    inst.stop(spec.policy.stop_grace).await;
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        let elapsed = t0.elapsed();
+        match result {
+            Ok(inst) => {
+                // None: nobody wants this instance any more (scaled to zero, removed).
+                let warm_before = {
+                    let mut st = f.state.lock().unwrap();
+                    let warm_before = st.count(|p| matches!(p, Phase::Ready(_))) > 0;
+                    match st.slots.iter_mut().find(|s| s.id == id) {
+                        Some(slot) if !matches!(slot.phase, Phase::Stopping) => {
+                            let now = Instant::now();
+                            slot.phase = Phase::Ready(inst.clone());
+                            slot.ready_at = Some(now);
+                            slot.last_used = now;
+                            Some(warm_before)
+                        }
+                        _ => None,
+                    }
+                };
+                let Some(warm_before) = warm_before else {
+                    inst.stop(spec.policy.stop_grace).await;
+                    self.drop_slot(&f, id);
+                    return;
+                };
+                let m = &self.inner.metrics;
+                m.instance_start
+                    .observe(&[&spec.name, spec.runtime.as_str()], elapsed.as_secs_f64());
+                if !warm_before {
+                    m.cold_starts.inc(&[&spec.name, trigger.as_str()]);
+                }
+                if inst.from_pool() {
+                    m.pool_starts.inc(&[&spec.name]);
+                }
+                tracing::debug!(
+                    "{} instance {id} ({}) ready in {:.2} ms",
+                    spec.name,
+                    inst.describe(),
+                    elapsed.as_secs_f64() * 1e3
+                );
+                f.notify();
+                let lc = self.clone();
+                tokio::spawn(async move {
+                    let exit = inst.wait_exit().await;
+                    lc.on_exit(&f, id, exit);
+                });
+            }
+            Err(e) => {
+                tracing::warn!("{e}");
+                self.inner.metrics.start_failures.inc(&[&spec.name]);
+                let mut st = f.state.lock().unwrap();
+                st.slots.retain(|s| s.id != id);
+                st.fail_epoch += 1;
+                st.last_failure = Some(e);
+                self.inner
+                    .metrics
+                    .instances
+                    .set(&[&spec.name], st.live() as f64);
+                drop(st);
+                f.notify();
+            }
+        }
+    }
+
+    fn on_exit(&self, f: &Arc<Function>, id: u64, exit: runtime::ExitInfo) {
+        let mut st = f.state.lock().unwrap();
+        let Some(pos) = st.slots.iter().position(|s| s.id == id) else {
+            return;
+        };
+        if matches!(st.slots[pos].phase, Phase::Stopping) {
+            return; // an intended stop; stop_slot cleans up
+        }
+        let slot = st.slots.remove(pos);
+        tracing::warn!(
+            "{} instance {id} exited unexpectedly ({}) with {} request(s) in flight",
+            f.spec.name,
+            exit.status,
+            slot.inflight
+        );
+        self.inner
+            .metrics
+            .instances
+            .set(&[&f.spec.name], st.live() as f64);
+        let now_cold = st.live() == 0;
+        drop(st);
+        f.notify();
+        if now_cold {
+            self.after_scale_to_zero(f);
+        }
+    }
+
+    fn drop_slot(&self, f: &Arc<Function>, id: u64) {
+        let mut st = f.state.lock().unwrap();
+        st.slots.retain(|s| s.id != id);
+        self.inner
+            .metrics
+            .instances
+            .set(&[&f.spec.name], st.live() as f64);
+        let now_cold = st.slots.is_empty() && !st.removed;
+        drop(st);
+        f.notify();
+        if now_cold {
+            self.after_scale_to_zero(f);
+        }
+    }
+
+    /// Lets the runtime get ready for the next cold start (refill a container pool).
+    fn after_scale_to_zero(&self, f: &Arc<Function>) {
+        if let Ok(rt) = self.runtime_for(&f.spec) {
+            let spec = f.spec.clone();
+            tokio::spawn(async move {
+                if let Err(e) = rt.prepare(&spec).await {
+                    tracing::warn!("preparing {} after scale to zero: {e}", spec.name);
+                }
+            });
+        }
+    }
+
+    /// Marks the slot stopping and returns its instance, if it is ready (and idle, when
+    /// `only_idle`). A slot still starting is marked too; its start task stops it.
+    fn begin_stop(&self, f: &Arc<Function>, id: u64, only_idle: bool) -> Option<Arc<dyn Instance>> {
+        let mut st = f.state.lock().unwrap();
+        let slot = st.slots.iter_mut().find(|s| s.id == id)?;
+        if only_idle && (slot.inflight > 0 || slot.ready().is_none()) {
+            return None;
+        }
+        let prev = std::mem::replace(&mut slot.phase, Phase::Stopping);
+        let live = st.live();
+        drop(st);
+        self.inner
+            .metrics
+            .instances
+            .set(&[&f.spec.name], live as f64);
+        f.notify();
+        match prev {
+            Phase::Ready(i) => Some(i),
+            _ => None,
+        }
+    }
+
+    async fn finish_stop(&self, f: &Arc<Function>, id: u64, inst: Arc<dyn Instance>) {
+        inst.stop(f.spec.policy.stop_grace).await;
+        self.drop_slot(f, id);
+    }
+
+    async fn stop_slot(&self, f: &Arc<Function>, id: u64) {
+        if let Some(inst) = self.begin_stop(f, id, false) {
+            self.finish_stop(f, id, inst).await;
+        }
+    }
+
+    async fn stop_all(&self, f: &Arc<Function>) {
+        let ids: Vec<u64> = f.state.lock().unwrap().slots.iter().map(|s| s.id).collect();
+        futures_util::future::join_all(ids.into_iter().map(|id| self.stop_slot(f, id))).await;
+    }
+
+    /// OpenFaaS-style scale: 0 stops every instance, N starts instances up to N.
+    pub async fn scale(&self, name: &str, replicas: u32) -> Result<(), ScaleError> {
+        let f = self.get(name).ok_or_else(|| ScaleError::UnknownFunction {
+            function: name.to_string(),
+        })?;
+        if replicas > f.spec.max_instances {
+            return Err(ScaleError::TooMany {
+                function: name.to_string(),
+                replicas,
+                max: f.spec.max_instances,
+            });
+        }
+        let to_stop: Vec<u64> = {
+            let mut st = f.state.lock().unwrap();
+            let live = st.live();
+            if (replicas as usize) > live {
+                for _ in live..replicas as usize {
+                    self.spawn_start(&f, &mut st, Trigger::Api, Instant::now());
+                }
+                Vec::new()
+            } else {
+                // Stop the least busy first.
+                let mut live_slots: Vec<(usize, u64)> = st
+                    .slots
+                    .iter()
+                    .filter(|s| !matches!(s.phase, Phase::Stopping))
+                    .map(|s| (s.inflight, s.id))
+                    .collect();
+                live_slots.sort();
+                live_slots
+                    .into_iter()
+                    .take(live - replicas as usize)
+                    .map(|(_, id)| id)
+                    .collect()
+            }
+        };
+        futures_util::future::join_all(to_stop.into_iter().map(|id| self.stop_slot(&f, id))).await;
+        Ok(())
+    }
+
+    /// Stops idle instances and unused prewarms. Called every 50 ms.
+    fn reap_idle(&self) {
+        let now = Instant::now();
+        let functions: Vec<Arc<Function>> = self
+            .inner
+            .functions
+            .read()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
+        for f in functions {
+            let victims: Vec<(u64, bool)> = {
+                let st = f.state.lock().unwrap();
+                st.slots
+                    .iter()
+                    .filter(|s| s.ready().is_some() && s.inflight == 0)
+                    .filter_map(|s| {
+                        let ready_at = s.ready_at.unwrap_or(now);
+                        if s.served == 0
+                            && s.trigger.is_speculative()
+                            && now - ready_at >= f.spec.policy.prewarm_ttl
+                        {
+                            Some((s.id, true))
+                        } else if now - s.last_used >= f.spec.policy.idle_timeout {
+                            Some((s.id, false))
+                        } else {
+                            None
+                        }
+                    })
+                    .collect()
+            };
+            for (id, wasted) in victims {
+                let name = &f.spec.name;
+                let Some(inst) = self.begin_stop(&f, id, true) else {
+                    continue;
+                };
+                if wasted {
+                    self.inner.metrics.prewarms_wasted.inc(&[name]);
+                    tracing::info!("{name}: instance {id} woken by a packet was not used within prewarm_ttl; stopping (wasted)");
+                } else {
+                    tracing::info!(
+                        "{name}: instance {id} idle for {:?}; stopping",
+                        f.spec.policy.idle_timeout
+                    );
+                }
+                // Marked stopping under the lock, so no request picks it from here on.
+                let lc = self.clone();
+                let f = f.clone();
+                tokio::spawn(async move { lc.finish_stop(&f, id, inst).await });
+            }
+        }
+    }
+
+    /// Shutdown: refuse new work, stop every instance, release runtimes.
+    pub async fn shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::Relaxed);
+        let functions: Vec<Arc<Function>> = self
+            .inner
+            .functions
+            .read()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
+        for f in &functions {
+            f.notify();
+        }
+        futures_util::future::join_all(functions.iter().map(|f| self.stop_all(f))).await;
+        for rt in self.inner.runtimes.values() {
+            rt.shutdown().await;
+        }
+    }
+
+    /// In-flight requests across all functions (for draining on shutdown).
+    pub fn inflight(&self) -> usize {
+        self.inner
+            .functions
+            .read()
+            .unwrap()
+            .values()
+            .map(|f| {
+                let st = f.state.lock().unwrap();
+                st.slots.iter().map(|s| s.inflight).sum::<usize>() + st.pending
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,412 @@
+//! State machine tests with a runtime whose instances are real loopback listeners started
+//! in-process, so timing and failures can be set exactly.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::*;
+use crate::logs::{LogStore, OutputSink};
+use crate::runtime::{ExitInfo, Instance, Runtime, StartError};
+use crate::spec::{FunctionSpec, OciSpec, Policy, RuntimeKind, Source};
+
+#[derive(Default)]
+struct TestRuntime {
+    starts: AtomicUsize,
+    running: Arc<AtomicUsize>,
+}
+
+struct TestInstance {
+    addr: SocketAddr,
+    exit: watch::Sender<Option<ExitInfo>>,
+    running: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Instance for TestInstance {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    fn describe(&self) -> String {
+        format!("test {}", self.addr)
+    }
+    async fn wait_exit(&self) -> ExitInfo {
+        let mut rx = self.exit.subscribe();
+        let r = rx.wait_for(|e| e.is_some()).await;
+        r.map(|e| e.clone().unwrap()).unwrap_or(ExitInfo {
+            status: "gone".into(),
+        })
+    }
+    async fn stop(&self, _grace: Duration) {
+        // A stop takes a moment, like a real SIGTERM.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        if self.exit.borrow().is_none() {
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            let _ = self.exit.send(Some(ExitInfo {
+                status: "stopped".into(),
+            }));
+        }
+    }
+}
+
+#[async_trait]
+impl Runtime for TestRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Process
+    }
+    async fn start(
+        &self,
+        spec: &FunctionSpec,
+        _id: u64,
+        out: OutputSink,
+    ) -> Result<Arc<dyn Instance>, StartError> {
+        self.starts.fetch_add(1, Ordering::SeqCst);
+        let init: u64 = spec
+            .env
+            .get("INIT_MS")
+            .map(|v| v.parse().unwrap())
+            .unwrap_or(0);
+        let fail = spec.env.contains_key("FAIL");
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let (tx, _) = watch::channel(None);
+        self.running.fetch_add(1, Ordering::SeqCst);
+        let inst = Arc::new(TestInstance {
+            addr,
+            exit: tx,
+            running: self.running.clone(),
+        });
+        let i2 = inst.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(init)).await;
+            if fail {
+                out.line("stderr", "boom: cannot open database".into());
+                i2.running.fetch_sub(1, Ordering::SeqCst);
+                let _ = i2.exit.send(Some(ExitInfo {
+                    status: "exit status 3".into(),
+                }));
+                return;
+            }
+            let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+            let mut rx = i2.exit.subscribe();
+            loop {
+                tokio::select! {
+                    _ = l.accept() => {}
+                    _ = rx.wait_for(|e| e.is_some()) => return,
+                }
+            }
+        });
+        Ok(inst)
+    }
+}
+
+fn spec(name: &str, env: &[(&str, &str)]) -> FunctionSpec {
+    FunctionSpec {
+        name: name.into(),
+        port: None,
+        runtime: RuntimeKind::Process,
+        command: vec!["test".into()],
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        readiness_path: None,
+        max_instances: 1,
+        max_concurrency: 0,
+        policy: Policy {
+            idle_timeout: Duration::from_secs(60),
+            start_timeout: Duration::from_secs(5),
+            ..Policy::default()
+        },
+        oci: OciSpec::default(),
+        labels: Default::default(),
+        annotations: Default::default(),
+        source: Source::Config,
+    }
+}
+
+fn lifecycle() -> (Lifecycle, Arc<TestRuntime>) {
+    let rt = Arc::new(TestRuntime::default());
+    let lc = Lifecycle::new(
+        vec![rt.clone() as Arc<dyn Runtime>],
+        Default::default(),
+        Arc::new(Metrics::new()),
+        Arc::new(LogStore::new()),
+    );
+    (lc, rt)
+}
+
+#[tokio::test]
+async fn single_flight_under_concurrent_requests() {
+    let (lc, rt) = lifecycle();
+    lc.deploy(spec("f", &[("INIT_MS", "50")])).await.unwrap();
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let lc = lc.clone();
+            tokio::spawn(async move { lc.acquire("f").await.map(|l| l.cold) })
+        })
+        .collect();
+    for t in tasks {
+        assert!(
+            t.await.unwrap().unwrap(),
+            "every request waited for the start"
+        );
+    }
+    assert!(t0.elapsed() >= Duration::from_millis(50));
+    assert_eq!(rt.starts.load(Ordering::SeqCst), 1);
+    // Warm now.
+    assert!(!lc.acquire("f").await.unwrap().cold);
+    assert_eq!(lc.metrics().cold_starts.get(&["f", "request"]), 1.0);
+}
+
+#[tokio::test]
+async fn wakes_share_the_start_with_requests() {
+    let (lc, rt) = lifecycle();
+    lc.deploy(spec("f", &[("INIT_MS", "30")])).await.unwrap();
+    assert_eq!(
+        lc.wake("f", Trigger::Syn, Instant::now()),
+        WakeOutcome::Started
+    );
+    assert_eq!(
+        lc.wake("f", Trigger::Syn, Instant::now()),
+        WakeOutcome::AlreadyUp
+    );
+    let lease = lc.acquire("f").await.unwrap();
+    assert!(lease.cold);
+    assert_eq!(rt.starts.load(Ordering::SeqCst), 1);
+    assert_eq!(lc.metrics().cold_starts.get(&["f", "syn"]), 1.0);
+    assert_eq!(lc.metrics().wake_lead.count(&["f"]), 1);
+    assert_eq!(
+        lc.wake("nope", Trigger::Syn, Instant::now()),
+        WakeOutcome::UnknownFunction
+    );
+}
+
+#[tokio::test]
+async fn request_after_wake_and_ready_is_warm() {
+    let (lc, _) = lifecycle();
+    lc.deploy(spec("f", &[("INIT_MS", "10")])).await.unwrap();
+    lc.wake("f", Trigger::Syn, Instant::now());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!lc.acquire("f").await.unwrap().cold);
+}
+
+#[tokio::test]
+async fn start_failure_reaches_every_waiter_and_next_request_retries() {
+    let (lc, rt) = lifecycle();
+    lc.deploy(spec("f", &[("FAIL", "1"), ("INIT_MS", "20")]))
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(lc.acquire("f"), lc.acquire("f"));
+    for r in [a, b] {
+        let e = r.err().unwrap().to_string();
+        assert!(e.contains("exit status 3"), "{e}");
+        assert!(e.contains("boom: cannot open database"), "{e}");
+        assert!(e.contains("function f"), "{e}");
+    }
+    assert_eq!(rt.starts.load(Ordering::SeqCst), 1);
+    assert!(lc.acquire("f").await.is_err());
+    assert_eq!(
+        rt.starts.load(Ordering::SeqCst),
+        2,
+        "a new request tries again"
+    );
+}
+
+#[tokio::test]
+async fn start_timeout_gives_timeout_error() {
+    let (lc, _) = lifecycle();
+    let mut s = spec("f", &[("INIT_MS", "2000")]);
+    s.policy.start_timeout = Duration::from_millis(100);
+    lc.deploy(s).await.unwrap();
+    let t0 = Instant::now();
+    let e = lc.acquire("f").await.err().unwrap();
+    assert!(
+        matches!(e, AcquireError::StartFailed(StartError::Timeout { .. })),
+        "{e}"
+    );
+    assert!(t0.elapsed() < Duration::from_millis(1000));
+}
+
+#[tokio::test]
+async fn max_pending_refuses_the_excess() {
+    let (lc, _) = lifecycle();
+    let mut s = spec("f", &[("INIT_MS", "200")]);
+    s.policy.max_pending = 3;
+    lc.deploy(s).await.unwrap();
+    let waiting: Vec<_> = (0..3)
+        .map(|_| {
+            let lc = lc.clone();
+            tokio::spawn(async move { lc.acquire("f").await.is_ok() })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let e = lc.acquire("f").await.err().unwrap();
+    assert!(
+        matches!(e, AcquireError::Overloaded { pending: 3, .. }),
+        "{e}"
+    );
+    for w in waiting {
+        assert!(w.await.unwrap());
+    }
+}
+
+#[tokio::test]
+async fn cancelled_waiter_frees_its_pending_slot() {
+    let (lc, _) = lifecycle();
+    let mut s = spec("f", &[("INIT_MS", "300")]);
+    s.policy.max_pending = 1;
+    lc.deploy(s).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(20), lc.acquire("f")).await;
+    // The client went away; its place is free again.
+    assert!(lc.acquire("f").await.is_ok());
+}
+
+#[tokio::test]
+async fn idle_instances_stop_and_prewarms_are_wasted() {
+    let (lc, rt) = lifecycle();
+    let mut s = spec("f", &[]);
+    s.policy.idle_timeout = Duration::from_millis(150);
+    s.policy.prewarm_ttl = Duration::from_millis(100);
+    lc.deploy(s).await.unwrap();
+    drop(lc.acquire("f").await.unwrap());
+    assert_eq!(lc.status("f").unwrap().available, 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(lc.status("f").unwrap().available, 0);
+    assert_eq!(rt.running.load(Ordering::SeqCst), 0);
+    assert_eq!(lc.metrics().prewarms_wasted.get(&["f"]), 0.0);
+
+    lc.wake("f", Trigger::Syn, Instant::now());
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(lc.status("f").unwrap().replicas, 0);
+    assert_eq!(lc.metrics().prewarms_wasted.get(&["f"]), 1.0);
+}
+
+#[tokio::test]
+async fn busy_instance_is_not_reaped() {
+    let (lc, _) = lifecycle();
+    let mut s = spec("f", &[]);
+    s.policy.idle_timeout = Duration::from_millis(50);
+    lc.deploy(s).await.unwrap();
+    let lease = lc.acquire("f").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        lc.status("f").unwrap().available,
+        1,
+        "a lease keeps it alive"
+    );
+    drop(lease);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(lc.status("f").unwrap().available, 0);
+}
+
+#[tokio::test]
+async fn request_during_stop_starts_a_new_instance() {
+    let (lc, rt) = lifecycle();
+    lc.deploy(spec("f", &[])).await.unwrap();
+    drop(lc.acquire("f").await.unwrap());
+    let lc2 = lc.clone();
+    let scale = tokio::spawn(async move { lc2.scale("f", 0).await });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(
+        lc.status("f").unwrap().replicas,
+        0,
+        "the stop is in progress"
+    );
+    let lease = lc.acquire("f").await.unwrap();
+    scale.await.unwrap().unwrap();
+    assert_eq!(rt.starts.load(Ordering::SeqCst), 2);
+    assert!(lease.cold);
+    assert_eq!(lc.status("f").unwrap().available, 1);
+}
+
+#[tokio::test]
+async fn scale_out_at_max_concurrency_and_balance() {
+    let (lc, rt) = lifecycle();
+    let mut s = spec("f", &[("INIT_MS", "20")]);
+    s.max_instances = 3;
+    s.max_concurrency = 1;
+    lc.deploy(s).await.unwrap();
+    let (a, b, c) = tokio::join!(lc.acquire("f"), lc.acquire("f"), lc.acquire("f"));
+    let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+    let mut addrs = vec![a.instance.addr(), b.instance.addr(), c.instance.addr()];
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(
+        addrs.len(),
+        3,
+        "three requests at concurrency 1 use three instances"
+    );
+    assert_eq!(rt.starts.load(Ordering::SeqCst), 3);
+    // A fourth waits until one lease is released.
+    let lc2 = lc.clone();
+    let d = tokio::spawn(async move { lc2.acquire("f").await.map(|l| l.instance.addr()) });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!d.is_finished());
+    let freed = b.instance.addr();
+    drop(b);
+    assert_eq!(d.await.unwrap().unwrap(), freed);
+    assert_eq!(rt.starts.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn packet_wakes_are_rate_limited() {
+    let (lc, rt) = lifecycle();
+    let mut s = spec("f", &[("FAIL", "1")]);
+    s.policy.max_wakes_per_second = 2;
+    lc.deploy(s).await.unwrap();
+    let (mut started, mut suppressed) = (0, 0);
+    for _ in 0..50 {
+        match lc.wake("f", Trigger::Syn, Instant::now()) {
+            WakeOutcome::Started => started += 1,
+            WakeOutcome::Suppressed => suppressed += 1,
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // 2 burst tokens plus at most one refill over ~100 ms.
+    assert!(started <= 3, "started {started}");
+    assert!(suppressed >= 10, "suppressed {suppressed}");
+    assert_eq!(lc.metrics().wakes_suppressed.get(&["f"]), suppressed as f64);
+    assert!(rt.starts.load(Ordering::SeqCst) <= 3);
+}
+
+#[tokio::test]
+async fn removal_fails_waiters_and_stops_instances() {
+    let (lc, rt) = lifecycle();
+    lc.deploy(spec("f", &[("INIT_MS", "200")])).await.unwrap();
+    let lc2 = lc.clone();
+    let w = tokio::spawn(async move { lc2.acquire("f").await.err().map(|e| e.to_string()) });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(lc.remove("f").await);
+    let e = w.await.unwrap().unwrap();
+    assert!(e.contains("removed"), "{e}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rt.running.load(Ordering::SeqCst), 0);
+    assert!(matches!(
+        lc.acquire("f").await,
+        Err(AcquireError::UnknownFunction { .. })
+    ));
+}
+
+#[tokio::test]
+async fn update_moves_waiters_to_the_new_version() {
+    let (lc, _) = lifecycle();
+    lc.deploy(spec("f", &[("INIT_MS", "200")])).await.unwrap();
+    let lc2 = lc.clone();
+    let w = tokio::spawn(async move {
+        lc2.acquire("f")
+            .await
+            .map(|l| l.spec().env.get("V").cloned())
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    lc.deploy(spec("f", &[("V", "2")])).await.unwrap();
+    assert_eq!(w.await.unwrap().unwrap().as_deref(), Some("2"));
+}

@@ -1,0 +1,203 @@
+//! The `synwake` binary: a thin CLI over the library.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use synwake::cli::ApiClient;
+
+#[derive(Parser)]
+#[command(
+    name = "synwake",
+    version,
+    about = "Scale-to-zero functions that wake on the client's TCP SYN"
+)]
+struct Cli {
+    /// Management API URL for the client commands.
+    #[arg(
+        long,
+        global = true,
+        env = "SYNWAKE_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    gateway: String,
+    /// Password of user admin when the API requires basic auth.
+    #[arg(long, global = true, env = "SYNWAKE_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the platform.
+    Up {
+        #[arg(long, short, default_value = "synwake.toml")]
+        config: PathBuf,
+    },
+    /// List deployed functions.
+    List,
+    /// Deploy or update a function (PUT, then POST if it is new).
+    Deploy {
+        /// Function name.
+        #[arg(long)]
+        name: String,
+        /// Command line (process runtime), e.g. "python3 app.py".
+        #[arg(long)]
+        command: Option<String>,
+        /// Image archive path readable by the synwake host (oci runtime).
+        #[arg(long)]
+        image: Option<String>,
+        /// A port of its own.
+        #[arg(long)]
+        port: Option<u16>,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        /// com.synwake.* or other annotations as KEY=VALUE, repeatable.
+        #[arg(long = "annotation")]
+        annotations: Vec<String>,
+        /// Memory limit (oci), e.g. 128Mi.
+        #[arg(long)]
+        memory: Option<String>,
+        /// CPU limit (oci), e.g. 0.5.
+        #[arg(long)]
+        cpus: Option<String>,
+    },
+    /// Remove a function.
+    Remove { name: String },
+    /// Set the number of running instances (0 stops them all).
+    Scale { name: String, replicas: u32 },
+    /// Call a function; with --data (or --data - for stdin) it is a POST.
+    Invoke {
+        name: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long)]
+        data: Option<String>,
+        /// Print status, time and whether it was a cold start to stderr.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// Print a function's recent output.
+    Logs {
+        name: String,
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+    /// What this machine supports and what `up` would enable.
+    Doctor,
+}
+
+fn kv(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    items
+        .iter()
+        .map(|s| {
+            let (k, v) = s
+                .split_once('=')
+                .with_context(|| format!("{what} {s:?} is not KEY=VALUE"))?;
+            Ok((k.to_string(), serde_json::Value::String(v.to_string())))
+        })
+        .collect()
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("synwake: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("synwake: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = ApiClient::new(&cli.gateway, cli.password.clone());
+    match cli.command {
+        Command::Up { config } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("SYNWAKE_LOG")
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let config = synwake::config::Config::load(&config)?;
+            synwake::daemon::run(config).await
+        }
+        Command::List => client.list().await,
+        Command::Deploy {
+            name,
+            command,
+            image,
+            port,
+            env,
+            annotations,
+            memory,
+            cpus,
+        } => {
+            let mut ann = kv(&annotations, "annotation")?;
+            if let Some(p) = port {
+                ann.insert("com.synwake.port".into(), p.to_string().into());
+            }
+            let mut d = serde_json::json!({
+                "service": name,
+                "envProcess": command,
+                "image": image,
+                "envVars": kv(&env, "env")?,
+                "annotations": ann,
+            });
+            if memory.is_some() || cpus.is_some() {
+                d["limits"] = serde_json::json!({ "memory": memory, "cpu": cpus });
+            }
+            println!("{}", client.deploy(&d).await?);
+            Ok(())
+        }
+        Command::Remove { name } => {
+            println!("{}", client.remove(&name).await?);
+            Ok(())
+        }
+        Command::Scale { name, replicas } => {
+            println!("{}", client.scale(&name, replicas).await?);
+            Ok(())
+        }
+        Command::Invoke {
+            name,
+            path,
+            data,
+            verbose,
+        } => {
+            let body = match data.as_deref() {
+                None => None,
+                Some("-") => {
+                    let mut b = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut b)
+                        .context("reading stdin")?;
+                    Some(b)
+                }
+                Some(s) => Some(s.as_bytes().to_vec()),
+            };
+            client.invoke(&name, &path, body, verbose).await
+        }
+        Command::Logs { name, follow, tail } => client.logs(&name, follow, tail).await,
+        Command::Doctor => {
+            print!("{}", synwake::doctor::report());
+            Ok(())
+        }
+    }
+}
