@@ -222,6 +222,7 @@ pub struct Metrics {
     pub prewarms_wasted: Family,
     pub wake_lead: HistogramFamily,
     pub pool_starts: Family,
+    pub wake_to_start: HistogramFamily,
     pub probe_events: AtomicU64,
     pub probe_lost_events: AtomicU64,
 }
@@ -307,6 +308,12 @@ impl Metrics {
                 "counter",
                 &["function"],
             ),
+            wake_to_start: HistogramFamily::new(
+                "synwake_wake_to_start_seconds",
+                "From the wake (the SYN's arrival, for probe triggers) to the runtime's start call.",
+                &["function", "trigger"],
+                &[0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.1],
+            ),
             probe_events: AtomicU64::new(0),
             probe_lost_events: AtomicU64::new(0),
         }
@@ -331,6 +338,7 @@ impl Metrics {
             &self.cold_start_wait,
             &self.instance_start,
             &self.wake_lead,
+            &self.wake_to_start,
         ] {
             h.forget_function(function);
         }
@@ -351,6 +359,7 @@ impl Metrics {
         self.prewarms_wasted.render(&mut out);
         self.wake_lead.render(&mut out);
         self.pool_starts.render(&mut out);
+        self.wake_to_start.render(&mut out);
         for (name, help, v) in [
             (
                 "synwake_probe_events_total",

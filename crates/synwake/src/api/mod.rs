@@ -202,13 +202,15 @@ impl Api {
                     format!("function {} not found (deploy it with POST)", spec.name),
                 )
             }
-            (Some(e), _) if e.source == Source::Config => return text_response(
-                StatusCode::CONFLICT,
-                format!(
+            (Some(e), _) if e.source == Source::Config => {
+                return text_response(
+                    StatusCode::CONFLICT,
+                    format!(
                     "function {} is defined in the config file and is read-only through the API",
                     spec.name
                 ),
-            ),
+                )
+            }
             _ => {}
         }
         if let Err(msg) = self.check_conflicts(&spec) {

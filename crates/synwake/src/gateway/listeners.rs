@@ -177,7 +177,20 @@ impl PortListeners {
                 let lc = lc.clone();
                 let name = name.clone();
                 Some(Arc::new(move || {
-                    lc.wake(&name, Trigger::Accept, Instant::now());
+                    let at = Instant::now();
+                    if lc.probe_active() {
+                        // The probe saw this connection's SYN a round trip ago and its event
+                        // may still be in flight; give it a moment so the wake is credited
+                        // to the earliest trigger. Still a fallback if the SYN came in on
+                        // an interface the probe does not watch.
+                        let (lc, name) = (lc.clone(), name.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(std::time::Duration::from_micros(500)).await;
+                            lc.wake(&name, Trigger::Accept, at);
+                        });
+                    } else {
+                        lc.wake(&name, Trigger::Accept, at);
+                    }
                 }))
             } else {
                 None

@@ -236,6 +236,7 @@ struct Inner {
     logs: Arc<LogStore>,
     next_instance: AtomicU64,
     shutting_down: AtomicBool,
+    probe_active: AtomicBool,
     set_changed: watch::Sender<u64>,
 }
 
@@ -256,6 +257,7 @@ impl Lifecycle {
                 logs,
                 next_instance: AtomicU64::new(1),
                 shutting_down: AtomicBool::new(false),
+                probe_active: AtomicBool::new(false),
                 set_changed: watch::channel(0).0,
             }),
         };
@@ -270,6 +272,15 @@ impl Lifecycle {
             }
         });
         lc
+    }
+
+    /// Whether the eBPF probe is attached (then accept wakes defer to it).
+    pub fn probe_active(&self) -> bool {
+        self.inner.probe_active.load(Ordering::Relaxed)
+    }
+
+    pub fn set_probe_active(&self, active: bool) {
+        self.inner.probe_active.store(active, Ordering::Relaxed);
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -586,12 +597,17 @@ impl Lifecycle {
             .set(&[&f.spec.name], st.live() as f64);
         let lc = self.clone();
         let f = f.clone();
-        tokio::spawn(async move { lc.run_start(f, id, trigger).await });
+        let woke_at = at.min(now);
+        tokio::spawn(async move { lc.run_start(f, id, trigger, woke_at).await });
     }
 
-    async fn run_start(&self, f: Arc<Function>, id: u64, trigger: Trigger) {
+    async fn run_start(&self, f: Arc<Function>, id: u64, trigger: Trigger, woke_at: Instant) {
         let spec = f.spec.clone();
         let t0 = Instant::now();
+        self.inner.metrics.wake_to_start.observe(
+            &[&spec.name, trigger.as_str()],
+            t0.saturating_duration_since(woke_at).as_secs_f64(),
+        );
         let output = OutputSink {
             store: self.inner.logs.clone(),
             function: spec.name.clone(),

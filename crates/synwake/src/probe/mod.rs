@@ -1,27 +1,233 @@
-//! Packet wake signals: the eBPF probe (crates/synwake-ebpf) feeding the lifecycle.
+//! Packet wake signals: the eBPF probe (crates/synwake-ebpf) sees a SYN for a function and
+//! this module turns it into `Lifecycle::wake(function, Trigger::Syn | Trigger::TcpOption)`.
+//!
+//! Two tasks: one reads the ring buffer and wakes functions; one keeps the probe's maps
+//! (watched ports and function ids) in step with deploys, updates and removals.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use synwake_ebpf::{AttachMode, Probe, ProbeConfig, ProbeEvent, ProbeTrigger};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::config::{Config, ProbeMode};
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{Lifecycle, Trigger, WakeOutcome};
 use crate::metrics::Metrics;
 
-/// A running probe; dropping it detaches.
-pub struct ProbeHandle;
+/// A running probe; dropping it stops the tasks and detaches the programs.
+pub struct ProbeHandle {
+    tasks: Vec<JoinHandle<()>>,
+    attachments: Vec<(String, &'static str)>,
+    /// Keeps the programs attached until the handle drops.
+    _probe: Arc<Probe>,
+}
 
-/// Starts the probe as configured; `None` when it is off or cannot attach (logged once).
-pub fn start(
-    config: &Config,
-    _lifecycle: Lifecycle,
-    _metrics: Arc<Metrics>,
-) -> Option<ProbeHandle> {
-    if config.probe.mode != ProbeMode::Off {
-        tracing::warn!("probe not available in this build; waking on accept and request only");
+impl ProbeHandle {
+    /// (interface, mode) pairs the probe attached to.
+    pub fn attachments(&self) -> &[(String, &'static str)] {
+        &self.attachments
     }
-    None
+}
+
+impl Drop for ProbeHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Which function a port or an id names; shared by the two tasks.
+#[derive(Default)]
+struct Directory {
+    ports: HashMap<u16, String>,
+    ids: HashMap<u32, String>,
+}
+
+fn probe_config(config: &Config) -> ProbeConfig {
+    ProbeConfig {
+        mode: match config.probe.mode {
+            ProbeMode::Auto => AttachMode::Auto,
+            ProbeMode::Xdp => AttachMode::Xdp,
+            ProbeMode::Tc => AttachMode::Tc,
+            ProbeMode::Off => AttachMode::Off,
+        },
+        interfaces: config.probe.interfaces.clone(),
+    }
+}
+
+/// Starts the probe as configured. `None` when it is off or cannot attach; then synwake
+/// wakes on `accept` and `request` only, and says why once.
+pub fn start(config: &Config, lifecycle: Lifecycle, metrics: Arc<Metrics>) -> Option<ProbeHandle> {
+    if config.probe.mode == ProbeMode::Off {
+        tracing::info!(
+            "probe off ([probe] mode = \"off\"): waking functions on accept and request"
+        );
+        return None;
+    }
+    let mut probe = match Probe::attach(&probe_config(config)) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(
+                "probe unavailable, waking functions on accept and request only: {}",
+                error_chain(&e)
+            );
+            return None;
+        }
+    };
+    let mut events = match probe.take_events() {
+        Ok(ev) => ev,
+        Err(e) => {
+            tracing::warn!("probe unavailable: {e}");
+            return None;
+        }
+    };
+    let attachments = probe.attachments();
+    for (iface, mode) in &attachments {
+        tracing::info!("probe attached to {iface} ({mode})");
+    }
+    let probe = Arc::new(probe);
+    lifecycle.set_probe_active(true);
+    let dir = Arc::new(RwLock::new(Directory::default()));
+
+    let sync = {
+        let (probe, dir, lc) = (probe.clone(), dir.clone(), lifecycle.clone());
+        tokio::spawn(async move {
+            let mut changes = lc.subscribe_changes();
+            loop {
+                sync_maps(&probe, &dir, &lc);
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let reader = {
+        let (probe, dir, lc, metrics) = (probe.clone(), dir.clone(), lifecycle, metrics);
+        tokio::spawn(async move {
+            let mut stats_at = Instant::now();
+            loop {
+                let ev = match events.next().await {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        tracing::warn!("probe event dropped: {}", error_chain(&e));
+                        continue;
+                    }
+                };
+                on_event(&ev, &dir, &lc);
+                if stats_at.elapsed() >= Duration::from_millis(100) {
+                    stats_at = Instant::now();
+                    if let Ok(s) = probe.stats() {
+                        use std::sync::atomic::Ordering::Relaxed;
+                        metrics.probe_events.store(s.events_total, Relaxed);
+                        metrics
+                            .probe_lost_events
+                            .store(s.lost_events_total, Relaxed);
+                    }
+                }
+            }
+        })
+    };
+    Some(ProbeHandle {
+        tasks: vec![sync, reader],
+        attachments,
+        _probe: probe,
+    })
+}
+
+/// SYN -> wake. The wake's time is the SYN's arrival, so the lifecycle can tell how much
+/// head start the packet bought.
+fn on_event(ev: &ProbeEvent, dir: &RwLock<Directory>, lc: &Lifecycle) {
+    let (name, trigger) = {
+        let d = dir.read().unwrap();
+        match ev.trigger {
+            ProbeTrigger::Syn => (d.ports.get(&ev.dst_port).cloned(), Trigger::Syn),
+            ProbeTrigger::TcpOption => (
+                ev.function_id.and_then(|id| d.ids.get(&id).cloned()),
+                Trigger::TcpOption,
+            ),
+        }
+    };
+    let Some(name) = name else {
+        // Raced with a removal; the map update follows.
+        return;
+    };
+    let age = Duration::from_nanos(synwake_ebpf::ktime_now_ns().saturating_sub(ev.ktime_ns));
+    let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+    let outcome = lc.wake(&name, trigger, at);
+    if outcome == WakeOutcome::Started {
+        tracing::debug!(
+            "{} from {} woke {name} ({:.0} us after the SYN arrived)",
+            trigger.as_str(),
+            ev.src,
+            age.as_secs_f64() * 1e6
+        );
+    }
+}
+
+fn sync_maps(probe: &Probe, dir: &RwLock<Directory>, lc: &Lifecycle) {
+    let specs = lc.specs();
+    let ports: HashMap<u16, String> = specs
+        .iter()
+        .filter_map(|s| s.port.map(|p| (p, s.name.clone())))
+        .collect();
+    let ids: HashMap<u32, String> = specs.iter().map(|s| (s.id(), s.name.clone())).collect();
+    let mut d = dir.write().unwrap();
+    let old_ports: HashSet<u16> = d.ports.keys().copied().collect();
+    let old_ids: HashSet<u32> = d.ids.keys().copied().collect();
+    for p in old_ports.iter().filter(|p| !ports.contains_key(p)) {
+        if let Err(e) = probe.unwatch_port(*p) {
+            tracing::warn!("probe: unwatching port {p}: {}", error_chain(&e));
+        }
+    }
+    for p in ports.keys().filter(|p| !old_ports.contains(p)) {
+        if let Err(e) = probe.watch_port(*p) {
+            tracing::warn!(
+                "probe: watching port {p} of {}: {}",
+                ports[p],
+                error_chain(&e)
+            );
+        }
+    }
+    for i in old_ids.iter().filter(|i| !ids.contains_key(i)) {
+        if let Err(e) = probe.unwatch_id(*i) {
+            tracing::warn!("probe: unwatching id {i:08x}: {}", error_chain(&e));
+        }
+    }
+    for i in ids.keys().filter(|i| !old_ids.contains(i)) {
+        if let Err(e) = probe.watch_id(*i) {
+            tracing::warn!(
+                "probe: watching id {i:08x} of {}: {}",
+                ids[i],
+                error_chain(&e)
+            );
+        }
+    }
+    d.ports = ports;
+    d.ids = ids;
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
 }
 
 /// Probe section of `synwake doctor`.
 pub fn doctor() -> String {
-    "  probe not built in\n".into()
+    let report = synwake_ebpf::doctor();
+    let mut s = String::new();
+    for line in report.to_string().lines() {
+        s.push_str("  ");
+        s.push_str(line);
+        s.push('\n');
+    }
+    s
 }
