@@ -46,14 +46,14 @@ pub enum ProbeError {
     Load {
         reason: String,
         #[source]
-        source: EbpfError,
+        source: Box<EbpfError>,
     },
     #[error("the kernel rejected program {program}: {reason}")]
     Program {
         program: &'static str,
         reason: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("program {program} is missing from the eBPF object or has the wrong type")]
     MissingProgram { program: &'static str },
@@ -360,7 +360,7 @@ impl Probe {
     pub fn load() -> Result<Self, ProbeError> {
         let mut ebpf = Ebpf::load(PROBE_OBJECT).map_err(|source| ProbeError::Load {
             reason: error_chain(&source),
-            source,
+            source: Box::new(source),
         })?;
         let xdp: &mut Xdp = program_mut(&mut ebpf, XDP_PROGRAM)?;
         xdp.load()
@@ -651,7 +651,7 @@ fn program_error(program: &'static str, source: ProgramError) -> ProbeError {
     ProbeError::Program {
         program,
         reason: error_chain(&source),
-        source,
+        source: Box::new(source),
     }
 }
 

@@ -3,6 +3,8 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+pub mod netns;
+
 use synwake_ebpf::{Probe, ProbeError};
 
 pub const ETH_P_IP: u16 = 0x0800;
