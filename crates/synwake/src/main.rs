@@ -90,6 +90,8 @@ enum Command {
     },
     /// What this machine supports and what `up` would enable.
     Doctor,
+    /// Measure cold-start latency per wake mode under emulated network latency (root).
+    Bench(synwake_bench::BenchArgs),
 }
 
 fn kv(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
@@ -105,7 +107,17 @@ fn kv(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, se
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // The benchmark drives its own threads and namespaces; it needs no async runtime here.
+    if let Command::Bench(args) = std::mem::replace(&mut cli.command, Command::Doctor) {
+        return match synwake_bench::run(args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("synwake bench: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -200,5 +212,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", synwake::doctor::report());
             Ok(())
         }
+        Command::Bench(_) => unreachable!("handled before the runtime starts"),
     }
 }
