@@ -321,11 +321,15 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)>
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| io::Error::other(format!("not HTTP: {text:?}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|b| b.1)
-        .unwrap_or("")
-        .to_string();
+    // CGI responses pass the script's own header block through, often with bare \n.
+    let crlf = text.find("\r\n\r\n").map(|i| (i, 4));
+    let lf = text.find("\n\n").map(|i| (i, 2));
+    let body = match (crlf, lf) {
+        (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+    .map(|(i, n)| text[i + n..].to_string())
+    .unwrap_or_default();
     Ok((status, body))
 }
 
