@@ -256,10 +256,9 @@ impl Api {
             if other.name == spec.name {
                 continue;
             }
-            if spec.port.is_some() && other.port == spec.port {
+            if let Some(p) = spec.port.filter(|p| other.port == Some(*p)) {
                 return Err(format!(
-                    "invalid field `annotations.com.synwake.port`: port {} is already used by function {}",
-                    spec.port.unwrap(),
+                    "invalid field `annotations.com.synwake.port`: port {p} is already used by function {}",
                     other.name
                 ));
             }

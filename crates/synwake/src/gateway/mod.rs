@@ -197,6 +197,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Phase 1: which function, and the path to send it.
+#[allow(clippy::result_large_err)] // the error is the response itself, built once per bad request
 fn route_request(route: &Route, uri: &Uri) -> Result<(String, String), Response<ProxyBody>> {
     let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     match route {

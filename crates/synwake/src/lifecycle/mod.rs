@@ -655,7 +655,7 @@ impl Lifecycle {
                 if !warm_before {
                     m.cold_starts.inc(&[&spec.name, trigger.as_str()]);
                 }
-                if inst.from_pool() {
+                if inst.pooled() {
                     m.pool_starts.inc(&[&spec.name]);
                 }
                 tracing::debug!(

@@ -66,7 +66,7 @@ pub trait Instance: Send + Sync + 'static {
     /// SIGTERM, then SIGKILL after `grace`; returns once it is gone and its resources freed.
     async fn stop(&self, grace: Duration);
     /// True when this start was served from pre-created state (an OCI pool).
-    fn from_pool(&self) -> bool {
+    fn pooled(&self) -> bool {
         false
     }
 }
