@@ -23,6 +23,9 @@ use crate::sys::{self, WaitStatus};
 /// Lines of container output kept in memory per container for [`Container::output_tail`].
 pub const OUTPUT_LINES: usize = 200;
 
+/// Parent of every container's memory cgroup (`linux.cgroupsPath` is `/synwake/<id>`).
+pub const MEMORY_CGROUP_ROOT: &str = "/sys/fs/cgroup/memory/synwake";
+
 /// Runtime settings (the `[oci]` config section plus where state lives).
 #[derive(Debug, Clone)]
 pub struct OciConfig {
@@ -170,6 +173,7 @@ struct ContainerInner {
     lease: Lease,
     bundle: PathBuf,
     rootfs: PathBuf,
+    pid: i32,
     pidfd: OwnedFd,
     exit: watch::Receiver<Option<ExitInfo>>,
     output: Arc<Mutex<VecDeque<String>>>,
@@ -207,6 +211,17 @@ impl Container {
     /// the host.
     pub fn addr(&self) -> SocketAddr {
         self.inner.addr
+    }
+
+    /// Host pid of the container's init (runc init until started, then the function's
+    /// process). Only meaningful until [`Container::exited`] is set.
+    pub fn pid(&self) -> i32 {
+        self.inner.pid
+    }
+
+    /// The container's memory cgroup (cgroup v1), e.g. for usage metrics.
+    pub fn memory_cgroup(&self) -> PathBuf {
+        PathBuf::from(MEMORY_CGROUP_ROOT).join(&self.inner.id)
     }
 
     /// Whether [`OciRuntime::start`] ran for it.
@@ -575,7 +590,7 @@ impl OciRuntime {
             output: tail(&output),
         })?;
         let monitor_fd = pidfd.try_clone().map_err(spawn_err)?;
-        let cgroup = PathBuf::from("/sys/fs/cgroup/memory/synwake").join(id);
+        let cgroup = PathBuf::from(MEMORY_CGROUP_ROOT).join(id);
         let oom_fd = if spec.memory_bytes.is_some() {
             sys::oom_eventfd(&cgroup)
                 .inspect_err(|e| tracing::warn!(container = id, "no OOM notifications: {e}"))
@@ -594,6 +609,7 @@ impl OciRuntime {
                 lease,
                 bundle: bundle.to_path_buf(),
                 rootfs: rootfs.to_path_buf(),
+                pid,
                 pidfd,
                 exit: exit_rx,
                 output,
