@@ -14,9 +14,10 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
-    #[error("I/O with {addr} failed")]
+    #[error("{stage} with {addr} failed")]
     Io {
         addr: SocketAddr,
+        stage: &'static str,
         #[source]
         source: io::Error,
     },
@@ -71,14 +72,26 @@ pub fn request(
     let mut wire = req.into_bytes();
     wire.extend_from_slice(body);
 
-    let io_err = |source| ClientError::Io { addr, source };
+    let io_err = |stage| {
+        move |source| ClientError::Io {
+            addr,
+            stage,
+            source,
+        }
+    };
     let start = Instant::now();
     let mut stream = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|source| ClientError::Connect { addr, source })?;
-    stream.set_nodelay(true).map_err(io_err)?;
-    stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
-    stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
-    stream.write_all(&wire).map_err(io_err)?;
+    stream.set_nodelay(true).map_err(io_err("setsockopt"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(io_err("setsockopt"))?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(io_err("setsockopt"))?;
+    stream
+        .write_all(&wire)
+        .map_err(io_err("writing the request"))?;
     let (status, headers, body) = read_response(&mut stream, addr)?;
     let elapsed = start.elapsed();
     Ok(Response {
@@ -102,9 +115,11 @@ fn read_response(stream: &mut TcpStream, addr: SocketAddr) -> Result<Parsed, Cli
         if let Some(pos) = find(&buf, b"\r\n\r\n") {
             break pos + 4;
         }
-        let n = stream
-            .read(&mut chunk)
-            .map_err(|source| ClientError::Io { addr, source })?;
+        let n = stream.read(&mut chunk).map_err(|source| ClientError::Io {
+            addr,
+            stage: "reading the response head",
+            source,
+        })?;
         if n == 0 {
             return Err(bad("connection closed before the end of the headers"));
         }
@@ -131,9 +146,11 @@ fn read_response(stream: &mut TcpStream, addr: SocketAddr) -> Result<Parsed, Cli
     let mut body = buf[head_end..].to_vec();
     let mut read_more =
         |stream: &mut TcpStream, body: &mut Vec<u8>| -> Result<usize, ClientError> {
-            let n = stream
-                .read(&mut chunk)
-                .map_err(|source| ClientError::Io { addr, source })?;
+            let n = stream.read(&mut chunk).map_err(|source| ClientError::Io {
+                addr,
+                stage: "reading the response body",
+                source,
+            })?;
             body.extend_from_slice(&chunk[..n]);
             Ok(n)
         };

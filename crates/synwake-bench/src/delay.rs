@@ -57,6 +57,8 @@ pub struct DelayStats {
     /// Sum of (actual release - deadline) in ns, for mean timer lateness.
     pub late_ns_sum: AtomicU64,
     pub late_ns_max: AtomicU64,
+    /// Packets released more than 1 ms after their deadline.
+    pub late_over_1ms: AtomicU64,
 }
 
 /// A running delay line. Drop stops the thread (queued packets are then dropped by the
@@ -390,6 +392,9 @@ fn pump(
                 let late = now - held.deadline_ns;
                 stats.late_ns_sum.fetch_add(late, Ordering::Relaxed);
                 stats.late_ns_max.fetch_max(late, Ordering::Relaxed);
+                if late > 1_000_000 {
+                    stats.late_over_1ms.fetch_add(1, Ordering::Relaxed);
+                }
                 let mut msg = held.msg;
                 msg.set_verdict(Verdict::Accept);
                 queue.verdict(msg).map_err(rt("verdict"))?;

@@ -22,6 +22,8 @@ use crate::{BenchArgs, Mode, RuntimeKind};
 const CHECK_PORT: u16 = 7999;
 /// How long one request may take before the run is declared failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Failed requests tolerated per cell (each is retried and reported).
+const MAX_ERRORS_PER_CELL: usize = 3;
 /// How long scaling to zero may take.
 const COLD_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -201,6 +203,8 @@ fn plan_phases(modes: &[Mode]) -> Vec<Phase> {
 struct CellNotes {
     cold_header_true: usize,
     runs: usize,
+    /// Requests that failed (and were retried).
+    errors: Vec<String>,
 }
 
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -295,10 +299,13 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                     check.connect_ms
                 );
             }
-            pb.println(format!(
-                "[{}] RTT {rtt} ms: emulation ok, connect p50 {:.2} ms max {:.2} ms",
-                phase.name, check.p50_ms, check.max_ms
-            ));
+            say(
+                &pb,
+                format!(
+                    "[{}] RTT {rtt} ms: emulation ok, connect p50 {:.2} ms max {:.2} ms",
+                    phase.name, check.p50_ms, check.max_ms
+                ),
+            );
             checks.push((phase.name.to_string(), check));
             for f in &functions {
                 for &mode in &phase.modes {
@@ -329,6 +336,12 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                             f.init_ms, cell.cold_header_true, cell.runs
                         ));
                     }
+                    for e in &cell.errors {
+                        notes.push(format!(
+                            "{mode} RTT {rtt} init {}: a request failed and was retried: {e}",
+                            f.init_ms
+                        ));
+                    }
                     if mode == Mode::Syn {
                         hidden_counts.push(format!(
                             "init {} RTT {rtt}: {}/{}",
@@ -337,7 +350,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                             cell.runs
                         ));
                     }
-                    pb.println(format!(
+                    say(&pb, format!(
                         "  {mode:>7} rtt={rtt:>3} init={:>3}: p50 {:8.2} ms  p90 {:8.2} ms  (cold header {}/{})",
                         f.init_ms, s.p50, s.p90, cell.cold_header_true, cell.runs
                     ));
@@ -358,6 +371,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         / packets.max(1) as f64
         / 1e3;
     let late_max_us = stats.late_ns_max.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e3;
+    let late_over_1ms = stats
+        .late_over_1ms
+        .load(std::sync::atomic::Ordering::Relaxed);
     line.stop().context("delay line")?;
     drop(topo);
 
@@ -391,7 +407,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     let _ = writeln!(md, "\nSweep wall time: {:.1} s.", elapsed.as_secs_f64());
     let _ = writeln!(
         md,
-        "Delay line: {packets} packets, release lateness mean {late_mean_us:.0} us, max {late_max_us:.0} us; kernel queue drops: {dropped}."
+        "Delay line: {packets} packets, release lateness mean {late_mean_us:.0} us, max {late_max_us:.0} us, {late_over_1ms} packets over 1 ms late; kernel queue drops: {dropped}."
     );
     md.push_str("\nEmulation checks (TCP connect time client -> server):\n\n");
     for (phase, c) in &checks {
@@ -409,7 +425,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     if !notes.is_empty() {
-        md.push_str("\nCold-start header mismatches:\n\n");
+        md.push_str("\nAnomalies:\n\n");
         for n in &notes {
             let _ = writeln!(md, "- {n}");
         }
@@ -425,6 +441,15 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         eprintln!("warning: the kernel dropped {dropped} queued packets; numbers may be off");
     }
     Ok(())
+}
+
+/// Prints above the progress bar, or to stderr when the bar is hidden (not a terminal).
+fn say(pb: &ProgressBar, line: String) {
+    if pb.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        pb.println(line);
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -459,7 +484,8 @@ fn measure_cell(
     }
     let mut samples = Vec::with_capacity(runs);
     let mut cold_true = 0;
-    for _ in 0..runs {
+    let mut errors = Vec::new();
+    while samples.len() < runs {
         interrupt::check()?;
         if !daemon.is_running() {
             bail!("synwake exited during the sweep");
@@ -470,7 +496,25 @@ fn measure_cell(
         if mode != Mode::Warm {
             api.scale_to_zero_and_wait(&f.name, marker, COLD_TIMEOUT)?;
         }
-        let resp = timed(topo)?;
+        let resp = match timed(topo) {
+            Ok(resp) => resp,
+            // A failed request is reported, not hidden: it is retried (so the cell still
+            // has `runs` samples) and listed in the results; too many abort the sweep.
+            Err(e) if errors.len() + 1 < MAX_ERRORS_PER_CELL => {
+                say(
+                    pb,
+                    format!(
+                        "  {mode} init={}: request failed, retrying: {e:#}",
+                        f.init_ms
+                    ),
+                );
+                errors.push(format!("{e:#}"));
+                continue;
+            }
+            Err(e) => {
+                return Err(e.context(format!("{MAX_ERRORS_PER_CELL} failed requests in one cell")))
+            }
+        };
         if resp.cold_start() == Some(true) {
             cold_true += 1;
         }
@@ -482,6 +526,7 @@ fn measure_cell(
         CellNotes {
             cold_header_true: cold_true,
             runs,
+            errors,
         },
     ))
 }
