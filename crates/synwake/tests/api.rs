@@ -1,0 +1,230 @@
+//! The management API against the real binary: deploy, invoke, update, scale, remove,
+//! read-only config functions, validation and persistence across a restart.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn deployment(name: &str, port: u16, greeting: &str) -> String {
+    serde_json::json!({
+        "service": name,
+        "image": "",
+        "envProcess": fn_bin().display().to_string(),
+        "envVars": { "GREETING": greeting },
+        "labels": { "team": "it" },
+        "annotations": { "com.synwake.port": port.to_string() },
+    })
+    .to_string()
+}
+
+#[test]
+fn deploy_invoke_update_scale_remove() {
+    let d = Daemon::start("");
+    let own = free_port();
+    let r = d.api_json("POST", "/system/functions", &deployment("web", own, "one"));
+    assert_eq!(r.status, 202, "{}", r.text());
+
+    let listed: serde_json::Value =
+        serde_json::from_slice(&d.api_get("/system/functions").body).unwrap();
+    let entry = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "web")
+        .expect("web listed");
+    assert_eq!(entry["annotations"]["com.synwake.port"], own.to_string());
+    assert_eq!(entry["annotations"]["com.synwake.runtime"], "process");
+    assert_eq!(entry["annotations"]["com.synwake.id"], "0fd9bc91");
+    assert_eq!(entry["labels"]["team"], "it");
+    assert_eq!(entry["availableReplicas"], 0);
+
+    // Invocable on the shared port, on the API's /function/ and on its own port.
+    let r = d.call("web", "/");
+    assert_eq!((r.status, r.text().as_str()), (200, "hello from web\n"));
+    let r = get(d.api, "/function/web/");
+    assert_eq!((r.status, r.text().as_str()), (200, "hello from web\n"));
+    let r = get(own, "/anything");
+    assert_eq!((r.status, r.text().as_str()), (200, "hello from web\n"));
+    let before = get(own, "/pid").pid();
+    assert_eq!(d.status("web")["invocationCount"], 4);
+
+    // Update: new env, the running instance is replaced.
+    let r = d.api_json("PUT", "/system/functions", &deployment("web", own, "two"));
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(d.status("web")["envVars"]["GREETING"], "two");
+    let after = get(own, "/pid").pid();
+    assert_ne!(before, after, "update did not replace the instance");
+    assert!(wait_until(Duration::from_secs(2), || !alive(before)));
+
+    // Scale 0 stops, 1 starts, 0 stops again.
+    let scale = |n: u32| {
+        let r = d.api_json(
+            "POST",
+            "/system/scale-function/web",
+            &format!("{{\"serviceName\":\"web\",\"replicas\":{n}}}"),
+        );
+        assert_eq!(r.status, 202, "scale to {n}: {}", r.text());
+    };
+    scale(0);
+    assert_eq!(d.available("web"), 0);
+    assert!(wait_until(Duration::from_secs(2), || !alive(after)));
+    scale(1);
+    assert!(
+        wait_until(Duration::from_secs(5), || d.available("web") == 1),
+        "scale to 1 did not make an instance available"
+    );
+    let scaled = d.instance_pids();
+    assert_eq!(scaled.len(), 1);
+    scale(0);
+    assert_eq!(d.available("web"), 0);
+    assert!(wait_until(Duration::from_secs(2), || !alive(scaled[0])));
+    let r = d.api_json(
+        "POST",
+        "/system/scale-function/web",
+        "{\"serviceName\":\"web\",\"replicas\":2}",
+    );
+    assert_eq!(r.status, 400, "over max_instances: {}", r.text());
+    assert!(r.text().contains("replicas"), "{}", r.text());
+
+    // Remove: gone from the API, the gateway and its own port.
+    let r = d.api_json("DELETE", "/system/functions", "{\"functionName\":\"web\"}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(d.api_get("/system/function/web").status, 404);
+    assert_eq!(d.call("web", "/").status, 404);
+    assert!(
+        wait_until(Duration::from_secs(2), || request(
+            loopback(own),
+            "GET",
+            "/",
+            &[],
+            None
+        )
+        .is_err()),
+        "own port still answers after removal"
+    );
+    let r = d.api_json("DELETE", "/system/functions", "{\"functionName\":\"web\"}");
+    assert_eq!(r.status, 404);
+}
+
+#[test]
+fn config_functions_are_read_only() {
+    let d = Daemon::start(&function("fixed", ""));
+    let r = d.api_json(
+        "PUT",
+        "/system/functions",
+        &deployment("fixed", free_port(), "x"),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("fixed"), "{}", r.text());
+    let r = d.api_json(
+        "POST",
+        "/system/functions",
+        &deployment("fixed", free_port(), "x"),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    let r = d.api_json(
+        "DELETE",
+        "/system/functions",
+        "{\"functionName\":\"fixed\"}",
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(
+        d.status("fixed")["annotations"]["com.synwake.source"],
+        "config"
+    );
+    assert_eq!(d.call("fixed", "/").status, 200);
+}
+
+#[test]
+fn validation_errors_are_400_naming_the_field() {
+    let taken = free_port();
+    let d = Daemon::start(&function("owner", &format!("port = {taken}")));
+    let fnp = fn_bin().display().to_string();
+    let cases = [
+        (serde_json::json!({ "envProcess": fnp }), "service"),
+        (
+            serde_json::json!({ "service": "Bad/Name", "envProcess": fnp }),
+            "service",
+        ),
+        (serde_json::json!({ "service": "nocmd" }), "envProcess"),
+        (
+            serde_json::json!({ "service": "p", "envProcess": fnp,
+                "annotations": { "com.synwake.port": "http" } }),
+            "annotations.com.synwake.port",
+        ),
+        (
+            serde_json::json!({ "service": "p", "envProcess": fnp,
+                "annotations": { "com.synwake.port": taken.to_string() } }),
+            "annotations.com.synwake.port",
+        ),
+        (
+            serde_json::json!({ "service": "p", "envProcess": fnp,
+                "annotations": { "com.synwake.port": d.api.to_string() } }),
+            "annotations.com.synwake.port",
+        ),
+        (
+            serde_json::json!({ "service": "p", "envProcess": fnp,
+                "annotations": { "com.synwake.idle-timeout": "soon" } }),
+            "annotations.com.synwake.idle-timeout",
+        ),
+        (
+            serde_json::json!({ "service": "p", "envProcess": fnp,
+                "annotations": { "com.synwake.runtime": "vm" } }),
+            "annotations.com.synwake.runtime",
+        ),
+    ];
+    for (body, field) in cases {
+        let r = d.api_json("POST", "/system/functions", &body.to_string());
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert!(
+            r.text().contains(&format!("`{field}`")),
+            "{body}: body does not name {field}: {}",
+            r.text()
+        );
+    }
+    let r = d.api_json("POST", "/system/functions", "{not json");
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = d.api_json("DELETE", "/system/functions", "{}");
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("functionName"), "{}", r.text());
+    // Nothing was deployed by any of these.
+    let listed: serde_json::Value =
+        serde_json::from_slice(&d.api_get("/system/functions").body).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+}
+
+#[test]
+fn deployed_functions_survive_a_restart() {
+    let mut d = Daemon::start("");
+    let own = free_port();
+    let r = d.api_json("POST", "/system/functions", &deployment("kept", own, "one"));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let pid = get(own, "/pid").pid();
+
+    let status = d.stop_with(libc::SIGTERM, Duration::from_secs(10));
+    assert_eq!(
+        status.map(|s| s.code()),
+        Some(Some(0)),
+        "exit after SIGTERM"
+    );
+    assert!(!alive(pid), "instance outlived the daemon");
+
+    d.spawn();
+    let listed: serde_json::Value =
+        serde_json::from_slice(&d.api_get("/system/functions").body).unwrap();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["name"].as_str())
+        .collect();
+    assert_eq!(names, ["kept"]);
+    assert_eq!(d.status("kept")["envVars"]["GREETING"], "one");
+    assert_eq!(d.status("kept")["annotations"]["com.synwake.source"], "api");
+    let r = d.call("kept", "/");
+    assert_eq!((r.status, r.text().as_str()), (200, "hello from kept\n"));
+    let r = get(own, "/");
+    assert_eq!((r.status, r.text().as_str()), (200, "hello from kept\n"));
+}
