@@ -1,9 +1,15 @@
-//! Compiles bpf/probe.bpf.c with clang into OUT_DIR and turns the integer `#define SYNWAKE_*`
+//! Compiles bpf/*.bpf.c with clang into OUT_DIR and turns the integer `#define SYNWAKE_*`
 //! constants of bpf/synwake.h into Rust constants, so the event layout is defined once in C.
 
 use std::{env, fs, path::PathBuf, process::Command};
 
-const BPF_SOURCES: &[&str] = &["bpf/probe.bpf.c", "bpf/synwake.h", "bpf/parse.h"];
+const BPF_SOURCES: &[&str] = &[
+    "bpf/probe.bpf.c",
+    "bpf/baseline.bpf.c",
+    "bpf/synwake.h",
+    "bpf/parse.h",
+];
+const BPF_PROGRAMS: &[&str] = &["probe", "baseline"];
 
 fn main() {
     for source in BPF_SOURCES {
@@ -11,19 +17,22 @@ fn main() {
     }
     println!("cargo:rerun-if-env-changed=CLANG");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    compile_probe(&out_dir);
+    for program in BPF_PROGRAMS {
+        compile(program, &out_dir);
+    }
     write_header_constants(&out_dir);
 }
 
-fn compile_probe(out_dir: &std::path::Path) {
+fn compile(program: &str, out_dir: &std::path::Path) {
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_string());
-    let object = out_dir.join("probe.bpf.o");
+    let source = format!("bpf/{program}.bpf.c");
+    let object = out_dir.join(format!("{program}.bpf.o"));
     let output = Command::new(&clang)
         .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
         .arg("-I/usr/include/x86_64-linux-gnu")
         .arg("-Ibpf")
         .arg("-c")
-        .arg("bpf/probe.bpf.c")
+        .arg(&source)
         .arg("-o")
         .arg(&object)
         .output();
@@ -34,7 +43,7 @@ fn compile_probe(out_dir: &std::path::Path) {
              or point the CLANG environment variable at it"
         ),
         Ok(output) if !output.status.success() => panic!(
-            "synwake-ebpf: `{clang}` failed to compile bpf/probe.bpf.c ({}):\n{}",
+            "synwake-ebpf: `{clang}` failed to compile {source} ({}):\n{}",
             output.status,
             String::from_utf8_lossy(&output.stderr)
         ),

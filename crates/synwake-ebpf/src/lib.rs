@@ -40,6 +40,14 @@ pub use doctor::{doctor, DoctorCheck, DoctorReport, InterfaceReport};
 pub use event::{EventError, ProbeEvent, ProbeEvents, ProbeTrigger, RawEvent};
 pub use probe::{Hook, Probe, ProbeError, ProbeMaps, ProbeStats, RunStats, TestRun};
 
+/// For the benchmark only: an XDP program that just passes packets, whose cost is the
+/// floor of what BPF run-time statistics can measure.
+#[doc(hidden)]
+pub static BASELINE_XDP_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline.bpf.o"));
+#[doc(hidden)]
+pub const BASELINE_XDP_PROGRAM: &str = "synwake_nop";
+
 /// Constants generated from `bpf/synwake.h` by `build.rs`.
 pub mod header {
     include!(concat!(env!("OUT_DIR"), "/synwake_h.rs"));

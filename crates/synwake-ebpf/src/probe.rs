@@ -1,6 +1,7 @@
 //! Loading the probe, attaching it to interfaces, its live maps and its counters.
 
 use std::{
+    collections::BTreeSet,
     error::Error as StdError,
     io,
     os::fd::AsFd,
@@ -8,7 +9,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         links::LinkOrder,
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
@@ -199,8 +200,11 @@ struct Attachment {
 }
 
 struct WatchMaps {
-    ports: HashMap<MapData, u16, u8>,
+    /// Indexed by port: 1 = watched.
+    ports: Array<MapData, u8>,
     ids: HashMap<MapData, u32, u8>,
+    /// What `ports` holds, so listing needs no 65536 lookups.
+    port_set: BTreeSet<u16>,
 }
 
 /// A cloneable handle on the probe's watch lists; updates apply to the running program at
@@ -227,21 +231,28 @@ impl ProbeMaps {
 
     /// SYNs to `port` (host order, any address) emit trigger `syn` events.
     pub fn watch_port(&self, port: u16) -> Result<(), ProbeError> {
-        self.lock()
-            .ports
-            .insert(port, 1, 0)
+        let mut maps = self.lock();
+        maps.ports
+            .set(u32::from(port), 1, 0)
             .map_err(|source| ProbeError::MapUpdate {
                 map: PORTS_MAP,
                 source,
-            })
+            })?;
+        maps.port_set.insert(port);
+        Ok(())
     }
 
     /// Stops `syn` events for `port`.
     pub fn unwatch_port(&self, port: u16) -> Result<(), ProbeError> {
-        ignore_missing(self.lock().ports.remove(&port)).map_err(|source| ProbeError::MapUpdate {
-            map: PORTS_MAP,
-            source,
-        })
+        let mut maps = self.lock();
+        maps.ports
+            .set(u32::from(port), 0, 0)
+            .map_err(|source| ProbeError::MapUpdate {
+                map: PORTS_MAP,
+                source,
+            })?;
+        maps.port_set.remove(&port);
+        Ok(())
     }
 
     /// SYNs carrying the synwake option with `id` (see [`crate::function_id`]) emit
@@ -266,9 +277,7 @@ impl ProbeMaps {
 
     /// The watched ports, sorted.
     pub fn watched_ports(&self) -> Vec<u16> {
-        let mut ports: Vec<u16> = self.lock().ports.keys().filter_map(Result::ok).collect();
-        ports.sort_unstable();
-        ports
+        self.lock().port_set.iter().copied().collect()
     }
 
     /// The watched function ids, sorted.
@@ -369,7 +378,7 @@ impl Probe {
         tc.load()
             .map_err(|source| program_error(TC_PROGRAM, source))?;
 
-        let ports = HashMap::try_from(take_map(&mut ebpf, PORTS_MAP)?).map_err(|source| {
+        let ports = Array::try_from(take_map(&mut ebpf, PORTS_MAP)?).map_err(|source| {
             ProbeError::OpenMap {
                 map: PORTS_MAP,
                 source,
@@ -396,7 +405,11 @@ impl Probe {
         Ok(Self {
             ebpf,
             maps: ProbeMaps {
-                inner: Arc::new(Mutex::new(WatchMaps { ports, ids })),
+                inner: Arc::new(Mutex::new(WatchMaps {
+                    ports,
+                    ids,
+                    port_set: BTreeSet::new(),
+                })),
             },
             stats,
             events: Some(ProbeEvents::new(ring)),

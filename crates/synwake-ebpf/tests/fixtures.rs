@@ -236,7 +236,17 @@ fn synwake_option_after_other_options_is_found() {
     // Another experimental option (different ExID) before ours.
     let mut other_exp = vec![253, 8, 0x12, 0x34, 0, 0, 0, 1];
     other_exp.extend_from_slice(&synwake_option(id));
-    for options in [after_linux, at_the_end, first, other_exp] {
+    // Timestamps full of 0xfd (the option's kind byte) before the option.
+    let mut kind_bytes_elsewhere =
+        vec![8, 10, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 1, 1];
+    kind_bytes_elsewhere.extend_from_slice(&synwake_option(id));
+    for options in [
+        after_linux,
+        at_the_end,
+        first,
+        other_exp,
+        kind_bytes_elsewhere,
+    ] {
         for packet in [
             v4_packet(OTHER_PORT, SYN, &options, &[]),
             v6_packet(OTHER_PORT, SYN, &options, &[]),
@@ -257,6 +267,10 @@ fn malformed_or_foreign_options_are_ignored() {
     let id = function_id("hello").to_be_bytes();
     let unknown = function_id("nobody-deployed-this").to_be_bytes();
     let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "kind byte only inside other options",
+            vec![8, 10, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 8, 0x53, 0x57, 1, 1],
+        ),
         ("length 6", vec![253, 6, 0x53, 0x57, id[0], id[1], 1, 1]),
         (
             "length 10",
