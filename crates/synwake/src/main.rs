@@ -109,7 +109,10 @@ fn kv(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, se
 fn main() -> std::process::ExitCode {
     let mut cli = Cli::parse();
     // The benchmark drives its own threads and namespaces; it needs no async runtime here.
-    if let Command::Bench(args) = std::mem::replace(&mut cli.command, Command::Doctor) {
+    if matches!(cli.command, Command::Bench(_)) {
+        let Command::Bench(args) = std::mem::replace(&mut cli.command, Command::Doctor) else {
+            unreachable!()
+        };
         return match synwake_bench::run(args) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
