@@ -120,13 +120,22 @@ class Echo(BaseHTTPRequestHandler):
         sys.stderr.write(f"echo.py: {format % args}\n")
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        # A client hanging up early (synwake's readiness check does) is normal: no traceback.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 def main() -> int:
     port = os.environ.get("PORT")
     if not port:
         print("echo.py: set PORT (synwake's process runtime does)", file=sys.stderr)
         return 2
-    server = ThreadingHTTPServer(("127.0.0.1", int(port)), Echo)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", int(port)), Echo)
     print(f"echo.py: {NAME} listening on 127.0.0.1:{port}", flush=True)
     try:
         server.serve_forever()

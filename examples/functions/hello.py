@@ -63,13 +63,22 @@ def _drain_body(handler: BaseHTTPRequestHandler) -> None:
         length -= len(chunk)
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        # A client hanging up early (synwake's readiness check does) is normal: no traceback.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 def main() -> int:
     port = os.environ.get("PORT")
     if not port:
         print("hello.py: set PORT (synwake's process runtime does)", file=sys.stderr)
         return 2
-    server = ThreadingHTTPServer(("127.0.0.1", int(port)), Hello)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", int(port)), Hello)
     print(f"hello.py: {NAME} listening on 127.0.0.1:{port}", flush=True)
     try:
         server.serve_forever()

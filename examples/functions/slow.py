@@ -46,6 +46,16 @@ class Slow(BaseHTTPRequestHandler):
         sys.stderr.write(f"{NAME}: {format % args}\n")
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        # A client hanging up early (synwake's readiness check does) is normal: no traceback.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 def main() -> int:
     port = os.environ.get("PORT")
     if not port:
@@ -61,8 +71,7 @@ def main() -> int:
     # synwake's readiness check really waits for the whole init.
     time.sleep(max(init_ms, 0) / 1000)
     Slow.init_ms = init_ms
-    server = ThreadingHTTPServer(("127.0.0.1", int(port)), Slow)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", int(port)), Slow)
     print(f"slow.py: {NAME} listening on 127.0.0.1:{port} after {init_ms} ms init", flush=True)
     try:
         server.serve_forever()
