@@ -417,6 +417,31 @@ impl Probe {
         })
     }
 
+    /// Attaches to `interface` in exactly the mode named (`xdp-native`, `xdp-generic`,
+    /// `tcx`, `tc-clsact`); for tests that need a particular mode.
+    #[doc(hidden)]
+    pub fn attach_interface_in(&mut self, interface: &str, mode: &str) -> Result<(), ProbeError> {
+        let hook_mode = HookMode::ALL
+            .into_iter()
+            .find(|m| m.name() == mode)
+            .ok_or_else(|| ProbeError::Attach {
+                interface: interface.to_string(),
+                reason: format!("unknown mode {mode}"),
+            })?;
+        let link = self
+            .attach_hook(interface, hook_mode)
+            .map_err(|reason| ProbeError::Attach {
+                interface: interface.to_string(),
+                reason,
+            })?;
+        self.attachments.push(Attachment {
+            interface: interface.to_string(),
+            mode: hook_mode,
+            _link: link,
+        });
+        Ok(())
+    }
+
     /// Attaches to one more interface, trying the modes `mode` allows in order; returns
     /// the mode name that attached (see [`Probe::attachments`]).
     pub fn attach_interface(
@@ -550,8 +575,8 @@ impl Probe {
     }
 
     /// The event source; there is one per probe, so the second call fails with
-    /// [`ProbeError::EventsTaken`]. It may outlive nothing: drop it before the probe or
-    /// with it (events stop when the probe is dropped).
+    /// [`ProbeError::EventsTaken`]. It may outlive the probe, but once the probe is dropped
+    /// nothing new arrives (only what was already buffered).
     pub fn take_events(&mut self) -> Result<ProbeEvents, ProbeError> {
         self.events.take().ok_or(ProbeError::EventsTaken)
     }

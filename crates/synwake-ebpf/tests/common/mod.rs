@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub mod netns;
 
-use synwake_ebpf::{Probe, ProbeError};
+use synwake_ebpf::Probe;
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
@@ -31,9 +31,9 @@ pub fn load_probe_or_skip(test: &str) -> Option<Probe> {
     }
 }
 
-pub fn gate<T>(test: &str, error: &ProbeError) -> Option<T> {
+pub fn gate<T>(test: &str, error: &dyn std::fmt::Debug) -> Option<T> {
     let reason = format!(
-        "{test}: cannot load the eBPF probe (euid {}, needs root/CAP_BPF and a BPF kernel): {error:?}",
+        "{test}: needs root/CAP_BPF, a BPF kernel and network namespaces (euid {}): {error:?}",
         unsafe { libc::geteuid() }
     );
     if std::env::var("CI").as_deref() == Ok("true") {

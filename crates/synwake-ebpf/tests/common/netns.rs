@@ -76,8 +76,9 @@ impl VethPair {
         Ok(())
     }
 
-    /// Programs attached to `SERVER_IF` in `ns`, as `xdp:<name>` / `tcx:<name>` (iproute2
-    /// and bpftool on Debian 12 predate TCX, so TCX is queried through aya).
+    /// Programs attached to `SERVER_IF` in `ns`, as `xdp:<name>`, `tcx:<name>` (iproute2
+    /// and bpftool on Debian 12 predate TCX, so TCX is queried through aya) or
+    /// `clsact:synwake_tc` (a netlink filter).
     pub fn attached_programs(ns: &str) -> Vec<String> {
         let ns = ns.to_string();
         std::thread::spawn(move || {
@@ -103,6 +104,13 @@ impl VethPair {
             .expect("query tcx");
             for program in programs {
                 attached.push(format!("tcx:{}", program.name_as_str().unwrap_or("?")));
+            }
+            let filters = Command::new("tc")
+                .args(["filter", "show", "dev", SERVER_IF, "ingress"])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&filters.stdout).contains("synwake_tc") {
+                attached.push("clsact:synwake_tc".to_string());
             }
             attached
         })
