@@ -2,7 +2,7 @@
 //! the daemon can start a function while the handshake and the request are still on the wire.
 //!
 //! The kernel side is `bpf/probe.bpf.c` (compiled with clang by `build.rs`); the event
-//! record is defined once in `bpf/synwake.h` and mirrored in [`event`].
+//! record is defined once in `bpf/synwake.h` and mirrored by [`RawEvent`].
 //!
 //! How the daemon uses it:
 //!
