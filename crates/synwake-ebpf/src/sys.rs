@@ -2,13 +2,12 @@
 //! monotonic clock, and interface discovery. Every filesystem path the crate reads is here.
 
 use std::{
-    ffi::CString,
+    ffi::{CStr, CString},
     io,
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::Path,
 };
 
-pub(crate) const SYS_CLASS_NET: &str = "/sys/class/net";
 pub(crate) const PROC_MOUNTS: &str = "/proc/mounts";
 pub(crate) const BTF_VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
@@ -136,20 +135,59 @@ pub(crate) fn try_create_map(
     Ok(())
 }
 
-/// Names of the interfaces that are administratively up, sorted, `lo` included.
+/// Names of the interfaces that are administratively up in the calling thread's network
+/// namespace, sorted, `lo` included. (Netlink and ioctl, not /sys/class/net, which shows
+/// the namespace sysfs was mounted in.)
 pub(crate) fn interfaces_up() -> io::Result<Vec<String>> {
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(SYS_CLASS_NET)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let flags = std::fs::read_to_string(entry.path().join("flags")).unwrap_or_default();
-        let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap_or(0);
-        if flags & IFF_UP != 0 {
-            names.push(name);
-        }
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(io::Error::last_os_error());
     }
+    let mut names = Vec::new();
+    // SAFETY: walking the array up to its terminator; names are valid C strings.
+    unsafe {
+        let mut entry = list;
+        while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
+            names.push(
+                CStr::from_ptr((*entry).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            entry = entry.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    // SAFETY: a plain datagram socket used only for SIOCGIFFLAGS, closed by OwnedFd.
+    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if socket < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd.
+    let socket = unsafe { OwnedFd::from_raw_fd(socket) };
+    names.retain(|name| {
+        interface_flags(socket.as_raw_fd(), name).is_some_and(|flags| flags & IFF_UP != 0)
+    });
     names.sort();
+    names.dedup();
     Ok(names)
+}
+
+fn interface_flags(socket: libc::c_int, name: &str) -> Option<u32> {
+    if name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: ifreq is plain data; the name fits with its NUL; ioctl fills ifru_flags.
+    unsafe {
+        let mut request: libc::ifreq = std::mem::zeroed();
+        for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
+            *slot = byte as libc::c_char;
+        }
+        if libc::ioctl(socket, libc::SIOCGIFFLAGS, &mut request) != 0 {
+            return None;
+        }
+        Some(request.ifr_ifru.ifru_flags as u16 as u32)
+    }
 }
 
 pub(crate) fn ifindex(name: &str) -> Option<u32> {

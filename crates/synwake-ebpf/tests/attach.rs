@@ -108,6 +108,16 @@ fn lo_scenario(test: &str, mode: AttachMode, expected_mode: &str) {
                 assert_eq!(event.ifindex, 1, "lo");
                 assert!(ktime_now_ns() - event.ktime_ns < 1_000_000_000);
             }
+            // A burst: every SYN gives exactly one event, all drained in order of arrival.
+            let burst_to = watched.local_addr().unwrap();
+            let mut clients = Vec::new();
+            for _ in 0..50 {
+                clients.push(connect(burst_to).await);
+            }
+            for client in clients {
+                let event = expect_event(&mut events).await;
+                assert_eq!((event.src, event.dst_port), (client, burst_to.port()));
+            }
             connect(unwatched.local_addr().unwrap()).await;
             expect_silence(&mut events).await;
             // Unwatching is live too.
@@ -117,7 +127,7 @@ fn lo_scenario(test: &str, mode: AttachMode, expected_mode: &str) {
             expect_silence(&mut events).await;
         });
         let stats = probe.stats().unwrap();
-        assert_eq!((stats.events_total, stats.lost_events_total), (2, 0));
+        assert_eq!((stats.events_total, stats.lost_events_total), (52, 0));
     })
     .join()
     .expect("scenario thread");
@@ -168,6 +178,47 @@ fn unknown_interface_is_named_in_the_error() {
         }
         // Nothing stale in a namespace that never had clsact.
         assert_eq!(Probe::detach_stale(&["lo".to_string()]).unwrap(), 0);
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn doctor_reports_modes_for_lo_in_a_private_namespace() {
+    std::thread::spawn(|| {
+        let test = "doctor_reports_modes_for_lo_in_a_private_namespace";
+        if !private_netns_or_skip(test) {
+            return;
+        }
+        let report = synwake_ebpf::doctor();
+        let text = report.to_string();
+        if !report.checks.iter().all(|check| check.ok) {
+            let _ = gate::<()>(test, &text);
+            return;
+        }
+        assert_eq!(report.interfaces.len(), 1, "{text}");
+        let lo = &report.interfaces[0];
+        assert_eq!(lo.interface, "lo");
+        let modes: Vec<(&str, bool)> = lo.modes.iter().map(|(m, r)| (*m, r.is_ok())).collect();
+        assert_eq!(
+            modes,
+            [
+                ("xdp-native", false),
+                ("xdp-generic", true),
+                ("tcx", true),
+                ("tc-clsact", false)
+            ],
+            "{text}"
+        );
+        assert_eq!(lo.best_mode(), Some("xdp-generic"));
+        assert!(
+            text.contains("tc-clsact    fails: not tried: tcx works"),
+            "{text}"
+        );
+        assert!(report.probe_usable());
+        // Doctor detached everything again: the probe can attach natively afterwards.
+        let probe = Probe::attach(&ProbeConfig::default()).unwrap();
+        assert_eq!(probe.attachments(), vec![("lo".to_string(), "xdp-generic")]);
     })
     .join()
     .unwrap();
