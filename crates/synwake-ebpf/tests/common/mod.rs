@@ -39,7 +39,11 @@ pub fn gate<T>(test: &str, error: &dyn std::fmt::Debug) -> Option<T> {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{reason} (CI=true: privileged tests must run)");
     }
-    eprintln!("\n!!!!! SKIPPED {reason}\n");
+    // Straight to the stderr handle: the test harness captures eprintln! of passing tests.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("\n!!!!! SKIPPED {reason}\n\n").as_bytes(),
+    );
     None
 }
 
