@@ -9,7 +9,8 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
@@ -73,12 +74,17 @@ pub struct Network {
     prefix: u8,
     gateway: Ipv4Addr,
     state: Mutex<Alloc>,
+    spares: Mutex<Vec<Lease>>,
+    spare_target: usize,
+    /// Set by [`Network::drop_spares`]: no more spares are made.
+    closed: AtomicBool,
 }
 
 #[derive(Debug)]
 struct Alloc {
     used: HashSet<u32>,
     next: u32,
+    spares_pending: usize,
 }
 
 fn parse_subnet(subnet: &str) -> Result<(u32, u8), NetError> {
@@ -99,7 +105,8 @@ fn parse_subnet(subnet: &str) -> Result<(u32, u8), NetError> {
 impl Network {
     /// Creates (or adopts) the bridge with the subnet's first address, isolates instance
     /// traffic, and adds or removes the MASQUERADE rule according to `outbound_nat`.
-    pub async fn setup(subnet: &str, outbound_nat: bool) -> Result<Self, NetError> {
+    /// `spares` namespaces are kept ready once [`Network::replenish`] is called.
+    pub async fn setup(subnet: &str, outbound_nat: bool, spares: usize) -> Result<Self, NetError> {
         let (base, prefix) = parse_subnet(subnet)?;
         let gateway = Ipv4Addr::from(base + 1);
         let subnet = format!("{}/{prefix}", Ipv4Addr::from(base));
@@ -158,7 +165,11 @@ impl Network {
             state: Mutex::new(Alloc {
                 used: HashSet::new(),
                 next: 2.min(size - 2),
+                spares_pending: 0,
             }),
+            spares: Mutex::new(Vec::new()),
+            spare_target: spares,
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -188,14 +199,55 @@ impl Network {
         })
     }
 
-    /// Creates netns `name` (must start with [`NETNS_PREFIX`]) with `eth0` on the bridge,
-    /// an address, loopback up and a default route via the bridge.
-    pub async fn attach(&self, name: &str) -> Result<Lease, NetError> {
-        debug_assert!(name.starts_with(NETNS_PREFIX));
+    /// A ready network for one container: a namespace made ahead of time when one is
+    /// spare (namespaces are function-agnostic), else a new one. Then tops the spares
+    /// back up in the background. The netns is named `swk-n<hex>`, the host veth `swkv<hex>`.
+    pub async fn attach(self: &Arc<Self>) -> Result<Lease, NetError> {
+        let spare = self.spares.lock().expect("spares lock").pop();
+        let lease = match spare {
+            Some(l) => l,
+            None => self.make().await?,
+        };
+        self.replenish();
+        Ok(lease)
+    }
+
+    /// Starts background creation of spare namespaces up to the target count.
+    pub fn replenish(self: &Arc<Self>) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let missing = {
+            let mut a = self.state.lock().expect("alloc lock");
+            let have = self.spares.lock().expect("spares lock").len() + a.spares_pending;
+            let missing = self.spare_target.saturating_sub(have);
+            a.spares_pending += missing;
+            missing
+        };
+        for _ in 0..missing {
+            let net = self.clone();
+            tokio::spawn(async move {
+                let made = net.make().await;
+                net.state.lock().expect("alloc lock").spares_pending -= 1;
+                match made {
+                    Ok(l) if net.closed.load(Ordering::Acquire) => net.release(l).await,
+                    Ok(l) => net.spares.lock().expect("spares lock").push(l),
+                    Err(e) => tracing::warn!("spare netns: {e}"),
+                }
+            });
+        }
+    }
+
+    /// Number of namespaces ready to hand out.
+    pub fn spare_count(&self) -> usize {
+        self.spares.lock().expect("spares lock").len()
+    }
+
+    async fn make(&self) -> Result<Lease, NetError> {
         let offset = self.allocate()?;
         let lease = Lease {
             ip: Ipv4Addr::from(self.base + offset),
-            netns: name.to_string(),
+            netns: format!("{NETNS_PREFIX}n{offset:x}"),
             host_veth: format!("{VETH_PREFIX}{offset:x}"),
             offset,
         };
@@ -205,6 +257,15 @@ impl Network {
                 self.release(lease).await;
                 Err(e)
             }
+        }
+    }
+
+    /// Deletes every spare namespace (shutdown).
+    pub async fn drop_spares(&self) {
+        self.closed.store(true, Ordering::Release);
+        let spares: Vec<Lease> = self.spares.lock().expect("spares lock").drain(..).collect();
+        for l in spares {
+            self.release(l).await;
         }
     }
 
