@@ -6,7 +6,7 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
-    /// Native XDP, else generic (SKB) XDP, else TC (TCX, else netlink clsact), per interface.
+    /// Native XDP, else TC (TCX, else netlink clsact), else generic (SKB) XDP, per interface.
     #[default]
     Auto,
     /// XDP only: native, else generic.
