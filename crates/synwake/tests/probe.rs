@@ -296,6 +296,11 @@ fn syn_flood_starts_at_most_the_burst_while_warm_requests_flow() {
     eprintln!(
         "{TEST}: crashy flood {crashy_span:?}: wakes {c_wakes}, suppressed {c_suppressed}, start calls {c_start_calls} (allowed {allowed}), failures {c_failures}"
     );
+    eprintln!(
+        "{TEST}: synwake_probe_events_total {} (2000 SYNs sent), lost {}",
+        get("synwake_probe_events_total"),
+        get("synwake_probe_lost_events_total")
+    );
     assert!(c_wakes >= 900.0, "{c_wakes}");
     assert!(
         c_start_calls >= rate,

@@ -153,6 +153,8 @@ pub struct Function {
     changed: watch::Sender<u64>,
     limiter: Mutex<TokenBucket>,
     invocations: AtomicU64,
+    /// Whether it had a starting or ready instance at the last change.
+    was_live: AtomicBool,
 }
 
 impl Function {
@@ -164,6 +166,7 @@ impl Function {
             changed: watch::channel(0).0,
             limiter: Mutex::new(TokenBucket::new(rate)),
             invocations: AtomicU64::new(0),
+            was_live: AtomicBool::new(false),
         })
     }
 
@@ -238,6 +241,7 @@ struct Inner {
     shutting_down: AtomicBool,
     probe_active: AtomicBool,
     set_changed: watch::Sender<u64>,
+    warmth_changed: watch::Sender<u64>,
 }
 
 impl Lifecycle {
@@ -259,6 +263,7 @@ impl Lifecycle {
                 shutting_down: AtomicBool::new(false),
                 probe_active: AtomicBool::new(false),
                 set_changed: watch::channel(0).0,
+                warmth_changed: watch::channel(0).0,
             }),
         };
         let weak = Arc::downgrade(&lc.inner);
@@ -294,6 +299,25 @@ impl Lifecycle {
     /// Bumped whenever a function is deployed, updated or removed.
     pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
         self.inner.set_changed.subscribe()
+    }
+
+    /// Bumped whenever a function goes from cold to starting, or back to cold.
+    pub fn subscribe_warmth(&self) -> watch::Receiver<u64> {
+        self.inner.warmth_changed.subscribe()
+    }
+
+    /// Updates the instance gauge and tells warmth subscribers about cold <-> live edges.
+    fn live_changed(&self, f: &Function, live: usize) {
+        self.inner
+            .metrics
+            .instances
+            .set(&[&f.spec.name], live as f64);
+        let was = f.was_live.swap(live > 0, Ordering::Relaxed);
+        if was != (live > 0) {
+            self.inner
+                .warmth_changed
+                .send_modify(|v| *v = v.wrapping_add(1));
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Function>> {
@@ -591,10 +615,7 @@ impl Lifecycle {
             ready_at: None,
             served: 0,
         });
-        self.inner
-            .metrics
-            .instances
-            .set(&[&f.spec.name], st.live() as f64);
+        self.live_changed(&f, st.live());
         let lc = self.clone();
         let f = f.clone();
         let woke_at = at.min(now);
@@ -678,10 +699,7 @@ impl Lifecycle {
                 st.slots.retain(|s| s.id != id);
                 st.fail_epoch += 1;
                 st.last_failure = Some(e);
-                self.inner
-                    .metrics
-                    .instances
-                    .set(&[&spec.name], st.live() as f64);
+                self.live_changed(&f, st.live());
                 drop(st);
                 f.notify();
             }
@@ -703,10 +721,7 @@ impl Lifecycle {
             exit.status,
             slot.inflight
         );
-        self.inner
-            .metrics
-            .instances
-            .set(&[&f.spec.name], st.live() as f64);
+        self.live_changed(&f, st.live());
         let now_cold = st.live() == 0;
         drop(st);
         f.notify();
@@ -718,10 +733,7 @@ impl Lifecycle {
     fn drop_slot(&self, f: &Arc<Function>, id: u64) {
         let mut st = f.state.lock().unwrap();
         st.slots.retain(|s| s.id != id);
-        self.inner
-            .metrics
-            .instances
-            .set(&[&f.spec.name], st.live() as f64);
+        self.live_changed(&f, st.live());
         let now_cold = st.slots.is_empty() && !st.removed;
         drop(st);
         f.notify();
@@ -753,10 +765,7 @@ impl Lifecycle {
         let prev = std::mem::replace(&mut slot.phase, Phase::Stopping);
         let live = st.live();
         drop(st);
-        self.inner
-            .metrics
-            .instances
-            .set(&[&f.spec.name], live as f64);
+        self.live_changed(&f, live);
         f.notify();
         match prev {
             Phase::Ready(i) => Some(i),
