@@ -201,6 +201,8 @@ fn deployed_functions_survive_a_restart() {
     let own = free_port();
     let r = d.api_json("POST", "/system/functions", &deployment("kept", own, "one"));
     assert_eq!(r.status, 202, "{}", r.text());
+    // (That the port listens right when the deploy returns is its own test below.)
+    assert!(wait_listening(own), "own port {own} never listened");
     let pid = get(own, "/pid").pid();
 
     let status = d.stop_with(libc::SIGTERM, Duration::from_secs(10));
@@ -225,6 +227,38 @@ fn deployed_functions_survive_a_restart() {
     assert_eq!(d.status("kept")["annotations"]["com.synwake.source"], "api");
     let r = d.call("kept", "/");
     assert_eq!((r.status, r.text().as_str()), (200, "hello from kept\n"));
+    assert!(
+        wait_listening(own),
+        "own port {own} not reopened after the restart"
+    );
     let r = get(own, "/");
     assert_eq!((r.status, r.text().as_str()), (200, "hello from kept\n"));
+}
+
+#[test]
+fn own_port_listens_when_the_deploy_returns() {
+    // A client told "deployed" may call the function's port at once (and the probe wakes
+    // on SYNs to it): a refused connection there is a lost request.
+    let d = Daemon::start("");
+    let own = free_port();
+    let r = d.api_json("POST", "/system/functions", &deployment("prompt", own, "x"));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let first = request(loopback(own), "GET", "/", &[], None);
+    assert!(
+        first.as_ref().is_ok_and(|r| r.status == 200),
+        "first request to the own port right after the 202: {first:?}"
+    );
+}
+
+#[test]
+fn config_function_ports_listen_when_healthz_answers() {
+    let own = free_port();
+    let d = Daemon::start(&function("early", &format!("port = {own}")));
+    // Daemon::start returned on the first 200 from /healthz.
+    let first = request(loopback(own), "GET", "/", &[], None);
+    assert!(
+        first.as_ref().is_ok_and(|r| r.status == 200),
+        "first request to the own port once /healthz answers: {first:?}"
+    );
+    drop(d);
 }

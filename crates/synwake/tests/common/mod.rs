@@ -86,6 +86,13 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Waits up to 5 s for something to accept connections on a loopback port.
+pub fn wait_listening(port: u16) -> bool {
+    wait_until(Duration::from_secs(5), || {
+        TcpStream::connect_timeout(&loopback(port), Duration::from_secs(1)).is_ok()
+    })
+}
+
 /// True while `pid` exists and is not a zombie (an orphan's zombie may wait for a reaper).
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
