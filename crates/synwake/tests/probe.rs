@@ -659,7 +659,7 @@ fn attached_on_server_if(net: &Net) -> String {
     let xdp = out
         .split_whitespace()
         .skip_while(|w| !w.starts_with("prog/xdp"))
-        .take(4)
+        .take(5)
         .collect::<Vec<_>>()
         .join(" ");
     if xdp.is_empty() {
