@@ -235,3 +235,90 @@ fn stale_namespaces_of_dead_processes_are_removed() {
     );
     assert!(ours(&prefix).is_empty());
 }
+
+/// `synwake` and `synwake-fn` next to this crate's binary (scripts/test.sh and CI build the
+/// whole workspace first); `None` if they are not built.
+fn daemon_bins() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let dir = std::path::Path::new(env!("CARGO_BIN_EXE_synwake-bench")).parent()?;
+    let (d, f) = (dir.join("synwake"), dir.join("synwake-fn"));
+    if d.exists() && f.exists() {
+        return Some((d, f));
+    }
+    let why = format!(
+        "end-to-end sweep needs {} and {} (cargo build --workspace)",
+        d.display(),
+        f.display()
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{why}; CI=true so this is a failure");
+    }
+    eprintln!("SKIPPED (loudly): {why}");
+    None
+}
+
+#[test]
+fn small_sweep_against_the_real_daemon_writes_consistent_results() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !privileged() {
+        return;
+    }
+    let Some((synwake, function)) = daemon_bins() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let json = dir.path().join("records.json");
+    let args = BenchArgs {
+        rtt: vec![0, 60],
+        init: vec![0, 40],
+        runs: 3,
+        out: out.clone(),
+        json: Some(json.clone()),
+        synwake_bin: Some(synwake),
+        function_bin: Some(function),
+        ..BenchArgs::default()
+    };
+    let prefix = format!("swb-{}-", std::process::id());
+    synwake_bench::run(args).expect("sweep");
+    assert!(ours(&prefix).is_empty(), "left behind: {:?}", ours(&prefix));
+
+    let records: Vec<synwake_bench::report::Record> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(records.len(), 4 * 2 * 2);
+    assert!(records
+        .iter()
+        .all(|r| r.runs == 3 && r.min_ms <= r.p50_ms && r.p50_ms <= r.max_ms));
+    let p50 = |mode, rtt, init| {
+        records
+            .iter()
+            .find(|r| r.mode == mode && r.rtt_ms == rtt && r.init_ms == init)
+            .unwrap()
+            .p50_ms
+    };
+    use synwake_bench::Mode::{Accept, Request, Syn, Warm};
+    for rtt in [0, 60] {
+        // A warm request costs two round trips (handshake, request/response) and a cold
+        // request-mode one additionally pays the init time.
+        assert!(
+            p50(Warm, rtt, 0) >= 2.0 * rtt as f64,
+            "warm faster than the network"
+        );
+        assert!(p50(Request, rtt, 40) >= p50(Warm, rtt, 40) + 40.0);
+        assert!(p50(Accept, rtt, 40) >= p50(Warm, rtt, 40) + 40.0 - rtt as f64);
+    }
+    // At RTT 60 the SYN arrives a full round trip before the request: most of the 40 ms
+    // init is hidden behind it.
+    let (req, syn, warm) = (p50(Request, 60, 40), p50(Syn, 60, 40), p50(Warm, 60, 40));
+    assert!(
+        syn <= (req + warm) / 2.0,
+        "syn {syn} request {req} warm {warm}"
+    );
+
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(md.contains("| init ms | RTT ms |") && md.contains("hidden fraction"));
+    for init in [0, 40] {
+        let svg =
+            std::fs::read_to_string(out.join(format!("cold-process-init-{init}ms.svg"))).unwrap();
+        assert_eq!(svg.matches("<polyline").count(), 4);
+    }
+}
