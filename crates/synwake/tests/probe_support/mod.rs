@@ -228,6 +228,17 @@ impl NsDaemon {
     /// lines in `[gateway]` and `body` (functions) after; waits until the API answers and
     /// the probe reported how it attached.
     pub fn start(net: &Net, probe_mode: &str, gateway_extra: &str, body: &str) -> NsDaemon {
+        Self::start_with_log(net, probe_mode, gateway_extra, body, "info")
+    }
+
+    /// [`NsDaemon::start`] with `SYNWAKE_LOG=<log_filter>`.
+    pub fn start_with_log(
+        net: &Net,
+        probe_mode: &str,
+        gateway_extra: &str,
+        body: &str,
+        log_filter: &str,
+    ) -> NsDaemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("synwake.toml");
         let text = format!(
@@ -242,7 +253,7 @@ impl NsDaemon {
             .arg("up")
             .arg("--config")
             .arg(&config)
-            .env("SYNWAKE_LOG", "info")
+            .env("SYNWAKE_LOG", log_filter)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
