@@ -265,19 +265,15 @@ fn syn_flood_starts_at_most_the_burst_while_warm_requests_flow() {
         "{TEST}: f flood {f_span:?}: wakes {f_wakes}, suppressed {f_suppressed}, start calls {f_start_calls}, cold starts {f_cold}, instance starts {f_instances}"
     );
     assert!(f_span < Duration::from_secs(1), "flood took {f_span:?}");
-    assert!(
-        f_wakes >= 900.0,
-        "the probe reported only {f_wakes} of 1000 SYNs (lost: {})",
-        get("synwake_probe_lost_events_total")
-    );
+    // The probe reports SYNs only while f is cold (warm functions are unwatched), so most
+    // of the flood never becomes a wake at all; the ones that do found f starting.
+    assert!((1.0..=1000.0).contains(&f_wakes), "{f_wakes}");
     assert!((1.0..=5.0).contains(&f_start_calls), "{f_start_calls}");
     assert!(
         f_cold <= 5.0 && f_instances <= 5.0,
         "{f_cold} {f_instances}"
     );
     assert_eq!(f_cold, 1.0, "max_instances 1: one instance from zero");
-    // Every other wake found f up already (AlreadyUp) or was suppressed.
-    assert!(f_wakes - f_start_calls >= 895.0);
     assert_eq!(d.available("f"), 1);
 
     // crashy: every start fails within ~50-100 ms, so only the token bucket bounds the
@@ -301,7 +297,8 @@ fn syn_flood_starts_at_most_the_burst_while_warm_requests_flow() {
         get("synwake_probe_events_total"),
         get("synwake_probe_lost_events_total")
     );
-    assert!(c_wakes >= 900.0, "{c_wakes}");
+    // Wakes while crashy is cold: suppressed or started (or AlreadyUp, racing the unwatch).
+    assert!(c_wakes >= c_start_calls + c_suppressed, "{c_wakes}");
     assert!(
         c_start_calls >= rate,
         "the burst was not let through: {c_start_calls}"
@@ -548,6 +545,9 @@ fn bench_syn_to_start_call() {
             wait_until(Duration::from_secs(5), || d.replicas("f") == 0),
             "cycle {cycle}: f did not scale to zero"
         );
+        // The probe re-watches f's port once it is cold, asynchronously; a SYN in that
+        // window would be (correctly) started by accept and measure nothing here.
+        std::thread::sleep(Duration::from_millis(10));
         let before = d.metrics();
         let stream = net.client_connect(f_addr(F_PORT)).expect("connect");
         // Let the start happen undisturbed before polling the API.
