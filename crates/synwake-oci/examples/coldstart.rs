@@ -58,6 +58,11 @@ fn read_u64(p: &Path) -> u64 {
 
 #[tokio::main]
 async fn main() {
+    // RUST_LOG=synwake_oci=debug shows per-create timings (net, bundle, runc create).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let mut args = std::env::args().skip(1);
     let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(25);
     let pooled_for_memory: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(20);

@@ -125,6 +125,9 @@ impl Network {
         )
         .await?;
         run("ip", &["link", "set", BRIDGE, "up"]).await?;
+        // Addresses are handed out again from the start: stale neighbour entries pointing
+        // at a previous run's veth MACs would stall first connections for seconds.
+        let _ = run("ip", &["neigh", "flush", "dev", BRIDGE]).await;
         // Routed hairpin between instances (bridged traffic is stopped by port isolation).
         ensure_rule(
             "filter",
@@ -200,15 +203,15 @@ impl Network {
     }
 
     /// A ready network for one container: a namespace made ahead of time when one is
-    /// spare (namespaces are function-agnostic), else a new one. Then tops the spares
-    /// back up in the background. The netns is named `swk-n<hex>`, the host veth `swkv<hex>`.
+    /// spare (namespaces are function-agnostic), else a new one. Call
+    /// [`Network::replenish`] afterwards (not right away: making namespaces competes for
+    /// the CPU with whatever the caller does next). The netns is named `swk-n<hex>`, the host veth `swkv<hex>`.
     pub async fn attach(self: &Arc<Self>) -> Result<Lease, NetError> {
         let spare = self.spares.lock().expect("spares lock").pop();
         let lease = match spare {
             Some(l) => l,
             None => self.make().await?,
         };
-        self.replenish();
         Ok(lease)
     }
 
@@ -279,9 +282,11 @@ impl Network {
              link add {v} type veth peer name eth0 netns {ns}\n\
              link set {v} master {BRIDGE}\n\
              link set dev {v} type bridge_slave isolated on\n\
-             link set {v} up\n",
+             link set {v} up\n\
+             neigh flush to {ip} dev {BRIDGE}\n",
             ns = l.netns,
-            v = l.host_veth
+            v = l.host_veth,
+            ip = l.ip
         );
         batch(&[], &host).await?;
         let inner = format!(

@@ -436,22 +436,33 @@ impl OciRuntime {
             &spec.image.config.cmd,
         )
         .map_err(cfg_err)?;
+        let t0 = std::time::Instant::now();
         let lease = rt.net.attach().await.map_err(|source| OciError::Network {
             container: id.clone(),
             source,
         })?;
         let bundle = rt.bundles.join(&id);
         let rootfs = bundle.join("rootfs");
+        let t_net = t0.elapsed();
         let prepared = self.prepare_bundle(spec, &id, args, &bundle, &rootfs, &lease);
+        let t_bundle = t0.elapsed();
         if let Err(e) = prepared {
             self.discard(&bundle, &rootfs, lease).await;
             return Err(e);
         }
-        match self
+        let created = self
             .runc_create(spec, &id, &bundle, &rootfs, lease.clone())
-            .await
-        {
+            .await;
+        rt.net.replenish();
+        match created {
             Ok(c) => {
+                tracing::debug!(
+                    container = %id,
+                    net_us = t_net.as_micros() as u64,
+                    bundle_us = (t_bundle - t_net).as_micros() as u64,
+                    runc_create_us = (t0.elapsed() - t_bundle).as_micros() as u64,
+                    "created"
+                );
                 rt.live.lock().expect("live lock").insert(id, c.clone());
                 Ok(c)
             }
@@ -818,26 +829,58 @@ async fn recover(binary: &str, runc_root: &Path, bundles: &Path, logs: &Path) ->
     }
     let _ = std::fs::remove_dir_all(bundles);
     let _ = std::fs::remove_dir_all(logs);
-    // runc delete removes cgroups; clear ones whose state was lost.
-    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
-        for ctrl in rd.flatten() {
-            let parent = ctrl.path().join("synwake");
-            if let Ok(children) = std::fs::read_dir(&parent) {
-                for c in children.flatten() {
-                    if c.file_name()
-                        .to_string_lossy()
-                        .starts_with(net::NETNS_PREFIX)
-                    {
-                        let _ = std::fs::remove_dir(c.path());
-                    }
-                }
-            }
-        }
-    }
+    // runc delete removes cgroups; kill and clear the ones whose runc state was lost
+    // (the `synwake/swk-*` cgroups are only ever ours).
+    r.containers += kill_stale_cgroups().await;
     let (netns, veths) = net::remove_stale().await;
     r.netns = netns;
     r.veths = veths;
     r
+}
+
+/// SIGKILLs every process in `synwake/swk-*` cgroups and removes those cgroups. Returns
+/// how many cgroups still had processes.
+async fn kill_stale_cgroups() -> usize {
+    let mut dirs = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+        for ctrl in rd.flatten() {
+            if let Ok(children) = std::fs::read_dir(ctrl.path().join("synwake")) {
+                dirs.extend(
+                    children
+                        .flatten()
+                        .filter(|c| {
+                            c.file_name()
+                                .to_string_lossy()
+                                .starts_with(net::NETNS_PREFIX)
+                        })
+                        .map(|c| c.path()),
+                );
+            }
+        }
+    }
+    let mut with_procs = std::collections::HashSet::new();
+    for d in &dirs {
+        let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: plain kill(2) on a pid listed in our own cgroup.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            with_procs.insert(d.file_name().map(|n| n.to_os_string()));
+        }
+    }
+    for attempt in 0..50 {
+        let mut left = 0;
+        for d in &dirs {
+            if d.exists() && std::fs::remove_dir(d).is_err() {
+                left += 1;
+            }
+        }
+        if left == 0 || attempt == 49 {
+            break;
+        }
+        // Killed processes leave their cgroup only once they are fully gone.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    with_procs.len()
 }
 
 /// Watches one container: records its exit (reaped through the pidfd) and kills it when
@@ -880,8 +923,9 @@ async fn monitor(
                 if let Some(a) = &oom_async {
                     let _ = sys::read_eventfd(a.get_ref());
                 }
-                // The eventfd also fires when the cgroup goes away; count real kills only.
-                if oom_kills(&cgroup) > 0 && !oom {
+                // The eventfd also fires when the cgroup is removed (container already
+                // gone). The kill counter may lag the notification, so do not wait for it.
+                if cgroup.join("memory.oom_control").exists() && !oom {
                     oom = true;
                     tracing::warn!(container = %id, "out of memory: killing the container");
                     let _ = sys::pidfd_send_signal(pid_async.get_ref(), libc::SIGKILL);
