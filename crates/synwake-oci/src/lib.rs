@@ -8,8 +8,60 @@
 //!   the start plus readiness.
 //! - [`fixture`]: tiny busybox images written from Rust, for tests and benchmarks.
 //!
-//! Requires root, runc, iproute2 and iptables. Every name created on the host starts with
-//! `swk` (containers and netns `swk-*`, veths `swkv*`, cgroups under `synwake/`).
+//! # How the daemon uses it
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use synwake_oci::{ContainerSpec, OciConfig, OciRuntime, Pool};
+//!
+//! // Once at startup: removes a crashed run's containers, netns and veths.
+//! let rt = OciRuntime::new(OciConfig::default()).await?;
+//! let pool = Pool::new(rt.clone());
+//!
+//! // Deploy: import once (cached by digest), then keep `pool` containers created.
+//! let image = rt.import_image("images/resize.tar".as_ref()).await?;
+//! let spec = ContainerSpec {
+//!     function: "resize".into(),
+//!     instance: 0,
+//!     image,
+//!     command: None,
+//!     env: Default::default(),
+//!     container_port: 8080,
+//!     memory_bytes: Some(128 << 20),
+//!     cpus: Some(0.5),
+//!     pids: Some(256),
+//! };
+//! pool.refill(spec.clone(), 1);
+//!
+//! // Cold start: a pooled container if there is one, else create one now.
+//! let c = match pool.take("resize") {
+//!     Some(c) => c,
+//!     None => rt.create(&spec).await?,
+//! };
+//! pool.refill(spec.clone(), 1); // prepare the next cold start in the background
+//! rt.start(&c).await?;
+//! // ... probe c.addr() until it answers, then proxy to it. If c.wait_exit() resolves
+//! // first, answer 502 with c.output_tail(20).
+//!
+//! // Scale to zero / undeploy / shutdown.
+//! rt.stop(c, Duration::from_secs(5)).await?;
+//! pool.drain("resize").await; // on undeploy only
+//! rt.cleanup_all().await; // on daemon shutdown
+//! # Ok(()) }
+//! ```
+//!
+//! # Host requirements and side effects
+//!
+//! Root, `runc` (1.1), `ip` (iproute2), `iptables`, cgroup v1 memory/cpu/pids
+//! controllers (cgroupfs, no systemd). One synwake per host: every name created on the host
+//! starts with `swk` (containers `swk-<function>-<n>`, netns `swk-n<hex>`, veths
+//! `swkv<hex>`, cgroups `synwake/swk-*`), and startup removes all of them.
+//!
+//! [`OciRuntime::new`] makes the calling process a child subreaper
+//! (`PR_SET_CHILD_SUBREAPER`): container init processes, orphaned when `runc create`
+//! exits, become its children so their exit status can be collected. Other orphaned
+//! descendants of the daemon are then reparented to it as well.
 
 pub mod fixture;
 pub mod image;

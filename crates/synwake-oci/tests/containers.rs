@@ -624,3 +624,25 @@ async fn restart_after_kill_9_of_the_daemon_leaves_no_container_netns_or_veth() 
     assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
     rt.cleanup_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_executable_fails_create_with_the_runtime_error() {
+    if !can_run("missing_executable") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let env = setup().await;
+    let mut s = spec("broken", &env.oci_image);
+    s.command = Some(vec!["/bin/does-not-exist".into()]);
+    let err = env.rt.create(&s).await.expect_err("create must fail");
+    let msg = err.to_string();
+    assert!(msg.contains("does-not-exist"), "{msg}");
+    eprintln!("create error: {msg}");
+    assert!(runc_containers(&env.state).is_empty());
+    assert!(env.rt.container_ids().is_empty());
+    let bundles = std::fs::read_dir(env.state.join("bundles"))
+        .unwrap()
+        .count();
+    assert_eq!(bundles, 0, "bundle left behind");
+    env.rt.cleanup_all().await;
+}
