@@ -124,12 +124,13 @@ to_us() {
 }
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-declare -A RPS P50 P99
+declare -A RPS P50 P99 LOAD
 LOADS=("-t1 -c1" "-t2 -c64")
 for load in "${LOADS[@]}"; do
     for t in "${TARGETS[@]}"; do
         key="$t|$load"
         file="$OUT/wrk-${t}-$(echo "$load" | tr -d ' -').txt"
+        LOAD[$key]=$(cut -d' ' -f1 /proc/loadavg)
         # shellcheck disable=SC2086
         wrk $load -d"$DURATION" --latency "${URL[$t]}" >"$file"
         RPS[$key]=$(awk '/^Requests\/sec:/ {print $2}' "$file")
@@ -142,12 +143,13 @@ for load in "${LOADS[@]}"; do
 done
 
 echo
-echo "| target | wrk load | requests/s | p50 (us) | p99 (us) |"
-echo "|---|---|---:|---:|---:|"
+# The last column shows how busy the machine was (1-min load average at the start).
+echo "| target | wrk load | requests/s | p50 (us) | p99 (us) | loadavg |"
+echo "|---|---|---:|---:|---:|---:|"
 for load in "${LOADS[@]}"; do
     for t in "${TARGETS[@]}"; do
         key="$t|$load"
-        echo "| $t | \`$load\` | ${RPS[$key]} | ${P50[$key]} | ${P99[$key]} |"
+        echo "| $t | \`$load\` | ${RPS[$key]} | ${P50[$key]} | ${P99[$key]} | ${LOAD[$key]} |"
     done
 done
 
