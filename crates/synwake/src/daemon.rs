@@ -101,8 +101,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // Functions' own ports listen before the API answers /healthz.
+    let mut ports = PortListeners::new(
+        proxy.clone(),
+        config.gateway.wake_on_accept,
+        config.gateway.listen.ip(),
+        shutdown_rx.clone(),
+        conns.clone(),
+    );
+    ports.sync().await;
     let api = Api::new(
         proxy.clone(),
+        ports.synced(),
         state.clone(),
         config.defaults.clone(),
         vec![
@@ -138,13 +148,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown_rx.clone(),
         conns.clone(),
     )));
-    let ports = PortListeners::new(
-        proxy.clone(),
-        config.gateway.wake_on_accept,
-        config.gateway.listen.ip(),
-        shutdown_rx.clone(),
-        conns.clone(),
-    );
     tasks.push(tokio::spawn(ports.run()));
     let probe = crate::probe::start(&config, lifecycle.clone(), metrics.clone());
 

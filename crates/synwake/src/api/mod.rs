@@ -26,6 +26,8 @@ const MAX_BODY: usize = 1 << 20;
 /// The management API.
 pub struct Api {
     proxy: Arc<Proxy>,
+    /// Which lifecycle version the port listeners match (deploys wait for their port).
+    ports_synced: tokio::sync::watch::Receiver<u64>,
     state: StateDir,
     defaults: Policy,
     /// Ports no function may take (the gateway's own).
@@ -40,6 +42,7 @@ pub struct Api {
 impl Api {
     pub fn new(
         proxy: Arc<Proxy>,
+        ports_synced: tokio::sync::watch::Receiver<u64>,
         state: StateDir,
         defaults: Policy,
         reserved_ports: Vec<u16>,
@@ -48,6 +51,7 @@ impl Api {
     ) -> Arc<Self> {
         Arc::new(Api {
             proxy,
+            ports_synced,
             state,
             defaults,
             reserved_ports,
@@ -223,6 +227,14 @@ impl Api {
                 format!("cannot deploy {name}: {e}"),
             );
         }
+        // Return once the function's own port (if any) accepts connections.
+        let version = *self.lc().subscribe_changes().borrow();
+        let mut synced = self.ports_synced.clone();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            synced.wait_for(|v| *v >= version),
+        )
+        .await;
         if let Err(e) = self.persist() {
             tracing::error!("{e}");
             return text_response(

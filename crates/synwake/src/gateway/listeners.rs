@@ -122,6 +122,8 @@ pub struct PortListeners {
     shutdown: watch::Receiver<bool>,
     conns: Connections,
     open: HashMap<u16, (String, JoinHandle<()>)>,
+    /// The lifecycle change version the listeners last matched.
+    synced: watch::Sender<u64>,
 }
 
 impl PortListeners {
@@ -140,13 +142,21 @@ impl PortListeners {
             shutdown,
             conns,
             open: HashMap::new(),
+            synced: watch::channel(0).0,
         }
+    }
+
+    /// Tells which lifecycle change version the listeners have caught up with, so a deploy
+    /// can return only once its port accepts connections.
+    pub fn synced(&self) -> watch::Receiver<u64> {
+        self.synced.subscribe()
     }
 
     /// Opens and closes listeners to match the lifecycle's functions. Bind failures are
     /// logged with the function and port, and retried on the next change.
     pub async fn sync(&mut self) {
         let lc: Lifecycle = self.proxy.lifecycle().clone();
+        let version = *lc.subscribe_changes().borrow();
         let wanted: HashMap<u16, String> = lc
             .specs()
             .iter()
@@ -205,6 +215,7 @@ impl PortListeners {
             tracing::info!("function {name} listens on its own port {addr}");
             self.open.insert(port, (name, task));
         }
+        self.synced.send_replace(version);
     }
 
     /// Keeps syncing until shutdown.
