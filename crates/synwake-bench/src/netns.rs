@@ -356,9 +356,35 @@ pub fn parse_queue_drops(text: &str) -> Vec<(u16, u64)> {
         .collect()
 }
 
+/// TCP segments retransmitted so far inside namespace `name` (`RetransSegs` of its
+/// /proc/net/snmp). Retransmissions mean lost packets, which the emulation must not cause.
+pub fn tcp_retransmissions(name: &str) -> Result<u64, NetnsError> {
+    let text = in_netns(name, || {
+        std::fs::read_to_string("/proc/thread-self/net/snmp")
+    })?
+    .unwrap_or_default();
+    Ok(parse_retrans_segs(&text).unwrap_or(0))
+}
+
+/// `RetransSegs` from the two `Tcp:` lines (names, then values) of /proc/net/snmp.
+pub fn parse_retrans_segs(snmp: &str) -> Option<u64> {
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let names = tcp.next()?;
+    let values = tcp.next()?;
+    let idx = names.split_whitespace().position(|n| n == "RetransSegs")?;
+    values.split_whitespace().nth(idx)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_retransmitted_segments_from_snmp() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\nTcp: RtoAlgorithm RtoMin RetransSegs InErrs\nTcp: 1 200 17 0\nUdp: InDatagrams\nUdp: 3\n";
+        assert_eq!(parse_retrans_segs(snmp), Some(17));
+        assert_eq!(parse_retrans_segs("Udp: x\nUdp: 1\n"), None);
+    }
 
     #[test]
     fn parses_nfnetlink_queue_proc_file() {

@@ -383,6 +383,8 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     pb.finish_and_clear();
     let elapsed = started.elapsed();
 
+    let retrans_client = netns::tcp_retransmissions(&topo.client).unwrap_or(0);
+    let retrans_server = netns::tcp_retransmissions(&topo.server).unwrap_or(0);
     let drops = netns::queue_drops(&topo.router).unwrap_or_default();
     let dropped: u64 = drops.iter().map(|(_, d)| d).sum();
     let stats = line.stats();
@@ -436,6 +438,10 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     let _ = writeln!(
         md,
         "Delay line: {packets} packets, release lateness mean {late_mean_us:.0} us, max {late_max_us:.0} us, {late_over_1ms} packets over 1 ms late; kernel queue drops: {dropped}."
+    );
+    let _ = writeln!(
+        md,
+        "TCP retransmissions: client namespace {retrans_client}, server namespace {retrans_server} (each adds >= 200 ms to the run it hits)."
     );
     md.push_str("\nEmulation checks (TCP connect time client -> server):\n\n");
     for (phase, c) in &checks {
