@@ -647,27 +647,11 @@ fn bench_warm_rps_probe_vs_off() {
             );
             let warm = client_get(&net, f_addr(WARM_PORT), "/").expect("warm-up");
             assert_eq!(warm.status, 200);
-            let out = std::process::Command::new("ip")
-                .args(["netns", "exec", &net.client_ns, "wrk"])
-                .args(["-t2", &format!("-c{conns}"), &format!("-d{secs}s")])
-                .arg(format!("http://{SERVER_IP}:{WARM_PORT}/"))
-                .output()
-                .expect("run wrk (apt-get install wrk)");
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            assert!(
-                out.status.success(),
-                "wrk failed: {text}{}",
-                String::from_utf8_lossy(&out.stderr)
+            let (r, text) = wrk(&net, secs, conns);
+            eprintln!(
+                "{TEST}: round {round} mode {mode}: {r:.0} req/s (load1 {})\n{text}",
+                load1()
             );
-            assert!(!text.contains("Non-2xx"), "errors under load:\n{text}");
-            let r: f64 = text
-                .lines()
-                .find_map(|l| l.strip_prefix("Requests/sec:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or_else(|| panic!("no Requests/sec in:\n{text}"));
-            let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-            let load = load.split_whitespace().next().unwrap_or("?");
-            eprintln!("{TEST}: round {round} mode {mode}: {r:.0} req/s (load1 {load})\n{text}");
             rps.push((mode.to_string(), r));
         }
     }
@@ -699,6 +683,165 @@ fn bench_warm_rps_probe_vs_off() {
             .collect::<Vec<_>>(),
         (median(ratios.clone()) - 1.0) * 100.0
     );
+}
+
+/// Runs wrk in the client namespace against the warm function's own port; returns
+/// requests/s and wrk's output. Fails on socket errors or non-2xx answers.
+fn wrk(net: &Net, secs: u64, conns: u64) -> (f64, String) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &net.client_ns, "wrk"])
+        .args(["-t2", &format!("-c{conns}"), &format!("-d{secs}s")])
+        .arg(format!("http://{SERVER_IP}:{WARM_PORT}/"))
+        .output()
+        .expect("run wrk (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "wrk failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("Non-2xx"), "errors under load:\n{text}");
+    let r: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Requests/sec in:\n{text}"));
+    (r, text)
+}
+
+fn load1() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .unwrap_or("?")
+        .to_string()
+}
+
+/// The same comparison with both setups loaded at the same time: two topologies, the
+/// probe attached in one and off in the other, wrk against both concurrently. Noise from
+/// other work on the host then hits both sides alike. Ends with one round that counts
+/// the XDP program's own run time (BPF_ENABLE_STATS) per packet and per second.
+#[test]
+#[ignore]
+fn bench_warm_rps_probe_vs_off_concurrent() {
+    const TEST: &str = "bench_warm_rps_probe_vs_off_concurrent";
+    let rounds = env_or("SYNWAKE_BENCH_ROUNDS", 6);
+    let secs = env_or("SYNWAKE_BENCH_SECONDS", 5);
+    let conns = env_or("SYNWAKE_BENCH_CONNS", 32);
+    let Some(net_on) = Net::create_or_skip(TEST) else {
+        return;
+    };
+    let net_off = Net::create().expect("second topology");
+    let body = function("w", &format!("port = {WARM_PORT}\nidle_timeout = \"600s\""));
+    let d_on = NsDaemon::start(&net_on, "auto", "", &body);
+    if !d_on.probe_or_skip(TEST) {
+        return;
+    }
+    let d_off = NsDaemon::start(&net_off, "off", "", &body);
+    assert_eq!(d_off.probe, ProbeState::Off);
+    eprintln!(
+        "{TEST}: attached: {} / {}",
+        attached_on_server_if(&net_on),
+        attached_on_server_if(&net_off)
+    );
+    for net in [&net_on, &net_off] {
+        let warm = client_get(net, f_addr(WARM_PORT), "/").expect("warm-up");
+        assert_eq!(warm.status, 200);
+    }
+    let mut ratios = Vec::new();
+    let (mut on_all, mut off_all) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (on, off) = std::thread::scope(|s| {
+            let a = s.spawn(|| wrk(&net_on, secs, conns).0);
+            let b = s.spawn(|| wrk(&net_off, secs, conns).0);
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        eprintln!(
+            "{TEST}: round {round}: attached {on:.0} req/s, off {off:.0} req/s: {:+.1}% (load1 {})",
+            (on / off - 1.0) * 100.0,
+            load1()
+        );
+        ratios.push(on / off);
+        on_all.push(on);
+        off_all.push(off);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        percentile(&v, 50.0)
+    };
+    let sum = |v: &[f64]| v.iter().sum::<f64>();
+    eprintln!(
+        "{TEST}: total attached {:.0} vs off {:.0} req/s: {:+.1}%; median per-round ratio {:+.1}%",
+        sum(&on_all) / rounds as f64,
+        sum(&off_all) / rounds as f64,
+        (sum(&on_all) / sum(&off_all) - 1.0) * 100.0,
+        (median(ratios) - 1.0) * 100.0
+    );
+
+    // What the program itself costs: its run time while serving the same load alone.
+    let Some(prog_id) = xdp_prog_id(&net_on) else {
+        eprintln!("{TEST}: no XDP program id on {SERVER_IF}; skipping the run-time count");
+        return;
+    };
+    let Some(_stats) = enable_bpf_stats() else {
+        eprintln!("{TEST}: BPF_ENABLE_STATS refused; skipping the run-time count");
+        return;
+    };
+    let before = prog_run_stats(prog_id);
+    let (r, _) = wrk(&net_on, secs, conns);
+    let after = prog_run_stats(prog_id);
+    let (cnt, ns) = (after.0 - before.0, after.1 - before.1);
+    eprintln!(
+        "{TEST}: XDP program {prog_id} with stats on: {r:.0} req/s, {cnt} packets ({:.1}/request), {:.1} ns/packet, {:.3} ms CPU per second of load ({:.3}% of one core)",
+        cnt as f64 / (r * secs as f64),
+        ns as f64 / cnt.max(1) as f64,
+        ns as f64 / 1e6 / secs as f64,
+        ns as f64 / 1e7 / secs as f64
+    );
+}
+
+/// The id of the XDP program on the server's veth end, from `ip -d link`.
+fn xdp_prog_id(net: &Net) -> Option<u32> {
+    let text = attached_on_server_if(net);
+    text.split_whitespace()
+        .skip_while(|w| *w != "id")
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Turns on BPF run-time statistics for as long as the returned fd stays open.
+fn enable_bpf_stats() -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    const BPF_STATS_RUN_TIME: u32 = 0;
+    let mut attr = [0u8; 128];
+    attr[..4].copy_from_slice(&BPF_STATS_RUN_TIME.to_ne_bytes());
+    // SAFETY: bpf(2) with a zeroed attr union of adequate size; the result is an fd we own.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            attr.as_mut_ptr(),
+            attr.len() as libc::c_uint,
+        )
+    };
+    // SAFETY: a fresh fd from the kernel.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// (run_cnt, run_time_ns) of a BPF program, from bpftool.
+fn prog_run_stats(id: u32) -> (u64, u64) {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "prog", "show", "id", &id.to_string()])
+        .output()
+        .expect("bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    (
+        v["run_cnt"].as_u64().unwrap_or(0),
+        v["run_time_ns"].as_u64().unwrap_or(0),
+    )
 }
 
 /// What is attached to the server's veth end, per `ip -d link` (XDP) and bpftool (TCX).
