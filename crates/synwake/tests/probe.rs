@@ -629,15 +629,16 @@ fn bench_warm_rps_probe_vs_off() {
     let rounds = env_or("SYNWAKE_BENCH_ROUNDS", 6);
     let secs = env_or("SYNWAKE_BENCH_SECONDS", 5);
     let conns = env_or("SYNWAKE_BENCH_CONNS", 32);
+    let probe_mode = bench_probe_mode();
     let Some(net) = Net::create_or_skip(TEST) else {
         return;
     };
     let body = function("w", &format!("port = {WARM_PORT}\nidle_timeout = \"600s\""));
     let mut rps: Vec<(String, f64)> = Vec::new();
     for round in 0..rounds {
-        for mode in ["auto", "off"] {
+        for mode in [probe_mode.as_str(), "off"] {
             let d = NsDaemon::start(&net, mode, "", &body);
-            if mode == "auto" && !d.probe_or_skip(TEST) {
+            if mode != "off" && !d.probe_or_skip(TEST) {
                 return;
             }
             let attached = attached_on_server_if(&net);
@@ -665,7 +666,7 @@ fn bench_warm_rps_probe_vs_off() {
         v.sort_by(f64::total_cmp);
         percentile(&v, 50.0)
     };
-    let (on, off) = (of("auto"), of("off"));
+    let (on, off) = (of(&probe_mode), of("off"));
     let ratios: Vec<f64> = on.iter().zip(&off).map(|(a, b)| a / b).collect();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     eprintln!(
@@ -683,6 +684,12 @@ fn bench_warm_rps_probe_vs_off() {
             .collect::<Vec<_>>(),
         (median(ratios.clone()) - 1.0) * 100.0
     );
+}
+
+/// `[probe] mode` of the "attached" side of the rps benchmarks: SYNWAKE_BENCH_PROBE_MODE,
+/// default auto (native XDP on veth).
+fn bench_probe_mode() -> String {
+    std::env::var("SYNWAKE_BENCH_PROBE_MODE").unwrap_or_else(|_| "auto".into())
 }
 
 /// Runs wrk in the client namespace against the warm function's own port; returns
@@ -734,7 +741,7 @@ fn bench_warm_rps_probe_vs_off_concurrent() {
     };
     let net_off = Net::create().expect("second topology");
     let body = function("w", &format!("port = {WARM_PORT}\nidle_timeout = \"600s\""));
-    let d_on = NsDaemon::start(&net_on, "auto", "", &body);
+    let d_on = NsDaemon::start(&net_on, &bench_probe_mode(), "", &body);
     if !d_on.probe_or_skip(TEST) {
         return;
     }
