@@ -49,6 +49,11 @@ fn pss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
+fn loadavg() -> String {
+    let l = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    l.split(' ').take(3).collect::<Vec<_>>().join(" ")
+}
+
 fn read_u64(p: &Path) -> u64 {
     std::fs::read_to_string(p)
         .ok()
@@ -67,6 +72,7 @@ async fn main() {
     let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(25);
     let pooled_for_memory: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(20);
 
+    let load_before = loadavg();
     let dir = tempfile::tempdir().unwrap();
     let rt = OciRuntime::new(OciConfig {
         state_dir: dir.path().join("state"),
@@ -120,9 +126,18 @@ async fn main() {
         let t0 = Instant::now();
         let c = rt.create(&spec).await.unwrap();
         create_only.push(t0.elapsed());
+        let t_start = Instant::now();
         rt.start(&c).await.unwrap();
+        let start_took = t_start.elapsed();
         fixture::wait_http_ok(c.addr(), "/", TIMEOUT).await.unwrap();
         cold.push(t0.elapsed());
+        if t0.elapsed() > Duration::from_secs(1) {
+            eprintln!(
+                "outlier {}: start {start_took:?}, total {:?}",
+                c.id(),
+                t0.elapsed()
+            );
+        }
         let t1 = Instant::now();
         rt.stop(c, Duration::ZERO).await.unwrap();
         stop_times.push(t1.elapsed());
@@ -194,6 +209,7 @@ async fn main() {
         .output()
         .unwrap();
     println!("kernel {}", String::from_utf8_lossy(&uname.stdout).trim());
+    println!("load average before: {load_before}; after: {}", loadavg());
     println!(
         "image import: first {:.1} ms, cached {:.2} ms\n",
         first_import.as_secs_f64() * 1000.0,

@@ -338,13 +338,23 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)>
 pub async fn wait_http_ok(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<Duration> {
     let t0 = Instant::now();
     loop {
-        match http_get(addr, path).await {
+        let attempt = Instant::now();
+        let r = http_get(addr, path).await;
+        if attempt.elapsed() > Duration::from_millis(100) {
+            tracing::debug!(%addr, attempt_ms = attempt.elapsed().as_millis() as u64, "slow attempt: {:?}", r.as_ref().map(|x| x.0));
+        }
+        match r {
             Ok((200, _)) => return Ok(t0.elapsed()),
             Ok((code, body)) if t0.elapsed() >= timeout => {
                 return Err(io::Error::other(format!("status {code}: {body}")))
             }
             Err(e) if t0.elapsed() >= timeout => return Err(e),
-            _ => tokio::time::sleep(Duration::from_micros(250)).await,
+            r => {
+                if t0.elapsed() > Duration::from_millis(100) {
+                    tracing::debug!(%addr, elapsed_ms = t0.elapsed().as_millis() as u64, "not ready: {:?}", r.map(|x| x.0));
+                }
+                tokio::time::sleep(Duration::from_micros(250)).await
+            }
         }
     }
 }
