@@ -35,7 +35,11 @@ pub fn skip_or_fail(test: &str, why: &str) {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{test}: cannot run under CI=true: {why}");
     }
-    eprintln!("\n!!!!! SKIPPED {test}: {why} (needs root with CAP_NET_ADMIN and CAP_BPF/CAP_SYS_ADMIN; set CI=true to make this a failure)\n");
+    // Straight to fd 2, not eprintln!: the test harness captures the latter.
+    let _ = writeln!(
+        io::stderr(),
+        "\n!!!!! SKIPPED {test}: {why} (needs root with CAP_NET_ADMIN and CAP_BPF/CAP_SYS_ADMIN; set CI=true to make this a failure)\n"
+    );
 }
 
 fn ip(args: &[&str]) -> io::Result<()> {
