@@ -429,6 +429,49 @@ fn probe_off_without_wake_on_accept_starts_on_request() {
     );
 }
 
+/// Scenario 4c: the probe cannot attach (here: the configured interface does not exist).
+/// synwake still runs, says why once, and wakes on accept.
+#[test]
+fn probe_that_cannot_attach_falls_back_to_accept() {
+    const TEST: &str = "probe_that_cannot_attach_falls_back_to_accept";
+    let Some(net) = Net::create_or_skip(TEST) else {
+        return;
+    };
+    let d = NsDaemon::start_custom(
+        &net,
+        "mode = \"auto\"\ninterfaces = [\"swp-absent\"]",
+        "",
+        &function(
+            "f",
+            &format!("port = {F_PORT}\nenv = {{ INIT_MS = \"100\" }}"),
+        ),
+        "info",
+    );
+    match &d.probe {
+        ProbeState::Unavailable(line) => assert!(line.contains("swp-absent"), "{line}"),
+        other => panic!("expected the probe to be unavailable, got {other:?}"),
+    }
+    let held = net.client_connect(f_addr(F_PORT)).expect("connect");
+    assert!(
+        wait_until(Duration::from_secs(5), || d.available("f") == 1),
+        "accept did not wake f:\n{}",
+        d.log()
+    );
+    let r = http(held, "GET", "/pid", &[], None).expect("request");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-synwake-cold-start"), Some("false"));
+    let m = d.metrics();
+    assert_eq!(
+        m.get(&series("synwake_cold_starts_total", "f", "accept")),
+        1.0
+    );
+    assert_eq!(
+        d.log().matches("probe unavailable").count(),
+        1,
+        "one warning, once"
+    );
+}
+
 /// Scenario 5: an instance woken by a lone SYN that no request follows is stopped after
 /// prewarm_ttl and counted as wasted.
 #[test]

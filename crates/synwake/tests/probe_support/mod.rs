@@ -243,10 +243,22 @@ impl NsDaemon {
         body: &str,
         log_filter: &str,
     ) -> NsDaemon {
+        let probe = format!("mode = \"{probe_mode}\"\ninterfaces = [\"{SERVER_IF}\"]");
+        Self::start_custom(net, &probe, gateway_extra, body, log_filter)
+    }
+
+    /// The daemon with `probe` as the whole `[probe]` table.
+    pub fn start_custom(
+        net: &Net,
+        probe: &str,
+        gateway_extra: &str,
+        body: &str,
+        log_filter: &str,
+    ) -> NsDaemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("synwake.toml");
         let text = format!(
-            "[gateway]\nlisten = \"{SERVER_IP}:{SHARED_PORT}\"\napi_listen = \"127.0.0.1:{API_PORT}\"\nstate_dir = {:?}\ndrain_timeout = \"2s\"\n{gateway_extra}\n\n[probe]\nmode = \"{probe_mode}\"\ninterfaces = [\"{SERVER_IF}\"]\n\n{body}",
+            "[gateway]\nlisten = \"{SERVER_IP}:{SHARED_PORT}\"\napi_listen = \"127.0.0.1:{API_PORT}\"\nstate_dir = {:?}\ndrain_timeout = \"2s\"\n{gateway_extra}\n\n[probe]\n{probe}\n\n{body}",
             dir.path().join("state").display().to_string()
         );
         std::fs::write(&config, text).expect("write config");
