@@ -615,7 +615,7 @@ impl Lifecycle {
             ready_at: None,
             served: 0,
         });
-        self.live_changed(&f, st.live());
+        self.live_changed(f, st.live());
         let lc = self.clone();
         let f = f.clone();
         let woke_at = at.min(now);
@@ -721,7 +721,7 @@ impl Lifecycle {
             exit.status,
             slot.inflight
         );
-        self.live_changed(&f, st.live());
+        self.live_changed(f, st.live());
         let now_cold = st.live() == 0;
         drop(st);
         f.notify();
@@ -733,7 +733,7 @@ impl Lifecycle {
     fn drop_slot(&self, f: &Arc<Function>, id: u64) {
         let mut st = f.state.lock().unwrap();
         st.slots.retain(|s| s.id != id);
-        self.live_changed(&f, st.live());
+        self.live_changed(f, st.live());
         let now_cold = st.slots.is_empty() && !st.removed;
         drop(st);
         f.notify();
@@ -765,7 +765,7 @@ impl Lifecycle {
         let prev = std::mem::replace(&mut slot.phase, Phase::Stopping);
         let live = st.live();
         drop(st);
-        self.live_changed(&f, live);
+        self.live_changed(f, live);
         f.notify();
         match prev {
             Phase::Ready(i) => Some(i),

@@ -113,25 +113,28 @@ pub fn start(config: &Config, lifecycle: Lifecycle, metrics: Arc<Metrics>) -> Op
     let reader = {
         let (probe, dir, lc, metrics) = (probe.clone(), dir.clone(), lifecycle, metrics);
         tokio::spawn(async move {
-            let mut stats_at = Instant::now();
+            use std::sync::atomic::Ordering::Relaxed;
+            let refresh = |probe: &Probe| {
+                if let Ok(s) = probe.stats() {
+                    metrics.probe_events.store(s.events_total, Relaxed);
+                    metrics
+                        .probe_lost_events
+                        .store(s.lost_events_total, Relaxed);
+                }
+            };
+            // Events only come for cold functions, so reading the counters after each one
+            // is cheap; the timer catches lost events, which produce no event to read.
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
-                let ev = match events.next().await {
-                    Ok(ev) => ev,
-                    Err(e) => {
-                        tracing::warn!("probe event dropped: {}", error_chain(&e));
-                        continue;
-                    }
-                };
-                on_event(&ev, &dir, &lc);
-                if stats_at.elapsed() >= Duration::from_millis(100) {
-                    stats_at = Instant::now();
-                    if let Ok(s) = probe.stats() {
-                        use std::sync::atomic::Ordering::Relaxed;
-                        metrics.probe_events.store(s.events_total, Relaxed);
-                        metrics
-                            .probe_lost_events
-                            .store(s.lost_events_total, Relaxed);
-                    }
+                tokio::select! {
+                    r = events.next() => match r {
+                        Ok(ev) => {
+                            on_event(&ev, &dir, &lc);
+                            refresh(&probe);
+                        }
+                        Err(e) => tracing::warn!("probe event dropped: {}", error_chain(&e)),
+                    },
+                    _ = tick.tick() => refresh(&probe),
                 }
             }
         })
