@@ -383,6 +383,19 @@ impl Api {
         Ok(())
     }
 
+    /// Value of an unlabelled metric from `GET /metrics`; `None` if it is not exported.
+    pub fn metric(&self, name: &str) -> Result<Option<f64>, DaemonError> {
+        let (status, text) = self.call("GET", "/metrics".to_string(), None)?;
+        if status != 200 {
+            return Err(DaemonError::ApiStatus {
+                what: "GET /metrics".into(),
+                status,
+                body: text,
+            });
+        }
+        Ok(parse_metric(&text, name))
+    }
+
     /// `availableReplicas` from `GET /system/function/<name>`.
     pub fn available_replicas(&self, name: &str) -> Result<i64, DaemonError> {
         let path = format!("/system/function/{name}");
@@ -427,6 +440,14 @@ impl Api {
             crate::interrupt::sleep(Duration::from_millis(3));
         }
     }
+}
+
+/// Value of the unlabelled sample `name` in Prometheus text format.
+pub fn parse_metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok()).flatten()
+    })
 }
 
 /// Environment variable set on every instance so the harness can tell, from /proc, whether
@@ -515,6 +536,14 @@ mod tests {
         assert_eq!(f["container_port"].as_integer(), Some(8080));
         assert_eq!(f["pool"].as_integer(), Some(1));
         assert!(f.get("command").is_none());
+    }
+
+    #[test]
+    fn parses_unlabelled_prometheus_samples() {
+        let text = "# HELP synwake_probe_events_total x\n# TYPE synwake_probe_events_total counter\nsynwake_probe_events_total 42\nsynwake_wakes_total{function=\"f\"} 3\n";
+        assert_eq!(parse_metric(text, "synwake_probe_events_total"), Some(42.0));
+        assert_eq!(parse_metric(text, "synwake_wakes_total"), None);
+        assert_eq!(parse_metric(text, "synwake_probe"), None);
     }
 
     #[test]

@@ -306,6 +306,11 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         )
         .with_context(|| format!("start synwake for the {} phase", phase.name))?;
         let api = Api::new(&topo.server);
+        if phase.wake.probe {
+            pb.set_message("waiting for the probe to see SYNs");
+            wait_probe_delivers(&topo, &api, &functions[0])
+                .context("syn mode needs the probe (run without `syn` in --modes to skip it)")?;
+        }
         for &rtt in &args.rtt {
             interrupt::check()?;
             line.set_one_way(Duration::from_micros(rtt * 500));
@@ -475,6 +480,29 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         eprintln!("warning: the kernel dropped {dropped} queued packets; numbers may be off");
     }
     Ok(())
+}
+
+/// The daemon answers /healthz before the probe is attached. Sends bare SYNs (connect,
+/// then close) to a function's port until the probe's event counter moves, so `syn` runs
+/// never measure a daemon whose probe is not yet listening.
+fn wait_probe_delivers(topo: &Topology, api: &Api, f: &FunctionSpec) -> anyhow::Result<()> {
+    const METRIC: &str = "synwake_probe_events_total";
+    let target = SocketAddr::V4(SocketAddrV4::new(netns::SERVER_ADDR, f.port));
+    let start = Instant::now();
+    let before = api.metric(METRIC)?.unwrap_or(0.0);
+    while start.elapsed() < Duration::from_secs(15) {
+        interrupt::check()?;
+        // Short timeout: attaching native XDP to the veth can drop a SYN, and waiting for
+        // its 1 s retransmission would only delay the sweep.
+        let _ = netns::in_netns(&topo.client, move || {
+            std::net::TcpStream::connect_timeout(&target, Duration::from_millis(300))
+        })?;
+        interrupt::sleep(Duration::from_millis(100));
+        if api.metric(METRIC)?.unwrap_or(0.0) > before {
+            return Ok(());
+        }
+    }
+    bail!("the probe delivered no SYN event within 15 s (metric {METRIC}); see the daemon log")
 }
 
 /// Prints above the progress bar, or to stderr when the bar is hidden (not a terminal).
