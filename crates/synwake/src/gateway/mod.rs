@@ -166,6 +166,14 @@ impl Proxy {
                 Response::from_parts(parts, body)
             }
             Err(e) => {
+                // A crash: let the lifecycle drop the instance before the client sees the
+                // 502, so a client retrying at once gets a fresh instance.
+                if let Ok(exit) =
+                    tokio::time::timeout(Duration::from_millis(100), lease.instance.wait_exit())
+                        .await
+                {
+                    self.lifecycle.instance_exited(&lease, exit);
+                }
                 let detail = error_chain(&e);
                 tracing::warn!(
                     "function {function}: instance {} failed the request: {detail}",

@@ -706,6 +706,12 @@ impl Lifecycle {
         }
     }
 
+    /// The proxy saw the instance behind `lease` die: stop routing to it now, not when its
+    /// exit watcher gets to run.
+    pub fn instance_exited(&self, lease: &Lease, exit: runtime::ExitInfo) {
+        self.on_exit(&lease.function, lease.slot, exit);
+    }
+
     fn on_exit(&self, f: &Arc<Function>, id: u64, exit: runtime::ExitInfo) {
         let mut st = f.state.lock().unwrap();
         let Some(pos) = st.slots.iter().position(|s| s.id == id) else {

@@ -47,7 +47,9 @@ impl ProcessRuntime {
                 let mut it = text.split_whitespace();
                 if let (Some(Ok(pid)), Some(start)) = (it.next().map(str::parse::<i32>), it.next())
                 {
-                    if process_start_time(pid).as_deref() == Some(start) {
+                    if process_start_time(pid).as_deref() == Some(start)
+                        || start.parse().is_ok_and(|s| group_has_member(pid, s))
+                    {
                         tracing::warn!(
                             "killing process group {pid} left by an earlier synwake ({})",
                             path.display()
@@ -61,6 +63,27 @@ impl ProcessRuntime {
         }
         killed
     }
+}
+
+/// True if a process in group `pgid` started no earlier than the group's leader did: the
+/// leader (a shell wrapper) may be gone while its children still run. A pgid is not reused
+/// while any member lives, so such a member belongs to the recorded group.
+fn group_has_member(pgid: i32, leader_start: u64) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let f: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+            // After the comm: state, ppid, pgrp (index 2) ... starttime (index 19).
+            Some((
+                f.get(2)?.parse::<i32>().ok()?,
+                f.get(19)?.parse::<u64>().ok()?,
+            ))
+        })
+        .any(|(pgrp, start)| pgrp == pgid && start >= leader_start)
 }
 
 /// Field 22 of /proc/<pid>/stat: start time in clock ticks since boot.
