@@ -605,7 +605,7 @@ fn bench_syn_to_start_call() {
     let breakdown = std::env::var("SYNWAKE_BENCH_BREAKDOWN").as_deref() == Ok("1");
     let d = NsDaemon::start_with_log(
         &net,
-        "auto",
+        &bench_probe_mode(),
         "",
         // The limiter would suppress ~30 wakes/s; this measures the path, not the limit.
         &function(
@@ -774,8 +774,8 @@ fn bench_warm_rps_probe_vs_off() {
     );
 }
 
-/// `[probe] mode` of the "attached" side of the rps benchmarks: SYNWAKE_BENCH_PROBE_MODE,
-/// default auto (native XDP on veth).
+/// `[probe] mode` of the benchmarks (the "attached" side of the rps ones):
+/// SYNWAKE_BENCH_PROBE_MODE, default auto (native XDP on veth).
 fn bench_probe_mode() -> String {
     std::env::var("SYNWAKE_BENCH_PROBE_MODE").unwrap_or_else(|_| "auto".into())
 }
