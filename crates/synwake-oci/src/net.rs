@@ -17,6 +17,8 @@ use tokio::process::Command;
 
 /// Name of the bridge every instance veth is attached to.
 pub const BRIDGE: &str = "synwake0";
+/// Fixed, locally administered MAC of the bridge ("swk" in the middle bytes).
+pub const BRIDGE_MAC: &str = "02:73:77:6b:00:01";
 /// Prefix of every network namespace this crate creates (also the container id prefix).
 pub const NETNS_PREFIX: &str = "swk-";
 /// Prefix of every host-side veth this crate creates.
@@ -124,6 +126,10 @@ impl Network {
             ],
         )
         .await?;
+        // A bridge without a fixed address takes the lowest port MAC, so it changes as
+        // instances come and go; instances then answer to a stale gateway MAC and first
+        // connections stall for ~13 s until their neighbour entry is re-probed.
+        run("ip", &["link", "set", BRIDGE, "address", BRIDGE_MAC]).await?;
         run("ip", &["link", "set", BRIDGE, "up"]).await?;
         // Addresses are handed out again from the start: stale neighbour entries pointing
         // at a previous run's veth MACs would stall first connections for seconds.

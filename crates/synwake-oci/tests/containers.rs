@@ -251,6 +251,10 @@ async fn serves_http_from_its_own_namespaces_and_stop_releases_everything() {
         assert!(!env.state.join("bundles").join(&id).exists());
         assert!(!answers(c.addr()).await, "still answering");
     }
+    // The bridge keeps its own address while ports come and go (else instances hold a
+    // stale gateway MAC and first connections stall).
+    let mac = std::fs::read_to_string("/sys/class/net/synwake0/address").unwrap();
+    assert_eq!(mac.trim(), synwake_oci::net::BRIDGE_MAC);
     env.rt.cleanup_all().await;
 }
 
