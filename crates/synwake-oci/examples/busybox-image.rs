@@ -17,7 +17,10 @@ fn main() {
     let layer = match fixture::busybox_layer() {
         Ok(l) => fixture::Layer::new(l, true),
         Err(e) => {
-            eprintln!("reading {}: {e} (apt-get install busybox-static)", fixture::BUSYBOX);
+            eprintln!(
+                "reading {}: {e} (apt-get install busybox-static)",
+                fixture::BUSYBOX
+            );
             std::process::exit(1);
         }
     };
@@ -32,7 +35,11 @@ fn main() {
         fixture::write_oci_archive(&out, &layers, &config)
     };
     match written {
-        Ok(digest) => println!("{}: {} archive, image {digest}", out.display(), if docker { "docker" } else { "oci" }),
+        Ok(digest) => println!(
+            "{}: {} archive, image {digest}",
+            out.display(),
+            if docker { "docker" } else { "oci" }
+        ),
         Err(e) => {
             eprintln!("writing {}: {e}", out.display());
             std::process::exit(1);

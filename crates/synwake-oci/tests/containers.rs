@@ -382,7 +382,21 @@ async fn memory_limit_kills_the_container_and_wait_exit_says_oom() {
     let env = setup().await;
     let mut s = spec("hungry", &env.oci_image);
     s.memory_bytes = Some(32 << 20);
+    s.cpus = Some(0.5);
     let c = env.rt.create(&s).await.unwrap();
+    let cg = |ctrl: &str, file: &str| {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{ctrl}/synwake/{}/{file}", c.id()))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        cg("memory", "memory.limit_in_bytes"),
+        (32u64 << 20).to_string()
+    );
+    assert_eq!(cg("cpu", "cpu.cfs_quota_us"), "50000");
+    assert_eq!(cg("cpu", "cpu.cfs_period_us"), "100000");
+    assert_eq!(cg("pids", "pids.max"), "64");
     serve(&env.rt, &c).await;
     // The CGI's dd allocates 256 MiB past a 32 MiB limit. The kernel kills dd; the
     // runtime then kills the whole container (the CGI may or may not finish its reply).
@@ -649,4 +663,58 @@ async fn a_missing_executable_fails_create_with_the_runtime_error() {
         .count();
     assert_eq!(bundles, 0, "bundle left behind");
     env.rt.cleanup_all().await;
+}
+
+fn masquerade_rule_present() -> bool {
+    std::process::Command::new("iptables")
+        .args([
+            "-w",
+            "-t",
+            "nat",
+            "-C",
+            "POSTROUTING",
+            "-s",
+            "10.72.0.0/16",
+            "!",
+            "-o",
+            "synwake0",
+        ])
+        .args(["-j", "MASQUERADE", "-m", "comment", "--comment", "synwake"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_nat_adds_and_removes_the_masquerade_rule() {
+    if !can_run("outbound_nat") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let with_nat = OciRuntime::new(OciConfig {
+        outbound_nat: true,
+        spare_netns: 0,
+        ..config(&state)
+    })
+    .await
+    .unwrap();
+    assert!(masquerade_rule_present());
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    with_nat.cleanup_all().await;
+    let without = OciRuntime::new(OciConfig {
+        spare_netns: 0,
+        ..config(&state)
+    })
+    .await
+    .unwrap();
+    assert!(!masquerade_rule_present());
+    without.cleanup_all().await;
 }
