@@ -1,21 +1,217 @@
-//! The `oci` runtime adapter (wired to crates/synwake-oci).
+//! The `oci` runtime: functions as runc containers (crates/synwake-oci), each in its own
+//! network namespace. With `pool = N`, N containers per function are kept created but not
+//! started, so a cold start is only `runc start` plus readiness.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use anyhow::Context;
+use async_trait::async_trait;
+use synwake_oci::{Container, ContainerSpec, Image, OciConfig, OciRuntime, Pool};
+
+use super::{ExitInfo, Instance, Runtime, StartError};
 use crate::config::Config;
-use crate::spec::RuntimeKind;
+use crate::logs::OutputSink;
+use crate::spec::{FunctionSpec, RuntimeKind};
 use crate::state::StateDir;
 
-use super::Runtime;
-
-/// Sets up the OCI runtime when any configured function needs it.
-pub async fn setup(config: &Config, _state: &StateDir) -> anyhow::Result<Option<Arc<dyn Runtime>>> {
-    if config
+/// Sets up the OCI runtime (and removes what a crashed earlier run left). `Ok(None)` when
+/// this process is not root and no configured function needs containers.
+pub async fn setup(config: &Config, state: &StateDir) -> anyhow::Result<Option<Arc<dyn Runtime>>> {
+    let needed = config
         .functions
         .iter()
-        .any(|f| f.runtime == RuntimeKind::Oci)
-    {
-        anyhow::bail!("the oci runtime is not wired into this build yet");
+        .any(|f| f.runtime == RuntimeKind::Oci);
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        if needed {
+            anyhow::bail!("the oci runtime needs root (runc, network namespaces, cgroups)");
+        }
+        return Ok(None);
     }
-    Ok(None)
+    let rt = OciRuntime::new(OciConfig {
+        runtime_binary: config.oci.runtime_binary.clone(),
+        subnet: config.oci.subnet.clone(),
+        outbound_nat: config.oci.outbound_nat,
+        state_dir: state.oci_dir(),
+        ..OciConfig::default()
+    })
+    .await
+    .with_context(|| format!("setting up the oci runtime ({})", config.oci.runtime_binary))?;
+    Ok(Some(Arc::new(OciFunctions {
+        pool: Pool::new(rt.clone()),
+        rt,
+        images: Mutex::new(HashMap::new()),
+    })))
+}
+
+/// The daemon's view of the OCI runtime: images per function and the container pool.
+pub struct OciFunctions {
+    rt: OciRuntime,
+    pool: Pool,
+    /// Imported image per function name (the import itself is cached by digest).
+    images: Mutex<HashMap<String, Image>>,
+}
+
+impl OciFunctions {
+    fn err(spec: &FunctionSpec, message: impl std::fmt::Display) -> StartError {
+        StartError::Spawn {
+            function: spec.name.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    async fn image(&self, spec: &FunctionSpec) -> Result<Image, StartError> {
+        if let Some(img) = self.images.lock().unwrap().get(&spec.name) {
+            return Ok(img.clone());
+        }
+        let img = match (&spec.oci.image, &spec.oci.rootfs) {
+            (Some(archive), _) => self
+                .rt
+                .import_image(Path::new(archive))
+                .await
+                .map_err(|e| Self::err(spec, format!("image {archive}: {}", chain(&e))))?,
+            (None, Some(dir)) => self
+                .rt
+                .image_from_rootfs(Path::new(dir))
+                .map_err(|e| Self::err(spec, format!("rootfs {dir}: {}", chain(&e))))?,
+            (None, None) => return Err(Self::err(spec, "neither image nor rootfs is set")),
+        };
+        self.images
+            .lock()
+            .unwrap()
+            .insert(spec.name.clone(), img.clone());
+        Ok(img)
+    }
+
+    fn container_spec(spec: &FunctionSpec, image: Image, instance: u64) -> ContainerSpec {
+        let mut env = spec.env.clone();
+        env.insert("SYNWAKE_FUNCTION".into(), spec.name.clone());
+        env.insert("PORT".into(), spec.oci.container_port.to_string());
+        ContainerSpec {
+            function: spec.name.clone(),
+            instance,
+            image,
+            command: (!spec.command.is_empty()).then(|| spec.command.clone()),
+            env,
+            container_port: spec.oci.container_port,
+            memory_bytes: spec.oci.memory_bytes,
+            cpus: spec.oci.cpus,
+            pids: spec.oci.pids,
+        }
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+#[async_trait]
+impl Runtime for OciFunctions {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Oci
+    }
+
+    /// Imports the image (refusing a bad one before the deploy lands) and fills the pool.
+    async fn prepare(&self, spec: &FunctionSpec) -> Result<(), StartError> {
+        // A redeploy may point at a new archive: import again (cached by digest).
+        self.images.lock().unwrap().remove(&spec.name);
+        let image = self.image(spec).await?;
+        if spec.oci.pool > 0 {
+            self.pool
+                .refill(Self::container_spec(spec, image, 0), spec.oci.pool as usize);
+        }
+        Ok(())
+    }
+
+    async fn start(
+        &self,
+        spec: &FunctionSpec,
+        instance: u64,
+        _output: OutputSink,
+    ) -> Result<Arc<dyn Instance>, StartError> {
+        let image = self.image(spec).await?;
+        let cspec = Self::container_spec(spec, image, instance);
+        let (container, pooled) = match self.pool.take(&spec.name) {
+            Some(c) => (c, true),
+            None => (
+                self.rt
+                    .create(&cspec)
+                    .await
+                    .map_err(|e| Self::err(spec, chain(&e)))?,
+                false,
+            ),
+        };
+        if spec.oci.pool > 0 {
+            // Keep the next cold start (or scale-out) cheap.
+            self.pool.refill(cspec, spec.oci.pool as usize);
+        }
+        if let Err(e) = self.rt.start(&container).await {
+            let _ = self.rt.stop(container, Duration::ZERO).await;
+            return Err(Self::err(spec, chain(&e)));
+        }
+        let inst = Arc::new(OciInstance {
+            rt: self.rt.clone(),
+            container,
+            pooled,
+        });
+        Ok(inst)
+    }
+
+    async fn forget(&self, spec: &FunctionSpec) {
+        self.pool.drain(&spec.name).await;
+        self.images.lock().unwrap().remove(&spec.name);
+    }
+
+    async fn shutdown(&self) {
+        let names: Vec<String> = self.images.lock().unwrap().keys().cloned().collect();
+        for n in names {
+            self.pool.drain(&n).await;
+        }
+        self.rt.cleanup_all().await;
+    }
+}
+
+/// One container.
+pub struct OciInstance {
+    rt: OciRuntime,
+    container: Container,
+    pooled: bool,
+}
+
+#[async_trait]
+impl Instance for OciInstance {
+    fn addr(&self) -> SocketAddr {
+        self.container.addr()
+    }
+
+    fn describe(&self) -> String {
+        format!("container {}", self.container.id())
+    }
+
+    async fn wait_exit(&self) -> ExitInfo {
+        ExitInfo {
+            status: self.container.wait_exit().await.to_string(),
+        }
+    }
+
+    async fn stop(&self, grace: Duration) {
+        if let Err(e) = self.rt.stop(self.container.clone(), grace).await {
+            tracing::warn!("stopping container {}: {}", self.container.id(), chain(&e));
+        }
+    }
+
+    fn pooled(&self) -> bool {
+        self.pooled
+    }
 }
