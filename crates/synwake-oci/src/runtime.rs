@@ -521,6 +521,9 @@ impl OciRuntime {
             memory_bytes: spec.memory_bytes,
             cpus: spec.cpus,
             pids: spec.pids,
+            // Only instances that may reach the outside need a resolver.
+            resolv_conf: (self.inner.cfg.outbound_nat && Path::new("/etc/resolv.conf").is_file())
+                .then_some(Path::new("/etc/resolv.conf")),
         })
         .map_err(|source| OciError::Spec {
             container: id.to_string(),
@@ -1039,5 +1042,33 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(code.to_string(), "exited with code 3");
+    }
+}
+
+/// The daemon drives these from spawned tasks behind `async_trait`: they must be Send.
+#[cfg(test)]
+mod send_checks {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>(_: &T) {}
+
+    #[test]
+    fn handles_are_send_sync_and_futures_are_send() {
+        send_sync::<OciRuntime>();
+        send_sync::<Container>();
+        send_sync::<crate::Pool>();
+        send_sync::<OciError>();
+        send_sync::<ImageError>();
+        // Never polled: only the types matter.
+        let _ = |rt: OciRuntime, c: Container, s: ContainerSpec, p: crate::Pool| {
+            send(&rt.create(&s));
+            send(&rt.start(&c));
+            send(&c.wait_exit());
+            send(&rt.import_image(Path::new("x")));
+            send(&p.drain("f"));
+            send(&rt.cleanup_all());
+            send(&rt.stop(c, Duration::ZERO));
+        };
     }
 }

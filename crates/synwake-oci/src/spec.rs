@@ -33,6 +33,8 @@ pub struct SpecInput<'a> {
     pub memory_bytes: Option<u64>,
     pub cpus: Option<f64>,
     pub pids: Option<u64>,
+    /// Host file bind-mounted read-only as `/etc/resolv.conf` (with outbound NAT).
+    pub resolv_conf: Option<&'a Path>,
 }
 
 /// Capabilities a container process keeps (Docker's default set).
@@ -163,7 +165,7 @@ pub fn build(i: &SpecInput) -> Result<Value, SpecError> {
     if let Some(pids) = i.pids {
         resources["pids"] = json!({ "limit": pids });
     }
-    Ok(json!({
+    let mut doc = json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
@@ -213,7 +215,14 @@ pub fn build(i: &SpecInput) -> Result<Value, SpecError> {
                 "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"
             ]
         }
-    }))
+    });
+    if let (Some(resolv), Some(mounts)) = (i.resolv_conf, doc["mounts"].as_array_mut()) {
+        mounts.push(json!({
+            "destination": "/etc/resolv.conf", "type": "bind", "source": resolv,
+            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]
+        }));
+    }
+    Ok(doc)
 }
 
 #[cfg(test)]

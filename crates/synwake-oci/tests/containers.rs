@@ -708,6 +708,32 @@ async fn outbound_nat_adds_and_removes_the_masquerade_rule() {
             .trim(),
         "1"
     );
+    // Instances that may reach the outside get the host's resolver config.
+    if let Ok(host_resolv) = std::fs::read_to_string("/etc/resolv.conf") {
+        let layers = vec![Layer::new(fixture::busybox_layer().unwrap(), true)];
+        let archive = dir.path().join("fn.tar");
+        fixture::write_oci_archive(&archive, &layers, &fixture::function_config(&layers)).unwrap();
+        let image = with_nat.import_image(&archive).await.unwrap();
+        let mut s = spec("resolv", &image);
+        s.command = Some(vec![
+            "/bin/busybox".into(),
+            "cat".into(),
+            "/etc/resolv.conf".into(),
+        ]);
+        let c = with_nat.create(&s).await.unwrap();
+        with_nat.start(&c).await.unwrap();
+        assert_eq!(c.wait_exit().await.code, Some(0));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let want: Vec<String> = host_resolv
+            .lines()
+            .map(|l| l.trim_end().to_string())
+            .collect();
+        while c.output_tail(100).len() < want.len() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(c.output_tail(100), want);
+        with_nat.stop(c, Duration::ZERO).await.unwrap();
+    }
     with_nat.cleanup_all().await;
     let without = OciRuntime::new(OciConfig {
         spare_netns: 0,
