@@ -263,10 +263,11 @@ impl Daemon {
         self.child.id()
     }
 
-    fn log_tail(&self) -> String {
+    /// The last `n` lines of the daemon's log.
+    pub fn log_tail(&self, n: usize) -> String {
         let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     fn wait_healthy(&mut self, limit: Duration) -> Result<(), DaemonError> {
@@ -275,7 +276,7 @@ impl Daemon {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(DaemonError::Exited {
                     status: status.to_string(),
-                    log: self.log_tail(),
+                    log: self.log_tail(20),
                 });
             }
             let ok = netns::in_netns(&self.server_ns, || {
@@ -294,7 +295,7 @@ impl Daemon {
             if start.elapsed() > limit {
                 return Err(DaemonError::NotHealthy {
                     secs: limit.as_secs(),
-                    log: self.log_tail(),
+                    log: self.log_tail(20),
                 });
             }
             crate::interrupt::sleep(Duration::from_millis(50));

@@ -22,6 +22,14 @@ use crate::{BenchArgs, Mode, RuntimeKind};
 const CHECK_PORT: u16 = 7999;
 /// How long one request may take before the run is declared failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Times the daemon may be restarted after exiting on its own during one phase.
+const MAX_DAEMON_RESTARTS: usize = 2;
+
+/// The daemon under test exited while the harness was measuring.
+#[derive(Debug, thiserror::Error)]
+#[error("synwake exited during the sweep")]
+struct DaemonExited;
+
 /// Failed requests tolerated per cell (each is retried and reported).
 const MAX_ERRORS_PER_CELL: usize = 3;
 /// How long scaling to zero may take.
@@ -297,20 +305,32 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             marker_prefix: topo.prefix.clone(),
         };
         pb.set_message(format!("starting synwake ({} phase)", phase.name));
-        let mut daemon = Daemon::start(
-            &synwake_bin,
-            &setup,
-            &out.join(format!("daemon-{}.toml", phase.name)),
-            &out.join(format!("daemon-{}.log", phase.name)),
-            &topo.server,
-        )
-        .with_context(|| format!("start synwake for the {} phase", phase.name))?;
+        let log_path = out.join(format!("daemon-{}.log", phase.name));
+        let start_daemon = |attempt: usize| -> anyhow::Result<Daemon> {
+            let log = if attempt == 0 {
+                log_path.clone()
+            } else {
+                out.join(format!("daemon-{}.{attempt}.log", phase.name))
+            };
+            let daemon = Daemon::start(
+                &synwake_bin,
+                &setup,
+                &out.join(format!("daemon-{}.toml", phase.name)),
+                &log,
+                &topo.server,
+            )
+            .with_context(|| format!("start synwake for the {} phase", phase.name))?;
+            if phase.wake.probe {
+                pb.set_message("waiting for the probe to see SYNs");
+                wait_probe_delivers(&topo, &Api::new(&topo.server), &functions[0]).context(
+                    "syn mode needs the probe (run without `syn` in --modes to skip it)",
+                )?;
+            }
+            Ok(daemon)
+        };
+        let mut restarts = 0;
+        let mut daemon = start_daemon(0)?;
         let api = Api::new(&topo.server);
-        if phase.wake.probe {
-            pb.set_message("waiting for the probe to see SYNs");
-            wait_probe_delivers(&topo, &api, &functions[0])
-                .context("syn mode needs the probe (run without `syn` in --modes to skip it)")?;
-        }
         for &rtt in &args.rtt {
             interrupt::check()?;
             line.set_one_way(Duration::from_micros(rtt * 500));
@@ -335,18 +355,41 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             for f in &functions {
                 for &mode in &phase.modes {
                     pb.set_message(format!("{mode} rtt={rtt}ms init={}ms", f.init_ms));
-                    let (samples, cell) = measure_cell(
-                        mode,
-                        f,
-                        &topo,
-                        &api,
-                        &mut daemon,
-                        &format!("{}/{}", topo.prefix, f.name),
-                        &line,
-                        args.runs,
-                        &pb,
-                    )
-                    .with_context(|| format!("{mode} at RTT {rtt} ms, init {} ms", f.init_ms))?;
+                    let (samples, cell) = loop {
+                        let measured = measure_cell(
+                            mode,
+                            f,
+                            &topo,
+                            &api,
+                            &mut daemon,
+                            &format!("{}/{}", topo.prefix, f.name),
+                            &line,
+                            args.runs,
+                            &pb,
+                        );
+                        match measured {
+                            Ok(v) => break v,
+                            // Something outside the harness stopped the daemon (seen on a
+                            // shared machine): restart it, re-measure the whole cell, report it.
+                            Err(e) if e.is::<DaemonExited>() && restarts < MAX_DAEMON_RESTARTS => {
+                                restarts += 1;
+                                let last = daemon.log_tail(1);
+                                notes.push(format!(
+                                    "{mode} RTT {rtt} init {}: synwake exited mid-cell (last log line: {last}); restarted it and re-measured the cell",
+                                    f.init_ms
+                                ));
+                                say(&pb, format!("  synwake exited ({last}); restarting"));
+                                daemon.stop();
+                                daemon = start_daemon(restarts)?;
+                            }
+                            Err(e) => {
+                                return Err(e.context(format!(
+                                    "{mode} at RTT {rtt} ms, init {} ms",
+                                    f.init_ms
+                                )))
+                            }
+                        }
+                    };
                     let s = Summary::from_durations(&samples).context("no samples")?;
                     // request/accept must always wait for a start and warm never; with
                     // syn a `false` means the start was fully hidden behind the network.
@@ -550,7 +593,7 @@ fn measure_cell(
     while samples.len() < runs {
         interrupt::check()?;
         if !daemon.is_running() {
-            bail!("synwake exited during the sweep");
+            return Err(DaemonExited.into());
         }
         if !line.is_running() {
             bail!("the delay line stopped during the sweep");
