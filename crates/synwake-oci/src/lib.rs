@@ -63,6 +63,8 @@
 //! exits, become its children so their exit status can be collected. Other orphaned
 //! descendants of the daemon are then reparented to it as well.
 
+#![deny(missing_docs)]
+
 pub mod fixture;
 pub mod image;
 pub mod net;

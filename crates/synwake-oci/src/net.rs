@@ -29,6 +29,8 @@ pub const NETNS_DIR: &str = "/run/netns";
 const RULE_TAG: &str = "synwake";
 
 /// Why instance networking failed.
+// Fields are named for what they hold; the variant docs and messages say the rest.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     /// The configured subnet is not `a.b.c.d/len` with len in 8..=30.

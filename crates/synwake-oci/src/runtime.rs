@@ -56,6 +56,8 @@ impl Default for OciConfig {
 }
 
 /// Why a runtime operation failed.
+// Fields are named for what they hold; the variant docs and messages say the rest.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
     /// Preparing the state directory failed.

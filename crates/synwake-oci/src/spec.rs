@@ -7,6 +7,8 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 /// Why a runtime spec could not be built.
+// Fields are named for what they hold; the variant docs and messages say the rest.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     /// Neither the container spec nor the image gives a command.
@@ -19,19 +21,29 @@ pub enum SpecError {
 
 /// Everything that decides the contents of `config.json`.
 pub struct SpecInput<'a> {
+    /// The process' argv.
     pub args: Vec<String>,
+    /// `KEY=value` environment.
     pub env: Vec<String>,
+    /// Working directory inside the container.
     pub cwd: String,
+    /// The image's `User`, resolved against the image rootfs.
     pub user: Option<&'a str>,
     /// The image rootfs (to look names up in `/etc/passwd` and `/etc/group`).
     pub image_rootfs: &'a Path,
     /// The container's (overlay) rootfs.
     pub rootfs: &'a Path,
+    /// UTS hostname.
     pub hostname: &'a str,
+    /// Path of the network namespace to join.
     pub netns_path: &'a str,
+    /// `linux.cgroupsPath` (cgroupfs: `/synwake/<id>`).
     pub cgroups_path: &'a str,
+    /// Memory limit in bytes (swap limited to the same, when accounted).
     pub memory_bytes: Option<u64>,
+    /// CPU quota in cores.
     pub cpus: Option<f64>,
+    /// Process limit.
     pub pids: Option<u64>,
     /// Host file bind-mounted read-only as `/etc/resolv.conf` (with outbound NAT).
     pub resolv_conf: Option<&'a Path>,

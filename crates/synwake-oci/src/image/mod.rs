@@ -21,6 +21,8 @@ use layer::Compression;
 
 /// Why an image could not be imported. Every variant about an archive names the archive
 /// and the entry (a path inside the archive, or inside one of its layers) at fault.
+// Fields are named for what they hold; the variant docs and messages say the rest.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// Reading the archive failed (including truncation detected by the tar reader).
