@@ -185,6 +185,8 @@ struct ContainerInner {
     output: Arc<Mutex<VecDeque<String>>>,
     output_done: watch::Receiver<bool>,
     started: AtomicBool,
+    /// Set by the first `stop`: resources are released exactly once.
+    removed: AtomicBool,
 }
 
 impl std::fmt::Debug for Container {
@@ -638,6 +640,7 @@ impl OciRuntime {
                 output,
                 output_done: done_rx,
                 started: AtomicBool::new(false),
+                removed: AtomicBool::new(false),
             }),
         })
     }
@@ -719,8 +722,13 @@ impl OciRuntime {
     /// Stops and removes a container: SIGTERM, SIGKILL after `grace` (a created but not
     /// started container is killed at once), `runc delete`, overlay unmounted, bundle and
     /// log removed, netns and address released. Everything is released even when an
-    /// error is returned (a failed `runc delete`).
+    /// error is returned (a failed `runc delete`). Stopping a clone of a container that is
+    /// already being stopped returns at once.
     pub async fn stop(&self, c: Container, grace: Duration) -> Result<(), OciError> {
+        if c.inner.removed.swap(true, Ordering::AcqRel) {
+            // Another stop of a clone owns the teardown (the address may be reused after).
+            return Ok(());
+        }
         let id = c.id().to_string();
         if c.exited().is_none() {
             let polite = c.is_started() && !grace.is_zero();
