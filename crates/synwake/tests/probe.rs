@@ -473,11 +473,9 @@ fn probe_that_cannot_attach_falls_back_to_accept() {
 }
 
 /// synwake_probe_events_total counts every event the probe delivered, also when no later
-/// event follows. Ignored until the daemon refreshes the probe's counters on a timer (today
-/// it refreshes them only when an event arrives >= 100 ms after the last refresh, so a
-/// burst right after start-up stays at 0 for good).
+/// event follows (the counters once refreshed only on a later event, so a burst right
+/// after start-up stayed at 0 for good).
 #[test]
-#[ignore = "daemon bug: probe event counters refresh only on a later event (probe/mod.rs reader task)"]
 fn probe_event_counter_counts_a_burst_without_a_later_event() {
     const TEST: &str = "probe_event_counter_counts_a_burst_without_a_later_event";
     let Some(net) = Net::create_or_skip(TEST) else {
