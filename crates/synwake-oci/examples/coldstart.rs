@@ -78,6 +78,8 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let rt = OciRuntime::new(OciConfig {
         state_dir: dir.path().join("state"),
+        // Not the default subnet: a synwake daemon on the same host keeps its addresses.
+        subnet: "10.74.0.0/16".into(),
         ..OciConfig::default()
     })
     .await

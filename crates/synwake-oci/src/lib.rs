@@ -54,9 +54,11 @@
 //! # Host requirements and side effects
 //!
 //! Root, `runc` (1.1), `ip` (iproute2), `iptables`, cgroup v1 memory/cpu/pids
-//! controllers (cgroupfs, no systemd). One synwake per host: every name created on the host
-//! starts with `swk` (containers `swk-<function>-<n>`, netns `swk-n<hex>`, veths
-//! `swkv<hex>`, cgroups `synwake/swk-*`), and startup removes all of them.
+//! controllers (cgroupfs, no systemd). Every name created on the host starts with `swk`
+//! and a tag derived from the state directory (containers `swk-<tag>-<function>-<n>`,
+//! netns `swk-<tag>-n<hex>`, veths `swkv<tag><hex>`, cgroups `synwake/swk-<tag>-*`), and
+//! startup removes exactly those. Runtimes with different state dirs can share a host if
+//! their subnets differ (the bridge `synwake0` is shared).
 //!
 //! [`OciRuntime::new`] makes the calling process a child subreaper
 //! (`PR_SET_CHILD_SUBREAPER`): container init processes, orphaned when `runc create`

@@ -2,8 +2,9 @@
 //! bridge and an address from the subnet. Bridge ports are isolated, so instances cannot
 //! reach each other (only the host, which proxies to them).
 //!
-//! Every name this module creates starts with [`NETNS_PREFIX`] or [`VETH_PREFIX`], which is
-//! how crash cleanup recognises exactly what is ours.
+//! Every name this module creates starts with [`NETNS_PREFIX`] or [`VETH_PREFIX`] followed
+//! by the runtime's tag (derived from its state directory), which is how crash cleanup
+//! recognises exactly what is ours, and leaves another synwake's namespaces alone.
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
@@ -80,6 +81,8 @@ pub struct Network {
     state: Mutex<Alloc>,
     spares: Mutex<Vec<Lease>>,
     spare_target: usize,
+    /// Distinguishes this runtime's names (netns `swk-<tag>-n<hex>`, veth `swkv<tag><hex>`).
+    tag: String,
     /// Set by [`Network::drop_spares`]: no more spares are made.
     closed: AtomicBool,
 }
@@ -110,7 +113,12 @@ impl Network {
     /// Creates (or adopts) the bridge with the subnet's first address, isolates instance
     /// traffic, and adds or removes the MASQUERADE rule according to `outbound_nat`.
     /// `spares` namespaces are kept ready once [`Network::replenish`] is called.
-    pub async fn setup(subnet: &str, outbound_nat: bool, spares: usize) -> Result<Self, NetError> {
+    pub async fn setup(
+        subnet: &str,
+        outbound_nat: bool,
+        spares: usize,
+        tag: &str,
+    ) -> Result<Self, NetError> {
         let (base, prefix) = parse_subnet(subnet)?;
         let gateway = Ipv4Addr::from(base + 1);
         let subnet = format!("{}/{prefix}", Ipv4Addr::from(base));
@@ -180,6 +188,7 @@ impl Network {
             }),
             spares: Mutex::new(Vec::new()),
             spare_target: spares,
+            tag: tag.to_string(),
             closed: AtomicBool::new(false),
         })
     }
@@ -258,8 +267,8 @@ impl Network {
         let offset = self.allocate()?;
         let lease = Lease {
             ip: Ipv4Addr::from(self.base + offset),
-            netns: format!("{NETNS_PREFIX}n{offset:x}"),
-            host_veth: format!("{VETH_PREFIX}{offset:x}"),
+            netns: format!("{NETNS_PREFIX}{}-n{offset:x}", self.tag),
+            host_veth: format!("{VETH_PREFIX}{}{offset:x}", self.tag),
             offset,
         };
         match self.plumb(&lease).await {
@@ -333,14 +342,16 @@ pub fn delete_netns(name: &str) {
     let _ = std::fs::remove_file(&path);
 }
 
-/// Removes every netns and host veth with our prefixes (left by a crashed run). Returns
+/// Removes every netns and host veth with our prefixes and `tag` (left by a crashed run). Returns
 /// how many namespaces and veths were removed.
-pub async fn remove_stale() -> (usize, usize) {
+pub async fn remove_stale(tag: &str) -> (usize, usize) {
+    let netns_prefix = format!("{NETNS_PREFIX}{tag}-");
+    let veth_prefix = format!("{VETH_PREFIX}{tag}");
     let mut netns = 0;
     if let Ok(rd) = std::fs::read_dir(NETNS_DIR) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(NETNS_PREFIX) {
+            if name.starts_with(&netns_prefix) {
                 delete_netns(&name);
                 netns += 1;
             }
@@ -350,7 +361,7 @@ pub async fn remove_stale() -> (usize, usize) {
     if let Ok(rd) = std::fs::read_dir("/sys/class/net") {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(VETH_PREFIX) && run("ip", &["link", "del", &name]).await.is_ok() {
+            if name.starts_with(&veth_prefix) && run("ip", &["link", "del", &name]).await.is_ok() {
                 veths += 1;
             }
         }

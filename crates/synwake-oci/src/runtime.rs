@@ -43,6 +43,17 @@ pub struct OciConfig {
     pub spare_netns: usize,
 }
 
+impl OciConfig {
+    /// Six hex digits derived from the state directory. Every container id and netns of a
+    /// runtime starts with `swk-<tag>-`, every veth with `swkv<tag>`: crash cleanup
+    /// removes exactly those, so synwakes with different state dirs leave each other alone.
+    pub fn name_tag(&self) -> String {
+        let abs = std::path::absolute(&self.state_dir).unwrap_or_else(|_| self.state_dir.clone());
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(abs.as_os_str().as_encoded_bytes());
+        hex::encode(&digest[..3])
+    }
+}
+
 impl Default for OciConfig {
     fn default() -> Self {
         OciConfig {
@@ -200,12 +211,12 @@ impl std::fmt::Debug for Container {
 }
 
 impl Container {
-    /// The runc container id (`swk-<function>-<n>`).
+    /// The runc container id (`swk-<tag>-<function>-<n>`).
     pub fn id(&self) -> &str {
         &self.inner.id
     }
 
-    /// Name of the container's network namespace (`swk-n<hex>`, under `/run/netns`).
+    /// Name of the container's network namespace (`swk-<tag>-n<hex>`, under `/run/netns`).
     pub fn netns(&self) -> &str {
         &self.inner.lease.netns
     }
@@ -290,6 +301,10 @@ struct RuntimeInner {
     net: Arc<Network>,
     /// Start by opening runc's exec fifo ourselves instead of spawning `runc start`.
     fifo_start: bool,
+    /// See [`OciConfig::name_tag`].
+    tag: String,
+    /// `swk-<tag>-`: start of every container id and netns name.
+    name_prefix: String,
     live: Mutex<HashMap<String, Container>>,
     seq: AtomicU64,
 }
@@ -334,7 +349,8 @@ impl OciRuntime {
         let bundles = cfg.state_dir.join("bundles");
         let logs = cfg.state_dir.join("logs");
         let images = ImageStore::new(cfg.state_dir.join("images"));
-        let recovered = recover(&cfg.runtime_binary, &runc_root, &bundles, &logs).await;
+        let tag = cfg.name_tag();
+        let recovered = recover(&cfg.runtime_binary, &runc_root, &bundles, &logs, &tag).await;
         images.remove_partial_imports();
         if recovered != Recovered::default() {
             tracing::warn!(
@@ -354,7 +370,7 @@ impl OciRuntime {
             path: cfg.state_dir.clone(),
             source,
         })?;
-        let net = Network::setup(&cfg.subnet, cfg.outbound_nat, cfg.spare_netns)
+        let net = Network::setup(&cfg.subnet, cfg.outbound_nat, cfg.spare_netns, &tag)
             .await
             .map(Arc::new)
             .map_err(|source| OciError::Network {
@@ -374,6 +390,8 @@ impl OciRuntime {
                 images,
                 net,
                 fifo_start,
+                name_prefix: format!("{}{tag}-", net::NETNS_PREFIX),
+                tag,
                 live: Mutex::new(HashMap::new()),
                 seq: AtomicU64::new(1),
             }),
@@ -383,6 +401,12 @@ impl OciRuntime {
     /// The configuration this runtime runs with.
     pub fn config(&self) -> &OciConfig {
         &self.inner.cfg
+    }
+
+    /// `swk-<tag>-`: every container id and network namespace of this runtime starts
+    /// with it (see [`OciConfig::name_tag`]).
+    pub fn name_prefix(&self) -> &str {
+        &self.inner.name_prefix
     }
 
     /// The bridge address (where instances see the host).
@@ -429,7 +453,7 @@ impl OciRuntime {
     pub async fn create(&self, spec: &ContainerSpec) -> Result<Container, OciError> {
         let rt = &self.inner;
         let seq = rt.seq.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}{}-{seq}", net::NETNS_PREFIX, sanitize(&spec.function));
+        let id = format!("{}{}-{seq}", rt.name_prefix, sanitize(&spec.function));
         let cfg_err = |source| OciError::Spec {
             container: id.clone(),
             source,
@@ -780,7 +804,14 @@ impl OciRuntime {
         }
         let rt = &self.inner;
         rt.net.drop_spares().await;
-        recover(&rt.cfg.runtime_binary, &rt.runc_root, &rt.bundles, &rt.logs).await;
+        recover(
+            &rt.cfg.runtime_binary,
+            &rt.runc_root,
+            &rt.bundles,
+            &rt.logs,
+            &rt.tag,
+        )
+        .await;
     }
 
     async fn runc(&self, args: &[&str]) -> Result<String, OciError> {
@@ -824,7 +855,13 @@ async fn runc(binary: &str, root: &Path, args: &[&str]) -> Result<String, OciErr
 
 /// Removes a crashed run's containers (everything in our runc root), overlay mounts,
 /// bundles, logs, cgroups and `swk*` network devices.
-async fn recover(binary: &str, runc_root: &Path, bundles: &Path, logs: &Path) -> Recovered {
+async fn recover(
+    binary: &str,
+    runc_root: &Path,
+    bundles: &Path,
+    logs: &Path,
+    tag: &str,
+) -> Recovered {
     let mut r = Recovered::default();
     if let Ok(rd) = std::fs::read_dir(runc_root) {
         for e in rd.flatten() {
@@ -844,8 +881,8 @@ async fn recover(binary: &str, runc_root: &Path, bundles: &Path, logs: &Path) ->
     let _ = std::fs::remove_dir_all(logs);
     // runc delete removes cgroups; kill and clear the ones whose runc state was lost
     // (the `synwake/swk-*` cgroups are only ever ours).
-    r.containers += kill_stale_cgroups().await;
-    let (netns, veths) = net::remove_stale().await;
+    r.containers += kill_stale_cgroups(tag).await;
+    let (netns, veths) = net::remove_stale(tag).await;
     r.netns = netns;
     r.veths = veths;
     r
@@ -853,7 +890,8 @@ async fn recover(binary: &str, runc_root: &Path, bundles: &Path, logs: &Path) ->
 
 /// SIGKILLs every process in `synwake/swk-*` cgroups and removes those cgroups. Returns
 /// how many cgroups still had processes.
-async fn kill_stale_cgroups() -> usize {
+async fn kill_stale_cgroups(tag: &str) -> usize {
+    let prefix = format!("{}{tag}-", net::NETNS_PREFIX);
     let mut dirs = Vec::new();
     if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
         for ctrl in rd.flatten() {
@@ -861,11 +899,7 @@ async fn kill_stale_cgroups() -> usize {
                 dirs.extend(
                     children
                         .flatten()
-                        .filter(|c| {
-                            c.file_name()
-                                .to_string_lossy()
-                                .starts_with(net::NETNS_PREFIX)
-                        })
+                        .filter(|c| c.file_name().to_string_lossy().starts_with(&prefix))
                         .map(|c| c.path()),
                 );
             }

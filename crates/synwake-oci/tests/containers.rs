@@ -66,7 +66,7 @@ impl Drop for Janitor {
                 .args(["delete", "-f", &id])
                 .status();
         }
-        for ns in swk_netns() {
+        for ns in swk_netns(&self.0) {
             let _ = std::process::Command::new("ip")
                 .args(["netns", "del", &ns])
                 .status();
@@ -109,9 +109,14 @@ async fn setup() -> Env {
     }
 }
 
+/// Not the default subnet, so a synwake daemon running on the same host keeps its
+/// addresses (names are kept apart by the state dir's tag).
+const TEST_SUBNET: &str = "10.73.0.0/16";
+
 fn config(state: &Path) -> OciConfig {
     OciConfig {
         state_dir: state.to_path_buf(),
+        subnet: TEST_SUBNET.into(),
         ..OciConfig::default()
     }
 }
@@ -137,12 +142,18 @@ fn ns_of_self(kind: &str) -> String {
         .into_owned()
 }
 
-fn swk_netns() -> Vec<String> {
-    names_with_prefix(Path::new("/run/netns"), "swk-")
+fn swk_netns(state: &Path) -> Vec<String> {
+    names_with_prefix(
+        Path::new("/run/netns"),
+        &format!("swk-{}-", config(state).name_tag()),
+    )
 }
 
-fn swk_veths() -> Vec<String> {
-    names_with_prefix(Path::new("/sys/class/net"), "swkv")
+fn swk_veths(state: &Path) -> Vec<String> {
+    names_with_prefix(
+        Path::new("/sys/class/net"),
+        &format!("swkv{}", config(state).name_tag()),
+    )
 }
 
 fn names_with_prefix(dir: &Path, prefix: &str) -> Vec<String> {
@@ -204,7 +215,9 @@ async fn serves_http_from_its_own_namespaces_and_stop_releases_everything() {
             .create(&spec(&format!("hello-{format}"), image))
             .await
             .expect("create");
-        assert!(c.id().starts_with("swk-hello-"));
+        assert!(c
+            .id()
+            .starts_with(&format!("{}hello-", env.rt.name_prefix())));
         assert!(Path::new("/run/netns").join(c.netns()).exists());
         serve(&env.rt, &c).await;
         let (code, body) = fixture::http_get(c.addr(), "/cgi-bin/ns").await.unwrap();
@@ -245,8 +258,12 @@ async fn serves_http_from_its_own_namespaces_and_stop_releases_everything() {
         assert!(t0.elapsed() >= Duration::from_millis(200));
         assert_eq!(c.wait_exit().await.signal, Some(libc::SIGKILL));
         assert!(!Path::new("/run/netns").join(&netns).exists(), "netns left");
-        let veth = format!("swkv{}", netns.trim_start_matches("swk-n"));
-        assert!(!swk_veths().contains(&veth), "veth {veth} left");
+        let veth = format!(
+            "swkv{}{}",
+            config(&env.state).name_tag(),
+            netns.rsplit_once("-n").unwrap().1
+        );
+        assert!(!swk_veths(&env.state).contains(&veth), "veth {veth} left");
         assert!(runc_containers(&env.state).is_empty());
         assert!(!env.state.join("bundles").join(&id).exists());
         assert!(!answers(c.addr()).await, "still answering");
@@ -319,7 +336,7 @@ async fn different_functions_cannot_reach_each_other() {
         String::from_utf8_lossy(&out.stderr)
     );
     env.rt.cleanup_all().await;
-    assert!(swk_netns().is_empty());
+    assert!(swk_netns(&env.state).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,9 +385,13 @@ async fn pooled_start_works_and_is_faster_than_create_and_start() {
     assert_eq!(pool.ready("pooled"), 0);
     assert!(runc_containers(&env.state).is_empty());
     // What is left are the (function-agnostic) spare namespaces only.
-    assert!(swk_netns().len() <= 2, "{:?}", swk_netns());
+    assert!(
+        swk_netns(&env.state).len() <= 2,
+        "{:?}",
+        swk_netns(&env.state)
+    );
     env.rt.cleanup_all().await;
-    assert!(swk_netns().is_empty());
+    assert!(swk_netns(&env.state).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -467,11 +488,23 @@ async fn restart_after_crash_removes_containers_netns_and_veths_and_nothing_else
     assert_eq!(runc_containers(&env.state).len(), 2);
     // Two containers plus two spare namespaces made ahead.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while swk_netns().len() < 4 && Instant::now() < deadline {
+    while (swk_netns(&env.state).len() < 4 || swk_veths(&env.state).len() < 4)
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(swk_netns().len(), 4, "{:?}", swk_netns());
-    assert_eq!(swk_veths().len(), 4, "{:?}", swk_veths());
+    assert_eq!(
+        swk_netns(&env.state).len(),
+        4,
+        "{:?}",
+        swk_netns(&env.state)
+    );
+    assert_eq!(
+        swk_veths(&env.state).len(),
+        4,
+        "{:?}",
+        swk_veths(&env.state)
+    );
     // Someone else's namespace and link must survive our cleanup.
     let foreign_ns = format!("other-{}", std::process::id());
     let foreign_link = format!("othr{}", std::process::id() % 100_000);
@@ -496,8 +529,16 @@ async fn restart_after_crash_removes_containers_netns_and_veths_and_nothing_else
     .await
     .unwrap();
     assert!(runc_containers(&state).is_empty(), "containers left");
-    assert!(swk_netns().is_empty(), "netns left: {:?}", swk_netns());
-    assert!(swk_veths().is_empty(), "veths left: {:?}", swk_veths());
+    assert!(
+        swk_netns(&state).is_empty(),
+        "netns left: {:?}",
+        swk_netns(&state)
+    );
+    assert!(
+        swk_veths(&state).is_empty(),
+        "veths left: {:?}",
+        swk_veths(&state)
+    );
     let exit = tokio::time::timeout(Duration::from_secs(5), started.wait_exit())
         .await
         .expect("old container process is gone");
@@ -533,7 +574,7 @@ async fn restart_after_crash_removes_containers_netns_and_veths_and_nothing_else
     let c = rt.create(&spec("crash-c", &env.oci_image)).await.unwrap();
     serve(&rt, &c).await;
     rt.cleanup_all().await;
-    assert!(swk_netns().is_empty());
+    assert!(swk_netns(&state).is_empty());
 }
 
 const CRASH_STATE_ENV: &str = "SYNWAKE_OCI_CRASH_CHILD_STATE";
@@ -612,7 +653,7 @@ async fn restart_after_kill_9_of_the_daemon_leaves_no_container_netns_or_veth() 
         .unwrap();
     assert!(answers(addr).await, "child's container serves");
     assert_eq!(runc_containers(&state).len(), 3);
-    assert!(swk_netns().len() >= 3, "{:?}", swk_netns());
+    assert!(swk_netns(&state).len() >= 3, "{:?}", swk_netns(&state));
 
     child.kill().unwrap(); // SIGKILL: no cleanup code runs
     child.wait().unwrap();
@@ -630,15 +671,26 @@ async fn restart_after_kill_9_of_the_daemon_leaves_no_container_netns_or_veth() 
     .await
     .unwrap();
     assert!(runc_containers(&state).is_empty(), "containers left");
-    assert!(swk_netns().is_empty(), "netns left: {:?}", swk_netns());
-    assert!(swk_veths().is_empty(), "veths left: {:?}", swk_veths());
+    assert!(
+        swk_netns(&state).is_empty(),
+        "netns left: {:?}",
+        swk_netns(&state)
+    );
+    assert!(
+        swk_veths(&state).is_empty(),
+        "veths left: {:?}",
+        swk_veths(&state)
+    );
     assert!(!answers(addr).await, "the orphaned container still serves");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
         !mounts.contains(state.to_str().unwrap()),
         "overlay mount left"
     );
-    let cgroups = names_with_prefix(Path::new("/sys/fs/cgroup/memory/synwake"), "swk-");
+    let cgroups = names_with_prefix(
+        Path::new("/sys/fs/cgroup/memory/synwake"),
+        &format!("swk-{}-", config(&state).name_tag()),
+    );
     assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
     rt.cleanup_all().await;
 }
@@ -674,7 +726,7 @@ fn masquerade_rule_present() -> bool {
             "-C",
             "POSTROUTING",
             "-s",
-            "10.72.0.0/16",
+            TEST_SUBNET,
             "!",
             "-o",
             "synwake0",
