@@ -710,11 +710,24 @@ impl OciRuntime {
         let res = tokio::select! {
             r = &mut opener => r,
             exit = c.wait_exit() => {
-                // Unblock the opener thread: a writer makes its open() return.
-                let _ = std::fs::OpenOptions::new()
-                    .write(true)
-                    .custom_flags_nonblock()
-                    .open(&fifo);
+                // Either the process started and already finished (a short command), or
+                // init died before the start. Only the fifo's content tells: unblock the
+                // opener (a writer makes its open() return) and look at what it read.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+                let read = loop {
+                    let _ = std::fs::OpenOptions::new()
+                        .write(true)
+                        .custom_flags_nonblock()
+                        .open(&fifo);
+                    match tokio::time::timeout(Duration::from_millis(10), &mut opener).await {
+                        Ok(r) => break Some(r),
+                        Err(_) if tokio::time::Instant::now() >= deadline => break None,
+                        Err(_) => {}
+                    }
+                };
+                if matches!(&read, Some(Ok(Ok(buf))) if !buf.is_empty()) {
+                    return Ok(());
+                }
                 c.output_settled(Duration::from_millis(500)).await;
                 return Err(OciError::Exited {
                     container: id,

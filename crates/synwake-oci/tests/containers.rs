@@ -796,3 +796,29 @@ async fn outbound_nat_adds_and_removes_the_masquerade_rule() {
     assert!(!masquerade_rule_present());
     without.cleanup_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_a_container_whose_init_died_reports_the_exit() {
+    if !can_run("dead_init") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let env = setup().await;
+    let c = env.rt.create(&spec("dead", &env.oci_image)).await.unwrap();
+    // SAFETY: plain kill(2) of the container's init, which this test owns.
+    assert_eq!(unsafe { libc::kill(c.pid(), libc::SIGKILL) }, 0);
+    let exit = tokio::time::timeout(Duration::from_secs(5), c.wait_exit())
+        .await
+        .unwrap();
+    assert_eq!(exit.signal, Some(libc::SIGKILL));
+    let err = tokio::time::timeout(Duration::from_secs(5), env.rt.start(&c))
+        .await
+        .expect("start returns")
+        .expect_err("start of a dead container fails");
+    assert!(
+        matches!(err, synwake_oci::OciError::Exited { .. }),
+        "{err:?}"
+    );
+    env.rt.stop(c, Duration::ZERO).await.unwrap();
+    env.rt.cleanup_all().await;
+}
