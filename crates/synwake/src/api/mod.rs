@@ -90,15 +90,8 @@ impl Api {
             if let Some(resp) = self.check_auth(&req) {
                 return resp;
             }
-            if let Some(ns) = query_param(req.uri().query(), "namespace") {
-                if !ns.is_empty() && ns != NAMESPACE {
-                    return text_response(
-                        StatusCode::NOT_FOUND,
-                        format!(
-                            "namespace {ns:?} not found; synwake has one namespace, {NAMESPACE:?}"
-                        ),
-                    );
-                }
+            if let Some(r) = other_namespace(query_param(req.uri().query(), "namespace")) {
+                return r;
             }
         }
         let method = req.method().clone();
@@ -184,6 +177,9 @@ impl Api {
                 )
             }
         };
+        if let Some(r) = other_namespace(d.namespace.clone()) {
+            return r;
+        }
         let unused = d.unused_fields();
         let spec = match d.into_spec(&self.defaults) {
             Ok(s) => s,
@@ -314,22 +310,27 @@ impl Api {
         #[serde(rename_all = "camelCase")]
         struct Delete {
             function_name: Option<String>,
+            namespace: Option<String>,
         }
         let body = match read_body(req).await {
             Ok(b) => b,
             Err(r) => return r,
         };
-        let name = match serde_json::from_slice::<Delete>(&body) {
-            Ok(Delete {
-                function_name: Some(n),
-            }) if !n.is_empty() => n,
-            Ok(_) => {
+        let delete = match serde_json::from_slice::<Delete>(&body) {
+            Ok(d) => d,
+            Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+        };
+        if let Some(r) = other_namespace(delete.namespace) {
+            return r;
+        }
+        let name = match delete.function_name {
+            Some(n) if !n.is_empty() => n,
+            _ => {
                 return text_response(
                     StatusCode::BAD_REQUEST,
                     "invalid field `functionName`: required",
                 )
             }
-            Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
         };
         let _w = self.write_lock.lock().await;
         match self.lc().get(&name).map(|f| f.spec().source) {
@@ -359,6 +360,7 @@ impl Api {
         struct Scale {
             service_name: Option<String>,
             replicas: Option<i64>,
+            namespace: Option<String>,
         }
         let body = match read_body(req).await {
             Ok(b) => b,
@@ -368,6 +370,9 @@ impl Api {
             Ok(s) => s,
             Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
         };
+        if let Some(r) = other_namespace(s.namespace) {
+            return r;
+        }
         if let Some(sn) = &s.service_name {
             if !sn.is_empty() && sn != name {
                 return text_response(
@@ -405,6 +410,15 @@ impl Api {
             ),
         }
     }
+}
+
+/// 404 for a namespace other than synwake's one (none or empty means that one).
+fn other_namespace(ns: Option<String>) -> Option<Response<ProxyBody>> {
+    let ns = ns.filter(|ns| !ns.is_empty() && ns != NAMESPACE)?;
+    Some(text_response(
+        StatusCode::NOT_FOUND,
+        format!("namespace {ns:?} not found; synwake has one namespace, {NAMESPACE:?}"),
+    ))
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<ProxyBody>> {
