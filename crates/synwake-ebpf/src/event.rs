@@ -169,6 +169,16 @@ impl ProbeEvents {
         }
     }
 
+    /// The ring buffer's fd: readable (epoll/poll) when events are buffered. For a caller
+    /// that waits on its own thread instead of through [`ProbeEvents::next`].
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        match &self.ring {
+            Ring::Plain(ring) => ring.as_raw_fd(),
+            Ring::Registered(fd) => fd.get_ref().as_raw_fd(),
+            Ring::Empty => -1,
+        }
+    }
+
     /// The next event if one is buffered; never waits and needs no runtime.
     pub fn try_next(&mut self) -> Result<Option<ProbeEvent>, EventError> {
         let Some(item) = self.ring_mut().next() else {

@@ -101,7 +101,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    // Functions' own ports listen before the API answers /healthz.
+    // The probe watches, and functions' own ports listen, before the API answers /healthz.
+    let probe = crate::probe::start(&config, lifecycle.clone(), metrics.clone());
     let mut ports = PortListeners::new(
         proxy.clone(),
         config.gateway.wake_on_accept,
@@ -149,7 +150,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         conns.clone(),
     )));
     tasks.push(tokio::spawn(ports.run()));
-    let probe = crate::probe::start(&config, lifecycle.clone(), metrics.clone());
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

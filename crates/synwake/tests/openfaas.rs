@@ -566,7 +566,7 @@ fn logs_tail_follow_and_cli() {
     );
     // The CLI follows too.
     let mut cli_follow = Command::new(synwake_bin())
-        .args(["logs", name, "-f", "--tail", "0"])
+        .args(["logs", name, "-f", "--tail", "1"])
         .env("SYNWAKE_URL", format!("http://127.0.0.1:{}", d.api))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -581,8 +581,14 @@ fn logs_tail_follow_and_cli() {
             }
         }
     });
-    // The CLI's request is in once its connection is established on the API port.
-    std::thread::sleep(Duration::from_millis(500));
+    // The backlog line printed means the daemon has subscribed the CLI to new lines.
+    let printed = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("synwake logs -f printed the backlog");
+    assert!(
+        printed.contains(text) && printed.contains(second),
+        "{printed}"
+    );
 
     let second_pid = get(d.api, &format!("/function/{name}/pid")).pid();
     let r = d.api_json(

@@ -195,7 +195,7 @@ impl PortListeners {
                         // an interface the probe does not watch.
                         let (lc, name) = (lc.clone(), name.clone());
                         tokio::spawn(async move {
-                            tokio::time::sleep(std::time::Duration::from_micros(500)).await;
+                            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                             lc.wake(&name, Trigger::Accept, at);
                         });
                     } else {

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use synwake_ebpf::{AttachMode, Probe, ProbeConfig, ProbeEvent, ProbeTrigger};
+use synwake_ebpf::{AttachMode, Probe, ProbeConfig, ProbeEvent, ProbeEvents, ProbeTrigger};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -23,6 +23,8 @@ use crate::metrics::Metrics;
 /// A running probe; dropping it stops the tasks and detaches the programs.
 pub struct ProbeHandle {
     tasks: Vec<JoinHandle<()>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
     attachments: Vec<(String, &'static str)>,
     /// Keeps the programs attached until the handle drops.
     _probe: Arc<Probe>,
@@ -39,6 +41,11 @@ impl Drop for ProbeHandle {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
+        }
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(r) = self.reader.take() {
+            // Wakes within one poll timeout (100 ms).
+            let _ = r.join();
         }
     }
 }
@@ -93,9 +100,10 @@ pub fn start(config: &Config, lifecycle: Lifecycle, metrics: Arc<Metrics>) -> Op
         tracing::info!("probe attached to {iface} ({mode})");
     }
     let probe = Arc::new(probe);
-    lifecycle.set_probe_active(true);
     let dir = Arc::new(RwLock::new(Directory::default()));
 
+    // Watch the cold functions now, so a SYN right after startup is seen.
+    sync_maps(&probe, &dir, &lifecycle);
     let sync = {
         let (probe, dir, lc) = (probe.clone(), dir.clone(), lifecycle.clone());
         tokio::spawn(async move {
@@ -110,40 +118,89 @@ pub fn start(config: &Config, lifecycle: Lifecycle, metrics: Arc<Metrics>) -> Op
             }
         })
     };
+    // The reader is a plain thread blocked in poll(2) on the ring buffer: a SYN reaches
+    // `wake` without waiting for an async worker to be scheduled (the hot path's largest
+    // cost under load). The wake itself spawns the start onto the runtime.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
-        let (probe, dir, lc, metrics) = (probe.clone(), dir.clone(), lifecycle, metrics);
-        tokio::spawn(async move {
-            use std::sync::atomic::Ordering::Relaxed;
-            let refresh = |probe: &Probe| {
-                if let Ok(s) = probe.stats() {
-                    metrics.probe_events.store(s.events_total, Relaxed);
-                    metrics
-                        .probe_lost_events
-                        .store(s.lost_events_total, Relaxed);
-                }
-            };
-            // Events only come for cold functions, so reading the counters after each one
-            // is cheap; the timer catches lost events, which produce no event to read.
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    r = events.next() => match r {
-                        Ok(ev) => {
-                            on_event(&ev, &dir, &lc);
-                            refresh(&probe);
-                        }
-                        Err(e) => tracing::warn!("probe event dropped: {}", error_chain(&e)),
-                    },
-                    _ = tick.tick() => refresh(&probe),
-                }
-            }
-        })
+        let (probe, dir, lc, stop) = (probe.clone(), dir.clone(), lifecycle.clone(), stop.clone());
+        let handle = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("synwake-probe".into())
+            .spawn(move || {
+                let _rt = handle.enter();
+                read_events(&mut events, &probe, &dir, &lc, &metrics, &stop);
+            })
     };
+    let reader = match reader {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("probe unavailable: cannot start its reader thread: {e}");
+            sync.abort();
+            return None;
+        }
+    };
+    lifecycle.set_probe_active(true);
     Some(ProbeHandle {
-        tasks: vec![sync, reader],
+        tasks: vec![sync],
+        reader: Some(reader),
+        stop,
         attachments,
         _probe: probe,
     })
+}
+
+/// Drains the ring buffer whenever poll(2) says it is readable. Counters are refreshed at
+/// most every 100 ms (every second when idle, for lost events), off the SYN's path.
+fn read_events(
+    events: &mut ProbeEvents,
+    probe: &Probe,
+    dir: &RwLock<Directory>,
+    lc: &Lifecycle,
+    metrics: &Metrics,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let fd = events.raw_fd();
+    let mut last_refresh = std::time::Instant::now();
+    let mut dirty = false;
+    while !stop.load(Relaxed) {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; the fd lives as long as `events`.
+        let n = unsafe { libc::poll(&mut pfd, 1, 100) };
+        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            tracing::warn!(
+                "probe: poll on the ring buffer failed: {}",
+                std::io::Error::last_os_error()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        loop {
+            match events.try_next() {
+                Ok(Some(ev)) => {
+                    on_event(&ev, dir, lc);
+                    dirty = true;
+                }
+                Ok(None) => break,
+                Err(e) => tracing::warn!("probe event dropped: {}", error_chain(&e)),
+            }
+        }
+        let since = last_refresh.elapsed();
+        if (dirty && since >= Duration::from_millis(100)) || since >= Duration::from_secs(1) {
+            if let Ok(s) = probe.stats() {
+                metrics.probe_events.store(s.events_total, Relaxed);
+                metrics
+                    .probe_lost_events
+                    .store(s.lost_events_total, Relaxed);
+            }
+            last_refresh = std::time::Instant::now();
+            dirty = false;
+        }
+    }
 }
 
 /// SYN -> wake. The wake's time is the SYN's arrival, so the lifecycle can tell how much
