@@ -134,8 +134,13 @@ impl FunctionDeployment {
             None if self.image.is_some() => RuntimeKind::Oci,
             None => RuntimeKind::Process,
         };
-        let command = match &self.env_process {
-            Some(p) => split_command(p).map_err(|m| field_err("envProcess", m))?,
+        // A container's command: the com.synwake.command annotation, else envProcess.
+        let command_line = match (runtime, ann("command")) {
+            (RuntimeKind::Oci, Some(c)) => Some(("annotations.com.synwake.command", c)),
+            _ => self.env_process.as_deref().map(|p| ("envProcess", p)),
+        };
+        let command = match command_line {
+            Some((field, line)) => split_command(line).map_err(|m| field_err(field, m))?,
             None => Vec::new(),
         };
         if runtime == RuntimeKind::Process && command.is_empty() {
@@ -188,14 +193,7 @@ impl FunctionDeployment {
             name,
             port,
             runtime,
-            command: if runtime == RuntimeKind::Oci
-                && ann("command").is_none()
-                && self.env_process.is_none()
-            {
-                Vec::new()
-            } else {
-                command
-            },
+            command,
             env: self.env_vars.clone().unwrap_or_default(),
             readiness_path: ann("readiness-path").map(str::to_string),
             max_instances,
@@ -400,5 +398,24 @@ mod tests {
         assert_eq!(s.oci.memory_bytes, Some(64 << 20));
         assert_eq!(s.oci.cpus, Some(0.5));
         assert_eq!(s.oci.pool, 1);
+        assert!(s.command.is_empty(), "the image's own command");
+    }
+
+    #[test]
+    fn oci_command_from_annotation_or_env_process() {
+        let d: FunctionDeployment = serde_json::from_str(
+            r#"{"service":"f","image":"/x.tar","annotations":{"com.synwake.runtime":"oci",
+               "com.synwake.command":"/bin/httpd -f -p 8080"},"envProcess":"ignored"}"#,
+        )
+        .unwrap();
+        let s = d.into_spec(&Policy::default()).unwrap();
+        assert_eq!(s.command, ["/bin/httpd", "-f", "-p", "8080"]);
+        let d: FunctionDeployment = serde_json::from_str(
+            r#"{"service":"f","image":"/x.tar","annotations":{"com.synwake.runtime":"oci"},
+               "envProcess":"/bin/httpd -f"}"#,
+        )
+        .unwrap();
+        let s = d.into_spec(&Policy::default()).unwrap();
+        assert_eq!(s.command, ["/bin/httpd", "-f"]);
     }
 }
