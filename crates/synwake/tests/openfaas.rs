@@ -543,6 +543,15 @@ fn logs_tail_follow_and_cli() {
         .iter()
         .all(|l| l["timestamp"].as_str() >= Some(since)));
     assert!(!recent.iter().any(|l| l == listening[0]), "{recent:?}");
+    // Go clients format `since` in local time: the same instant as +01:00.
+    let plus_one = humantime::format_rfc3339_nanos(
+        humantime::parse_rfc3339(since).unwrap() + Duration::from_secs(3600),
+    )
+    .to_string();
+    let plus_one = format!("{}%2B01:00", plus_one.trim_end_matches('Z'));
+    let r = d.api_get(&format!("/system/logs?name={name}&since={plus_one}"));
+    assert_eq!(r.status, 200, "since={plus_one}: {}", r.text());
+    assert_eq!(ndjson(&r), recent, "since={plus_one}");
     assert_eq!(d.api_get("/system/logs?name=nosuch").status, 404);
     assert_eq!(d.api_get("/system/logs").status, 400);
 

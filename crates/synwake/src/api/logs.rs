@@ -1,6 +1,8 @@
 //! GET /system/logs: newline-delimited JSON of a function's recent output, optionally
 //! followed live until the client goes away.
 
+use std::time::{Duration, SystemTime};
+
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
@@ -24,6 +26,33 @@ fn to_json(l: &LogLine) -> Bytes {
     .expect("json");
     v.push(b'\n');
     Bytes::from(v)
+}
+
+/// RFC 3339 with `Z` or a numeric offset (Go clients send local time, e.g. `+01:00`;
+/// an unescaped `+` arrives as a space).
+fn parse_since(s: &str) -> Result<SystemTime, String> {
+    let b = s.as_bytes();
+    let offset = (b.len() > 6 && b[b.len() - 3] == b':')
+        .then(|| {
+            let sign = match b[b.len() - 6] {
+                b'+' | b' ' => 1i64,
+                b'-' => -1,
+                _ => return None,
+            };
+            let hh: u64 = s.get(b.len() - 5..b.len() - 3)?.parse().ok()?;
+            let mm: u64 = s.get(b.len() - 2..)?.parse().ok()?;
+            Some((sign, Duration::from_secs(hh * 3600 + mm * 60)))
+        })
+        .flatten();
+    match offset {
+        None => humantime::parse_rfc3339_weak(s).map_err(|e| e.to_string()),
+        Some((sign, off)) => {
+            let local =
+                humantime::parse_rfc3339_weak(&s[..s.len() - 6]).map_err(|e| e.to_string())?;
+            // local = UTC + offset
+            Ok(if sign > 0 { local - off } else { local + off })
+        }
+    }
 }
 
 pub fn serve(lc: &Lifecycle, query: Option<&str>) -> Response<ProxyBody> {
@@ -52,7 +81,7 @@ pub fn serve(lc: &Lifecycle, query: Option<&str>) -> Response<ProxyBody> {
     };
     let since = match query_param(query, "since").filter(|s| !s.is_empty()) {
         None => None,
-        Some(s) => match humantime::parse_rfc3339_weak(&s) {
+        Some(s) => match parse_since(&s) {
             Ok(t) => Some(t),
             Err(e) => {
                 return text_response(
@@ -112,4 +141,20 @@ pub fn serve(lc: &Lifecycle, query: Option<&str>) -> Response<ProxyBody> {
         .header(http::header::CONTENT_TYPE, "application/x-ndjson")
         .body(StreamBody::new(stream).boxed())
         .unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_since;
+
+    #[test]
+    fn since_takes_z_and_offsets() {
+        let z = parse_since("2026-11-28T06:04:04.5Z").unwrap();
+        assert_eq!(parse_since("2026-11-28T07:04:04.5+01:00").unwrap(), z);
+        assert_eq!(parse_since("2026-11-28T07:04:04.5 01:00").unwrap(), z);
+        assert_eq!(parse_since("2026-11-28T00:34:04.5-05:30").unwrap(), z);
+        assert_eq!(parse_since("2026-11-28T06:04:04.5").unwrap(), z);
+        assert!(parse_since("yesterday").is_err());
+        assert!(parse_since("2026-11-28T07:04:04+1x:00").is_err());
+    }
 }
