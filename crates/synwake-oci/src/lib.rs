@@ -77,4 +77,6 @@ mod sys;
 
 pub use image::{Image, ImageConfig, ImageError, ImageStore};
 pub use pool::Pool;
-pub use runtime::{Container, ContainerSpec, ExitInfo, OciConfig, OciError, OciRuntime, Recovered};
+pub use runtime::{
+    Container, ContainerSpec, ExitInfo, OciConfig, OciError, OciRuntime, OutputHook, Recovered,
+};

@@ -20,6 +20,9 @@ use crate::net::{self, Lease, NetError, Network};
 use crate::spec::{self, SpecError};
 use crate::sys::{self, WaitStatus};
 
+/// Receives each line a container writes, once set with [`Container::set_output_hook`].
+pub type OutputHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// Lines of container output kept in memory per container for [`Container::output_tail`].
 pub const OUTPUT_LINES: usize = 200;
 
@@ -195,6 +198,7 @@ struct ContainerInner {
     exit: watch::Receiver<Option<ExitInfo>>,
     output: Arc<Mutex<VecDeque<String>>>,
     output_done: watch::Receiver<bool>,
+    hook: Arc<Mutex<Option<OutputHook>>>,
     started: AtomicBool,
     /// Set by the first `stop`: resources are released exactly once.
     removed: AtomicBool,
@@ -268,6 +272,12 @@ impl Container {
             // The monitor is gone without a verdict: only if the runtime is shutting down.
             Err(_) => self.exited().unwrap_or_default(),
         }
+    }
+
+    /// Sends every line the container writes from now on to `hook` too (the daemon's
+    /// per-function log buffer). Set it when the container is taken for an instance.
+    pub fn set_output_hook(&self, hook: OutputHook) {
+        *self.inner.hook.lock().expect("hook lock") = Some(hook);
     }
 
     /// The last `n` lines the container wrote to stdout/stderr (oldest first).
@@ -581,12 +591,14 @@ impl OciRuntime {
         let (read_end, write_end) = sys::pipe().map_err(spawn_err)?;
         let output = Arc::new(Mutex::new(VecDeque::with_capacity(OUTPUT_LINES)));
         let (done_tx, done_rx) = watch::channel(false);
+        let hook: Arc<Mutex<Option<OutputHook>>> = Arc::new(Mutex::new(None));
         spawn_output_forwarder(
             read_end,
             rt.logs.join(format!("{id}.log")),
             spec.function.clone(),
             id.to_string(),
             output.clone(),
+            hook.clone(),
             done_tx,
         )
         .map_err(spawn_err)?;
@@ -663,6 +675,7 @@ impl OciRuntime {
                 exit: exit_rx,
                 output,
                 output_done: done_rx,
+                hook,
                 started: AtomicBool::new(false),
                 removed: AtomicBool::new(false),
             }),
@@ -1041,6 +1054,7 @@ fn spawn_output_forwarder(
     function: String,
     id: String,
     tail: Arc<Mutex<VecDeque<String>>>,
+    hook: Arc<Mutex<Option<OutputHook>>>,
     done: watch::Sender<bool>,
 ) -> std::io::Result<()> {
     let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(read_end)?;
@@ -1063,7 +1077,14 @@ fn spawn_output_forwarder(
                 let _ = f.write_all(&buf);
             }
             let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-            tracing::info!(target: "function", function = %function, container = %id, "{line}");
+            let h = hook.lock().expect("hook lock").clone();
+            match h {
+                // The hook logs the line itself, with the daemon's prefix.
+                Some(h) => h(&line),
+                None => {
+                    tracing::info!(target: "function", function = %function, container = %id, "{line}")
+                }
+            }
             let mut t = tail.lock().expect("output lock");
             if t.len() == OUTPUT_LINES {
                 t.pop_front();

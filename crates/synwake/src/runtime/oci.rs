@@ -138,7 +138,7 @@ impl Runtime for OciFunctions {
         &self,
         spec: &FunctionSpec,
         instance: u64,
-        _output: OutputSink,
+        output: OutputSink,
     ) -> Result<Arc<dyn Instance>, StartError> {
         let image = self.image(spec).await?;
         let cspec = Self::container_spec(spec, image, instance);
@@ -156,6 +156,9 @@ impl Runtime for OciFunctions {
             // Keep the next cold start (or scale-out) cheap.
             self.pool.refill(cspec, spec.oci.pool as usize);
         }
+        container.set_output_hook(Arc::new(move |line: &str| {
+            output.line("output", line.to_string())
+        }));
         if let Err(e) = self.rt.start(&container).await {
             let _ = self.rt.stop(container, Duration::ZERO).await;
             return Err(Self::err(spec, chain(&e)));
