@@ -304,11 +304,9 @@ fn faas_cli_deploy_describe_invoke_scale_remove() {
     assert_eq!(get(d.shared, "/system/info").status, 404);
 
     // Redeploy: PUT of a known function updates it and replaces the running instance.
-    let r = d.api_json(
-        "PUT",
-        "/system/functions",
-        &faas_cli_deployment(name, Some("two")),
-    );
+    let mut update: Value = serde_json::from_str(&faas_cli_deployment(name, Some("two"))).unwrap();
+    update["limits"] = json!({ "memory": "64Mi", "cpu": null });
+    let r = d.api_json("PUT", "/system/functions", &update.to_string());
     assert!(
         matches!(r.status, 200..=202),
         "PUT update: {} {}",
@@ -330,6 +328,12 @@ fn faas_cli_deploy_describe_invoke_scale_remove() {
         .filter(|l| l.contains("\"network\"") && l.contains("not used"))
         .count();
     assert_eq!(notes, 1, "notes of the unused field `network`:\n{log}");
+    // The process runtime does not enforce limits: noted as unused too.
+    let limits_notes = log
+        .lines()
+        .filter(|l| l.contains("\"limits\"") && l.contains("not used"))
+        .count();
+    assert_eq!(limits_notes, 1, "notes of `limits`:\n{log}");
     // Empty lists, nulls and false are not worth a note.
     for quiet in [
         "constraints",
