@@ -1,8 +1,10 @@
 //! The state directory: every path synwake writes lives here, and every write is crash-safe.
 //!
-//!     <state_dir>/functions.json   functions deployed through the API
-//!     <state_dir>/run/             pid files of live process instances
-//!     <state_dir>/oci/             image cache, bundles (oci runtime)
+//! ```text
+//! <state_dir>/functions.json   functions deployed through the API
+//! <state_dir>/run/             pid files of live process instances
+//! <state_dir>/oci/             image cache, bundles (oci runtime)
+//! ```
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
