@@ -1,0 +1,976 @@
+//! The daemon with the `oci` runtime, real runc and real namespaces: cold requests served
+//! from inside a container (oci-archive and docker-archive), pooled cold starts, memory
+//! limits, deploys through the API (good, corrupt, exiting at once), crash recovery and
+//! clean shutdown. Needs root, runc, iproute2, iptables, busybox-static and the cgroup v1
+//! memory controller; with CI=true a missing prerequisite fails the test, otherwise it is
+//! skipped loudly.
+//!
+//! Every daemon gets its own state dir (so its own name tag, see
+//! `synwake_oci::OciConfig::name_tag`) and its own /24 of 10.75.0.0/16; dropping an
+//! [`OciDaemon`] sends SIGTERM and asserts that no container, netns, veth or cgroup of it
+//! is left.
+//!
+//! The cold-start benchmark behind docs/benchmarks-oci.md is the ignored test
+//! `cold_start_benchmark` at the end.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use common::{alive, metric, wait_until, Daemon, Resp};
+use serde_json::{json, Value};
+use synwake_oci::fixture::{self, Layer};
+use synwake_oci::OciConfig;
+
+/// Daemons with containers are heavy on a 2-core machine and the pool test compares
+/// timings: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn missing_prerequisite() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root".into());
+    }
+    for (bin, arg) in [
+        ("runc", "--version"),
+        ("ip", "-V"),
+        ("iptables", "--version"),
+    ] {
+        match Command::new(bin).arg(arg).output() {
+            Ok(o) if o.status.success() => {}
+            _ => return Some(format!("`{bin}` not runnable")),
+        }
+    }
+    if !Path::new(fixture::BUSYBOX).exists() {
+        return Some(format!("{} missing (busybox-static)", fixture::BUSYBOX));
+    }
+    if !Path::new("/sys/fs/cgroup/memory").is_dir() {
+        return Some("no cgroup v1 memory controller".into());
+    }
+    None
+}
+
+fn can_run(test: &str) -> bool {
+    let Some(reason) = missing_prerequisite() else {
+        return true;
+    };
+    let msg = format!("!!! SKIPPING privileged OCI daemon test `{test}`: {reason} !!!");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{msg} (CI=true: privileged tests must run)");
+    }
+    eprintln!("{msg}");
+    false
+}
+
+/// CGI `/cgi-bin/hog?<MiB>`: allocates and touches that much (dd's block buffer) before
+/// writing anything. The fixture's `/cgi-bin/eat` prints its headers first, so busybox
+/// httpd has sent `200 OK` before the OOM kill and the client sees a 200 with an empty
+/// body; here an OOM kill leaves the response unstarted (dd killed: sleep, silently,
+/// until the runtime kills the whole container).
+const CGI_HOG: &str = "#!/bin/sh\n\
+/bin/busybox dd if=/dev/zero of=/dev/null bs=${QUERY_STRING:-256}M count=1 2>/dev/null \
+|| exec /bin/busybox sleep 30\n\
+echo 'Content-Type: text/plain'\n\
+echo\n\
+echo \"allocated ${QUERY_STRING:-256} MiB\"\n";
+
+/// The fixture function (busybox httpd with /cgi-bin/ns and /cgi-bin/eat) plus a second
+/// layer with [`CGI_HOG`], as both archive formats, in a directory of its own.
+struct Images {
+    dir: tempfile::TempDir,
+    oci: PathBuf,
+    docker: PathBuf,
+}
+
+impl Images {
+    fn write() -> Images {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = fixture::busybox_layer().expect("busybox layer");
+        let hog = fixture::TarBuilder::new()
+            .dir("www")
+            .dir("www/cgi-bin")
+            .file("www/cgi-bin/hog", 0o755, CGI_HOG.as_bytes())
+            .finish();
+        let gz = vec![
+            Layer::new(base.clone(), true),
+            Layer::new(hog.clone(), true),
+        ];
+        let oci = dir.path().join("fn.oci.tar");
+        fixture::write_oci_archive(&oci, &gz, &fixture::function_config(&gz))
+            .expect("write oci-archive");
+        let plain = vec![Layer::new(base, false), Layer::new(hog, false)];
+        let docker = dir.path().join("fn.docker.tar");
+        fixture::write_docker_archive(&docker, &plain, &fixture::function_config(&plain))
+            .expect("write docker-archive");
+        Images { dir, oci, docker }
+    }
+}
+
+/// A `[[function]]` table for the oci runtime. busybox httpd as PID 1 ignores SIGTERM,
+/// so a short stop_grace keeps scale-to-zero and shutdown quick.
+fn oci_function(name: &str, image: &Path, extra: &str) -> String {
+    format!(
+        "[[function]]\nname = \"{name}\"\nruntime = \"oci\"\nimage = {:?}\nstop_grace = \"100ms\"\n{extra}\n",
+        image.display().to_string()
+    )
+}
+
+/// One `runc list` entry.
+#[derive(Debug, Clone, PartialEq)]
+struct RuncContainer {
+    id: String,
+    pid: i32,
+    status: String,
+    created: String,
+}
+
+fn runc_list(root: &Path) -> Vec<RuncContainer> {
+    if !root.is_dir() {
+        return Vec::new();
+    }
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["list", "--format", "json"])
+        .output()
+        .expect("run runc list");
+    assert!(
+        out.status.success(),
+        "runc list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| RuncContainer {
+                    id: c["id"].as_str().unwrap_or_default().to_string(),
+                    pid: c["pid"].as_i64().unwrap_or(0) as i32,
+                    status: c["status"].as_str().unwrap_or_default().to_string(),
+                    created: c["created"].as_str().unwrap_or_default().to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn names_with_prefix(dir: &Path, prefix: &str) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `<controller>/synwake/<name>` cgroup dirs whose name starts with `prefix`.
+fn cgroups_with_prefix(prefix: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for ctrl in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for n in names_with_prefix(&ctrl.path().join("synwake"), prefix) {
+            out.insert(format!(
+                "{}/synwake/{n}",
+                ctrl.file_name().to_string_lossy()
+            ));
+        }
+    }
+    out
+}
+
+/// What one runtime (one name tag) holds on the host.
+#[derive(Debug, Default)]
+struct HostObjects {
+    containers: Vec<RuncContainer>,
+    netns: BTreeSet<String>,
+    veths: BTreeSet<String>,
+    cgroups: BTreeSet<String>,
+}
+
+impl HostObjects {
+    fn of(oci_state: &Path, tag: &str) -> HostObjects {
+        HostObjects {
+            containers: runc_list(&oci_state.join("runc")),
+            netns: names_with_prefix(Path::new("/run/netns"), &format!("swk-{tag}-")),
+            veths: names_with_prefix(Path::new("/sys/class/net"), &format!("swkv{tag}")),
+            cgroups: cgroups_with_prefix(&format!("swk-{tag}-")),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.containers.is_empty()
+            && self.netns.is_empty()
+            && self.veths.is_empty()
+            && self.cgroups.is_empty()
+    }
+
+    /// Removes all of it (after a failure), so one failing test does not leak into others.
+    fn remove(&self, oci_state: &Path) {
+        for c in &self.containers {
+            let _ = Command::new("runc")
+                .arg("--root")
+                .arg(oci_state.join("runc"))
+                .args(["delete", "-f", &c.id])
+                .status();
+        }
+        for n in &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+        for v in &self.veths {
+            let _ = Command::new("ip").args(["link", "del", v]).status();
+        }
+        for c in &self.cgroups {
+            let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(c));
+        }
+    }
+}
+
+/// A `synwake up` with the oci runtime on its own subnet. Dropping it sends SIGTERM and
+/// asserts the daemon exited 0 and left no container, netns, veth or cgroup.
+struct OciDaemon {
+    d: Daemon,
+    images: Images,
+    tag: String,
+    running: bool,
+}
+
+impl OciDaemon {
+    /// `net` picks the instance subnet 10.75.<net>.0/24; `functions` builds the
+    /// `[[function]]` tables from the image paths.
+    fn start(net: u8, functions: impl FnOnce(&Images) -> String) -> OciDaemon {
+        let images = Images::write();
+        let body = format!(
+            "[oci]\nsubnet = \"10.75.{net}.0/24\"\n\n{}",
+            functions(&images)
+        );
+        let d = Daemon::start(&body);
+        let tag = OciConfig {
+            state_dir: d.state_dir().join("oci"),
+            ..OciConfig::default()
+        }
+        .name_tag();
+        OciDaemon {
+            d,
+            images,
+            tag,
+            running: true,
+        }
+    }
+
+    fn oci_state(&self) -> PathBuf {
+        self.d.state_dir().join("oci")
+    }
+
+    fn host_objects(&self) -> HostObjects {
+        HostObjects::of(&self.oci_state(), &self.tag)
+    }
+
+    /// Containers of `function` (ids are `swk-<tag>-<function>-<n>`).
+    fn containers_of(&self, function: &str) -> Vec<RuncContainer> {
+        let prefix = format!("swk-{}-{function}-", self.tag);
+        runc_list(&self.oci_state().join("runc"))
+            .into_iter()
+            .filter(|c| c.id.starts_with(&prefix))
+            .collect()
+    }
+
+    /// Waits until `function` has a created-but-not-started container in its pool.
+    fn wait_pooled(&self, function: &str) {
+        assert!(
+            wait_until(Duration::from_secs(15), || self
+                .containers_of(function)
+                .iter()
+                .any(|c| c.status == "created")),
+            "no pooled container of {function}: {:?}",
+            self.containers_of(function)
+        );
+    }
+
+    fn call_ok(&self, function: &str, path: &str) -> Resp {
+        let r = self.d.call(function, path);
+        assert_eq!(r.status, 200, "GET {function}{path}: {}", r.text());
+        r
+    }
+
+    /// POST /system/scale-function/<f> replicas 0, then waits for availableReplicas 0.
+    fn scale_to_zero(&self, function: &str) {
+        let r = self.d.api_json(
+            "POST",
+            &format!("/system/scale-function/{function}"),
+            &json!({ "serviceName": function, "replicas": 0 }).to_string(),
+        );
+        assert!(
+            matches!(r.status, 200..=202),
+            "scale {function} to 0: {} {}",
+            r.status,
+            r.text()
+        );
+        assert!(
+            wait_until(Duration::from_secs(15), || self.d.available(function) == 0),
+            "{function} still has replicas: {}",
+            self.d.status(function)
+        );
+    }
+
+    fn metric(&self, series: &str) -> f64 {
+        metric(&self.d.metrics(), series).unwrap_or(0.0)
+    }
+
+    fn start_seconds_sum(&self, function: &str) -> f64 {
+        self.metric(&format!(
+            "synwake_instance_start_seconds_sum{{function=\"{function}\",runtime=\"oci\"}}"
+        ))
+    }
+
+    fn kill_9(&mut self) {
+        self.running = false;
+        self.d
+            .stop_with(libc::SIGKILL, Duration::from_secs(5))
+            .expect("daemon dies on SIGKILL");
+    }
+
+    fn respawn(&mut self) {
+        self.d.spawn();
+        self.running = true;
+    }
+
+    /// SIGTERM and wait; None if it had to be killed.
+    fn sigterm(&mut self) -> Option<ExitStatus> {
+        self.running = false;
+        self.d.stop_with(libc::SIGTERM, Duration::from_secs(20))
+    }
+}
+
+impl Drop for OciDaemon {
+    fn drop(&mut self) {
+        let status = if self.running { self.sigterm() } else { None };
+        let left = self.host_objects();
+        if !left.is_empty() {
+            left.remove(&self.oci_state());
+        }
+        if std::thread::panicking() {
+            return;
+        }
+        if let Some(status) = status {
+            assert_eq!(
+                status.code(),
+                Some(0),
+                "synwake exit after SIGTERM ({status:?}, signal {:?}):\n{}",
+                status.signal(),
+                self.d.log()
+            );
+        }
+        assert!(
+            left.is_empty(),
+            "synwake left after shutdown: {left:#?}\n{}",
+            self.d.log()
+        );
+    }
+}
+
+/// `mnt=` and `net=` from /cgi-bin/ns.
+fn namespaces(body: &str) -> (String, String) {
+    let get = |key: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {body:?}"))
+            .trim()
+            .to_string()
+    };
+    (get("mnt="), get("net="))
+}
+
+fn ns_of(pid: i32, kind: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .expect("read ns link")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn median(v: &[f64]) -> f64 {
+    percentile(v, 0.5)
+}
+
+/// Nearest-rank percentile.
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((p * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[rank - 1]
+}
+
+#[test]
+fn cold_request_is_served_from_inside_a_container() {
+    if !can_run("cold_request_is_served_from_inside_a_container") {
+        return;
+    }
+    let _serial = serial();
+    let d = OciDaemon::start(1, |img| {
+        oci_function("nsoci", &img.oci, "") + &oci_function("nsdocker", &img.docker, "")
+    });
+    let daemon = d.d.pid();
+    let (host_mnt, host_net) = (ns_of(daemon, "mnt"), ns_of(daemon, "net"));
+    for f in ["nsoci", "nsdocker"] {
+        assert_eq!(d.d.available(f), 0, "{f} should start cold");
+        assert!(
+            d.containers_of(f).is_empty(),
+            "{f} has a container before any request"
+        );
+        let r = d.call_ok(f, "/cgi-bin/ns");
+        assert_eq!(r.header("x-synwake-cold-start"), Some("true"), "{f}");
+        let (mnt, net) = namespaces(&r.text());
+        assert!(
+            mnt.starts_with("mnt:[") && net.starts_with("net:["),
+            "{f}: {mnt} {net}"
+        );
+        assert_ne!(
+            mnt, host_mnt,
+            "{f} answered from the daemon's mount namespace"
+        );
+        assert_ne!(
+            net, host_net,
+            "{f} answered from the daemon's network namespace"
+        );
+        let running: Vec<_> = d
+            .containers_of(f)
+            .into_iter()
+            .filter(|c| c.status == "running")
+            .collect();
+        assert_eq!(running.len(), 1, "{f}: {running:?}");
+        // The answer came from that container: its init shares the namespaces.
+        assert_eq!(ns_of(running[0].pid, "net"), net, "{f}");
+        assert_eq!(ns_of(running[0].pid, "mnt"), mnt, "{f}");
+    }
+}
+
+#[test]
+fn pooled_cold_starts_use_the_pool_and_are_faster_than_create_and_start() {
+    if !can_run("pooled_cold_starts") {
+        return;
+    }
+    let _serial = serial();
+    let d = OciDaemon::start(2, |img| {
+        oci_function("pooled", &img.oci, "pool = 1") + &oci_function("unpooled", &img.oci, "")
+    });
+    const ROUNDS: usize = 5;
+    let mut starts = [Vec::new(), Vec::new()];
+    for round in 0..ROUNDS {
+        for (i, f) in ["pooled", "unpooled"].into_iter().enumerate() {
+            if f == "pooled" {
+                // Round 0: filled at deploy; later rounds: refilled after the scale to zero.
+                d.wait_pooled(f);
+            }
+            let pool_before = d.metric(&format!("synwake_pool_starts_total{{function=\"{f}\"}}"));
+            let sum_before = d.start_seconds_sum(f);
+            let r = d.call_ok(f, "/");
+            assert_eq!(
+                r.header("x-synwake-cold-start"),
+                Some("true"),
+                "{f} round {round}"
+            );
+            let pool_after = d.metric(&format!("synwake_pool_starts_total{{function=\"{f}\"}}"));
+            let took = d.start_seconds_sum(f) - sum_before;
+            assert!(took > 0.0, "{f} round {round}: no instance start recorded");
+            starts[i].push(took);
+            let want = if f == "pooled" { 1.0 } else { 0.0 };
+            assert_eq!(
+                pool_after - pool_before,
+                want,
+                "{f} round {round}: pool starts {pool_before} -> {pool_after}"
+            );
+            d.scale_to_zero(f);
+        }
+    }
+    assert!(
+        d.containers_of("unpooled").is_empty(),
+        "a function without pool keeps containers at zero"
+    );
+    let ms = |v: &[f64]| {
+        v.iter()
+            .map(|s| format!("{:.1}", s * 1e3))
+            .collect::<Vec<_>>()
+    };
+    eprintln!(
+        "instance start ms: pooled {:?}, create+start {:?}",
+        ms(&starts[0]),
+        ms(&starts[1])
+    );
+    let (pooled, unpooled) = (median(&starts[0]), median(&starts[1]));
+    assert!(
+        pooled < unpooled,
+        "pooled median {:.1} ms not below create+start median {:.1} ms",
+        pooled * 1e3,
+        unpooled * 1e3
+    );
+}
+
+#[test]
+fn over_the_memory_limit_the_request_gets_502_and_the_next_one_a_new_container() {
+    if !can_run("memory_limit") {
+        return;
+    }
+    let _serial = serial();
+    let d = OciDaemon::start(3, |img| {
+        oci_function("hungry", &img.oci, "memory = \"32Mi\"")
+    });
+    let (_, net_before) = namespaces(&d.call_ok("hungry", "/cgi-bin/ns").text());
+    let first = d.containers_of("hungry");
+    assert_eq!(first.len(), 1, "{first:?}");
+    let cgroup = format!("/sys/fs/cgroup/memory/synwake/{}", first[0].id);
+    let limit = std::fs::read_to_string(format!("{cgroup}/memory.limit_in_bytes"))
+        .expect("memory cgroup of the container");
+    assert_eq!(limit.trim(), (32u64 << 20).to_string());
+
+    // Under the limit the same CGI answers.
+    let r = d.call_ok("hungry", "/cgi-bin/hog?4");
+    assert_eq!(r.text().trim(), "allocated 4 MiB");
+    let r = d.d.call("hungry", "/cgi-bin/hog?256");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        r.text().contains("hungry"),
+        "502 body does not name the function: {}",
+        r.text()
+    );
+    // Well before the CGI's sleep ends: the runtime killed the container.
+    assert!(
+        r.elapsed < Duration::from_secs(10),
+        "502 after {:?}",
+        r.elapsed
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || !alive(first[0].pid)),
+        "OOM-hit container {} still running",
+        first[0].id
+    );
+
+    let r = d.call_ok("hungry", "/cgi-bin/ns");
+    let (_, net_after) = namespaces(&r.text());
+    assert_ne!(
+        net_after, net_before,
+        "the next request was not served by a new container"
+    );
+    let now = d.containers_of("hungry");
+    assert!(
+        now.iter().all(|c| c.id != first[0].id),
+        "the killed container is still listed: {now:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || d
+            .d
+            .log()
+            .contains("out of memory")),
+        "the log does not say out of memory:\n{}",
+        d.d.log()
+    );
+}
+
+#[test]
+fn deploy_through_the_api_refuses_corrupt_archives_and_retries_exiting_commands() {
+    if !can_run("deploy_through_the_api") {
+        return;
+    }
+    let _serial = serial();
+    let d = OciDaemon::start(4, |_| String::new());
+    let deploy = |name: &str, image: &Path, extra: Value| {
+        let mut annotations =
+            json!({ "com.synwake.runtime": "oci", "com.synwake.stop-grace": "100ms" });
+        annotations
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().cloned().unwrap_or_default());
+        let body = json!({
+            "service": name,
+            "image": image.display().to_string(),
+            "annotations": annotations,
+        });
+        d.d.api_json("POST", "/system/functions", &body.to_string())
+    };
+
+    // A good archive: deployed, and served from a container.
+    let r = deploy("viaapi", &d.images.oci, json!({}));
+    assert!(matches!(r.status, 200..=202), "{} {}", r.status, r.text());
+    let (_, net) = namespaces(&d.call_ok("viaapi", "/cgi-bin/ns").text());
+    assert_ne!(net, ns_of(d.d.pid(), "net"));
+    assert_eq!(d.containers_of("viaapi").len(), 1);
+
+    // A truncated archive: refused, naming the archive; nothing deployed.
+    let bytes = std::fs::read(&d.images.oci).unwrap();
+    let truncated = d.images.dir.path().join("truncated.oci.tar");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let r = deploy("broken", &truncated, json!({}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains(&truncated.display().to_string()),
+        "400 body does not name the archive: {}",
+        r.text()
+    );
+    assert_eq!(d.d.api_get("/system/function/broken").status, 404);
+
+    // A command that exits at once: 502 with its output, and every request tries again.
+    let r = deploy(
+        "quitter",
+        &d.images.oci,
+        json!({ "com.synwake.command": "/bin/sh -c 'echo bye; exit 3'" }),
+    );
+    assert!(matches!(r.status, 200..=202), "{} {}", r.status, r.text());
+    let failures = "synwake_start_failures_total{function=\"quitter\"}";
+    for attempt in 1..=2 {
+        let r = d.d.call("quitter", "/");
+        let body = r.text();
+        assert_eq!(r.status, 502, "attempt {attempt}: {body}");
+        assert!(body.contains("quitter"), "attempt {attempt}: {body}");
+        assert!(
+            body.contains("bye"),
+            "attempt {attempt}: 502 without the output: {body}"
+        );
+        assert_eq!(d.metric(failures), attempt as f64, "attempt {attempt}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || d
+            .containers_of("quitter")
+            .is_empty()),
+        "failed starts leave containers: {:?}",
+        d.containers_of("quitter")
+    );
+}
+
+/// A netns, a host veth (its peer in that netns) and a memory cgroup named like a
+/// runtime's but with another tag: crash recovery must leave them alone. Removed on drop.
+struct Decoys {
+    netns: String,
+    link: String,
+    cgroup: PathBuf,
+}
+
+impl Decoys {
+    fn create(tag: &str) -> Decoys {
+        let d = Decoys {
+            netns: format!("swk-{tag}-n7"),
+            link: format!("swkv{tag}7"),
+            cgroup: PathBuf::from(format!("/sys/fs/cgroup/memory/synwake/swk-{tag}-decoy-1")),
+        };
+        let ok = |c: &mut Command| c.status().is_ok_and(|s| s.success());
+        assert!(ok(Command::new("ip").args(["netns", "add", &d.netns])));
+        assert!(ok(Command::new("ip").args([
+            "link", "add", &d.link, "type", "veth", "peer", "name", "eth0", "netns", &d.netns
+        ])));
+        std::fs::create_dir_all(&d.cgroup).expect("decoy cgroup");
+        d
+    }
+
+    fn intact(&self) -> bool {
+        Path::new("/run/netns").join(&self.netns).exists()
+            && Path::new("/sys/class/net").join(&self.link).exists()
+            && self.cgroup.is_dir()
+    }
+}
+
+impl Drop for Decoys {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.link])
+            .status();
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+/// Marks a netns and a veth of the current run, so the next run's objects (which may
+/// reuse the names: addresses and sequence numbers start over) can be told apart.
+const MARK: &str = "swkfirstrun";
+
+fn mark_netns(netns: &str) {
+    let ok = Command::new("ip")
+        .args(["-n", netns, "link", "set", "dev", "lo", "alias", MARK])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "mark netns {netns}");
+}
+
+fn mark_veth(veth: &str) {
+    std::fs::write(format!("/sys/class/net/{veth}/ifalias"), MARK).expect("mark veth");
+}
+
+fn netns_marked(netns: &str) -> bool {
+    Command::new("ip")
+        .args(["-n", netns, "-o", "link", "show", "dev", "lo"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(MARK))
+}
+
+fn veth_marked(veth: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{veth}/ifalias"))
+        .is_ok_and(|a| a.trim() == MARK)
+}
+
+#[test]
+fn after_kill_9_the_next_start_removes_what_the_crash_left_and_nothing_else() {
+    if !can_run("crash_recovery") {
+        return;
+    }
+    let _serial = serial();
+    let mut d = OciDaemon::start(5, |img| oci_function("crashy", &img.oci, "pool = 1"));
+    let other_tag = OciConfig {
+        state_dir: d.d.dir.path().join("another-synwake"),
+        ..OciConfig::default()
+    }
+    .name_tag();
+    assert_ne!(other_tag, d.tag);
+    let decoys = Decoys::create(&other_tag);
+
+    // A warm container and a pooled one.
+    d.call_ok("crashy", "/");
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            let mut s: Vec<_> = d
+                .containers_of("crashy")
+                .into_iter()
+                .map(|c| c.status)
+                .collect();
+            s.sort();
+            s == ["created", "running"]
+        }),
+        "want one running and one created container: {:?}",
+        d.containers_of("crashy")
+    );
+    let before = d.host_objects();
+    assert!(
+        before.netns.len() >= 2 && before.veths.len() >= 2,
+        "{before:#?}"
+    );
+    before.netns.iter().for_each(|n| mark_netns(n));
+    before.veths.iter().for_each(|v| mark_veth(v));
+
+    d.kill_9();
+    // The crash really leaves them: processes, namespaces and links are all still there.
+    for c in &before.containers {
+        assert!(alive(c.pid), "container {} died with the daemon", c.id);
+    }
+    let crashed = d.host_objects();
+    assert_eq!(crashed.containers, before.containers);
+    assert_eq!(crashed.netns, before.netns);
+    assert_eq!(crashed.veths, before.veths);
+
+    d.respawn();
+    let after = d.host_objects();
+    for c in &before.containers {
+        assert!(
+            wait_until(Duration::from_secs(5), || !alive(c.pid)),
+            "container {} (pid {}) of the crashed run still runs",
+            c.id,
+            c.pid
+        );
+        assert!(
+            !after
+                .containers
+                .iter()
+                .any(|a| a.id == c.id && a.created == c.created),
+            "container {} of the crashed run is still listed: {:?}",
+            c.id,
+            after.containers
+        );
+    }
+    let stale_ns: Vec<_> = after.netns.iter().filter(|n| netns_marked(n)).collect();
+    assert!(
+        stale_ns.is_empty(),
+        "netns of the crashed run left: {stale_ns:?}"
+    );
+    let stale_veths: Vec<_> = after.veths.iter().filter(|v| veth_marked(v)).collect();
+    assert!(
+        stale_veths.is_empty(),
+        "veths of the crashed run left: {stale_veths:?}"
+    );
+    assert!(
+        decoys.intact(),
+        "recovery removed another runtime's objects"
+    );
+    assert!(
+        d.d.log().contains("removed leftovers of an earlier run"),
+        "{}",
+        d.d.log()
+    );
+
+    // The new run works, from its own pool.
+    d.wait_pooled("crashy");
+    d.call_ok("crashy", "/");
+    assert_eq!(
+        d.metric("synwake_pool_starts_total{function=\"crashy\"}"),
+        1.0
+    );
+    drop(d);
+    assert!(
+        decoys.intact(),
+        "shutdown removed another runtime's objects"
+    );
+}
+
+#[test]
+fn sigterm_removes_every_container_netns_and_veth() {
+    if !can_run("sigterm_cleanup") {
+        return;
+    }
+    let _serial = serial();
+    let mut d = OciDaemon::start(6, |img| {
+        oci_function("warm", &img.oci, "pool = 1") + &oci_function("plain", &img.docker, "")
+    });
+    d.call_ok("warm", "/");
+    d.call_ok("plain", "/");
+    assert!(
+        wait_until(Duration::from_secs(15), || d.containers_of("warm").len()
+            == 2),
+        "{:?}",
+        d.containers_of("warm")
+    );
+    let before = d.host_objects();
+    assert_eq!(before.containers.len(), 3, "{before:#?}");
+    assert!(
+        before.netns.len() >= 3 && before.veths.len() >= 3,
+        "{before:#?}"
+    );
+
+    let t0 = Instant::now();
+    let status = d.sigterm().expect("synwake exits on SIGTERM");
+    eprintln!("shutdown took {:?}", t0.elapsed());
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    for c in &before.containers {
+        assert!(!alive(c.pid), "container {} outlived synwake", c.id);
+    }
+    let after = d.host_objects();
+    assert!(after.is_empty(), "left after SIGTERM: {after:#?}");
+}
+
+/// One cold start measured by the client: scale to zero (and wait for the pool), then
+/// GET / and time it to the last byte of the 200.
+struct ColdStart {
+    client: Duration,
+    /// The daemon's own start -> ready (synwake_instance_start_seconds_sum delta).
+    instance: Duration,
+}
+
+fn cold_start(d: &OciDaemon, f: &str, runtime: &str, pooled: bool) -> ColdStart {
+    d.scale_to_zero(f);
+    if pooled {
+        d.wait_pooled(f);
+    }
+    // Let background work (netns spares, pool refill) finish before the clock starts.
+    std::thread::sleep(Duration::from_millis(300));
+    let series =
+        format!("synwake_instance_start_seconds_sum{{function=\"{f}\",runtime=\"{runtime}\"}}");
+    let before = d.metric(&series);
+    let r = d.d.call(f, "/");
+    assert_eq!(r.status, 200, "{f}: {}", r.text());
+    assert_eq!(
+        r.header("x-synwake-cold-start"),
+        Some("true"),
+        "{f} was not cold"
+    );
+    let instance = Duration::from_secs_f64(d.metric(&series) - before);
+    ColdStart {
+        client: r.elapsed,
+        instance,
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// docs/benchmarks-oci.md:
+/// `cargo test --release -p synwake --test oci -- --ignored --nocapture cold_start_benchmark`
+/// (SYNWAKE_BENCH_RUNS sets starts per mode, default 30).
+#[test]
+#[ignore = "benchmark; run with --release --ignored --nocapture"]
+fn cold_start_benchmark() {
+    if !can_run("cold_start_benchmark") {
+        return;
+    }
+    let _serial = serial();
+    let runs: usize = std::env::var("SYNWAKE_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let d = OciDaemon::start(9, |img| {
+        common::function("process", "stop_grace = \"100ms\"")
+            + &oci_function("oci", &img.oci, "")
+            + &oci_function("ocipool", &img.oci, "pool = 1")
+    });
+    // (function, runtime label, pooled, row name)
+    let modes = [
+        ("process", "process", false, "process (synwake-fn)"),
+        ("oci", "oci", false, "oci, no pool (create+start)"),
+        ("ocipool", "oci", true, "oci, pool = 1 (start only)"),
+    ];
+    // One unmeasured start each: page cache, first import, first netns.
+    for (f, _, _, _) in modes {
+        d.call_ok(f, "/");
+    }
+    let load_before = loadavg();
+    let mut results: Vec<Vec<ColdStart>> = modes.iter().map(|_| Vec::new()).collect();
+    // Interleaved, so load from other builds on the machine hits every mode alike.
+    for _ in 0..runs {
+        for (i, (f, runtime, pooled, _)) in modes.iter().enumerate() {
+            results[i].push(cold_start(&d, f, runtime, *pooled));
+        }
+    }
+    assert_eq!(
+        d.metric("synwake_pool_starts_total{function=\"ocipool\"}"),
+        (runs + 1) as f64,
+        "every ocipool start came from the pool"
+    );
+    let load_after = loadavg();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "\ncold start to first HTTP 200 through synwake (request trigger), {runs} starts per mode"
+    );
+    println!(
+        "kernel {}, {} CPUs, load average before {load_before}, after {load_after}\n",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!("| mode | client median ms | client p90 ms | client min ms | client max ms | daemon start->ready median ms |");
+    println!("|---|---|---|---|---|---|");
+    let mut medians = Vec::new();
+    for ((_, _, _, row), r) in modes.iter().zip(&results) {
+        let client: Vec<f64> = r.iter().map(|c| ms(c.client)).collect();
+        let instance: Vec<f64> = r.iter().map(|c| ms(c.instance)).collect();
+        println!(
+            "| {row} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            median(&client),
+            percentile(&client, 0.9),
+            percentile(&client, 0.0),
+            percentile(&client, 1.0),
+            median(&instance)
+        );
+        medians.push(median(&client));
+    }
+    println!(
+        "\npooled / process (client medians): {:.2}x; no pool / pooled: {:.2}x",
+        medians[2] / medians[0],
+        medians[1] / medians[2]
+    );
+}
