@@ -163,6 +163,13 @@ impl Runtime for OciFunctions {
             let _ = self.rt.stop(container, Duration::ZERO).await;
             return Err(Self::err(spec, chain(&e)));
         }
+        // The lifecycle only forgets an instance that dies on its own (crash, OOM kill):
+        // remove its container, netns and address here. No-op after an intended stop.
+        let (rt, exited) = (self.rt.clone(), container.clone());
+        tokio::spawn(async move {
+            exited.wait_exit().await;
+            let _ = rt.stop(exited, Duration::ZERO).await;
+        });
         let inst = Arc::new(OciInstance {
             rt: self.rt.clone(),
             container,
