@@ -30,10 +30,10 @@ pub struct InterfaceReport {
 impl InterfaceReport {
     /// The mode `auto` would pick, if any works.
     pub fn best_mode(&self) -> Option<&'static str> {
-        self.modes
+        crate::probe::HookMode::AUTO
             .iter()
-            .find(|(_, result)| result.is_ok())
-            .map(|(mode, _)| *mode)
+            .map(|m| m.name())
+            .find(|name| self.modes.iter().any(|(mode, r)| mode == name && r.is_ok()))
     }
 }
 

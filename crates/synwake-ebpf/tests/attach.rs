@@ -134,11 +134,12 @@ fn lo_scenario(test: &str, mode: AttachMode, expected_mode: &str) {
 }
 
 #[test]
-fn lo_auto_attaches_generic_xdp_and_delivers_syn_events() {
+fn lo_auto_attaches_tc_and_delivers_syn_events() {
+    // No native XDP on lo; auto prefers TC over generic XDP (BENCH.md: throughput).
     lo_scenario(
-        "lo_auto_attaches_generic_xdp_and_delivers_syn_events",
+        "lo_auto_attaches_tc_and_delivers_syn_events",
         AttachMode::Auto,
-        "xdp-generic",
+        "tcx",
     );
 }
 
@@ -174,7 +175,7 @@ fn unknown_interface_is_named_in_the_error() {
         }
         // Every interface that is up: only lo here.
         if let Ok(probe) = Probe::attach(&ProbeConfig::default()) {
-            assert_eq!(probe.attachments(), vec![("lo".to_string(), "xdp-generic")]);
+            assert_eq!(probe.attachments(), vec![("lo".to_string(), "tcx")]);
         }
         // Nothing stale in a namespace that never had clsact.
         assert_eq!(Probe::detach_stale(&["lo".to_string()]).unwrap(), 0);
@@ -210,7 +211,7 @@ fn doctor_reports_modes_for_lo_in_a_private_namespace() {
             ],
             "{text}"
         );
-        assert_eq!(lo.best_mode(), Some("xdp-generic"));
+        assert_eq!(lo.best_mode(), Some("tcx"));
         assert!(
             text.contains("tc-clsact    fails: not tried: tcx works"),
             "{text}"
@@ -218,7 +219,7 @@ fn doctor_reports_modes_for_lo_in_a_private_namespace() {
         assert!(report.probe_usable());
         // Doctor detached everything again: the probe can attach natively afterwards.
         let probe = Probe::attach(&ProbeConfig::default()).unwrap();
-        assert_eq!(probe.attachments(), vec![("lo".to_string(), "xdp-generic")]);
+        assert_eq!(probe.attachments(), vec![("lo".to_string(), "tcx")]);
     })
     .join()
     .unwrap();
