@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -211,7 +212,7 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Writes the config to `config_path`, starts the daemon with `ip netns exec` and waits
+    /// Writes the config to `config_path`, starts the daemon in the server's netns and waits
     /// until `/healthz` answers 200.
     pub fn start(
         bin: &Path,
@@ -228,9 +229,26 @@ impl Daemon {
         std::fs::write(config_path, setup.render()?).map_err(write_err(config_path))?;
         let log = File::create(log_path).map_err(write_err(log_path))?;
         let log2 = log.try_clone().map_err(write_err(log_path))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", server_ns])
-            .arg(bin)
+        // Enter only the network namespace (setns between fork and exec), not the fresh
+        // mount namespace `ip netns exec` would make: that one remounts /sys and hides the
+        // cgroup mounts runc needs for the oci runtimes.
+        let ns_path = Path::new("/run/netns").join(server_ns);
+        let ns_file = File::open(&ns_path).map_err(|source| DaemonError::Spawn {
+            bin: ns_path.clone(),
+            source,
+        })?;
+        let ns_fd = ns_file.as_raw_fd();
+        let mut cmd = Command::new(bin);
+        // SAFETY: setns is async-signal-safe; ns_file outlives the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .arg("up")
             .arg("--config")
             .arg(config_path)
@@ -258,7 +276,7 @@ impl Daemon {
         Ok(daemon)
     }
 
-    /// The daemon's pid (`ip netns exec` execs, so this is synwake itself).
+    /// The daemon's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

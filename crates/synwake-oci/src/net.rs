@@ -8,7 +8,6 @@
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
-use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -122,7 +121,7 @@ impl Network {
         let (base, prefix) = parse_subnet(subnet)?;
         let gateway = Ipv4Addr::from(base + 1);
         let subnet = format!("{}/{prefix}", Ipv4Addr::from(base));
-        if !Path::new("/sys/class/net").join(BRIDGE).exists() {
+        if !link_exists(BRIDGE) {
             run("ip", &["link", "add", BRIDGE, "type", "bridge"]).await?;
         }
         run(
@@ -291,7 +290,7 @@ impl Network {
 
     async fn plumb(&self, l: &Lease) -> Result<(), NetError> {
         // A veth of that name can only be left from a crash we did not clean: replace it.
-        if Path::new("/sys/class/net").join(&l.host_veth).exists() {
+        if link_exists(&l.host_veth) {
             let _ = run("ip", &["link", "del", &l.host_veth]).await;
         }
         let host = format!(
@@ -321,7 +320,7 @@ impl Network {
     /// Deletes the netns (which removes its veth pair) and frees the address.
     pub async fn release(&self, lease: Lease) {
         delete_netns(&lease.netns);
-        if Path::new("/sys/class/net").join(&lease.host_veth).exists() {
+        if link_exists(&lease.host_veth) {
             let _ = run("ip", &["link", "del", &lease.host_veth]).await;
         }
         self.state
@@ -358,12 +357,9 @@ pub async fn remove_stale(tag: &str) -> (usize, usize) {
         }
     }
     let mut veths = 0;
-    if let Ok(rd) = std::fs::read_dir("/sys/class/net") {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&veth_prefix) && run("ip", &["link", "del", &name]).await.is_ok() {
-                veths += 1;
-            }
+    for name in link_names() {
+        if name.starts_with(&veth_prefix) && run("ip", &["link", "del", &name]).await.is_ok() {
+            veths += 1;
         }
     }
     (netns, veths)
@@ -443,6 +439,41 @@ async fn batch(global: &[&str], script: &str) -> Result<(), NetError> {
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         })
     }
+}
+
+/// Whether a network interface of this name exists in the calling thread's network
+/// namespace. Asks the kernel (ioctl) rather than /sys/class/net, which shows the
+/// namespace of whoever mounted /sys: a daemon moved into a netns by setns alone would see
+/// the host's interfaces there.
+pub fn link_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: a valid NUL-terminated string.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
+/// Names of every network interface in the calling thread's network namespace.
+pub fn link_names() -> Vec<String> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            out.push(
+                std::ffi::CStr::from_ptr((*p).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
 }
 
 #[cfg(test)]
