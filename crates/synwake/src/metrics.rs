@@ -225,7 +225,12 @@ pub struct Metrics {
     pub wake_to_start: HistogramFamily,
     pub probe_events: AtomicU64,
     pub probe_lost_events: AtomicU64,
+    /// Reads the probe's kernel counters (events, lost) when /metrics is rendered.
+    probe_counters: std::sync::Mutex<Option<ProbeCounters>>,
 }
+
+/// Returns (events, lost events) from the probe, or `None` once it is gone.
+pub type ProbeCounters = Box<dyn Fn() -> Option<(u64, u64)> + Send + Sync>;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -316,6 +321,7 @@ impl Metrics {
             ),
             probe_events: AtomicU64::new(0),
             probe_lost_events: AtomicU64::new(0),
+            probe_counters: std::sync::Mutex::new(None),
         }
     }
 
@@ -344,8 +350,23 @@ impl Metrics {
         }
     }
 
+    /// Where the probe's counters come from; read on each render, off the SYN's path.
+    pub fn set_probe_counters(&self, f: ProbeCounters) {
+        *self.probe_counters.lock().unwrap() = Some(f);
+    }
+
     /// The whole registry in Prometheus text format.
     pub fn render(&self) -> String {
+        if let Some((events, lost)) = self
+            .probe_counters
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|f| f())
+        {
+            self.probe_events.store(events, Ordering::Relaxed);
+            self.probe_lost_events.store(lost, Ordering::Relaxed);
+        }
         let mut out = String::with_capacity(8192);
         self.invocations.render(&mut out);
         self.request_duration.render(&mut out);
