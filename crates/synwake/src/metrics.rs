@@ -1,10 +1,74 @@
 //! Prometheus metrics: a small registry of labelled counters, gauges and histograms,
 //! rendered in the text exposition format on `GET /metrics`.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fmt::Write;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+
+/// Series keyed by label values; the hot path looks a series up without allocating (the
+/// values are hashed as given and compared in place), only a new series allocates.
+struct LabelMap<V> {
+    buckets: HashMap<u64, Vec<(Vec<String>, V)>>,
+}
+
+impl<V> Default for LabelMap<V> {
+    fn default() -> Self {
+        LabelMap {
+            buckets: HashMap::new(),
+        }
+    }
+}
+
+fn hash_labels(labels: &[&str]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for l in labels {
+        l.hash(&mut h);
+    }
+    h.finish()
+}
+
+impl<V> LabelMap<V> {
+    fn entry(&mut self, labels: &[&str], new: impl FnOnce() -> V) -> &mut V {
+        let bucket = self.buckets.entry(hash_labels(labels)).or_default();
+        let pos = match bucket.iter().position(|(k, _)| k.iter().eq(labels.iter())) {
+            Some(p) => p,
+            None => {
+                bucket.push((labels.iter().map(|s| s.to_string()).collect(), new()));
+                bucket.len() - 1
+            }
+        };
+        &mut bucket[pos].1
+    }
+
+    fn get(&self, labels: &[&str]) -> Option<&V> {
+        self.buckets
+            .get(&hash_labels(labels))?
+            .iter()
+            .find(|(k, _)| k.iter().eq(labels.iter()))
+            .map(|(_, v)| v)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&[String]) -> bool) {
+        for b in self.buckets.values_mut() {
+            b.retain(|(k, _)| keep(k));
+        }
+        self.buckets.retain(|_, b| !b.is_empty());
+    }
+
+    /// Every series, sorted by label values (stable output).
+    fn sorted(&self) -> Vec<(&Vec<String>, &V)> {
+        let mut v: Vec<_> = self
+            .buckets
+            .values()
+            .flatten()
+            .map(|(k, v)| (k, v))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v
+    }
+}
 
 /// A labelled counter or gauge family.
 pub struct Family {
@@ -12,11 +76,11 @@ pub struct Family {
     help: &'static str,
     kind: &'static str,
     labels: &'static [&'static str],
-    values: Mutex<BTreeMap<Vec<String>, f64>>,
+    values: Mutex<LabelMap<f64>>,
 }
 
 impl Family {
-    const fn new(
+    fn new(
         name: &'static str,
         help: &'static str,
         kind: &'static str,
@@ -27,7 +91,9 @@ impl Family {
             help,
             kind,
             labels,
-            values: Mutex::new(BTreeMap::new()),
+            values: Mutex::new(LabelMap {
+                buckets: HashMap::new(),
+            }),
         }
     }
 
@@ -37,22 +103,19 @@ impl Family {
 
     pub fn add(&self, labels: &[&str], v: f64) {
         debug_assert_eq!(labels.len(), self.labels.len(), "{}", self.name);
-        let key = labels.iter().map(|s| s.to_string()).collect();
-        *self.values.lock().unwrap().entry(key).or_insert(0.0) += v;
+        *self.values.lock().unwrap().entry(labels, || 0.0) += v;
     }
 
     pub fn set(&self, labels: &[&str], v: f64) {
-        let key = labels.iter().map(|s| s.to_string()).collect();
-        self.values.lock().unwrap().insert(key, v);
+        *self.values.lock().unwrap().entry(labels, || 0.0) = v;
     }
 
     /// Current value (0 when never touched); used by tests and the API.
     pub fn get(&self, labels: &[&str]) -> f64 {
-        let key: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
         self.values
             .lock()
             .unwrap()
-            .get(&key)
+            .get(labels)
             .copied()
             .unwrap_or(0.0)
     }
@@ -60,14 +123,14 @@ impl Family {
     /// Forget every series of one function (after it is removed).
     pub fn forget_function(&self, function: &str) {
         if self.labels.first() == Some(&"function") {
-            self.values.lock().unwrap().retain(|k, _| k[0] != function);
+            self.values.lock().unwrap().retain(|k| k[0] != function);
         }
     }
 
     fn render(&self, out: &mut String) {
         let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
         let _ = writeln!(out, "# TYPE {} {}", self.name, self.kind);
-        for (k, v) in self.values.lock().unwrap().iter() {
+        for (k, v) in self.values.lock().unwrap().sorted() {
             let _ = writeln!(
                 out,
                 "{}{} {}",
@@ -85,7 +148,7 @@ pub struct HistogramFamily {
     help: &'static str,
     labels: &'static [&'static str],
     buckets: &'static [f64],
-    values: Mutex<BTreeMap<Vec<String>, Hist>>,
+    values: Mutex<LabelMap<Hist>>,
 }
 
 #[derive(Clone, Default)]
@@ -96,7 +159,7 @@ struct Hist {
 }
 
 impl HistogramFamily {
-    const fn new(
+    fn new(
         name: &'static str,
         help: &'static str,
         labels: &'static [&'static str],
@@ -107,14 +170,15 @@ impl HistogramFamily {
             help,
             labels,
             buckets,
-            values: Mutex::new(BTreeMap::new()),
+            values: Mutex::new(LabelMap {
+                buckets: HashMap::new(),
+            }),
         }
     }
 
     pub fn observe(&self, labels: &[&str], v: f64) {
-        let key = labels.iter().map(|s| s.to_string()).collect();
         let mut map = self.values.lock().unwrap();
-        let h = map.entry(key).or_insert_with(|| Hist {
+        let h = map.entry(labels, || Hist {
             counts: vec![0; self.buckets.len()],
             ..Default::default()
         });
@@ -129,23 +193,22 @@ impl HistogramFamily {
 
     /// Number of observations for these labels.
     pub fn count(&self, labels: &[&str]) -> u64 {
-        let key: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
         self.values
             .lock()
             .unwrap()
-            .get(&key)
+            .get(labels)
             .map(|h| h.count)
             .unwrap_or(0)
     }
 
     pub fn forget_function(&self, function: &str) {
-        self.values.lock().unwrap().retain(|k, _| k[0] != function);
+        self.values.lock().unwrap().retain(|k| k[0] != function);
     }
 
     fn render(&self, out: &mut String) {
         let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
         let _ = writeln!(out, "# TYPE {} histogram", self.name);
-        for (k, h) in self.values.lock().unwrap().iter() {
+        for (k, h) in self.values.lock().unwrap().sorted() {
             for (i, b) in self.buckets.iter().enumerate() {
                 let le = format!("{b}");
                 let _ = writeln!(
