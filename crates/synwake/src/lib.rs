@@ -17,3 +17,15 @@ pub mod probe;
 pub mod runtime;
 pub mod spec;
 pub mod state;
+
+/// An error and its sources, joined with ": " (for logs and response bodies).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

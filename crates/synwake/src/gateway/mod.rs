@@ -174,7 +174,7 @@ impl Proxy {
                 {
                     self.lifecycle.instance_exited(&lease, exit);
                 }
-                let detail = error_chain(&e);
+                let detail = crate::error_chain(&e);
                 tracing::warn!(
                     "function {function}: instance {} failed the request: {detail}",
                     lease.instance.describe()
@@ -191,17 +191,6 @@ impl Proxy {
             }
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 /// Phase 1: which function, and the path to send it.

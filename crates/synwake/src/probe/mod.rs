@@ -76,7 +76,7 @@ pub fn start(config: &Config, lifecycle: Lifecycle, metrics: Arc<Metrics>) -> Op
         Err(e) => {
             tracing::warn!(
                 "probe unavailable, waking functions on accept and request only: {}",
-                error_chain(&e)
+                crate::error_chain(&e)
             );
             return None;
         }
@@ -120,7 +120,7 @@ pub fn start(config: &Config, lifecycle: Lifecycle, metrics: Arc<Metrics>) -> Op
             loop {
                 match events.next().await {
                     Ok(ev) => on_event(&ev, &dir, &lc),
-                    Err(e) => tracing::warn!("probe event dropped: {}", error_chain(&e)),
+                    Err(e) => tracing::warn!("probe event dropped: {}", crate::error_chain(&e)),
                 }
             }
         })
@@ -185,7 +185,7 @@ fn sync_maps(probe: &Probe, dir: &RwLock<Directory>, lc: &Lifecycle) {
     let old_ids: HashSet<u32> = d.ids.keys().copied().collect();
     for p in old_ports.iter().filter(|p| !ports.contains_key(p)) {
         if let Err(e) = probe.unwatch_port(*p) {
-            tracing::warn!("probe: unwatching port {p}: {}", error_chain(&e));
+            tracing::warn!("probe: unwatching port {p}: {}", crate::error_chain(&e));
         }
     }
     for p in ports.keys().filter(|p| !old_ports.contains(p)) {
@@ -193,13 +193,13 @@ fn sync_maps(probe: &Probe, dir: &RwLock<Directory>, lc: &Lifecycle) {
             tracing::warn!(
                 "probe: watching port {p} of {}: {}",
                 ports[p],
-                error_chain(&e)
+                crate::error_chain(&e)
             );
         }
     }
     for i in old_ids.iter().filter(|i| !ids.contains_key(i)) {
         if let Err(e) = probe.unwatch_id(*i) {
-            tracing::warn!("probe: unwatching id {i:08x}: {}", error_chain(&e));
+            tracing::warn!("probe: unwatching id {i:08x}: {}", crate::error_chain(&e));
         }
     }
     for i in ids.keys().filter(|i| !old_ids.contains(i)) {
@@ -207,23 +207,12 @@ fn sync_maps(probe: &Probe, dir: &RwLock<Directory>, lc: &Lifecycle) {
             tracing::warn!(
                 "probe: watching id {i:08x} of {}: {}",
                 ids[i],
-                error_chain(&e)
+                crate::error_chain(&e)
             );
         }
     }
     d.ports = ports;
     d.ids = ids;
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 /// Probe section of `synwake doctor`.

@@ -73,11 +73,12 @@ impl OciFunctions {
                 .rt
                 .import_image(Path::new(archive))
                 .await
-                .map_err(|e| Self::err(spec, format!("image {archive}: {}", chain(&e))))?,
-            (None, Some(dir)) => self
-                .rt
-                .image_from_rootfs(Path::new(dir))
-                .map_err(|e| Self::err(spec, format!("rootfs {dir}: {}", chain(&e))))?,
+                .map_err(|e| {
+                    Self::err(spec, format!("image {archive}: {}", crate::error_chain(&e)))
+                })?,
+            (None, Some(dir)) => self.rt.image_from_rootfs(Path::new(dir)).map_err(|e| {
+                Self::err(spec, format!("rootfs {dir}: {}", crate::error_chain(&e)))
+            })?,
             (None, None) => return Err(Self::err(spec, "neither image nor rootfs is set")),
         };
         self.images
@@ -103,17 +104,6 @@ impl OciFunctions {
             pids: spec.oci.pids,
         }
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 #[async_trait]
@@ -148,7 +138,7 @@ impl Runtime for OciFunctions {
                 self.rt
                     .create(&cspec)
                     .await
-                    .map_err(|e| Self::err(spec, chain(&e)))?,
+                    .map_err(|e| Self::err(spec, crate::error_chain(&e)))?,
                 false,
             ),
         };
@@ -161,7 +151,7 @@ impl Runtime for OciFunctions {
         }));
         if let Err(e) = self.rt.start(&container).await {
             let _ = self.rt.stop(container, Duration::ZERO).await;
-            return Err(Self::err(spec, chain(&e)));
+            return Err(Self::err(spec, crate::error_chain(&e)));
         }
         // The lifecycle only forgets an instance that dies on its own (crash, OOM kill):
         // remove its container, netns and address here. No-op after an intended stop.
@@ -217,7 +207,11 @@ impl Instance for OciInstance {
 
     async fn stop(&self, grace: Duration) {
         if let Err(e) = self.rt.stop(self.container.clone(), grace).await {
-            tracing::warn!("stopping container {}: {}", self.container.id(), chain(&e));
+            tracing::warn!(
+                "stopping container {}: {}",
+                self.container.id(),
+                crate::error_chain(&e)
+            );
         }
     }
 
