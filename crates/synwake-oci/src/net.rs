@@ -288,6 +288,24 @@ impl Network {
         }
     }
 
+    /// Removes this runtime's gateway address from the bridge (shutdown), so addresses of
+    /// finished runs do not pile up on `synwake0`. Another runtime on the same subnet
+    /// would lose its gateway: runtimes sharing a host use different subnets.
+    pub async fn release_gateway(&self) {
+        let prefix = self.prefix;
+        let _ = run(
+            "ip",
+            &[
+                "addr",
+                "del",
+                &format!("{}/{prefix}", self.gateway),
+                "dev",
+                BRIDGE,
+            ],
+        )
+        .await;
+    }
+
     async fn plumb(&self, l: &Lease) -> Result<(), NetError> {
         // A veth of that name can only be left from a crash we did not clean: replace it.
         if link_exists(&l.host_veth) {

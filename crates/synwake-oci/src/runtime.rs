@@ -830,6 +830,7 @@ impl OciRuntime {
         }
         let rt = &self.inner;
         rt.net.drop_spares().await;
+        rt.net.release_gateway().await;
         recover(
             &rt.cfg.runtime_binary,
             &rt.runc_root,
