@@ -42,6 +42,12 @@ impl StateDir {
             path: root.clone(),
             source,
         })?;
+        // Absolute from here on: runc resolves a bundle's relative paths against the
+        // bundle, not against our working directory.
+        let root = std::fs::canonicalize(&root).map_err(|source| StateError::Read {
+            path: root.clone(),
+            source,
+        })?;
         Ok(StateDir { root })
     }
 
@@ -111,6 +117,14 @@ mod tests {
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn state_dir_is_canonical() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("x")).unwrap();
+        let s = StateDir::new(dir.path().join("x/../state")).unwrap();
+        assert_eq!(s.root(), dir.path().canonicalize().unwrap().join("state"));
     }
 
     #[test]
