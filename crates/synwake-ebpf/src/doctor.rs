@@ -64,7 +64,7 @@ impl fmt::Display for DoctorReport {
         }
         writeln!(
             f,
-            "attach modes per interface (auto picks the first that works):"
+            "attach modes per interface (auto tries native XDP, TCX, clsact, then generic XDP):"
         )?;
         if self.interfaces.is_empty() {
             writeln!(f, "  (none tested)")?;
@@ -95,6 +95,13 @@ impl fmt::Display for DoctorReport {
 /// program's verification) and, per interface that is up, each attach mode by attaching
 /// and detaching at once. Attaching native XDP can briefly reset some NIC drivers.
 pub fn doctor() -> DoctorReport {
+    doctor_interfaces(None)
+}
+
+/// Like [`doctor`], but tries attach modes only on `only` (`None`: every interface
+/// that is up). Trying a mode attaches and detaches for real, and native XDP attach can
+/// reset a NIC on some drivers: pass the interfaces the probe is configured for.
+pub fn doctor_interfaces(only: Option<&[String]>) -> DoctorReport {
     let mut checks = Vec::new();
     let root = sys::is_root();
     checks.push(DoctorCheck {
@@ -168,7 +175,11 @@ pub fn doctor() -> DoctorReport {
 
     let mut interfaces = Vec::new();
     if let Ok(mut probe) = loaded {
-        for interface in sys::interfaces_up().unwrap_or_default() {
+        let names = match only {
+            Some(list) => list.to_vec(),
+            None => sys::interfaces_up().unwrap_or_default(),
+        };
+        for interface in names {
             let mut modes: Vec<(&'static str, Result<(), String>)> = Vec::new();
             for mode in HookMode::ALL {
                 let tcx_works = modes.iter().any(|(name, r)| *name == "tcx" && r.is_ok());

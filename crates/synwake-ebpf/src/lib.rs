@@ -36,7 +36,7 @@ mod probe;
 mod sys;
 
 pub use config::{AttachMode, ProbeConfig};
-pub use doctor::{doctor, DoctorCheck, DoctorReport, InterfaceReport};
+pub use doctor::{doctor, doctor_interfaces, DoctorCheck, DoctorReport, InterfaceReport};
 pub use event::{EventError, ProbeEvent, ProbeEvents, ProbeTrigger, RawEvent};
 pub use probe::{Hook, Probe, ProbeError, ProbeMaps, ProbeStats, RunStats, TestRun};
 

@@ -24,7 +24,8 @@ fn command_version(cmd: &str, arg: &str) -> Option<String> {
 }
 
 /// The whole report, ready to print.
-pub fn report() -> String {
+/// `interfaces`: where to try the probe's attach modes (`None`: every interface that is up).
+pub fn report(interfaces: Option<&[String]>) -> String {
     let mut out = String::from("synwake doctor\n\nmachine:\n");
     let root = unsafe { libc::geteuid() } == 0;
     check(
@@ -79,7 +80,7 @@ pub fn report() -> String {
             .unwrap_or("not found: apt-get install iptables"),
     );
     let _ = writeln!(out, "\nprobe:");
-    out.push_str(&crate::probe::doctor());
+    out.push_str(&crate::probe::doctor(interfaces));
     let _ = writeln!(out, "\nfeatures `synwake up` would enable:");
     check(&mut out, true, "process runtime", "always");
     check(

@@ -88,8 +88,13 @@ enum Command {
         #[arg(long)]
         tail: Option<usize>,
     },
-    /// What this machine supports and what `up` would enable.
-    Doctor,
+    /// What this machine supports and what `up` would enable. Attach modes are tried on
+    /// the config's `[probe] interfaces` when --config is given (attaching for real, then
+    /// detaching), else on every interface that is up.
+    Doctor {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Measure cold-start latency per wake mode under emulated network latency (root).
     Bench(synwake_bench::BenchArgs),
 }
@@ -110,7 +115,7 @@ fn main() -> std::process::ExitCode {
     let mut cli = Cli::parse();
     // The benchmark drives its own threads and namespaces; it needs no async runtime here.
     if matches!(cli.command, Command::Bench(_)) {
-        let Command::Bench(args) = std::mem::replace(&mut cli.command, Command::Doctor) else {
+        let Command::Bench(args) = std::mem::replace(&mut cli.command, Command::List) else {
             unreachable!()
         };
         return match synwake_bench::run(args) {
@@ -216,8 +221,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             client.invoke(&name, &path, body, verbose).await
         }
         Command::Logs { name, follow, tail } => client.logs(&name, follow, tail).await,
-        Command::Doctor => {
-            print!("{}", synwake::doctor::report());
+        Command::Doctor { config } => {
+            let interfaces = match config {
+                Some(path) => synwake::config::Config::load(&path)?.probe.interfaces,
+                None => None,
+            };
+            print!("{}", synwake::doctor::report(interfaces.as_deref()));
             Ok(())
         }
         Command::Bench(_) => unreachable!("handled before the runtime starts"),

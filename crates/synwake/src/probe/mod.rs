@@ -215,9 +215,10 @@ fn sync_maps(probe: &Probe, dir: &RwLock<Directory>, lc: &Lifecycle) {
     d.ids = ids;
 }
 
-/// Probe section of `synwake doctor`.
-pub fn doctor() -> String {
-    let report = synwake_ebpf::doctor();
+/// Probe section of `synwake doctor`: attach modes tried on `interfaces` (`None`: every
+/// interface that is up).
+pub fn doctor(interfaces: Option<&[String]>) -> String {
+    let report = synwake_ebpf::doctor_interfaces(interfaces);
     let mut s = String::new();
     for line in report.to_string().lines() {
         s.push_str("  ");
