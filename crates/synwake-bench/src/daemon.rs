@@ -574,6 +574,11 @@ mod tests {
             .env(INSTANCE_MARKER_ENV, &marker)
             .spawn()
             .unwrap();
+        // Until the child has exec'd, /proc/<pid>/environ is still the parent's.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while instances_running(&marker) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert_eq!(instances_running(&marker), 1);
         assert_eq!(instances_running(&format!("{marker}x")), 0);
         child.kill().unwrap();
