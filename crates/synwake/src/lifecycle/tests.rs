@@ -363,6 +363,7 @@ async fn packet_wakes_are_rate_limited() {
     s.policy.max_wakes_per_second = 2;
     lc.deploy(s).await.unwrap();
     let (mut started, mut suppressed) = (0, 0);
+    let t0 = std::time::Instant::now();
     for _ in 0..50 {
         match lc.wake("f", Trigger::Syn, Instant::now()) {
             WakeOutcome::Started => started += 1,
@@ -371,11 +372,13 @@ async fn packet_wakes_are_rate_limited() {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    // 2 burst tokens plus at most one refill over ~100 ms.
-    assert!(started <= 3, "started {started}");
+    // The burst of 2, plus the refill at 2/s over however long the loop took (~100 ms
+    // when the machine is idle).
+    let allowed = 2 + (t0.elapsed().as_secs_f64() * 2.0).ceil() as usize;
+    assert!(started <= allowed, "started {started}, allowed {allowed}");
     assert!(suppressed >= 10, "suppressed {suppressed}");
     assert_eq!(lc.metrics().wakes_suppressed.get(&["f"]), suppressed as f64);
-    assert!(rt.starts.load(Ordering::SeqCst) <= 3);
+    assert_eq!(rt.starts.load(Ordering::SeqCst), started);
 }
 
 #[tokio::test]
