@@ -885,3 +885,79 @@ fn synwake_cli_against_the_daemon() {
     assert!(!out.status.success(), "removing twice succeeded");
     assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
 }
+
+/// Reads one HTTP request from `stream`: (request line + headers, lowercased names; body).
+fn read_one_request(stream: &mut std::net::TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = stream.read(&mut chunk).expect("read callback");
+        assert!(n > 0, "callback connection closed early");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = stream.read(&mut chunk).expect("read body");
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    (head, buf[head_end..head_end + len].to_vec())
+}
+
+#[test]
+fn async_function_calls_back_with_the_response() {
+    let d = Daemon::start(&function("echo", ""));
+    // The callback receiver: a plain listener on loopback.
+    let callback = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cb_port = callback.local_addr().unwrap().port();
+    let cb_url = format!("http://127.0.0.1:{cb_port}/done");
+
+    let r = api_req(
+        &d,
+        "POST",
+        "/async-function/echo",
+        &[("x-callback-url", cb_url.as_str())],
+        "ping from an async call",
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let call_id = r.header("x-call-id").expect("X-Call-Id").to_string();
+    assert!(!call_id.is_empty());
+
+    let (mut conn, _) = callback.accept().expect("the callback arrives");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (head, body) = read_one_request(&mut conn);
+    conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    assert!(head.starts_with("post /done "), "{head}");
+    assert!(head.contains(&format!("x-call-id: {call_id}")), "{head}");
+    assert!(head.contains("x-function-status: 200"), "{head}");
+    assert_eq!(body, b"ping from an async call");
+
+    // Unknown function, wrong method, bad callback URL.
+    assert_eq!(
+        api_req(&d, "POST", "/async-function/nope", &[], "x").status,
+        404
+    );
+    assert_eq!(
+        api_req(&d, "GET", "/async-function/echo", &[], "").status,
+        405
+    );
+    let r = api_req(
+        &d,
+        "POST",
+        "/async-function/echo",
+        &[("x-callback-url", "ftp://example/x")],
+        "x",
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("X-Callback-Url"), "{}", r.text());
+}

@@ -1,6 +1,7 @@
 //! Management API in the OpenFaaS gateway's shape, plus /healthz, /metrics and the same
 //! /function/<name>/ proxy as the shared port (OpenFaaS clients use one gateway URL).
 
+mod async_call;
 pub mod deploy;
 mod logs;
 
@@ -37,6 +38,11 @@ pub struct Api {
     /// Serialises deploys/removals so persisted state matches the lifecycle.
     write_lock: tokio::sync::Mutex<()>,
     noted_fields: Mutex<HashSet<String>>,
+    /// Sends queued async calls and their callbacks.
+    async_client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<Bytes>,
+    >,
 }
 
 impl Api {
@@ -59,6 +65,7 @@ impl Api {
             orchestration,
             write_lock: tokio::sync::Mutex::new(()),
             noted_fields: Mutex::new(HashSet::new()),
+            async_client: async_call::client(),
         })
     }
 
@@ -75,6 +82,16 @@ impl Api {
         let path = req.uri().path().to_string();
         if path.starts_with("/function/") {
             return self.proxy.clone().handle(req, &Route::Shared, peer).await;
+        }
+        if let Some(rest) = path.strip_prefix("/async-function/") {
+            if req.method() != Method::POST {
+                return text_response(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "async calls are POST /async-function/<name>",
+                );
+            }
+            let rest = rest.to_string();
+            return async_call::accept(self.lc(), &self.async_client, req, &rest).await;
         }
         match (req.method(), path.as_str()) {
             (&Method::GET, "/healthz") => return text_response(StatusCode::OK, "OK"),
