@@ -105,15 +105,9 @@ impl FunctionSpec {
     }
 }
 
-/// FNV-1a 32-bit of `name`'s UTF-8 bytes (design.md, "synwake TCP option").
-pub fn function_id(name: &str) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in name.as_bytes() {
-        h ^= u32::from(*b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h
-}
+/// FNV-1a 32-bit of `name`'s UTF-8 bytes (design.md, "synwake TCP option"); the probe's
+/// definition, so the kernel side and the daemon can never disagree.
+pub use synwake_ebpf::function_id;
 
 /// Names are used in URLs, log prefixes and container names.
 pub fn validate_name(name: &str) -> Result<(), String> {
