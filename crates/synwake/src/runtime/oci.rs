@@ -52,8 +52,29 @@ pub async fn setup(config: &Config, state: &StateDir) -> anyhow::Result<Option<A
 pub struct OciFunctions {
     rt: OciRuntime,
     pool: Pool,
-    /// Imported image per function name (the import itself is cached by digest).
-    images: Mutex<HashMap<String, Image>>,
+    /// Imported image per function name, with what it was imported from; reused while
+    /// the source is unchanged (reading and hashing an archive on every scale to zero
+    /// would be work done again for nothing).
+    images: Mutex<HashMap<String, (ImageSource, Image)>>,
+}
+
+/// Where an image came from: the path and, for an archive, its size and mtime, so a
+/// redeploy of a rebuilt archive at the same path imports it again.
+#[derive(Clone, PartialEq, Eq)]
+struct ImageSource {
+    path: String,
+    stamp: Option<(u64, std::time::SystemTime)>,
+}
+
+impl ImageSource {
+    fn of(spec: &FunctionSpec) -> Option<Self> {
+        let path = spec.oci.image.clone().or_else(|| spec.oci.rootfs.clone())?;
+        let stamp = spec.oci.image.as_ref().and_then(|p| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.len(), m.modified().ok()?))
+        });
+        Some(ImageSource { path, stamp })
+    }
 }
 
 impl OciFunctions {
@@ -65,8 +86,11 @@ impl OciFunctions {
     }
 
     async fn image(&self, spec: &FunctionSpec) -> Result<Image, StartError> {
-        if let Some(img) = self.images.lock().unwrap().get(&spec.name) {
-            return Ok(img.clone());
+        let source = ImageSource::of(spec);
+        if let Some((from, img)) = self.images.lock().unwrap().get(&spec.name) {
+            if Some(from) == source.as_ref() {
+                return Ok(img.clone());
+            }
         }
         let img = match (&spec.oci.image, &spec.oci.rootfs) {
             (Some(archive), _) => self
@@ -81,10 +105,12 @@ impl OciFunctions {
             })?,
             (None, None) => return Err(Self::err(spec, "neither image nor rootfs is set")),
         };
-        self.images
-            .lock()
-            .unwrap()
-            .insert(spec.name.clone(), img.clone());
+        if let Some(source) = source {
+            self.images
+                .lock()
+                .unwrap()
+                .insert(spec.name.clone(), (source, img.clone()));
+        }
         Ok(img)
     }
 
@@ -114,8 +140,6 @@ impl Runtime for OciFunctions {
 
     /// Imports the image (refusing a bad one before the deploy lands) and fills the pool.
     async fn prepare(&self, spec: &FunctionSpec) -> Result<(), StartError> {
-        // A redeploy may point at a new archive: import again (cached by digest).
-        self.images.lock().unwrap().remove(&spec.name);
         let image = self.image(spec).await?;
         if spec.oci.pool > 0 {
             self.pool
