@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Series keyed by label values; the hot path looks a series up without allocating (the
@@ -91,9 +90,7 @@ impl Family {
             help,
             kind,
             labels,
-            values: Mutex::new(LabelMap {
-                buckets: HashMap::new(),
-            }),
+            values: Mutex::new(LabelMap::default()),
         }
     }
 
@@ -170,9 +167,7 @@ impl HistogramFamily {
             help,
             labels,
             buckets,
-            values: Mutex::new(LabelMap {
-                buckets: HashMap::new(),
-            }),
+            values: Mutex::new(LabelMap::default()),
         }
     }
 
@@ -286,8 +281,6 @@ pub struct Metrics {
     pub wake_lead: HistogramFamily,
     pub pool_starts: Family,
     pub wake_to_start: HistogramFamily,
-    pub probe_events: AtomicU64,
-    pub probe_lost_events: AtomicU64,
     /// Reads the probe's kernel counters (events, lost) when /metrics is rendered.
     probe_counters: std::sync::Mutex<Option<ProbeCounters>>,
 }
@@ -382,8 +375,6 @@ impl Metrics {
                 &["function", "trigger"],
                 &[0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.1],
             ),
-            probe_events: AtomicU64::new(0),
-            probe_lost_events: AtomicU64::new(0),
             probe_counters: std::sync::Mutex::new(None),
         }
     }
@@ -420,16 +411,14 @@ impl Metrics {
 
     /// The whole registry in Prometheus text format.
     pub fn render(&self) -> String {
-        if let Some((events, lost)) = self
+        // Read from the kernel now; 0 when the probe is off.
+        let (events, lost) = self
             .probe_counters
             .lock()
             .unwrap()
             .as_ref()
             .and_then(|f| f())
-        {
-            self.probe_events.store(events, Ordering::Relaxed);
-            self.probe_lost_events.store(lost, Ordering::Relaxed);
-        }
+            .unwrap_or((0, 0));
         let mut out = String::with_capacity(8192);
         self.invocations.render(&mut out);
         self.request_duration.render(&mut out);
@@ -448,18 +437,17 @@ impl Metrics {
             (
                 "synwake_probe_events_total",
                 "SYN events the probe delivered to userspace.",
-                &self.probe_events,
+                events,
             ),
             (
                 "synwake_probe_lost_events_total",
                 "SYN events lost because the ring buffer was full.",
-                &self.probe_lost_events,
+                lost,
             ),
         ] {
             let _ = writeln!(
                 out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
             );
         }
         out
