@@ -101,16 +101,17 @@ impl Proxy {
         };
         let resp = match self.lifecycle.acquire(&function).await {
             Ok(lease) => self.forward(req, lease, path, peer).await,
+            // No series for names that are not (or no longer) functions: any path could
+            // create one, and a removed function's series are already forgotten.
+            Err(e @ (AcquireError::UnknownFunction { .. } | AcquireError::Removed { .. })) => {
+                return acquire_error_response(&e)
+            }
             Err(e) => acquire_error_response(&e),
         };
         let m = self.lifecycle.metrics();
-        if !matches!(resp.status(), StatusCode::NOT_FOUND)
-            || self.lifecycle.get(&function).is_some()
-        {
-            m.invocations.inc(&[&function, resp.status().as_str()]);
-            m.request_duration
-                .observe(&[&function], arrived.elapsed().as_secs_f64());
-        }
+        m.invocations.inc(&[&function, resp.status().as_str()]);
+        m.request_duration
+            .observe(&[&function], arrived.elapsed().as_secs_f64());
         resp
     }
 
@@ -121,7 +122,8 @@ impl Proxy {
         path: String,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
-        let function = lease.spec().name.clone();
+        let spec = lease.spec().clone();
+        let function = &spec.name;
         let addr = lease.instance.addr();
         let (mut parts, body) = req.into_parts();
         let uri: Uri = match format!("http://{addr}{path}").parse() {
