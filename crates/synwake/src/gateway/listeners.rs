@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{Proxy, ProxyBody, Route};
-use crate::lifecycle::{Lifecycle, Trigger};
+use crate::lifecycle::Lifecycle;
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
 /// Serves one request of a connection.
@@ -186,22 +186,7 @@ impl PortListeners {
             let on_accept: Option<Arc<dyn Fn() + Send + Sync>> = if self.wake_on_accept {
                 let lc = lc.clone();
                 let name = name.clone();
-                Some(Arc::new(move || {
-                    let at = Instant::now();
-                    if lc.probe_active() {
-                        // The probe saw this connection's SYN a round trip ago and its event
-                        // may still be in flight; give it a moment so the wake is credited
-                        // to the earliest trigger. Still a fallback if the SYN came in on
-                        // an interface the probe does not watch.
-                        let (lc, name) = (lc.clone(), name.clone());
-                        tokio::spawn(async move {
-                            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                            lc.wake(&name, Trigger::Accept, at);
-                        });
-                    } else {
-                        lc.wake(&name, Trigger::Accept, at);
-                    }
-                }))
+                Some(Arc::new(move || lc.wake_on_accept(&name, Instant::now())))
             } else {
                 None
             };

@@ -444,6 +444,25 @@ impl Lifecycle {
         WakeOutcome::Started
     }
 
+    /// A connection to the function's own port was accepted. With the probe attached, the
+    /// SYN's event for a cold function may still be in flight: wait 1 ms for it, so the
+    /// start is credited to the earliest trigger (and still happens if the SYN came in on
+    /// an interface the probe does not watch). Warm functions are never deferred.
+    pub fn wake_on_accept(&self, name: &str, at: Instant) {
+        let cold = self
+            .get(name)
+            .is_some_and(|f| f.state.lock().unwrap().live() == 0);
+        if cold && self.probe_active() {
+            let (lc, name) = (self.clone(), name.to_string());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                lc.wake(&name, Trigger::Accept, at);
+            });
+        } else {
+            self.wake(name, Trigger::Accept, at);
+        }
+    }
+
     /// Waits (bounded by start_timeout and max_pending) for a ready instance with capacity.
     pub async fn acquire(&self, name: &str) -> Result<Lease, AcquireError> {
         let mut f = self
