@@ -245,7 +245,7 @@ pub fn acquire_error_response(e: &AcquireError) -> Response<ProxyBody> {
     r
 }
 
-fn strip_hop_by_hop(h: &mut http::HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut http::HeaderMap) {
     // Headers named in Connection are hop-by-hop too.
     let named: Vec<HeaderName> = h
         .get_all(http::header::CONNECTION)
