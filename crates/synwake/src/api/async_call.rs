@@ -143,12 +143,9 @@ async fn run(
         }
     };
     let addr = lease.instance.addr();
-    for h in [
-        "x-callback-url",
-        "connection",
-        "content-length",
-        "transfer-encoding",
-    ] {
+    crate::gateway::strip_hop_by_hop(&mut headers);
+    // The body is re-sent whole; the callback is ours to call, not the function's.
+    for h in ["x-callback-url", "content-length", "transfer-encoding"] {
         headers.remove(h);
     }
     let uri: Uri = match format!("http://{addr}{path}").parse() {
