@@ -7,6 +7,7 @@
 //! `#[ignore]`d and run in release mode:
 //! `cargo test --release -p synwake --test probe -- --ignored bench_ --nocapture --test-threads=1`
 
+mod common;
 mod probe_support;
 
 use std::net::SocketAddr;

@@ -322,8 +322,21 @@ pub fn request(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> std::io::Result<Resp> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    request_on(stream, method, path, headers, body)
+}
+
+/// One HTTP/1.1 request (`Connection: close`) on an already connected stream, which may
+/// have been opened, idle, long before.
+pub fn request_on(
+    mut stream: TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> std::io::Result<Resp> {
     let t0 = Instant::now();
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    let addr = stream.peer_addr()?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;

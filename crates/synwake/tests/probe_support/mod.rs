@@ -9,14 +9,13 @@
 #![allow(dead_code)] // the tests and the #[ignore] benchmarks use different parts
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Addresses on the veth pair; private to the fixture's namespaces, so every test may use
 /// the same ones.
@@ -154,59 +153,6 @@ pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static
     })
     .join()
     .unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
-
-/// The `synwake` binary of this test run.
-pub fn synwake_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_synwake"))
-}
-
-/// `synwake-fn` from the same target directory and profile, built on first use.
-pub fn fn_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let profile_dir = synwake_bin()
-            .parent()
-            .expect("binary directory")
-            .to_path_buf();
-        let bin = profile_dir.join("synwake-fn");
-        if !bin.exists() {
-            let target = profile_dir.parent().expect("target directory");
-            let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            cmd.args(["build", "-p", "synwake-fn"])
-                .env("CARGO_TARGET_DIR", target)
-                .current_dir(env!("CARGO_MANIFEST_DIR"));
-            if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("run cargo build -p synwake-fn");
-            assert!(status.success(), "cargo build -p synwake-fn failed");
-        }
-        assert!(bin.exists(), "{} missing", bin.display());
-        bin
-    })
-}
-
-/// A `[[function]]` table running synwake-fn; `extra` adds TOML lines to it.
-pub fn function(name: &str, extra: &str) -> String {
-    format!(
-        "[[function]]\nname = \"{name}\"\ncommand = [{:?}]\n{extra}\n",
-        fn_bin().display().to_string()
-    )
-}
-
-/// Polls `cond` every 5 ms until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// How the probe came up in a daemon, from its log.
@@ -444,116 +390,18 @@ impl Metrics {
     }
 }
 
-/// A response from [`http`].
-#[derive(Debug)]
-pub struct Resp {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
+/// The binaries, config snippets, waiting and the HTTP client are the core tests' own.
+pub use crate::common::{function, synwake_bin, wait_until, Resp};
 
-impl Resp {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// One HTTP/1.1 request with `Connection: close` on an already connected stream (which
-/// may have been opened, idle, long before).
+/// One HTTP/1.1 request with `Connection: close` on an already connected stream.
 pub fn http(
-    mut stream: TcpStream,
+    stream: TcpStream,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> io::Result<Resp> {
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: synwake\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if let Some(b) = body {
-        head.push_str(&format!("Content-Length: {}\r\n", b.len()));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    if let Some(b) = body {
-        stream.write_all(b)?;
-    }
-    let mut r = BufReader::new(stream);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("bad status line {line:?}")))?;
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h)? == 0 {
-            return Err(io::Error::other("connection closed in the headers"));
-        }
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-        }
-    }
-    let len = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .and_then(|(_, v)| v.parse::<usize>().ok());
-    let mut body = Vec::new();
-    match len {
-        Some(n) => {
-            body.resize(n, 0);
-            r.read_exact(&mut body)?;
-        }
-        // Chunked or close-delimited: we asked for close, so read to the end and strip
-        // chunk framing if there is any.
-        None => {
-            r.read_to_end(&mut body)?;
-            if headers
-                .iter()
-                .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"))
-            {
-                body = dechunk(&body);
-            }
-        }
-    }
-    Ok(Resp {
-        status,
-        headers,
-        body,
-    })
-}
-
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
-        let size = std::str::from_utf8(&raw[..eol])
-            .ok()
-            .and_then(|s| usize::from_str_radix(s.split(';').next()?.trim(), 16).ok())
-            .unwrap_or(0);
-        raw = &raw[eol + 2..];
-        if size == 0 || raw.len() < size {
-            break;
-        }
-        out.extend_from_slice(&raw[..size]);
-        raw = raw.get(size + 2..).unwrap_or(&[]);
-    }
-    out
+    crate::common::request_on(stream, method, path, headers, body)
 }
 
 /// GET `path` on `to` from the client namespace.
