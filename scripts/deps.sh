@@ -16,6 +16,10 @@ set -euo pipefail
 #   nginx-light wrk                                reverse-proxy baseline and load generator
 #   python3 curl                                   example functions, quickstart
 #   build-essential pkg-config                     the linker cargo needs, native build deps
+#   openssl                                        test certificates, s_client in the TLS tests
+#   nghttp2-client                                 h2load: HTTP/2 and TLS load generator
+#   python3-grpcio python3-websockets python3-h2   gRPC, WebSocket and HTTP/2 test clients
+#   docker-registry skopeo buildah podman umoci    real registry and image tools for oci tests
 PACKAGES=(
     clang llvm libbpf-dev bpftool linux-libc-dev
     runc busybox-static
@@ -23,6 +27,9 @@ PACKAGES=(
     nginx-light wrk
     python3 curl
     build-essential pkg-config
+    openssl nghttp2-client
+    python3-grpcio python3-websockets python3-h2
+    docker-registry skopeo buildah podman umoci
 )
 
 check_only=false
