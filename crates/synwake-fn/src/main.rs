@@ -5,6 +5,8 @@
 //! - `LISTEN_ADDR`: full socket address to listen on instead.
 //! - `INIT_MS`: sleep this long before listening (a function with a known start time).
 //! - `EXIT_AT_START`: exit with this status before listening (a function that fails to start).
+//! - `IGNORE_BODY`: leave the bodies of GET requests unread, as careless functions do (the
+//!   next request is then parsed from the body's bytes).
 //!
 //! Requests:
 //! - `POST` anything: echoes the body back.
@@ -57,6 +59,7 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
     let name = std::env::var("SYNWAKE_FUNCTION").unwrap_or_else(|_| "synwake-fn".into());
+    let ignore_body = std::env::var_os("IGNORE_BODY").is_some();
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
@@ -87,7 +90,9 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
                 }
             }
         }
-        let body = if chunked {
+        let body = if ignore_body && method == "GET" {
+            Vec::new()
+        } else if chunked {
             read_chunked(&mut reader)?
         } else {
             let mut b = vec![0; content_length];

@@ -40,7 +40,10 @@ pub async fn accept(
         None => (rest, "/"),
     };
     if lc.get(name).is_none() {
-        return text_response(StatusCode::NOT_FOUND, format!("function {name} not found"));
+        return text_response(
+            StatusCode::NOT_FOUND,
+            format!("function {} not found", crate::gateway::path::quote(name)),
+        );
     }
     let query = req
         .uri()

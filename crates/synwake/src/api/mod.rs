@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 
+use crate::gateway::path::quote;
 use crate::gateway::{full, text_response, Proxy, ProxyBody, Route};
 use crate::lifecycle::{Lifecycle, ScaleError};
 use crate::spec::{FunctionSpec, Policy, RuntimeKind, Source};
@@ -79,7 +80,20 @@ impl Api {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
-        let path = req.uri().path().to_string();
+        // Routed on the resolved path, so `/function/x/../../system/...` is a system call
+        // with its checks, never a function's.
+        let path = match crate::gateway::path::resolve_dot_segments(req.uri().path()) {
+            Some(p) => p.into_owned(),
+            None => {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "request path {} does not start with /",
+                        quote(req.uri().path())
+                    ),
+                )
+            }
+        };
         if path.starts_with("/function/") {
             return self.proxy.clone().handle(req, &Route::Shared, peer).await;
         }
@@ -128,9 +142,10 @@ impl Api {
                 let name = &p["/system/function/".len()..];
                 match self.lc().status(name) {
                     Some(s) => json(StatusCode::OK, &FunctionStatusJson::from(&s)),
-                    None => {
-                        text_response(StatusCode::NOT_FOUND, format!("function {name} not found"))
-                    }
+                    None => text_response(
+                        StatusCode::NOT_FOUND,
+                        format!("function {} not found", quote(name)),
+                    ),
                 }
             }
             (Method::POST, p) if p.starts_with("/system/scale-function/") => {
@@ -139,9 +154,13 @@ impl Api {
             }
             (_, p) if p.starts_with("/system/") => text_response(
                 StatusCode::METHOD_NOT_ALLOWED,
-                format!("{} {p} is not part of the management API", req.method()),
+                format!(
+                    "{} {} is not part of the management API",
+                    req.method(),
+                    quote(p)
+                ),
             ),
-            (_, p) => text_response(StatusCode::NOT_FOUND, format!("no route for {p}")),
+            (_, p) => text_response(StatusCode::NOT_FOUND, format!("no route for {}", quote(p))),
         }
     }
 
@@ -357,7 +376,7 @@ impl Api {
         };
         let _w = self.write_lock.lock().await;
         match self.lc().get(&name).map(|f| f.spec().source) {
-            None => return text_response(StatusCode::NOT_FOUND, format!("function {name} not found")),
+            None => return text_response(StatusCode::NOT_FOUND, format!("function {} not found", quote(&name))),
             Some(Source::Config) => {
                 return text_response(
                     StatusCode::CONFLICT,
@@ -440,7 +459,10 @@ fn other_namespace(ns: Option<String>) -> Option<Response<ProxyBody>> {
     let ns = ns.filter(|ns| !ns.is_empty() && ns != NAMESPACE)?;
     Some(text_response(
         StatusCode::NOT_FOUND,
-        format!("namespace {ns:?} not found; synwake has one namespace, {NAMESPACE:?}"),
+        format!(
+            "namespace {} not found; synwake has one namespace, {NAMESPACE:?}",
+            quote(&ns)
+        ),
     ))
 }
 

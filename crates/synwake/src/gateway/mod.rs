@@ -10,6 +10,7 @@
 //! function name.
 
 pub mod listeners;
+pub mod path;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -151,6 +152,14 @@ impl Proxy {
                 .headers
                 .insert(HeaderName::from_static("x-forwarded-for"), v);
         }
+        // A function may answer without reading the body; what it left unread would be
+        // parsed as the next request on a pooled connection and its answer handed to
+        // another client. So a connection that carried a body is not reused.
+        if !body.is_end_stream() {
+            parts
+                .headers
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let cold = lease.cold;
         match self.client.request(Request::from_parts(parts, body)).await {
             Ok(resp) => {
@@ -166,6 +175,17 @@ impl Proxy {
                 }
                 .boxed();
                 Response::from_parts(parts, body)
+            }
+            Err(e) if client_body_failed(&e) => {
+                let detail = crate::error_chain(&e);
+                tracing::debug!("function {function}: the client's request body failed: {detail}");
+                let mut r = text_response(
+                    StatusCode::BAD_REQUEST,
+                    format!("function {function}: the request body could not be read (malformed chunked encoding or the client closed the connection): {detail}"),
+                );
+                r.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                r
             }
             Err(e) => {
                 // A crash: let the lifecycle drop the instance before the client sees the
@@ -195,19 +215,35 @@ impl Proxy {
     }
 }
 
-/// Phase 1: which function, and the path to send it.
+/// The one namespace OpenFaaS clients may name: `/function/<name>.openfaas-fn/`.
+const NAMESPACE_SUFFIX: &str = ".openfaas-fn";
+
+/// Phase 1: which function, and the path to send it (dot segments resolved first, so
+/// routing and the function see the same path).
 #[allow(clippy::result_large_err)] // the error is the response itself, built once per bad request
 fn route_request(route: &Route, uri: &Uri) -> Result<(String, String), Response<ProxyBody>> {
-    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let Some(resolved) = path::resolve_dot_segments(uri.path()) else {
+        return Err(text_response(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "request path {} does not start with /",
+                path::quote(uri.path())
+            ),
+        ));
+    };
+    let with_query = |p: &str| match uri.query() {
+        Some(q) => format!("{p}?{q}"),
+        None => p.to_string(),
+    };
     match route {
-        Route::Port(name) => Ok((name.to_string(), format!("{}{query}", uri.path()))),
+        Route::Port(name) => Ok((name.to_string(), with_query(&resolved))),
         Route::Shared => {
-            let Some(rest) = uri.path().strip_prefix("/function/") else {
+            let Some(rest) = resolved.strip_prefix("/function/") else {
                 return Err(text_response(
                     StatusCode::NOT_FOUND,
                     format!(
                         "no route for {}: functions are served under /function/<name>/",
-                        uri.path()
+                        path::quote(&resolved)
                     ),
                 ));
             };
@@ -215,15 +251,38 @@ fn route_request(route: &Route, uri: &Uri) -> Result<(String, String), Response<
                 Some(i) => (&rest[..i], &rest[i..]),
                 None => (rest, "/"),
             };
+            let name = name.strip_suffix(NAMESPACE_SUFFIX).unwrap_or(name);
             if name.is_empty() {
                 return Err(text_response(
                     StatusCode::NOT_FOUND,
                     "no function named in the path /function/<name>/",
                 ));
             }
-            Ok((name.to_string(), format!("{tail}{query}")))
+            if crate::spec::validate_name(name).is_err() {
+                return Err(text_response(
+                    StatusCode::NOT_FOUND,
+                    format!("function {} not found", path::quote(name)),
+                ));
+            }
+            Ok((name.to_string(), with_query(tail)))
         }
     }
+}
+
+/// The upstream request failed because the client's body did (hyper calls an error of the
+/// body it was given a user error), not because of the instance.
+fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_user())
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Phase 2 failures as responses.
