@@ -278,6 +278,25 @@ impl Config {
             drain_timeout: raw.gateway.drain_timeout.unwrap_or(Duration::from_secs(10)),
         };
         let defaults = raw.defaults.apply(&Policy::default());
+        let defaults_at = text.find("[defaults]").unwrap_or(0);
+        defaults.validate().map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: line_of(key_offset(text, defaults_at, &e.key) + 1),
+            key: format!("defaults.{}", e.key),
+            message: e.message,
+        })?;
+        if let Some(d) = raw.gateway.drain_timeout {
+            spec::check_duration("drain_timeout", d, &spec::limits::DRAIN_TIMEOUT).map_err(
+                |e| ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    line: line_of(
+                        key_offset(text, text.find("[gateway]").unwrap_or(0), "drain_timeout") + 1,
+                    ),
+                    key: "gateway.drain_timeout".into(),
+                    message: e.message,
+                },
+            )?;
+        }
 
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut ports: HashMap<u16, String> = HashMap::new();
@@ -310,7 +329,7 @@ impl Config {
                         return Err(invalid(
                             p.span(),
                             "function.port",
-                            "port 0 is not allowed".into(),
+                            "0 is out of range (1 to 65535)".into(),
                         ));
                     }
                     if let Some(owner) = ports.insert(port, format!("function {name:?}")) {
@@ -323,24 +342,7 @@ impl Config {
                     Some(port)
                 }
             };
-            let key_span = f.name.span();
-            match f.runtime {
-                RuntimeKind::Process if f.command.is_empty() => {
-                    return Err(invalid(
-                        key_span,
-                        "function.command",
-                        format!("function {name:?} uses the process runtime and needs a command"),
-                    ))
-                }
-                RuntimeKind::Oci if f.image.is_none() == f.rootfs.is_none() => {
-                    return Err(invalid(
-                        key_span,
-                        "function.image",
-                        format!("function {name:?} uses the oci runtime and needs exactly one of image or rootfs"),
-                    ))
-                }
-                _ => {}
-            }
+            let name_at = f.name.span().start;
             let memory_bytes = match &f.memory {
                 None => None,
                 Some(m) => Some(
@@ -349,13 +351,6 @@ impl Config {
                 ),
             };
             let max_instances = f.max_instances.unwrap_or(1);
-            if max_instances == 0 {
-                return Err(invalid(
-                    key_span,
-                    "function.max_instances",
-                    format!("function {name:?}: max_instances must be at least 1"),
-                ));
-            }
             let policy = RawPolicy {
                 idle_timeout: f.idle_timeout,
                 start_timeout: f.start_timeout,
@@ -365,8 +360,8 @@ impl Config {
                 max_wakes_per_second: f.max_wakes_per_second,
             }
             .apply(&defaults);
-            functions.push(FunctionSpec {
-                name,
+            let spec = FunctionSpec {
+                name: name.clone(),
                 port,
                 runtime: f.runtime,
                 command: f.command,
@@ -387,7 +382,14 @@ impl Config {
                 labels: f.labels,
                 annotations: BTreeMap::new(),
                 source: Source::Config,
-            });
+            };
+            spec.validate().map_err(|e| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: line_of(key_offset(text, name_at, &e.key) + 1),
+                key: format!("function.{}", e.key),
+                message: format!("function {name:?}: {}", e.message),
+            })?;
+            functions.push(spec);
         }
         Ok(Config {
             gateway,
@@ -404,6 +406,49 @@ impl Config {
             functions,
         })
     }
+}
+
+/// Byte offset of the line setting `key` in the table that holds offset `within` (a
+/// `key =` line, or a `[<table>.key]` sub-table); `within` itself when not found (e.g. a
+/// value inherited from a default).
+fn key_offset(text: &str, within: usize, key: &str) -> usize {
+    let within = within.min(text.len());
+    let is_header = |l: &str| l.trim_start().starts_with('[');
+    // The table starts at the last header at or before `within`, ends at the next header
+    // that is not one of its own sub-tables.
+    let mut start = 0;
+    let mut header = "";
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if offset > within {
+            break;
+        }
+        if is_header(line) {
+            start = offset;
+            header = line.trim().trim_matches(|c| c == '[' || c == ']').trim();
+        }
+        offset += line.len();
+    }
+    let own_sub = format!("[{header}.");
+    let mut offset = start;
+    for (i, line) in text[start..].split_inclusive('\n').enumerate() {
+        let t = line.trim_start();
+        if i > 0 && is_header(line) {
+            if t.starts_with(&own_sub) && t[own_sub.len()..].starts_with(key) {
+                return offset;
+            }
+            if !t.starts_with(&own_sub) {
+                break;
+            }
+        }
+        if let Some(rest) = t.strip_prefix(key) {
+            if rest.trim_start().starts_with('=') {
+                return offset;
+            }
+        }
+        offset += line.len();
+    }
+    within
 }
 
 /// toml's own message already says "line N, column M"; keep it, minus the source excerpt.
@@ -515,6 +560,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("gateway.api_listen"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_line_of_their_key() {
+        let e = parse("[[function]]\nname = \"a\"\ncommand = [\"x\"]\nstart_timeout = \"18446744073709551615s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("test.toml:4: function.start_timeout: "),
+            "{e}"
+        );
+        let e = parse("[gateway]\n[defaults]\nidle_timeout = \"1s\"\nstop_grace = \"9999h\"\n[[function]]\nname = \"a\"\ncommand = [\"x\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.toml:4: defaults.stop_grace: "), "{e}");
+        let e = parse("[[function]]\nname = \"a\"\ncommand = [\"x\"]\n[[function]]\nname = \"b\"\ncommand = [\"x\"]\nmax_instances = 0\n[function.env]\nA = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("test.toml:7: function.max_instances: "),
+            "{e}"
+        );
+        let e = parse(
+            "[[function]]\nname = \"a\"\ncommand = [\"x\"]\n[function.env]\nA = \"x\\u0000\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("test.toml:4: function.env: "), "{e}");
+        let e = parse("[gateway]\ndrain_timeout = \"2h\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.toml:2: gateway.drain_timeout: "), "{e}");
     }
 
     #[test]

@@ -105,6 +105,261 @@ impl FunctionSpec {
     }
 }
 
+/// A spec value outside its documented range; `key` is the `[[function]]` config key
+/// (`api_field` gives the API's name for it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct SpecError {
+    pub key: String,
+    pub message: String,
+}
+
+impl SpecError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        SpecError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The documented range of every duration and count (README, "Configuration reference").
+/// Upper bounds keep every `Instant + duration` and every product far from overflow.
+pub mod limits {
+    use std::ops::RangeInclusive;
+    use std::time::Duration;
+
+    const fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+    const fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+    const DAY: u64 = 24 * 3600;
+
+    pub const IDLE_TIMEOUT: RangeInclusive<Duration> = ms(1)..=secs(365 * DAY);
+    pub const START_TIMEOUT: RangeInclusive<Duration> = ms(1)..=secs(3600);
+    pub const STOP_GRACE: RangeInclusive<Duration> = ms(0)..=secs(3600);
+    pub const PREWARM_TTL: RangeInclusive<Duration> = ms(0)..=secs(DAY);
+    pub const DRAIN_TIMEOUT: RangeInclusive<Duration> = ms(0)..=secs(3600);
+    pub const MAX_PENDING: RangeInclusive<u64> = 0..=1_000_000;
+    pub const MAX_WAKES_PER_SECOND: RangeInclusive<u64> = 0..=100_000;
+    pub const MAX_INSTANCES: RangeInclusive<u64> = 1..=1024;
+    pub const MAX_CONCURRENCY: RangeInclusive<u64> = 0..=1_000_000;
+    pub const POOL: RangeInclusive<u64> = 0..=64;
+    pub const PORT: RangeInclusive<u64> = 1..=65535;
+    pub const MEMORY: RangeInclusive<u64> = (1 << 20)..=(1 << 50);
+    pub const CPUS: RangeInclusive<f64> = 0.001..=1024.0;
+    pub const PIDS: RangeInclusive<u64> = 1..=4_194_304;
+    /// Bytes of all `env` names and values together.
+    pub const ENV_BYTES: u64 = 1 << 20;
+    pub const READINESS_PATH_LEN: usize = 1024;
+}
+
+/// Checks a duration against its documented range.
+pub fn check_duration(
+    key: &str,
+    d: Duration,
+    range: &std::ops::RangeInclusive<Duration>,
+) -> Result<(), SpecError> {
+    if range.contains(&d) {
+        return Ok(());
+    }
+    Err(SpecError::new(
+        key,
+        format!(
+            "{} is out of range ({} to {})",
+            humantime::format_duration(d),
+            humantime::format_duration(*range.start()),
+            humantime::format_duration(*range.end())
+        ),
+    ))
+}
+
+/// Checks a count against its documented range; `u64` so that nothing is truncated first.
+pub fn check_count(
+    key: &str,
+    n: u64,
+    range: &std::ops::RangeInclusive<u64>,
+) -> Result<(), SpecError> {
+    if range.contains(&n) {
+        return Ok(());
+    }
+    Err(SpecError::new(
+        key,
+        format!("{n} is out of range ({} to {})", range.start(), range.end()),
+    ))
+}
+
+/// A count narrowed to its field's type after its range check (so never truncated).
+pub fn count_in<T: TryFrom<u64>>(
+    key: &str,
+    n: u64,
+    range: &std::ops::RangeInclusive<u64>,
+) -> Result<T, SpecError> {
+    check_count(key, n, range)?;
+    T::try_from(n).map_err(|_| SpecError::new(key, format!("{n} is out of range")))
+}
+
+impl Policy {
+    /// Every policy value within its documented range (`[defaults]` and each function).
+    pub fn validate(&self) -> Result<(), SpecError> {
+        check_duration("idle_timeout", self.idle_timeout, &limits::IDLE_TIMEOUT)?;
+        check_duration("start_timeout", self.start_timeout, &limits::START_TIMEOUT)?;
+        check_duration("stop_grace", self.stop_grace, &limits::STOP_GRACE)?;
+        check_duration("prewarm_ttl", self.prewarm_ttl, &limits::PREWARM_TTL)?;
+        check_count("max_pending", self.max_pending as u64, &limits::MAX_PENDING)?;
+        check_count(
+            "max_wakes_per_second",
+            self.max_wakes_per_second as u64,
+            &limits::MAX_WAKES_PER_SECOND,
+        )?;
+        Ok(())
+    }
+}
+
+impl FunctionSpec {
+    /// The one check of a spec, used by the config loader, the API and `Lifecycle::deploy`:
+    /// every value in its documented range, nothing that would only fail at start time.
+    /// Checks that need other functions (duplicate names, ports, ids) are the caller's.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        validate_name(&self.name).map_err(|m| SpecError::new("name", m))?;
+        if let Some(p) = self.port {
+            check_count("port", p as u64, &limits::PORT)?;
+        }
+        match self.runtime {
+            RuntimeKind::Process if self.command.is_empty() => {
+                return Err(SpecError::new(
+                    "command",
+                    "the process runtime needs a command",
+                ))
+            }
+            RuntimeKind::Oci if self.oci.image.is_none() == self.oci.rootfs.is_none() => {
+                return Err(SpecError::new(
+                    "image",
+                    "the oci runtime needs exactly one of image or rootfs",
+                ))
+            }
+            _ => {}
+        }
+        if self.command.iter().any(|a| a.contains('\0')) {
+            return Err(SpecError::new("command", "an argument holds a NUL byte"));
+        }
+        if self.runtime == RuntimeKind::Process
+            && self.command.first().is_some_and(|c| c.is_empty())
+        {
+            return Err(SpecError::new("command", "the program name is empty"));
+        }
+        let mut env_bytes = 0u64;
+        for (k, v) in &self.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(SpecError::new(
+                    "env",
+                    format!("{:?} is not a variable name (non-empty, no '=' or NUL)", k),
+                ));
+            }
+            if v.contains('\0') {
+                return Err(SpecError::new(
+                    "env",
+                    format!("the value of {k} holds a NUL byte"),
+                ));
+            }
+            env_bytes += (k.len() + v.len()) as u64;
+        }
+        if env_bytes > limits::ENV_BYTES {
+            return Err(SpecError::new(
+                "env",
+                format!(
+                    "{env_bytes} bytes of names and values, more than {}",
+                    limits::ENV_BYTES
+                ),
+            ));
+        }
+        if let Some(p) = &self.readiness_path {
+            check_readiness_path(p)?;
+        }
+        check_count(
+            "max_instances",
+            self.max_instances as u64,
+            &limits::MAX_INSTANCES,
+        )?;
+        check_count(
+            "max_concurrency",
+            self.max_concurrency as u64,
+            &limits::MAX_CONCURRENCY,
+        )?;
+        self.policy.validate()?;
+        for (key, v) in [("image", &self.oci.image), ("rootfs", &self.oci.rootfs)] {
+            if let Some(v) = v {
+                if v.is_empty() || v.contains('\0') {
+                    return Err(SpecError::new(key, "must be a non-empty path without NUL"));
+                }
+            }
+        }
+        if self.runtime == RuntimeKind::Oci {
+            check_count(
+                "container_port",
+                self.oci.container_port as u64,
+                &limits::PORT,
+            )?;
+        }
+        if let Some(m) = self.oci.memory_bytes {
+            check_count("memory", m, &limits::MEMORY)?;
+        }
+        if let Some(c) = self.oci.cpus {
+            if !limits::CPUS.contains(&c) {
+                return Err(SpecError::new(
+                    "cpus",
+                    format!(
+                        "{c} is out of range ({} to {})",
+                        limits::CPUS.start(),
+                        limits::CPUS.end()
+                    ),
+                ));
+            }
+        }
+        if let Some(p) = self.oci.pids {
+            check_count("pids", p, &limits::PIDS)?;
+        }
+        check_count("pool", self.oci.pool as u64, &limits::POOL)?;
+        Ok(())
+    }
+}
+
+/// A readiness path goes into a request line as is: an origin-form path of visible ASCII.
+fn check_readiness_path(p: &str) -> Result<(), SpecError> {
+    if !p.starts_with('/') || p.len() > limits::READINESS_PATH_LEN {
+        return Err(SpecError::new(
+            "readiness_path",
+            format!(
+                "must start with '/' and be at most {} bytes",
+                limits::READINESS_PATH_LEN
+            ),
+        ));
+    }
+    if !p.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(SpecError::new(
+            "readiness_path",
+            "may only hold visible ASCII (no spaces, CR, LF or control bytes; percent-encode them)",
+        ));
+    }
+    Ok(())
+}
+
+/// The API's name of a `[[function]]` config key, for 400s naming the request field.
+pub fn api_field(key: &str) -> String {
+    match key {
+        "name" => "service".into(),
+        "command" => "envProcess".into(),
+        "env" => "envVars".into(),
+        "labels" => "labels".into(),
+        "image" | "rootfs" => "image".into(),
+        "memory" => "limits.memory".into(),
+        "cpus" => "limits.cpu".into(),
+        other => format!("annotations.com.synwake.{}", other.replace('_', "-")),
+    }
+}
+
 /// FNV-1a 32-bit of `name`'s UTF-8 bytes (design.md, "synwake TCP option"); the probe's
 /// definition, so the kernel side and the daemon can never disagree.
 pub use synwake_ebpf::function_id;
@@ -191,6 +446,116 @@ mod tests {
         assert_eq!(parse_bytes("1G").unwrap(), 1_000_000_000);
         assert_eq!(parse_bytes("4096").unwrap(), 4096);
         assert!(parse_bytes("12 parsecs").unwrap_err().contains("parsecs"));
+    }
+
+    fn process(name: &str) -> FunctionSpec {
+        FunctionSpec {
+            name: name.into(),
+            port: None,
+            runtime: RuntimeKind::Process,
+            command: vec!["/bin/true".into()],
+            env: BTreeMap::new(),
+            readiness_path: None,
+            max_instances: 1,
+            max_concurrency: 0,
+            policy: Policy::default(),
+            oci: OciSpec {
+                container_port: 8080,
+                ..OciSpec::default()
+            },
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            source: Source::Api,
+        }
+    }
+
+    #[test]
+    fn validate_ranges() {
+        assert_eq!(process("a").validate(), Ok(()));
+        let key = |f: &dyn Fn(&mut FunctionSpec)| {
+            let mut s = process("a");
+            f(&mut s);
+            s.validate().map(|_| ()).map_err(|e| e.key)
+        };
+        let huge = Duration::from_secs(u64::MAX);
+        assert_eq!(
+            key(&|s| s.policy.start_timeout = huge),
+            Err("start_timeout".into())
+        );
+        assert_eq!(
+            key(&|s| s.policy.idle_timeout = huge),
+            Err("idle_timeout".into())
+        );
+        assert_eq!(
+            key(&|s| s.policy.stop_grace = huge),
+            Err("stop_grace".into())
+        );
+        assert_eq!(
+            key(&|s| s.policy.prewarm_ttl = huge),
+            Err("prewarm_ttl".into())
+        );
+        assert_eq!(key(&|s| s.max_instances = 0), Err("max_instances".into()));
+        assert_eq!(
+            key(&|s| s.max_instances = 1025),
+            Err("max_instances".into())
+        );
+        assert_eq!(
+            key(&|s| s.policy.max_pending = usize::MAX),
+            Err("max_pending".into())
+        );
+        assert_eq!(key(&|s| s.oci.cpus = Some(f64::NAN)), Err("cpus".into()));
+        assert_eq!(key(&|s| s.oci.memory_bytes = Some(1)), Err("memory".into()));
+        assert_eq!(
+            key(&|s| {
+                s.runtime = RuntimeKind::Oci;
+                s.oci.image = Some("/i.tar".into());
+                s.oci.container_port = 0;
+            }),
+            Err("container_port".into())
+        );
+        assert_eq!(key(&|s| s.command.clear()), Err("command".into()));
+        assert_eq!(
+            key(&|s| s.command.push("a\0b".into())),
+            Err("command".into())
+        );
+        assert_eq!(
+            key(&|s| {
+                s.env.insert("A".into(), "x\0y".into());
+            }),
+            Err("env".into())
+        );
+        assert_eq!(
+            key(&|s| {
+                s.env.insert("A=B".into(), "x".into());
+            }),
+            Err("env".into())
+        );
+        for bad in ["/a b", "/a\r\nX: y", "nope", "/\u{7f}"] {
+            assert_eq!(
+                key(&|s| s.readiness_path = Some(bad.into())),
+                Err("readiness_path".into()),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            key(&|s| s.readiness_path = Some("/healthz?x=1".into())),
+            Ok(())
+        );
+        assert_eq!(
+            key(&|s| s.runtime = RuntimeKind::Oci),
+            Err("image".into()),
+            "oci needs an image"
+        );
+    }
+
+    #[test]
+    fn api_fields() {
+        assert_eq!(
+            api_field("start_timeout"),
+            "annotations.com.synwake.start-timeout"
+        );
+        assert_eq!(api_field("env"), "envVars");
+        assert_eq!(api_field("memory"), "limits.memory");
     }
 
     #[test]

@@ -195,6 +195,69 @@ fn validation_errors_are_400_naming_the_field() {
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
 }
 
+/// Values that used to be accepted and then failed at every start (or panicked the
+/// connection task, or were truncated) are refused at deploy with the field named.
+#[test]
+fn out_of_range_values_are_refused_at_deploy() {
+    let d = Daemon::start("");
+    let fnp = fn_bin().display().to_string();
+    let ann = |k: &str, v: &str| {
+        serde_json::json!({ "service": "p", "envProcess": fnp,
+            "annotations": { format!("com.synwake.{k}"): v } })
+    };
+    let cases = [
+        (
+            ann("start-timeout", "18446744073709551615s"),
+            "annotations.com.synwake.start-timeout",
+            "out of range",
+        ),
+        (
+            ann("max-instances", "99999999999"),
+            "annotations.com.synwake.max-instances",
+            "out of range",
+        ),
+        (
+            ann("max-instances", "4294967296"),
+            "annotations.com.synwake.max-instances",
+            "out of range",
+        ),
+        (
+            ann("readiness-path", "/ready\r\nX: y"),
+            "annotations.com.synwake.readiness-path",
+            "visible ASCII",
+        ),
+        (
+            ann("readiness-path", "/a b"),
+            "annotations.com.synwake.readiness-path",
+            "visible ASCII",
+        ),
+        (
+            serde_json::json!({ "service": "p", "envProcess": fnp,
+                "envVars": { "A": "x\u{0}y" } }),
+            "envVars",
+            "NUL",
+        ),
+    ];
+    for (body, field, why) in cases {
+        let r = d.api_json("POST", "/system/functions", &body.to_string());
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        let text = r.text();
+        assert!(text.contains(&format!("`{field}`")), "{body}: {text}");
+        assert!(text.contains(why), "{body}: {text}");
+    }
+    let listed: serde_json::Value =
+        serde_json::from_slice(&d.api_get("/system/functions").body).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 0, "{listed}");
+    // The daemon is still whole: a good deploy of the same name works and answers.
+    let r = d.api_json(
+        "POST",
+        "/system/functions",
+        &ann("start-timeout", "10s").to_string(),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(d.call("p", "/").status, 200);
+}
+
 #[test]
 fn deployed_functions_survive_a_restart() {
     let mut d = Daemon::start("");

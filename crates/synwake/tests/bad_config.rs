@@ -134,3 +134,32 @@ fn invalid_duration() {
         "start_timeout",
     );
 }
+
+#[test]
+fn out_of_range_values_name_line_and_key() {
+    assert_refused(
+        &function("a", "start_timeout = \"18446744073709551615s\""),
+        "18446744073709551615s",
+        "function.start_timeout",
+    );
+    assert_refused(
+        "[defaults]\nidle_timeout = \"1s\"\nprewarm_ttl = \"400d\"\n",
+        "400d",
+        "defaults.prewarm_ttl",
+    );
+    assert_refused(
+        &function("a", "max_instances = 0"),
+        "max_instances",
+        "function.max_instances",
+    );
+    assert_refused(
+        &function("a", "readiness_path = \"/a b\""),
+        "readiness_path",
+        "function.readiness_path",
+    );
+    assert_refused(
+        &function("a", "env = { A = \"x\\u0000y\" }"),
+        "env =",
+        "function.env",
+    );
+}

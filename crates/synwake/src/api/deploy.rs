@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::lifecycle::FunctionStatus;
-use crate::spec::{self, FunctionSpec, OciSpec, Policy, RuntimeKind, Source};
+use crate::spec::{self, limits, FunctionSpec, OciSpec, Policy, RuntimeKind, Source};
 
 /// The single namespace synwake serves; OpenFaaS clients default to it.
 pub const NAMESPACE: &str = "openfaas-fn";
@@ -102,11 +102,21 @@ impl FunctionDeployment {
                     v.trim().parse::<u64>().map_err(|_| {
                         field_err(
                             &format!("annotations.com.synwake.{k}"),
-                            format!("{v:?} is not a number"),
+                            format!("{v:?} is not a whole number from 0 to {}", u64::MAX),
                         )
                     })
                 })
                 .transpose()
+        };
+        // Range-checked before narrowing, so 99999999999 is refused, never truncated.
+        let count = |k: &str,
+                     default: u64,
+                     range: &std::ops::RangeInclusive<u64>|
+         -> Result<u64, FieldError> {
+            let n = parse_num(k)?.unwrap_or(default);
+            spec::check_count(k, n, range)
+                .map_err(|e| field_err(&format!("annotations.com.synwake.{k}"), e.message))?;
+            Ok(n)
         };
         let parse_dur = |k: &str, d| -> Result<std::time::Duration, FieldError> {
             match ann(k) {
@@ -152,15 +162,9 @@ impl FunctionDeployment {
         if runtime == RuntimeKind::Oci && self.image.as_deref().unwrap_or("").is_empty() {
             return Err(field_err("image", "the oci runtime needs image: a path to an image archive readable by the gateway host"));
         }
-        let port = match parse_num("port")? {
+        let port = match ann("port") {
             None => None,
-            Some(p) if (1..=65535).contains(&p) => Some(p as u16),
-            Some(p) => {
-                return Err(field_err(
-                    "annotations.com.synwake.port",
-                    format!("{p} is not a port"),
-                ))
-            }
+            Some(_) => Some(count("port", 0, &limits::PORT)? as u16),
         };
         let limits = self.limits.clone().unwrap_or_default();
         let memory_bytes = limits
@@ -175,13 +179,7 @@ impl FunctionDeployment {
             .map(parse_cpu)
             .transpose()
             .map_err(|m| field_err("limits.cpu", m))?;
-        let max_instances = parse_num("max-instances")?.unwrap_or(1) as u32;
-        if max_instances == 0 {
-            return Err(field_err(
-                "annotations.com.synwake.max-instances",
-                "must be at least 1",
-            ));
-        }
+        let max_instances = count("max-instances", 1, &limits::MAX_INSTANCES)? as u32;
         let policy = Policy {
             idle_timeout: parse_dur("idle-timeout", defaults.idle_timeout)?,
             start_timeout: parse_dur("start-timeout", defaults.start_timeout)?,
@@ -189,7 +187,7 @@ impl FunctionDeployment {
             prewarm_ttl: parse_dur("prewarm-ttl", defaults.prewarm_ttl)?,
             ..defaults.clone()
         };
-        Ok(FunctionSpec {
+        let spec = FunctionSpec {
             name,
             port,
             runtime,
@@ -197,21 +195,24 @@ impl FunctionDeployment {
             env: self.env_vars.clone().unwrap_or_default(),
             readiness_path: ann("readiness-path").map(str::to_string),
             max_instances,
-            max_concurrency: parse_num("max-concurrency")?.unwrap_or(0) as u32,
+            max_concurrency: count("max-concurrency", 0, &limits::MAX_CONCURRENCY)? as u32,
             policy,
             oci: OciSpec {
                 image: self.image.clone().filter(|_| runtime == RuntimeKind::Oci),
                 rootfs: None,
-                container_port: parse_num("container-port")?.unwrap_or(8080) as u16,
+                container_port: count("container-port", 8080, &limits::PORT)? as u16,
                 memory_bytes,
                 cpus,
                 pids: parse_num("pids")?,
-                pool: parse_num("pool")?.unwrap_or(0) as u32,
+                pool: count("pool", 0, &limits::POOL)? as u32,
             },
             labels: self.labels.clone().unwrap_or_default(),
             annotations,
             source: Source::Api,
-        })
+        };
+        spec.validate()
+            .map_err(|e| field_err(&spec::api_field(&e.key), e.message))?;
+        Ok(spec)
     }
 }
 
@@ -383,6 +384,39 @@ mod tests {
         assert_eq!(
             d.into_spec(&Policy::default()).unwrap_err().field,
             "namespace"
+        );
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_refused_not_truncated() {
+        let field = |ann: &str, v: &str| {
+            let d: FunctionDeployment = serde_json::from_value(serde_json::json!({
+                "service": "f", "envProcess": "x", "annotations": { ann: v }
+            }))
+            .unwrap();
+            d.into_spec(&Policy::default()).map(|s| s.max_instances)
+        };
+        for v in ["99999999999", "4294967296", "0", "99999999999999999999999"] {
+            let e = field("com.synwake.max-instances", v).unwrap_err();
+            assert_eq!(e.field, "annotations.com.synwake.max-instances", "{v}");
+            assert!(!e.message.contains("at least 1") || v == "0", "{v}: {e}");
+        }
+        assert_eq!(field("com.synwake.max-instances", "3").unwrap(), 3);
+        let e = field("com.synwake.start-timeout", "18446744073709551615s").unwrap_err();
+        assert_eq!(e.field, "annotations.com.synwake.start-timeout");
+        let e = field("com.synwake.pool", "4294967297").unwrap_err();
+        assert_eq!(e.field, "annotations.com.synwake.pool");
+        let e = field("com.synwake.container-port", "65536").unwrap_err();
+        assert_eq!(e.field, "annotations.com.synwake.container-port");
+        let e = field("com.synwake.readiness-path", "/r\r\n").unwrap_err();
+        assert_eq!(e.field, "annotations.com.synwake.readiness-path");
+        let d: FunctionDeployment = serde_json::from_value(serde_json::json!({
+            "service": "f", "envProcess": "x", "envVars": { "A": "x\u{0}" }
+        }))
+        .unwrap();
+        assert_eq!(
+            d.into_spec(&Policy::default()).unwrap_err().field,
+            "envVars"
         );
     }
 

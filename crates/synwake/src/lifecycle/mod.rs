@@ -376,6 +376,10 @@ impl Lifecycle {
     /// old ones stop, as many new ones start). Prepares the runtime first, so a bad image
     /// is refused before anything changes.
     pub async fn deploy(&self, spec: FunctionSpec) -> Result<(), StartError> {
+        spec.validate().map_err(|e| StartError::Invalid {
+            function: spec.name.clone(),
+            message: e.to_string(),
+        })?;
         let rt = self.runtime_for(&spec)?;
         rt.prepare(&spec).await?;
         let name = spec.name.clone();

@@ -37,6 +37,8 @@ pub enum StartError {
     },
     #[error("function {function} was removed or updated while it was starting")]
     Cancelled { function: String },
+    #[error("function {function}: {message}")]
+    Invalid { function: String, message: String },
 }
 
 fn fmt_output(lines: &[String]) -> String {
