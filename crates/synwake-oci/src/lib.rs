@@ -74,6 +74,7 @@ pub mod pool;
 pub mod runtime;
 pub mod spec;
 mod sys;
+pub mod tools;
 
 pub use image::{Image, ImageConfig, ImageError, ImageStore};
 pub use pool::Pool;

@@ -264,15 +264,23 @@ fn bad_archives_are_refused_naming_archive_and_entry() {
         matches!(e, ImageError::Missing { .. })
     });
 
-    // Unknown media types: a zstd layer, and a config of an unknown kind.
+    // A gzip blob labelled zstd is corrupt (bad zstd magic), not silently accepted.
     let zstd = d.join("zstd.tar");
     let mut zl = good_layers.clone();
     zl[0].media_type = Some("application/vnd.oci.image.layer.v1.tar+zstd".into());
     fixture::write_oci_archive(&zstd, &zl, &config).unwrap();
-    let e = refused(&store, &zstd, "blobs/sha256/", |e| {
+    refused(&store, &zstd, "zstd frame header", |e| {
+        matches!(e, ImageError::Corrupt { .. })
+    });
+    // Unknown media types: a bzip2 layer, and a config of an unknown kind.
+    let bz = d.join("bzip2.tar");
+    let mut bl = good_layers.clone();
+    bl[0].media_type = Some("application/vnd.oci.image.layer.v1.tar+bzip2".into());
+    fixture::write_oci_archive(&bz, &bl, &config).unwrap();
+    let e = refused(&store, &bz, "blobs/sha256/", |e| {
         matches!(e, ImageError::UnknownMediaType { .. })
     });
-    assert!(e.to_string().contains("tar+zstd"));
+    assert!(e.to_string().contains("tar+bzip2"));
     let bad_cfg = d.join("bad-config-type.tar");
     let faults = OciFaults {
         bad_config_media_type: true,

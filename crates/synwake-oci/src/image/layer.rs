@@ -18,6 +18,21 @@ use super::ImageError;
 pub(super) enum Compression {
     None,
     Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// Recognises a compressed stream by its magic bytes (docker-archive layers carry no
+    /// media type).
+    pub(super) fn sniff(head: &[u8]) -> Compression {
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
 }
 
 /// Hashes everything read through it.
@@ -124,6 +139,10 @@ fn apply_layer<R: Read>(
     let decompressed: Box<dyn Read + '_> = match compression {
         Compression::None => Box::new(blob),
         Compression::Gzip => Box::new(flate2::read::GzDecoder::new(blob)),
+        Compression::Zstd => Box::new(
+            ruzstd::decoding::StreamingDecoder::new(blob)
+                .map_err(|e| ctx.corrupt("<zstd frame header>", e.to_string()))?,
+        ),
     };
     let mut tar_stream = HashingReader::new(decompressed);
     apply_entries(root, &mut tar_stream, ctx)?;

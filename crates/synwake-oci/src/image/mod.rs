@@ -53,6 +53,13 @@ pub enum ImageError {
         entry: String,
         media_type: String,
     },
+    /// A layer is foreign / non-distributable: its content is not in the image.
+    #[error("{archive}: entry {entry:?}: foreign (non-distributable) layer of type {media_type:?} is not supported: its content is not part of the image")]
+    ForeignLayer {
+        archive: PathBuf,
+        entry: String,
+        media_type: String,
+    },
     /// A blob or layer does not hash to the digest the manifest or config promises.
     #[error("{archive}: entry {entry:?}: digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch {
@@ -310,14 +317,19 @@ const MT_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 fn layer_compression(media_type: &str) -> Option<Compression> {
     match media_type {
         "application/vnd.oci.image.layer.v1.tar"
-        | "application/vnd.oci.image.layer.nondistributable.v1.tar"
         | "application/vnd.docker.image.rootfs.diff.tar" => Some(Compression::None),
         "application/vnd.oci.image.layer.v1.tar+gzip"
-        | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
-        | "application/vnd.docker.image.rootfs.diff.tar.gzip"
-        | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Some(Compression::Gzip),
+        | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Some(Compression::Gzip),
+        "application/vnd.oci.image.layer.v1.tar+zstd" => Some(Compression::Zstd),
         _ => None,
     }
+}
+
+/// Foreign (Windows base) and non-distributable layers live at URLs outside the image;
+/// synwake never fetches them, so they are refused by name rather than as unknown.
+fn is_foreign_layer(media_type: &str) -> bool {
+    media_type.starts_with("application/vnd.docker.image.rootfs.foreign.")
+        || media_type.starts_with("application/vnd.oci.image.layer.nondistributable.")
 }
 
 #[derive(Deserialize)]
@@ -576,6 +588,13 @@ fn resolve_oci_manifest(
     let mut layers = Vec::new();
     for (i, l) in manifest.layers.iter().enumerate() {
         let entry = blob_entry(idx, &manifest_entry, &l.digest)?;
+        if is_foreign_layer(&l.media_type) {
+            return Err(ImageError::ForeignLayer {
+                archive: idx.path().to_path_buf(),
+                entry,
+                media_type: l.media_type.clone(),
+            });
+        }
         let Some(compression) = layer_compression(&l.media_type) else {
             return Err(ImageError::UnknownMediaType {
                 archive: idx.path().to_path_buf(),
@@ -628,21 +647,17 @@ fn resolve_docker(idx: &mut ArchiveIndex) -> Result<Resolved, ImageError> {
             entry: l.clone(),
             reason,
         })?;
-        let mut head = [0u8; 2];
-        let n = idx
-            .reader(&entry)?
-            .read(&mut head)
+        let mut head = Vec::with_capacity(4);
+        idx.reader(&entry)?
+            .take(4)
+            .read_to_end(&mut head)
             .map_err(|source| ImageError::Read {
                 archive: idx.path().to_path_buf(),
                 entry: entry.clone(),
                 source,
             })?;
-        // docker save writes plain tars, but gzip-compressed layers occur in the wild.
-        let compression = if n == 2 && head == [0x1f, 0x8b] {
-            Compression::Gzip
-        } else {
-            Compression::None
-        };
+        // docker save writes plain tars, but compressed layers occur in the wild.
+        let compression = Compression::sniff(&head);
         layers.push(LayerRef {
             entry,
             compression,
