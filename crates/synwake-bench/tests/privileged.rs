@@ -10,32 +10,20 @@ use std::time::{Duration, Instant};
 use synwake_bench::delay::DelayLine;
 use synwake_bench::netns::{self, Topology, QUEUE_TO_CLIENT, QUEUE_TO_SERVER};
 use synwake_bench::{check_emulation, BenchArgs};
+use synwake_test_support::gate::{can_run, missing_tool};
+use synwake_test_support::{fn_bin, synwake_bin};
 
 /// The delay line thread uses SCHED_FIFO and the checks time connects: run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Root plus ip, iptables and ip6tables, or the privileged-test rule.
 fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let tools = ["ip", "iptables", "ip6tables"].iter().all(|t| {
-        Command::new(t)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-    });
-    let ok = root && tools;
-    if !ok {
-        let why = format!(
-            "privileged test needs root, ip, iptables, ip6tables (root={root}, tools={tools})"
-        );
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{why}; CI=true so this is a failure");
-        }
-        eprintln!("SKIPPED (loudly): {why}");
-    }
-    ok
+    let missing = if synwake_test_support::gate::is_root() {
+        missing_tool(&[("ip", "-V"), ("iptables", "-V"), ("ip6tables", "-V")])
+    } else {
+        Some("not root".into())
+    };
+    can_run("synwake-bench privileged test", missing)
 }
 
 fn ours(prefix: &str) -> Vec<String> {
@@ -236,35 +224,13 @@ fn stale_namespaces_of_dead_processes_are_removed() {
     assert!(ours(&prefix).is_empty());
 }
 
-/// `synwake` and `synwake-fn` next to this crate's binary (scripts/test.sh and CI build the
-/// whole workspace first); `None` if they are not built.
-fn daemon_bins() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
-    let dir = std::path::Path::new(env!("CARGO_BIN_EXE_synwake-bench")).parent()?;
-    let (d, f) = (dir.join("synwake"), dir.join("synwake-fn"));
-    if d.exists() && f.exists() {
-        return Some((d, f));
-    }
-    let why = format!(
-        "end-to-end sweep needs {} and {} (cargo build --workspace)",
-        d.display(),
-        f.display()
-    );
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{why}; CI=true so this is a failure");
-    }
-    eprintln!("SKIPPED (loudly): {why}");
-    None
-}
-
 #[test]
 fn small_sweep_against_the_real_daemon_writes_consistent_results() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !privileged() {
         return;
     }
-    let Some((synwake, function)) = daemon_bins() else {
-        return;
-    };
+    let (synwake, function) = (synwake_bin(), fn_bin().to_path_buf());
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let json = dir.path().join("records.json");

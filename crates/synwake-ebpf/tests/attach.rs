@@ -225,55 +225,18 @@ fn doctor_reports_modes_for_lo_in_a_private_namespace() {
     .unwrap();
 }
 
-/// Sends one SYN carrying the synwake option from a raw socket (the kernel adds the IPv4
-/// header); the server answers RST, which does not matter to the probe.
+/// Sends one SYN carrying the synwake option from a raw socket; the server answers RST,
+/// which does not matter to the probe.
 fn send_syn_with_option(to: Ipv4Addr, port: u16, id: u32) {
     let mut options = linux_syn_options();
     options.extend_from_slice(&synwake_option(id));
-    let mut segment = tcp(45678, port, SYN, &options, &[]);
     let src: Ipv4Addr = CLIENT_ADDR_V4.parse().unwrap();
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&to.octets());
-    pseudo.extend_from_slice(&[0, 6]);
-    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
-    pseudo.extend_from_slice(&segment);
-    let mut sum: u32 = pseudo
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    segment[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    // SAFETY: plain socket calls with buffers and a sockaddr we own.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP);
-        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(to.octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        let sent = libc::sendto(
-            fd,
-            segment.as_ptr().cast(),
-            segment.len(),
-            0,
-            (&addr as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
-        );
-        libc::close(fd);
-        assert_eq!(
-            sent,
-            segment.len() as isize,
-            "sendto: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    let mut segment = tcp(45678, port, SYN, &options, &[]);
+    set_tcp_checksum_v4(src, to, &mut segment);
+    let packet = ipv4(src, to, &[], libc::IPPROTO_TCP as u8, &segment);
+    RawSender::new()
+        .and_then(|raw| raw.send(&packet))
+        .unwrap_or_else(|e| panic!("raw SYN to {to}:{port}: {e}"));
 }
 
 #[test]

@@ -8,47 +8,12 @@ use std::time::{Duration, Instant};
 
 use synwake_oci::fixture::{self, Layer};
 use synwake_oci::{Container, ContainerSpec, Image, OciConfig, OciRuntime, Pool};
+use synwake_test_support::oci::{can_run, names_with_prefix};
 use tokio::sync::Mutex;
 
 /// Runtimes share bridge and name prefixes and clean up each other's leftovers at
 /// startup: tests using one run one at a time.
 static SERIAL: Mutex<()> = Mutex::const_new(());
-
-fn missing_prerequisite() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root".into());
-    }
-    for (bin, arg) in [
-        ("runc", "--version"),
-        ("ip", "-V"),
-        ("iptables", "--version"),
-    ] {
-        match std::process::Command::new(bin).arg(arg).output() {
-            Ok(o) if o.status.success() => {}
-            _ => return Some(format!("`{bin}` not runnable")),
-        }
-    }
-    if !Path::new(fixture::BUSYBOX).exists() {
-        return Some(format!("{} missing (busybox-static)", fixture::BUSYBOX));
-    }
-    if !Path::new("/sys/fs/cgroup/memory").is_dir() {
-        return Some("no cgroup v1 memory controller".into());
-    }
-    None
-}
-
-fn can_run(test: &str) -> bool {
-    let Some(reason) = missing_prerequisite() else {
-        return true;
-    };
-    let msg = format!("!!! SKIPPING privileged OCI test `{test}`: {reason} !!!");
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg} (CI=true: privileged tests must run)");
-    }
-    eprintln!("{msg}");
-    false
-}
 
 /// On a failing test, removes what its runtime left (the test never reaches
 /// `cleanup_all`), so one failure does not leak containers into later runs.
@@ -142,29 +107,18 @@ fn ns_of_self(kind: &str) -> String {
         .into_owned()
 }
 
-fn swk_netns(state: &Path) -> Vec<String> {
+fn swk_netns(state: &Path) -> std::collections::BTreeSet<String> {
     names_with_prefix(
         Path::new("/run/netns"),
         &format!("swk-{}-", config(state).name_tag()),
     )
 }
 
-fn swk_veths(state: &Path) -> Vec<String> {
+fn swk_veths(state: &Path) -> std::collections::BTreeSet<String> {
     names_with_prefix(
         Path::new("/sys/class/net"),
         &format!("swkv{}", config(state).name_tag()),
     )
-}
-
-fn names_with_prefix(dir: &Path, prefix: &str) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn runc_containers(state: &Path) -> Vec<String> {

@@ -15,7 +15,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
@@ -26,6 +25,7 @@ use common::{alive, metric, wait_until, Daemon, Resp};
 use serde_json::{json, Value};
 use synwake_oci::fixture::{self, Layer};
 use synwake_oci::OciConfig;
+use synwake_test_support::oci::{can_run, runc_list, runc_running_for, HostObjects, RuncContainer};
 
 /// Daemons with containers are heavy on a 2-core machine and the pool test compares
 /// timings: one at a time.
@@ -35,42 +35,6 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn missing_prerequisite() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root".into());
-    }
-    for (bin, arg) in [
-        ("runc", "--version"),
-        ("ip", "-V"),
-        ("iptables", "--version"),
-    ] {
-        match Command::new(bin).arg(arg).output() {
-            Ok(o) if o.status.success() => {}
-            _ => return Some(format!("`{bin}` not runnable")),
-        }
-    }
-    if !Path::new(fixture::BUSYBOX).exists() {
-        return Some(format!("{} missing (busybox-static)", fixture::BUSYBOX));
-    }
-    if !Path::new("/sys/fs/cgroup/memory").is_dir() {
-        return Some("no cgroup v1 memory controller".into());
-    }
-    None
-}
-
-fn can_run(test: &str) -> bool {
-    let Some(reason) = missing_prerequisite() else {
-        return true;
-    };
-    let msg = format!("!!! SKIPPING privileged OCI daemon test `{test}`: {reason} !!!");
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg} (CI=true: privileged tests must run)");
-    }
-    eprintln!("{msg}");
-    false
 }
 
 /// CGI `/cgi-bin/hog?<MiB>`: allocates and touches that much (dd's block buffer) before
@@ -124,134 +88,6 @@ fn oci_function(name: &str, image: &Path, extra: &str) -> String {
         "[[function]]\nname = \"{name}\"\nruntime = \"oci\"\nimage = {:?}\nstop_grace = \"100ms\"\n{extra}\n",
         image.display().to_string()
     )
-}
-
-/// One `runc list` entry.
-#[derive(Debug, Clone, PartialEq)]
-struct RuncContainer {
-    id: String,
-    pid: i32,
-    status: String,
-    created: String,
-}
-
-fn runc_list(root: &Path) -> Vec<RuncContainer> {
-    if !root.is_dir() {
-        return Vec::new();
-    }
-    let out = Command::new("runc")
-        .arg("--root")
-        .arg(root)
-        .args(["list", "--format", "json"])
-        .output()
-        .expect("run runc list");
-    assert!(
-        out.status.success(),
-        "runc list: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .map(|c| RuncContainer {
-                    id: c["id"].as_str().unwrap_or_default().to_string(),
-                    pid: c["pid"].as_i64().unwrap_or(0) as i32,
-                    status: c["status"].as_str().unwrap_or_default().to_string(),
-                    created: c["created"].as_str().unwrap_or_default().to_string(),
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Whether a runc process (e.g. `runc create`) for container `id` still runs.
-fn runc_running_for(id: &str) -> bool {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .any(|cmd| {
-            let mut args = cmd.split(|b| *b == 0);
-            args.next().is_some_and(|a0| a0.ends_with(b"runc")) && args.any(|a| a == id.as_bytes())
-        })
-}
-
-fn names_with_prefix(dir: &Path, prefix: &str) -> BTreeSet<String> {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// `<controller>/synwake/<name>` cgroup dirs whose name starts with `prefix`.
-fn cgroups_with_prefix(prefix: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for ctrl in std::fs::read_dir("/sys/fs/cgroup")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        for n in names_with_prefix(&ctrl.path().join("synwake"), prefix) {
-            out.insert(format!(
-                "{}/synwake/{n}",
-                ctrl.file_name().to_string_lossy()
-            ));
-        }
-    }
-    out
-}
-
-/// What one runtime (one name tag) holds on the host.
-#[derive(Debug, Default)]
-struct HostObjects {
-    containers: Vec<RuncContainer>,
-    netns: BTreeSet<String>,
-    veths: BTreeSet<String>,
-    cgroups: BTreeSet<String>,
-}
-
-impl HostObjects {
-    fn of(oci_state: &Path, tag: &str) -> HostObjects {
-        HostObjects {
-            containers: runc_list(&oci_state.join("runc")),
-            netns: names_with_prefix(Path::new("/run/netns"), &format!("swk-{tag}-")),
-            veths: names_with_prefix(Path::new("/sys/class/net"), &format!("swkv{tag}")),
-            cgroups: cgroups_with_prefix(&format!("swk-{tag}-")),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.containers.is_empty()
-            && self.netns.is_empty()
-            && self.veths.is_empty()
-            && self.cgroups.is_empty()
-    }
-
-    /// Removes all of it (after a failure), so one failing test does not leak into others.
-    fn remove(&self, oci_state: &Path) {
-        for c in &self.containers {
-            let _ = Command::new("runc")
-                .arg("--root")
-                .arg(oci_state.join("runc"))
-                .args(["delete", "-f", &c.id])
-                .status();
-        }
-        for n in &self.netns {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-        for v in &self.veths {
-            let _ = Command::new("ip").args(["link", "del", v]).status();
-        }
-        for c in &self.cgroups {
-            let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(c));
-        }
-    }
 }
 
 /// A `synwake up` with the oci runtime on its own subnet. Dropping it sends SIGTERM and

@@ -1,8 +1,12 @@
-//! Network-namespace fixtures for privileged tests and the benchmark: a client and a server
-//! namespace joined by a veth pair, removed again in `Drop`. Never touches the host's NICs.
+//! Network-namespace fixtures for privileged tests: a client and a server namespace
+//! joined by a veth pair (`synwake_test_support::netns`), removed again in `Drop`. Never
+//! touches the host's NICs.
 #![allow(dead_code)]
 
-use std::{fs::File, io, os::fd::AsRawFd, process::Command};
+use std::{io, process::Command};
+
+pub use synwake_test_support::netns::unshare_private_netns;
+use synwake_test_support::netns::{NetnsPair, PairSpec};
 
 /// Addresses inside the fixture's own namespaces (nothing else is ever a target).
 pub const CLIENT_ADDR_V4: &str = "10.203.0.1";
@@ -13,67 +17,39 @@ pub const SERVER_ADDR_V6: &str = "fd00:5357::2";
 pub const SERVER_IF: &str = "swv-s";
 pub const CLIENT_IF: &str = "swv-c";
 
-pub struct VethPair {
-    pub client_ns: String,
-    pub server_ns: String,
-}
+pub struct VethPair(NetnsPair);
 
-fn ip(args: &[&str]) -> io::Result<()> {
-    let output = Command::new("ip").args(args).output()?;
-    if !output.status.success() {
-        return Err(io::Error::other(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
+impl std::ops::Deref for VethPair {
+    type Target = NetnsPair;
+    fn deref(&self) -> &NetnsPair {
+        &self.0
     }
-    Ok(())
 }
 
 impl VethPair {
     /// Creates `swe-<tag>-<pid>-{c,s}` joined by a veth pair with IPv4 and IPv6 addresses.
     pub fn create(tag: &str) -> io::Result<Self> {
-        let pid = std::process::id();
-        let pair = Self {
-            client_ns: format!("swe-{tag}-{pid}-c"),
-            server_ns: format!("swe-{tag}-{pid}-s"),
-        };
-        let (c, s) = (pair.client_ns.as_str(), pair.server_ns.as_str());
-        ip(&["netns", "add", c])?;
-        ip(&["netns", "add", s])?;
-        ip(&[
-            "-n", c, "link", "add", CLIENT_IF, "type", "veth", "peer", "name", SERVER_IF, "netns",
-            s,
-        ])?;
-        for (ns, dev, v4, v6) in [
-            (c, CLIENT_IF, CLIENT_ADDR_V4, CLIENT_ADDR_V6),
-            (s, SERVER_IF, SERVER_ADDR_V4, SERVER_ADDR_V6),
-        ] {
-            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev])?;
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{v6}/64"),
-                "dev",
-                dev,
-                "nodad",
-            ])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-        }
-        Ok(pair)
+        NetnsPair::create(PairSpec {
+            base: format!("swe-{tag}-{}", std::process::id()),
+            client_if: CLIENT_IF.into(),
+            server_if: SERVER_IF.into(),
+            v4: (
+                CLIENT_ADDR_V4.parse().unwrap(),
+                SERVER_ADDR_V4.parse().unwrap(),
+                24,
+            ),
+            v6: Some((
+                CLIENT_ADDR_V6.parse().unwrap(),
+                SERVER_ADDR_V6.parse().unwrap(),
+                64,
+            )),
+        })
+        .map(VethPair)
     }
 
     /// Moves the calling thread into `ns` (other threads stay where they are).
     pub fn enter(ns: &str) -> io::Result<()> {
-        let file = File::open(format!("/var/run/netns/{ns}"))?;
-        // SAFETY: valid namespace fd; setns affects only this thread for CLONE_NEWNET.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        synwake_test_support::netns::enter_ns(ns)
     }
 
     /// Programs attached to `SERVER_IF` in `ns`, as `xdp:<name>`, `tcx:<name>` (iproute2
@@ -117,43 +93,4 @@ impl VethPair {
         .join()
         .unwrap()
     }
-}
-
-impl Drop for VethPair {
-    fn drop(&mut self) {
-        // Deleting a namespace removes its veth end (and so the pair) and its programs.
-        let _ = ip(&["netns", "del", &self.server_ns]);
-        let _ = ip(&["netns", "del", &self.client_ns]);
-    }
-}
-
-/// Puts the calling thread in a fresh, private network namespace with `lo` up: the
-/// namespace disappears with the thread, and nothing outside it is touched.
-pub fn unshare_private_netns() -> io::Result<()> {
-    // SAFETY: CLONE_NEWNET only affects the calling thread's network namespace.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    ip(&["link", "set", "lo", "up"]).or_else(|_| set_lo_up_ioctl())
-}
-
-fn set_lo_up_ioctl() -> io::Result<()> {
-    // SAFETY: plain socket/ioctl calls on a struct we own.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (i, b) in b"lo\0".iter().enumerate() {
-            req.ifr_name[i] = *b as libc::c_char;
-        }
-        req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        let rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
-        libc::close(fd);
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }

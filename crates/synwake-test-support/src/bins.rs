@@ -1,0 +1,64 @@
+//! The workspace's binaries for this test run, found next to the test executable
+//! (`<target>/<profile>/deps/<test>` -> `<target>/<profile>/<bin>`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// `<target>/<profile>` of the running test binary.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    let deps = exe.parent().expect("test binary has a directory");
+    // Integration tests live in deps/; a test run from <profile>/ directly (rare) too.
+    if deps.file_name().is_some_and(|n| n == "deps") {
+        deps.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        deps.to_path_buf()
+    }
+}
+
+/// The `synwake` daemon binary (`SYNWAKE_BIN` overrides), built once if missing.
+pub fn synwake_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_bin("SYNWAKE_BIN", "synwake", "synwake"))
+        .clone()
+}
+
+/// The `synwake-fn` test function (`SYNWAKE_FN_BIN` overrides), built once if missing.
+pub fn fn_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_bin("SYNWAKE_FN_BIN", "synwake-fn", "synwake-fn"))
+}
+
+/// A binary of package `package` in this run's target dir and profile; builds it with
+/// cargo when it is missing (another package gives a test no CARGO_BIN_EXE for it).
+fn workspace_bin(env: &str, package: &str, bin: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
+        return PathBuf::from(path);
+    }
+    let profile_dir = profile_dir();
+    let path = profile_dir.join(bin);
+    if !path.exists() {
+        let target_dir = profile_dir.parent().expect("profile dir has a parent");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", package, "--bin", bin])
+            .env("CARGO_TARGET_DIR", target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "cargo build -p {package} failed");
+    }
+    assert!(path.exists(), "{} missing after build", path.display());
+    path
+}
+
+/// A `[[function]]` table running synwake-fn; `extra` is more TOML lines for the table.
+pub fn function(name: &str, extra: &str) -> String {
+    format!(
+        "[[function]]\nname = \"{name}\"\ncommand = [{:?}]\n{extra}\n",
+        fn_bin().display().to_string()
+    )
+}

@@ -1,0 +1,180 @@
+//! `synwake up` on free loopback ports with its own config and state dir. Every daemon
+//! is stopped in `Drop` (SIGTERM, then SIGKILL), and its log is printed when a test fails.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::bins::synwake_bin;
+use crate::http::{get, request, Resp};
+use crate::proc::{free_port, loopback, signal, wait_until};
+
+/// One running `synwake up`.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub shared: u16,
+    pub api: u16,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Writes a config with `body` (sections after `[gateway]`) and starts the daemon.
+    pub fn start(body: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = free_port();
+        let api = free_port();
+        let config = dir.path().join("synwake.toml");
+        let text = format!(
+            "[gateway]\nlisten = \"127.0.0.1:{shared}\"\napi_listen = \"127.0.0.1:{api}\"\nstate_dir = {:?}\ndrain_timeout = \"5s\"\n\n[probe]\nmode = \"off\"\n\n{body}",
+            dir.path().join("state").display().to_string()
+        );
+        std::fs::write(&config, text).expect("write config");
+        let mut d = Daemon {
+            dir,
+            config,
+            shared,
+            api,
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    /// Starts (again) on the same config, ports and state dir.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open daemon log");
+        let child = Command::new(synwake_bin())
+            .arg("up")
+            .arg("--config")
+            .arg(&self.config)
+            .env("SYNWAKE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn synwake up");
+        self.child = Some(child);
+        let api = loopback(self.api);
+        let up = wait_until(Duration::from_secs(15), || {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("synwake exited early ({status}):\n{}", self.log());
+            }
+            request(api, "GET", "/healthz", &[], None).is_ok_and(|r| r.status == 200)
+        });
+        assert!(up, "synwake not healthy after 15 s:\n{}", self.log());
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("daemon running").id() as i32
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("daemon.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Sends `sig` and waits up to `timeout` for the exit.
+    pub fn stop_with(&mut self, sig: i32, timeout: Duration) -> Option<ExitStatus> {
+        signal(self.pid(), sig);
+        self.wait_exit(timeout)
+    }
+
+    /// Waits up to `timeout` for the daemon to exit; past it, kills it and returns `None`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// GET on the shared port, `/function/<name><path>`.
+    pub fn call(&self, name: &str, path: &str) -> Resp {
+        get(self.shared, &format!("/function/{name}{path}"))
+    }
+
+    pub fn api_get(&self, path: &str) -> Resp {
+        get(self.api, path)
+    }
+
+    pub fn api_json(&self, method: &str, path: &str, body: &str) -> Resp {
+        request(
+            loopback(self.api),
+            method,
+            path,
+            &[("content-type", "application/json")],
+            Some(body.as_bytes()),
+        )
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// The function's status from GET /system/function/<name>.
+    pub fn status(&self, name: &str) -> serde_json::Value {
+        let r = self.api_get(&format!("/system/function/{name}"));
+        assert_eq!(r.status, 200, "status of {name}: {}", r.text());
+        serde_json::from_slice(&r.body).expect("status JSON")
+    }
+
+    pub fn available(&self, name: &str) -> u64 {
+        self.status(name)["availableReplicas"]
+            .as_u64()
+            .expect("availableReplicas")
+    }
+
+    pub fn metrics(&self) -> String {
+        let r = self.api_get("/metrics");
+        assert_eq!(r.status, 200);
+        r.text()
+    }
+
+    /// Pids from the process runtime's pid files (one per live instance).
+    pub fn instance_pids(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = std::fs::read_dir(self.state_dir().join("run"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                    .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        pids.sort();
+        pids
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some()
+            && self
+                .stop_with(libc::SIGTERM, Duration::from_secs(5))
+                .is_none()
+        {
+            eprintln!("synwake ignored SIGTERM for 5 s; killed it");
+        }
+        if std::thread::panicking() {
+            eprintln!("---- synwake log ----\n{}---- end ----", self.log());
+        }
+    }
+}
