@@ -23,6 +23,13 @@ use crate::state::StateDir;
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let state = StateDir::new(&config.gateway.state_dir)
         .with_context(|| "preparing gateway.state_dir (set it to a writable directory)")?;
+    let swept = state.sweep_temp_files();
+    if swept > 0 {
+        tracing::warn!(
+            "removed {swept} temp file(s) an interrupted write left in {}",
+            state.root().display()
+        );
+    }
     let metrics = Arc::new(Metrics::new());
     let logs = Arc::new(LogStore::new());
 

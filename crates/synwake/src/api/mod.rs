@@ -199,7 +199,7 @@ impl Api {
         })
     }
 
-    async fn deploy(&self, req: Request<Incoming>, update: bool) -> Response<ProxyBody> {
+    async fn deploy(self: &Arc<Self>, req: Request<Incoming>, update: bool) -> Response<ProxyBody> {
         let body = match read_body(req).await {
             Ok(b) => b,
             Err(r) => return r,
@@ -235,6 +235,20 @@ impl Api {
                 );
             }
         }
+        // A client that hangs up must not cancel a change half-way (saved, not applied).
+        let api = self.clone();
+        tokio::spawn(async move { api.apply_deploy(spec, update).await })
+            .await
+            .unwrap_or_else(|e| {
+                text_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("deploy failed: {e}"),
+                )
+            })
+    }
+
+    /// Saves, then applies; a failed save changes nothing, a failed apply undoes the save.
+    async fn apply_deploy(&self, spec: FunctionSpec, update: bool) -> Response<ProxyBody> {
         let _w = self.write_lock.lock().await;
         let existing = self.lc().get(&spec.name).map(|f| f.spec().clone());
         match (&existing, update) {
@@ -259,12 +273,35 @@ impl Api {
             return text_response(StatusCode::BAD_REQUEST, msg);
         }
         let name = spec.name.clone();
+        let mut saved: Vec<FunctionSpec> = self
+            .api_specs()
+            .into_iter()
+            .filter(|s| s.name != name)
+            .collect();
+        saved.push(spec.clone());
+        saved.sort_by(|a, b| a.name.cmp(&b.name));
+        let staged = match self.state.stage_functions(&saved) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("function {name} not deployed: {e}");
+                return text_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "function {name} not deployed, nothing changed: cannot save the state: {e}"
+                    ),
+                );
+            }
+        };
         if let Err(e) = self.lc().deploy(spec).await {
+            if let Err(re) = staged.rollback() {
+                tracing::error!("function {name}: undoing the saved deploy failed: {re}");
+            }
             return text_response(
                 StatusCode::BAD_REQUEST,
                 format!("cannot deploy {name}: {e}"),
             );
         }
+        staged.commit();
         // Return once the function's own port (if any) accepts connections.
         let version = *self.lc().subscribe_changes().borrow();
         let mut synced = self.ports_synced.clone();
@@ -273,13 +310,6 @@ impl Api {
             synced.wait_for(|v| *v >= version),
         )
         .await;
-        if let Err(e) = self.persist() {
-            tracing::error!("{e}");
-            return text_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("function {name} deployed but not saved: {e}"),
-            );
-        }
         tracing::info!(
             "function {name} {} through the API",
             if existing.is_some() {
@@ -336,18 +366,17 @@ impl Api {
         Ok(())
     }
 
-    fn persist(&self) -> Result<(), crate::state::StateError> {
-        let specs: Vec<FunctionSpec> = self
-            .lc()
+    /// The functions deployed through the API, as they are in memory.
+    fn api_specs(&self) -> Vec<FunctionSpec> {
+        self.lc()
             .specs()
             .iter()
             .filter(|s| s.source == Source::Api)
             .map(|s| (**s).clone())
-            .collect();
-        self.state.save_functions(&specs)
+            .collect()
     }
 
-    async fn remove(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn remove(self: &Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
         #[derive(Deserialize)]
         #[serde(rename_all = "camelCase")]
         struct Delete {
@@ -374,6 +403,19 @@ impl Api {
                 )
             }
         };
+        let api = self.clone();
+        tokio::spawn(async move { api.apply_remove(name).await })
+            .await
+            .unwrap_or_else(|e| {
+                text_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("removal failed: {e}"),
+                )
+            })
+    }
+
+    /// Saves the list without the function, then removes it; a failed save changes nothing.
+    async fn apply_remove(&self, name: String) -> Response<ProxyBody> {
         let _w = self.write_lock.lock().await;
         match self.lc().get(&name).map(|f| f.spec().source) {
             None => return text_response(StatusCode::NOT_FOUND, format!("function {} not found", quote(&name))),
@@ -385,13 +427,24 @@ impl Api {
             }
             Some(Source::Api) => {}
         }
-        self.lc().remove(&name).await;
-        if let Err(e) = self.persist() {
-            return text_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("function {name} removed but not saved: {e}"),
-            );
+        let saved: Vec<FunctionSpec> = self
+            .api_specs()
+            .into_iter()
+            .filter(|s| s.name != name)
+            .collect();
+        match self.state.stage_functions(&saved) {
+            Ok(staged) => staged.commit(),
+            Err(e) => {
+                tracing::error!("function {name} not removed: {e}");
+                return text_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "function {name} not removed, nothing changed: cannot save the state: {e}"
+                    ),
+                );
+            }
         }
+        self.lc().remove(&name).await;
         tracing::info!("function {name} removed through the API");
         text_response(StatusCode::OK, format!("function {name} removed"))
     }
