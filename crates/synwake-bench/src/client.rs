@@ -58,10 +58,25 @@ pub fn request(
     body: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<Response, ClientError> {
+    request_authorized(addr, method, path, body, timeout, None)
+}
+
+/// [`request`] with an `Authorization` header (the management API's basic auth).
+pub fn request_authorized(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+    authorization: Option<&str>,
+) -> Result<Response, ClientError> {
     let body = body.unwrap_or_default();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: synwake-bench\r\nAccept: */*\r\n"
     );
+    if let Some(a) = authorization {
+        req.push_str(&format!("Authorization: {a}\r\n"));
+    }
     if !body.is_empty() || method == "POST" {
         req.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",

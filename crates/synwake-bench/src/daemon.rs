@@ -64,6 +64,12 @@ pub enum DaemonError {
         replicas: i64,
         procs: usize,
     },
+    #[error("cannot read the daemon's API password {path}")]
+    Password {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error(transparent)]
     Netns(#[from] NetnsError),
 }
@@ -352,13 +358,33 @@ impl Drop for Daemon {
 #[derive(Debug, Clone)]
 pub struct Api {
     server_ns: String,
+    /// The password file the daemon generated in its state dir (basic auth, user admin).
+    password_file: PathBuf,
 }
 
 impl Api {
-    pub fn new(server_ns: &str) -> Self {
+    pub fn new(server_ns: &str, state_dir: &Path) -> Self {
         Api {
             server_ns: server_ns.to_string(),
+            password_file: state_dir.join("api-password"),
         }
+    }
+
+    /// `Basic ...` for the daemon's generated password, read per call: a restarted daemon
+    /// on the same state dir keeps it, a fresh state dir gets a new one.
+    fn authorization(&self) -> Result<String, DaemonError> {
+        use base64::Engine;
+        let password = std::fs::read_to_string(&self.password_file).map_err(|source| {
+            DaemonError::Password {
+                path: self.password_file.clone(),
+                source,
+            }
+        })?;
+        let cred = format!("admin:{}", password.trim());
+        Ok(format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(cred)
+        ))
     }
 
     fn call(
@@ -368,13 +394,15 @@ impl Api {
         body: Option<String>,
     ) -> Result<(u16, String), DaemonError> {
         let what = format!("{method} {path}");
+        let authorization = self.authorization()?;
         let resp = netns::in_netns(&self.server_ns, move || {
-            client::request(
+            client::request_authorized(
                 SocketAddr::V4(API_ADDR),
                 method,
                 &path,
                 body.as_deref().map(str::as_bytes),
                 Duration::from_secs(10),
+                Some(&authorization),
             )
         })?
         .map_err(|source| DaemonError::Api {

@@ -349,15 +349,18 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             .with_context(|| format!("start synwake for the {} phase", phase.name))?;
             if phase.wake.probe {
                 pb.set_message("waiting for the probe to see SYNs");
-                wait_probe_delivers(&topo, &Api::new(&topo.server), &functions[0]).context(
-                    "syn mode needs the probe (run without `syn` in --modes to skip it)",
-                )?;
+                wait_probe_delivers(
+                    &topo,
+                    &Api::new(&topo.server, &setup.state_dir),
+                    &functions[0],
+                )
+                .context("syn mode needs the probe (run without `syn` in --modes to skip it)")?;
             }
             Ok(daemon)
         };
         let mut restarts = 0;
         let mut daemon = start_daemon(0)?;
-        let api = Api::new(&topo.server);
+        let api = Api::new(&topo.server, &setup.state_dir);
         for &rtt in &args.rtt {
             interrupt::check()?;
             line.set_one_way(Duration::from_micros(rtt * 500));

@@ -6,7 +6,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::bins::synwake_bin;
-use crate::http::{get, request, Resp};
+use crate::http::{basic_auth, generated_password, get, request, Resp};
 use crate::proc::{free_port, loopback, signal, wait_until};
 
 /// One running `synwake up`.
@@ -15,6 +15,8 @@ pub struct Daemon {
     pub config: PathBuf,
     pub shared: u16,
     pub api: u16,
+    /// The API password when it is not the generated one (see [`Daemon::password`]).
+    pub password_override: Option<String>,
     child: Option<Child>,
 }
 
@@ -35,6 +37,7 @@ impl Daemon {
             config,
             shared,
             api,
+            password_override: None,
             child: None,
         };
         d.spawn();
@@ -114,16 +117,49 @@ impl Daemon {
         get(self.shared, &format!("/function/{name}{path}"))
     }
 
-    pub fn api_get(&self, path: &str) -> Resp {
-        get(self.api, path)
+    /// The API password: the one generated into the state dir at first start, unless the
+    /// test configured its own.
+    pub fn password(&self) -> String {
+        if let Some(p) = &self.password_override {
+            return p.clone();
+        }
+        generated_password(&self.state_dir()).unwrap_or_else(|| {
+            panic!(
+                "no generated API password in {}",
+                self.state_dir().display()
+            )
+        })
     }
 
+    /// `Authorization` header value for the API's admin.
+    pub fn auth(&self) -> String {
+        basic_auth("admin", &self.password())
+    }
+
+    /// GET on the API port, authenticated as admin.
+    pub fn api_get(&self, path: &str) -> Resp {
+        let auth = self.auth();
+        request(
+            loopback(self.api),
+            "GET",
+            path,
+            &[("authorization", &auth)],
+            None,
+        )
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// A JSON request on the API port, authenticated as admin.
     pub fn api_json(&self, method: &str, path: &str, body: &str) -> Resp {
+        let auth = self.auth();
         request(
             loopback(self.api),
             method,
             path,
-            &[("content-type", "application/json")],
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &auth),
+            ],
             Some(body.as_bytes()),
         )
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))

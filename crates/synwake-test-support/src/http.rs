@@ -135,3 +135,19 @@ pub fn request_on(
 fn bad(msg: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, msg)
 }
+
+/// `Basic base64(user:password)`, the management API's credential.
+pub fn basic_auth(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+/// The API password a daemon generated into `state_dir` (`None` before it exists).
+pub fn generated_password(state_dir: &std::path::Path) -> Option<String> {
+    std::fs::read_to_string(state_dir.join("api-password"))
+        .ok()
+        .map(|p| p.trim().to_string())
+}

@@ -28,7 +28,7 @@ pub mod proc;
 
 pub use bins::{fn_bin, function, synwake_bin};
 pub use daemon::Daemon;
-pub use http::{get, request, request_on, Resp};
+pub use http::{basic_auth, generated_password, get, request, request_on, Resp};
 pub use metrics::metric;
 pub use proc::{
     alive, concurrently, free_port, loopback, random_bytes, signal, wait_listening, wait_until,

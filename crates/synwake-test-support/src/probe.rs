@@ -228,12 +228,17 @@ impl NsDaemon {
         let stream = in_ns(&self.server_ns, move || {
             TcpStream::connect_timeout(&to, Duration::from_secs(2))
         })?;
-        let headers: &[(&str, &str)] = if body.is_some() {
-            &[("content-type", "application/json")]
-        } else {
-            &[]
-        };
-        http(stream, method, path, headers, body.map(str::as_bytes))
+        // The generated password exists once the daemon is up (before that: /healthz only).
+        let auth = crate::http::generated_password(&self.state_dir())
+            .map(|p| crate::http::basic_auth("admin", &p));
+        let mut headers: Vec<(&str, &str)> = Vec::new();
+        if body.is_some() {
+            headers.push(("content-type", "application/json"));
+        }
+        if let Some(a) = &auth {
+            headers.push(("authorization", a));
+        }
+        http(stream, method, path, &headers, body.map(str::as_bytes))
     }
 
     pub fn metrics(&self) -> Metrics {

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -12,24 +13,120 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::api::auth;
 use crate::api::deploy::FunctionStatusJson;
+
+/// The API password the client commands use, and where it came from (for the 401 hint).
+#[derive(Debug, Default)]
+pub struct FoundPassword {
+    pub password: Option<String>,
+    /// The password file read or tried; `None` when the password was given directly.
+    pub file: Option<PathBuf>,
+    /// Why the file could not be used.
+    pub problem: Option<String>,
+}
+
+impl FoundPassword {
+    pub fn none() -> Self {
+        FoundPassword::default()
+    }
+}
+
+/// Finds the API password: `--password`/`$SYNWAKE_PASSWORD`; else the password file of
+/// `--state-dir`/`$SYNWAKE_STATE_DIR`; else the config's `api_password_file` or its
+/// state dir's (`--config`/`$SYNWAKE_CONFIG`, else ./synwake.toml if present); else
+/// /var/lib/synwake/api-password. Only users who may read the file (root) get it.
+pub fn find_password(
+    given: Option<String>,
+    state_dir: Option<&Path>,
+    config: Option<&Path>,
+) -> FoundPassword {
+    if let Some(p) = given {
+        return FoundPassword {
+            password: Some(p),
+            ..Default::default()
+        };
+    }
+    let file = match (state_dir, config) {
+        (Some(dir), _) => Ok(dir.join(auth::GENERATED_FILE)),
+        (None, Some(c)) => config_password_file(c),
+        (None, None) if Path::new(DEFAULT_CONFIG).exists() => {
+            config_password_file(Path::new(DEFAULT_CONFIG))
+        }
+        (None, None) => Ok(Path::new(DEFAULT_STATE_DIR).join(auth::GENERATED_FILE)),
+    };
+    let file = match file {
+        Ok(f) => f,
+        Err(problem) => {
+            return FoundPassword {
+                problem: Some(problem),
+                ..Default::default()
+            }
+        }
+    };
+    match std::fs::read_to_string(&file) {
+        Ok(text) if !text.trim().is_empty() => FoundPassword {
+            password: Some(text.trim().to_string()),
+            file: Some(file),
+            problem: None,
+        },
+        Ok(_) => FoundPassword {
+            problem: Some(format!("{} is empty", file.display())),
+            file: Some(file),
+            password: None,
+        },
+        Err(e) => FoundPassword {
+            problem: Some(format!("cannot read {}: {e}", file.display())),
+            file: Some(file),
+            password: None,
+        },
+    }
+}
+
+/// `synwake up`'s default config file, relative to the working directory.
+const DEFAULT_CONFIG: &str = "synwake.toml";
+/// `gateway.state_dir`'s default.
+const DEFAULT_STATE_DIR: &str = "/var/lib/synwake";
+
+fn config_password_file(config: &Path) -> Result<PathBuf, String> {
+    let c = crate::config::Config::load(config).map_err(|e| e.to_string())?;
+    Ok(auth::password_path(
+        c.gateway.api_password_file.as_deref(),
+        &c.gateway.state_dir,
+    ))
+}
 
 /// Where the API is and how to log in.
 pub struct ApiClient {
     base: String,
     auth: Option<String>,
+    found: FoundPassword,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
 }
 
 impl ApiClient {
-    /// `base` like http://127.0.0.1:8081; `password` for user admin.
-    pub fn new(base: &str, password: Option<String>) -> Self {
-        let auth =
-            password.map(|p| format!("Basic {}", encode_base64(format!("admin:{p}").as_bytes())));
+    /// `base` like http://127.0.0.1:8081; the password is user admin's.
+    pub fn new(base: &str, found: FoundPassword) -> Self {
         ApiClient {
             base: base.trim_end_matches('/').to_string(),
-            auth,
+            auth: found.password.as_deref().map(auth::basic_header),
+            found,
             client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// What to tell a user whose call got 401.
+    fn login_hint(&self) -> String {
+        match (&self.found.password, &self.found.file, &self.found.problem) {
+            (Some(_), Some(f), _) => format!(
+                "the password in {} was refused (is it this daemon's? set --state-dir or --config)",
+                f.display()
+            ),
+            (Some(_), None, _) => "the password given with --password / SYNWAKE_PASSWORD was refused".into(),
+            (None, _, Some(p)) => format!(
+                "no API password: {p}; run as root, or pass --password / SYNWAKE_PASSWORD, or --state-dir / --config"
+            ),
+            (None, _, None) => "no API password: pass --password / SYNWAKE_PASSWORD".into(),
         }
     }
 
@@ -56,6 +153,9 @@ impl ApiClient {
             format!("{method} {url}: is synwake running? (set --gateway or SYNWAKE_URL)")
         })?;
         let (parts, mut body) = resp.into_parts();
+        if parts.status == StatusCode::UNAUTHORIZED && path.starts_with("/system/") {
+            bail!("{method} {url}: 401 Unauthorized: {}", self.login_hint());
+        }
         let mut out = Vec::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.with_context(|| format!("reading the response of {method} {url}"))?;
@@ -231,34 +331,5 @@ impl Write for LogPrinter {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         std::io::stdout().flush()
-    }
-}
-
-fn encode_base64(b: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in b.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, x)| acc | (u32::from(*x) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn base64() {
-        assert_eq!(super::encode_base64(b"admin:secret"), "YWRtaW46c2VjcmV0");
-        assert_eq!(super::encode_base64(b"a"), "YQ==");
-        assert_eq!(super::encode_base64(b"ab"), "YWI=");
     }
 }

@@ -253,19 +253,6 @@ impl Config {
             "gateway.api_listen",
             "127.0.0.1:8081",
         )?;
-        if !api_listen.ip().is_loopback() && raw.gateway.api_password_file.is_none() {
-            let span = raw
-                .gateway
-                .api_listen
-                .as_ref()
-                .map(|s| s.span())
-                .unwrap_or(0..0);
-            return Err(invalid(
-                span,
-                "gateway.api_listen",
-                format!("{api_listen} is not a loopback address, so gateway.api_password_file is required"),
-            ));
-        }
         let gateway = GatewayConfig {
             listen,
             api_listen,
@@ -595,11 +582,9 @@ mod tests {
     }
 
     #[test]
-    fn public_api_needs_password() {
-        let e = parse("[gateway]\napi_listen = \"0.0.0.0:8081\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("api_password_file"), "{e}");
+    fn public_api_is_allowed_as_auth_is_always_on() {
+        let c = parse("[gateway]\napi_listen = \"0.0.0.0:8081\"\n").unwrap();
+        assert!(c.gateway.api_password_file.is_none());
     }
 
     #[test]

@@ -99,15 +99,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.gateway.api_listen
         )
     })?;
-    let password = match &config.gateway.api_password_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .with_context(|| format!("reading gateway.api_password_file {}", p.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
+    let auth = crate::api::auth::load_or_generate(
+        config.gateway.api_password_file.as_deref(),
+        state.root(),
+    )?;
+    if let Some(password) = &auth.generated {
+        // Shown once, like OpenFaaS's generated basic-auth secret; root reads it from the file.
+        eprintln!(
+            "synwake: generated the management API password for user {} in {} (mode 0600; shown only now): {password}\n\
+             synwake: root's `synwake` CLI reads it from there; faas-cli: `faas-cli login -u {} --password-stdin < {}`",
+            crate::api::auth::USER,
+            auth.path.display(),
+            crate::api::auth::USER,
+            auth.path.display(),
+        );
+    }
     // The probe watches, and functions' own ports listen, before the API answers /healthz.
     let probe = crate::probe::start(&config, lifecycle.clone(), metrics.clone());
     let mut ports = PortListeners::new(
@@ -127,7 +133,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.gateway.listen.port(),
             config.gateway.api_listen.port(),
         ],
-        password,
+        auth.credential,
         orchestration,
     );
     tracing::info!(

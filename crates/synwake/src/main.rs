@@ -22,9 +22,17 @@ struct Cli {
         default_value = "http://127.0.0.1:8081"
     )]
     gateway: String,
-    /// Password of user admin when the API requires basic auth.
+    /// Password of the API's user admin. Without it the client commands read the
+    /// password file of the state dir (--state-dir, else the config's), as root can.
     #[arg(long, global = true, env = "SYNWAKE_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// The daemon's state dir, where its generated API password is (`api-password`).
+    #[arg(long, global = true, env = "SYNWAKE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Config file: `up` runs on it (default ./synwake.toml), `doctor` tries its probe
+    /// interfaces, client commands take the API password location from it.
+    #[arg(long, short, global = true, env = "SYNWAKE_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,10 +40,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the platform.
-    Up {
-        #[arg(long, short, default_value = "synwake.toml")]
-        config: PathBuf,
-    },
+    Up,
     /// List deployed functions.
     List,
     /// Deploy or update a function (PUT, then POST if it is new).
@@ -91,10 +96,7 @@ enum Command {
     /// What this machine supports and what `up` would enable. Attach modes are tried on
     /// the config's `[probe] interfaces` when --config is given (attaching for real, then
     /// detaching), else on every interface that is up.
-    Doctor {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
+    Doctor,
     /// Measure cold-start latency per wake mode under emulated network latency (root).
     Bench(synwake_bench::BenchArgs),
 }
@@ -151,9 +153,20 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = ApiClient::new(&cli.gateway, cli.password.clone());
+    let client_commands = !matches!(cli.command, Command::Up | Command::Doctor);
+    let client = if client_commands {
+        let found = synwake::cli::find_password(
+            cli.password.clone(),
+            cli.state_dir.as_deref(),
+            cli.config.as_deref(),
+        );
+        ApiClient::new(&cli.gateway, found)
+    } else {
+        ApiClient::new(&cli.gateway, synwake::cli::FoundPassword::none())
+    };
     match cli.command {
-        Command::Up { config } => {
+        Command::Up => {
+            let config = cli.config.unwrap_or_else(|| PathBuf::from("synwake.toml"));
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_env("SYNWAKE_LOG")
@@ -221,8 +234,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             client.invoke(&name, &path, body, verbose).await
         }
         Command::Logs { name, follow, tail } => client.logs(&name, follow, tail).await,
-        Command::Doctor { config } => {
-            let interfaces = match config {
+        Command::Doctor => {
+            let interfaces = match cli.config {
                 Some(path) => synwake::config::Config::load(&path)?.probe.interfaces,
                 None => None,
             };

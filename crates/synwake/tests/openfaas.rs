@@ -38,23 +38,7 @@ fn faas_cli_deployment(name: &str, greeting: Option<&str>) -> String {
 }
 
 fn basic(user: &str, password: &str) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let b = format!("{user}:{password}").into_bytes();
-    let mut out = String::from("Basic ");
-    for chunk in b.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, x)| acc | (u32::from(*x) << (16 - 8 * i)));
-        for i in 0..4 {
-            out.push(if i <= chunk.len() {
-                T[((n >> (18 - 6 * i)) & 63) as usize] as char
-            } else {
-                '='
-            });
-        }
-    }
-    out
+    basic_auth(user, password)
 }
 
 /// A request to the API port with extra headers (e.g. Authorization).
@@ -91,6 +75,9 @@ fn with_password(d: &mut Daemon, password: &str) {
     let file = d.dir.path().join("api-password");
     // A trailing newline, as `echo secret > file` leaves it; the daemon trims it.
     std::fs::write(&file, format!("{password}\n")).unwrap();
+    // Private, or the daemon refuses it.
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    d.password_override = Some(password.to_string());
     let text = std::fs::read_to_string(&d.config).unwrap().replacen(
         "[gateway]\n",
         &format!(
@@ -103,12 +90,15 @@ fn with_password(d: &mut Daemon, password: &str) {
     d.spawn();
 }
 
-/// Runs the synwake CLI against `d` (URL from SYNWAKE_URL, as a user would set it).
+/// Runs the synwake CLI against `d` (URL from SYNWAKE_URL, as a user would set it; the
+/// generated password found through SYNWAKE_STATE_DIR, as root's CLI finds it).
 fn cli(d: &Daemon, args: &[&str]) -> std::process::Output {
     Command::new(synwake_bin())
         .args(args)
         .env("SYNWAKE_URL", format!("http://127.0.0.1:{}", d.api))
+        .env("SYNWAKE_STATE_DIR", d.state_dir())
         .env_remove("SYNWAKE_PASSWORD")
+        .env_remove("SYNWAKE_CONFIG")
         .stdin(Stdio::null())
         .output()
         .expect("run synwake CLI")
@@ -132,11 +122,17 @@ struct Follow {
 }
 
 impl Follow {
-    fn open(port: u16, path: &str) -> Follow {
+    fn open(d: &Daemon, path: &str) -> Follow {
+        let port = d.api;
         let mut s = TcpStream::connect(loopback(port)).expect("connect");
         let local_port = s.local_addr().unwrap().port();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {}\r\n\r\n",
+            d.auth()
+        )
+        .unwrap();
         let mut reader = BufReader::new(s);
         let mut line = String::new();
         reader.read_line(&mut line).expect("status line");
@@ -567,7 +563,7 @@ fn logs_tail_follow_and_cli() {
 
     // follow=true: the backlog, then a line printed after the request started.
     let mut follow = Follow::open(
-        d.api,
+        &d,
         &format!("/system/logs?name={name}&namespace={NS}&tail=1&follow=true"),
     );
     assert_eq!(follow.status, 200);
@@ -581,6 +577,9 @@ fn logs_tail_follow_and_cli() {
     let mut cli_follow = Command::new(synwake_bin())
         .args(["logs", name, "-f", "--tail", "1"])
         .env("SYNWAKE_URL", format!("http://127.0.0.1:{}", d.api))
+        .env("SYNWAKE_STATE_DIR", d.state_dir())
+        .env_remove("SYNWAKE_PASSWORD")
+        .env_remove("SYNWAKE_CONFIG")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -657,19 +656,95 @@ fn logs_tail_follow_and_cli() {
     );
 }
 
+/// A `curl -u admin:<password>` call on the API: a real basic-auth client.
+fn curl(d: &Daemon, user_password: Option<&str>, method: &str, path: &str, body: &str) -> u16 {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method]);
+    if let Some(up) = user_password {
+        cmd.args(["-u", up]);
+    }
+    if !body.is_empty() {
+        cmd.args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+        ]);
+    }
+    let out = cmd
+        .arg(format!("http://127.0.0.1:{}{path}", d.api))
+        .output()
+        .expect("run curl (scripts/deps.sh installs it)");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
 #[test]
-fn basic_auth_on_and_off() {
+fn basic_auth_always_on() {
     let mut d = Daemon::start("");
     let name = "authfn";
-    // Auth off: /system/* is open.
-    let r = d.api_json(
-        "POST",
-        "/system/functions",
-        &faas_cli_deployment(name, None),
+    // No password file configured: a password is generated, never an open API.
+    let generated = d.state_dir().join("api-password");
+    let mode = std::fs::metadata(&generated).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600,
+        "generated password file mode"
     );
-    assert_eq!(r.status, 202, "without a password file: {}", r.text());
-    assert_eq!(d.api_get("/system/functions").status, 200);
-    assert_eq!(d.api_get("/system/info").status, 200);
+    let password = d.password();
+    assert!(password.len() >= 32, "a strong password: {password:?}");
+    assert_eq!(
+        d.log().matches(&password).count(),
+        1,
+        "printed once on generation:\n{}",
+        d.log()
+    );
+    let deployment = faas_cli_deployment(name, None);
+    assert_eq!(
+        api_req(&d, "POST", "/system/functions", &[], &deployment).status,
+        401,
+        "an unauthenticated deploy"
+    );
+    assert_eq!(
+        curl(&d, None, "POST", "/system/functions", &deployment),
+        401
+    );
+    assert_eq!(
+        curl(&d, Some("admin:"), "GET", "/system/functions", ""),
+        401
+    );
+    // curl -u with the generated password: a real basic-auth client.
+    let up = format!("admin:{password}");
+    assert_eq!(
+        curl(&d, Some(&up), "POST", "/system/functions", &deployment),
+        202
+    );
+    assert_eq!(curl(&d, Some(&up), "GET", "/system/info", ""), 200);
+    // Root's CLI finds the generated password in the state dir.
+    let out = ok_stdout(&cli(&d, &["list"]));
+    assert!(out.lines().any(|l| l.starts_with(name)), "{out}");
+    // Without it (another state dir, nothing in the environment), the CLI gets 401 and
+    // says how to log in.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = Command::new(synwake_bin())
+        .args(["list"])
+        .env("SYNWAKE_URL", format!("http://127.0.0.1:{}", d.api))
+        .env("SYNWAKE_STATE_DIR", elsewhere.path())
+        .env_remove("SYNWAKE_PASSWORD")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("401"), "{err}");
+    assert!(err.contains("--password"), "{err}");
+    // A restart reuses the password and does not print it again.
+    d.stop_with(libc::SIGTERM, Duration::from_secs(10))
+        .expect("daemon stopped");
+    d.spawn();
+    assert_eq!(d.password(), password);
+    assert_eq!(d.log().matches(&password).count(), 1, "{}", d.log());
+    assert_eq!(curl(&d, Some(&up), "GET", "/system/functions", ""), 200);
 
     with_password(&mut d, "s3cret");
     let good = basic("admin", "s3cret");
@@ -766,9 +841,12 @@ fn basic_auth_on_and_off() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(d.call(name, "/").status, 200);
 
-    // The CLI: refused without the password, works with --password.
+    // The CLI: refused with the (now unused) generated password, works with --password.
     let out = cli(&d, &["list"]);
-    assert!(!out.status.success(), "list without the password succeeded");
+    assert!(
+        !out.status.success(),
+        "list with the wrong password succeeded"
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("401"),
         "{}",
