@@ -495,6 +495,9 @@ impl Api {
             Err(e @ ScaleError::UnknownFunction { .. }) => {
                 text_response(StatusCode::NOT_FOUND, e.to_string())
             }
+            Err(e @ ScaleError::ShuttingDown { .. }) => {
+                text_response(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
             Err(e) => text_response(
                 StatusCode::BAD_REQUEST,
                 format!("invalid field `replicas`: {e}"),

@@ -291,9 +291,9 @@ pub fn acquire_error_response(e: &AcquireError) -> Response<ProxyBody> {
         AcquireError::UnknownFunction { .. } => StatusCode::NOT_FOUND,
         AcquireError::StartFailed(StartError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
         AcquireError::StartFailed(_) => StatusCode::BAD_GATEWAY,
-        AcquireError::Overloaded { .. } | AcquireError::ShuttingDown { .. } => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        AcquireError::Overloaded { .. }
+        | AcquireError::ShuttingDown { .. }
+        | AcquireError::Saturated { .. } => StatusCode::SERVICE_UNAVAILABLE,
         AcquireError::Removed { .. } => StatusCode::NOT_FOUND,
     };
     let mut r = text_response(status, e.to_string());

@@ -77,6 +77,14 @@ pub enum AcquireError {
     Removed { function: String },
     #[error("function {function}: synwake is shutting down")]
     ShuttingDown { function: String },
+    /// Every instance is at max_concurrency and max_instances are running: the request
+    /// waited for a free instance, not for a start.
+    #[error("function {function}: no instance free within {waited:?} (all {instances} at max_concurrency, max_instances reached)")]
+    Saturated {
+        function: String,
+        instances: usize,
+        waited: Duration,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +97,8 @@ pub enum ScaleError {
         replicas: u32,
         max: u32,
     },
+    #[error("function {function}: synwake is shutting down")]
+    ShuttingDown { function: String },
 }
 
 /// Counts and state of one function, for the API.
@@ -523,7 +533,9 @@ impl Lifecycle {
                     slot.last_used = now;
                     slot.served += 1;
                     let waited = now - arrived;
-                    let cold = guard.is_some();
+                    // Cold only if this instance became ready after the request came: a
+                    // wait for a busy warm instance is not a cold start.
+                    let cold = guard.is_some() && slot.ready_at.is_none_or(|r| r > arrived);
                     if slot.served == 1 {
                         self.first_request(name, slot, arrived, cold, waited);
                     }
@@ -569,6 +581,16 @@ impl Lifecycle {
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(_) => continue,
                 Err(_) => {
+                    let st = f.state.lock().unwrap();
+                    let ready = st.count(|p| matches!(p, Phase::Ready(_)));
+                    if ready > 0 && st.count(|p| matches!(p, Phase::Starting)) == 0 {
+                        return Err(AcquireError::Saturated {
+                            function: name.clone(),
+                            instances: ready,
+                            waited: arrived.elapsed(),
+                        });
+                    }
+                    drop(st);
                     self.inner.metrics.start_failures.inc(&[name]);
                     return Err(AcquireError::StartFailed(StartError::Timeout {
                         function: name.clone(),
@@ -625,7 +647,13 @@ impl Lifecycle {
         }
     }
 
+    /// Starts one instance unless the function is removed or synwake is shutting down
+    /// (checked under the state lock, so no start slips past a removal or shutdown that
+    /// is collecting the slots to stop).
     fn spawn_start(&self, f: &Arc<Function>, st: &mut FnState, trigger: Trigger, at: Instant) {
+        if st.removed || self.inner.shutting_down.load(Ordering::Relaxed) {
+            return;
+        }
         let id = self.inner.next_instance.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         st.slots.push(Slot {
@@ -661,7 +689,13 @@ impl Lifecycle {
         let result = async {
             let rt = self.runtime_for(&spec)?;
             let inst = rt.start(&spec, id, output.clone()).await?;
-            match runtime::wait_ready(&spec, inst.as_ref(), &output, deadline).await {
+            let ready = tokio::select! {
+                r = runtime::wait_ready(&spec, inst.as_ref(), &output, deadline) => r,
+                _ = Self::stop_requested(&f, id) => Err(StartError::Cancelled {
+                    function: spec.name.clone(),
+                }),
+            };
+            match ready {
                 Ok(()) => Ok(inst),
                 Err(e) => {
                     inst.stop(spec.policy.stop_grace).await;
@@ -715,6 +749,10 @@ impl Lifecycle {
                     lc.on_exit(&f, id, exit);
                 });
             }
+            Err(StartError::Cancelled { .. }) if Self::stopping(&f, id) => {
+                // Stopped on purpose (scale to zero, removal, shutdown) while starting.
+                self.drop_slot(&f, id);
+            }
             Err(e) => {
                 tracing::warn!("{e}");
                 self.inner.metrics.start_failures.inc(&[&spec.name]);
@@ -725,6 +763,35 @@ impl Lifecycle {
                 self.live_changed(&f, st.live());
                 drop(st);
                 f.notify();
+            }
+        }
+    }
+
+    /// Whether slot `id` is marked stopping (or already gone).
+    fn stopping(f: &Function, id: u64) -> bool {
+        let st = f.state.lock().unwrap();
+        st.slots
+            .iter()
+            .find(|s| s.id == id)
+            .is_none_or(|s| matches!(s.phase, Phase::Stopping))
+    }
+
+    /// Resolves once slot `id` is marked stopping or gone.
+    async fn stop_requested(f: &Function, id: u64) {
+        let mut rx = f.changed.subscribe();
+        while !Self::stopping(f, id) {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Resolves once slot `id` is gone (its start or stop task finished).
+    async fn slot_gone(f: &Function, id: u64) {
+        let mut rx = f.changed.subscribe();
+        while f.state.lock().unwrap().slots.iter().any(|s| s.id == id) {
+            if rx.changed().await.is_err() {
+                return;
             }
         }
     }
@@ -807,9 +874,27 @@ impl Lifecycle {
         self.drop_slot(f, id);
     }
 
+    /// Stops one slot and returns once its instance is gone. A slot still starting is
+    /// marked stopping; its start task stops what the runtime made, and this waits for
+    /// it, so nothing started survives a removal or shutdown.
     async fn stop_slot(&self, f: &Arc<Function>, id: u64) {
         if let Some(inst) = self.begin_stop(f, id, false) {
             self.finish_stop(f, id, inst).await;
+            return;
+        }
+        let policy = &f.spec.policy;
+        let bound = policy
+            .start_timeout
+            .saturating_add(policy.stop_grace)
+            .saturating_add(Duration::from_secs(5));
+        if tokio::time::timeout(bound, Self::slot_gone(f, id))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "{}: instance {id} still starting {bound:?} after it was told to stop",
+                f.spec.name
+            );
         }
     }
 
@@ -823,6 +908,11 @@ impl Lifecycle {
         let f = self.get(name).ok_or_else(|| ScaleError::UnknownFunction {
             function: name.to_string(),
         })?;
+        self.scale_function(&f, replicas).await
+    }
+
+    async fn scale_function(&self, f: &Arc<Function>, replicas: u32) -> Result<(), ScaleError> {
+        let name = &f.spec.name;
         if replicas > f.spec.max_instances {
             return Err(ScaleError::TooMany {
                 function: name.to_string(),
@@ -832,10 +922,21 @@ impl Lifecycle {
         }
         let to_stop: Vec<u64> = {
             let mut st = f.state.lock().unwrap();
+            // A scale racing a DELETE or shutdown must not start what nobody will stop.
+            if st.removed {
+                return Err(ScaleError::UnknownFunction {
+                    function: name.to_string(),
+                });
+            }
+            if self.inner.shutting_down.load(Ordering::Relaxed) {
+                return Err(ScaleError::ShuttingDown {
+                    function: name.to_string(),
+                });
+            }
             let live = st.live();
             if (replicas as usize) > live {
                 for _ in live..replicas as usize {
-                    self.spawn_start(&f, &mut st, Trigger::Api, Instant::now());
+                    self.spawn_start(f, &mut st, Trigger::Api, Instant::now());
                 }
                 Vec::new()
             } else {
@@ -854,7 +955,7 @@ impl Lifecycle {
                     .collect()
             }
         };
-        futures_util::future::join_all(to_stop.into_iter().map(|id| self.stop_slot(&f, id))).await;
+        futures_util::future::join_all(to_stop.into_iter().map(|id| self.stop_slot(f, id))).await;
         Ok(())
     }
 

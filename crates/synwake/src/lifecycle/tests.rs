@@ -66,6 +66,11 @@ impl Runtime for TestRuntime {
         out: OutputSink,
     ) -> Result<Arc<dyn Instance>, StartError> {
         self.starts.fetch_add(1, Ordering::SeqCst);
+        let start_ms: u64 = spec
+            .env
+            .get("START_MS")
+            .map(|v| v.parse().unwrap())
+            .unwrap_or(0);
         let init: u64 = spec
             .env
             .get("INIT_MS")
@@ -77,6 +82,9 @@ impl Runtime for TestRuntime {
         drop(listener);
         let (tx, _) = watch::channel(None);
         self.running.fetch_add(1, Ordering::SeqCst);
+        // Like `runc create`: the instance exists (and must be cleaned up) before the
+        // runtime's start call returns.
+        tokio::time::sleep(Duration::from_millis(start_ms)).await;
         let inst = Arc::new(TestInstance {
             addr,
             exit: tx,
@@ -412,4 +420,99 @@ async fn update_moves_waiters_to_the_new_version() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     lc.deploy(spec("f", &[("V", "2")])).await.unwrap();
     assert_eq!(w.await.unwrap().unwrap().as_deref(), Some("2"));
+}
+
+#[tokio::test]
+async fn shutdown_stops_starts_in_flight_before_it_returns() {
+    let (lc, rt) = lifecycle();
+    // One start still inside the runtime's start call, one waiting for readiness.
+    let mut a = spec("a", &[("START_MS", "150")]);
+    a.policy.start_timeout = Duration::from_secs(30);
+    lc.deploy(a).await.unwrap();
+    let mut b = spec("b", &[("INIT_MS", "20000")]);
+    b.policy.start_timeout = Duration::from_secs(30);
+    lc.deploy(b).await.unwrap();
+    assert_eq!(
+        lc.wake("a", Trigger::Api, Instant::now()),
+        WakeOutcome::Started
+    );
+    assert_eq!(
+        lc.wake("b", Trigger::Api, Instant::now()),
+        WakeOutcome::Started
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(rt.running.load(Ordering::SeqCst), 2);
+    let t0 = Instant::now();
+    lc.shutdown().await;
+    assert_eq!(
+        rt.running.load(Ordering::SeqCst),
+        0,
+        "an instance whose start was in flight outlived shutdown"
+    );
+    // The readiness wait was cut short, not sat out until start_timeout.
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rt.starts.load(Ordering::SeqCst), 2);
+    assert_eq!(rt.running.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn removal_stops_a_start_in_flight_before_it_returns() {
+    let (lc, rt) = lifecycle();
+    lc.deploy(spec("f", &[("START_MS", "150")])).await.unwrap();
+    lc.wake("f", Trigger::Syn, Instant::now());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(lc.remove("f").await);
+    assert_eq!(rt.running.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn scale_after_shutdown_starts_nothing() {
+    let (lc, rt) = lifecycle();
+    lc.deploy(spec("f", &[])).await.unwrap();
+    lc.shutdown().await;
+    let e = lc.scale("f", 1).await.expect_err("scale refused");
+    assert!(matches!(e, ScaleError::ShuttingDown { .. }), "{e}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(rt.starts.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn scale_racing_a_removal_starts_nothing() {
+    let (lc, rt) = lifecycle();
+    lc.deploy(spec("f", &[])).await.unwrap();
+    // The scale looked the function up just before the DELETE took it away.
+    let f = lc.get("f").unwrap();
+    assert!(lc.remove("f").await);
+    let e = lc.scale_function(&f, 1).await.expect_err("scale refused");
+    assert!(matches!(e, ScaleError::UnknownFunction { .. }), "{e}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(rt.starts.load(Ordering::SeqCst), 0);
+    assert_eq!(rt.running.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn waiting_for_a_saturated_warm_instance_is_not_a_start() {
+    let (lc, rt) = lifecycle();
+    let mut s = spec("f", &[]);
+    s.max_concurrency = 1;
+    s.policy.start_timeout = Duration::from_millis(150);
+    lc.deploy(s).await.unwrap();
+    let held = lc.acquire("f").await.unwrap();
+    assert!(held.cold);
+    let waits_before = lc.metrics().cold_start_wait.count(&["f"]);
+
+    // Nobody frees the instance: the wait ends as "saturated", not as a start timeout.
+    let e = lc.acquire("f").await.err().expect("no capacity");
+    assert!(matches!(e, AcquireError::Saturated { .. }), "{e}");
+    assert_eq!(lc.metrics().start_failures.get(&["f"]), 0.0);
+
+    // Freed while waiting: served warm, not counted as a cold wait.
+    let lc2 = lc.clone();
+    let waiter = tokio::spawn(async move { lc2.acquire("f").await.map(|l| l.cold) });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    drop(held);
+    assert!(!waiter.await.unwrap().unwrap(), "flagged cold");
+    assert_eq!(lc.metrics().cold_start_wait.count(&["f"]), waits_before);
+    assert_eq!(rt.starts.load(Ordering::SeqCst), 1);
 }
