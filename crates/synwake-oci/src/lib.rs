@@ -76,7 +76,10 @@ pub mod spec;
 mod sys;
 pub mod tools;
 
-pub use image::{Image, ImageConfig, ImageError, ImageStore};
+pub use image::{
+    is_registry_reference, Image, ImageConfig, ImageError, ImageStore, Progress, PullError,
+    PullReport, RegistryConfig,
+};
 pub use pool::Pool;
 pub use runtime::{
     Container, ContainerSpec, ExitInfo, OciConfig, OciError, OciRuntime, OutputHook, Recovered,

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use super::ImageError;
+use super::{Blobs, ImageError};
 
 /// JSON documents (index, manifests, configs) larger than this are refused as corrupt.
 const MAX_JSON: u64 = 16 << 20;
@@ -77,16 +77,19 @@ impl ArchiveIndex {
         })
     }
 
-    pub(super) fn path(&self) -> &Path {
+}
+
+impl Blobs for ArchiveIndex {
+    fn path(&self) -> &Path {
         &self.path
     }
 
-    pub(super) fn contains(&self, name: &str) -> bool {
+    fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }
 
     /// A reader over one entry's bytes.
-    pub(super) fn reader(&mut self, name: &str) -> Result<io::Take<File>, ImageError> {
+    fn reader(&mut self, name: &str) -> Result<Box<dyn Read>, ImageError> {
         let Some(&(pos, size)) = self.entries.get(name) else {
             return Err(ImageError::Missing {
                 archive: self.path.clone(),
@@ -100,11 +103,11 @@ impl ArchiveIndex {
         };
         let mut f = self.file.try_clone().map_err(read_err)?;
         f.seek(SeekFrom::Start(pos)).map_err(read_err)?;
-        Ok(f.take(size))
+        Ok(Box::new(f.take(size)))
     }
 
     /// Reads a small (JSON) entry completely.
-    pub(super) fn read_small(&mut self, name: &str) -> Result<Vec<u8>, ImageError> {
+    fn read_small(&mut self, name: &str) -> Result<Vec<u8>, ImageError> {
         let size = self.entries.get(name).map(|e| e.1).unwrap_or(0);
         if size > MAX_JSON {
             return Err(ImageError::Corrupt {

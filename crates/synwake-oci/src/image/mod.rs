@@ -7,6 +7,7 @@
 
 mod archive;
 mod layer;
+mod registry;
 
 use std::fs;
 use std::io::{self, Read};
@@ -17,6 +18,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use archive::ArchiveIndex;
+pub use registry::{
+    is_registry_reference, parse_reference, Progress, PullError, PullReport, RegistryConfig,
+};
 use layer::Compression;
 
 /// Why an image could not be imported. Every variant about an archive names the archive
@@ -142,7 +146,11 @@ pub struct Image {
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     dir: PathBuf,
+    /// Blob fetches in flight, one lock per digest.
+    pulls: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, PullLock>>>,
 }
+
+type PullLock = std::sync::Arc<tokio::sync::Mutex<()>>;
 
 const TMP_PREFIX: &str = ".tmp-";
 const IMAGE_META: &str = "image.json";
@@ -157,6 +165,16 @@ struct LayerRef {
     diff_id: Option<String>,
 }
 
+/// Where an image's documents and layers are read from: an archive's entries, or the
+/// pulled blobs in the store (`blobs/sha256/<hex>`).
+trait Blobs {
+    /// What error messages name as the archive (its path, or the image reference).
+    fn path(&self) -> &Path;
+    fn contains(&self, entry: &str) -> bool;
+    fn reader(&mut self, entry: &str) -> Result<Box<dyn Read>, ImageError>;
+    fn read_small(&mut self, entry: &str) -> Result<Vec<u8>, ImageError>;
+}
+
 /// What both archive formats resolve to before unpacking.
 struct Resolved {
     digest: String,
@@ -167,7 +185,10 @@ struct Resolved {
 impl ImageStore {
     /// A cache rooted at `dir` (created on first import).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        ImageStore { dir: dir.into() }
+        ImageStore {
+            dir: dir.into(),
+            pulls: Default::default(),
+        }
     }
 
     /// The cache directory.
@@ -177,6 +198,7 @@ impl ImageStore {
 
     /// Removes temporary directories a crashed import left behind.
     pub fn remove_partial_imports(&self) {
+        self.remove_partial_pulls();
         let Ok(rd) = fs::read_dir(&self.dir) else {
             return;
         };
@@ -200,6 +222,15 @@ impl ImageStore {
                 archive: archive.to_path_buf(),
             });
         };
+        self.unpack_resolved(&mut idx, &resolved)
+    }
+
+    /// Unpacks a resolved image into the cache unless it is there already.
+    fn unpack_resolved(
+        &self,
+        blobs: &mut dyn Blobs,
+        resolved: &Resolved,
+    ) -> Result<Image, ImageError> {
         let hex = resolved
             .digest
             .strip_prefix("sha256:")
@@ -207,7 +238,7 @@ impl ImageStore {
             .to_string();
         let final_dir = self.dir.join(&hex);
         if let Some(img) = self.cached(&final_dir) {
-            tracing::debug!(archive = %archive.display(), digest = %resolved.digest, "image cache hit");
+            tracing::debug!(source = %blobs.path().display(), digest = %resolved.digest, "image cache hit");
             return Ok(img);
         }
         fs::create_dir_all(&self.dir).map_err(|source| ImageError::Cache {
@@ -223,7 +254,7 @@ impl ImageStore {
             &hex[..12.min(hex.len())],
             std::process::id()
         ));
-        let result = self.unpack_into(&mut idx, &resolved, &tmp, &final_dir);
+        let result = self.unpack_into(blobs, resolved, &tmp, &final_dir);
         if result.is_err() {
             let _ = fs::remove_dir_all(&tmp);
         }
@@ -232,7 +263,7 @@ impl ImageStore {
 
     fn unpack_into(
         &self,
-        idx: &mut ArchiveIndex,
+        idx: &mut dyn Blobs,
         resolved: &Resolved,
         tmp: &Path,
         final_dir: &Path,
@@ -403,7 +434,7 @@ struct DockerManifestEntry {
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(
-    idx: &ArchiveIndex,
+    idx: &dyn Blobs,
     entry: &str,
     bytes: &[u8],
 ) -> Result<T, ImageError> {
@@ -419,7 +450,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// `blobs/<alg>/<hex>` for a digest, refusing anything but a plain sha256 digest.
-fn blob_entry(idx: &ArchiveIndex, referrer: &str, digest: &str) -> Result<String, ImageError> {
+fn blob_entry(idx: &dyn Blobs, referrer: &str, digest: &str) -> Result<String, ImageError> {
     match digest.strip_prefix("sha256:") {
         Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
             Ok(format!("blobs/sha256/{h}"))
@@ -434,7 +465,7 @@ fn blob_entry(idx: &ArchiveIndex, referrer: &str, digest: &str) -> Result<String
 
 /// Reads a small blob and checks it against its digest.
 fn read_blob(
-    idx: &mut ArchiveIndex,
+    idx: &mut dyn Blobs,
     referrer: &str,
     d: &Descriptor,
 ) -> Result<(String, Vec<u8>), ImageError> {
@@ -462,7 +493,7 @@ fn read_blob(
 }
 
 fn parse_config(
-    idx: &ArchiveIndex,
+    idx: &dyn Blobs,
     entry: &str,
     bytes: &[u8],
 ) -> Result<(ImageConfig, Vec<String>), ImageError> {
@@ -479,7 +510,7 @@ fn parse_config(
 }
 
 fn check_diff_ids(
-    idx: &ArchiveIndex,
+    idx: &dyn Blobs,
     config_entry: &str,
     diff_ids: &[String],
     layers: usize,
@@ -494,7 +525,7 @@ fn check_diff_ids(
     Ok(())
 }
 
-fn resolve_oci(idx: &mut ArchiveIndex) -> Result<Resolved, ImageError> {
+fn resolve_oci(idx: &mut dyn Blobs) -> Result<Resolved, ImageError> {
     let bytes = idx.read_small("index.json")?;
     let index: Index = parse_json(idx, "index.json", &bytes)?;
     let mut referrer = "index.json".to_string();
@@ -554,7 +585,7 @@ fn host_arch() -> &'static str {
 }
 
 fn resolve_oci_manifest(
-    idx: &mut ArchiveIndex,
+    idx: &mut dyn Blobs,
     referrer: &str,
     desc: &Descriptor,
 ) -> Result<Resolved, ImageError> {
@@ -622,7 +653,7 @@ fn resolve_oci_manifest(
     })
 }
 
-fn resolve_docker(idx: &mut ArchiveIndex) -> Result<Resolved, ImageError> {
+fn resolve_docker(idx: &mut dyn Blobs) -> Result<Resolved, ImageError> {
     let bytes = idx.read_small("manifest.json")?;
     let entries: Vec<DockerManifestEntry> = parse_json(idx, "manifest.json", &bytes)?;
     let Some(m) = entries.into_iter().next() else {
