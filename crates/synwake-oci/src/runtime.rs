@@ -44,6 +44,10 @@ pub struct OciConfig {
     /// Network namespaces (netns + veth + address) kept ready ahead of any container, so
     /// `create` skips the ~30 ms the kernel takes to make one. 0 disables.
     pub spare_netns: usize,
+    /// Image store (unpacked images and pulled blobs); `None`: `<state_dir>/images`.
+    pub image_store: Option<PathBuf>,
+    /// How registries are reached when an image is pulled.
+    pub registry: crate::image::RegistryConfig,
 }
 
 impl OciConfig {
@@ -65,6 +69,8 @@ impl Default for OciConfig {
             outbound_nat: false,
             state_dir: PathBuf::from("/var/lib/synwake/oci"),
             spare_netns: 2,
+            image_store: None,
+            registry: crate::image::RegistryConfig::default(),
         }
     }
 }
@@ -358,7 +364,11 @@ impl OciRuntime {
         let runc_root = cfg.state_dir.join("runc");
         let bundles = cfg.state_dir.join("bundles");
         let logs = cfg.state_dir.join("logs");
-        let images = ImageStore::new(cfg.state_dir.join("images"));
+        let images = ImageStore::new(
+            cfg.image_store
+                .clone()
+                .unwrap_or_else(|| cfg.state_dir.join("images")),
+        );
         let tag = cfg.name_tag();
         let recovered = recover(&cfg.runtime_binary, &runc_root, &bundles, &logs, &tag).await;
         images.remove_partial_imports();
@@ -439,6 +449,24 @@ impl OciRuntime {
                     source: std::io::Error::other(e.to_string()),
                 })
             })
+    }
+
+    /// Pulls a registry reference into the image store (see [`ImageStore::pull`]) with
+    /// this runtime's registry settings.
+    pub async fn pull_image(
+        &self,
+        reference: &str,
+        progress: crate::image::Progress,
+    ) -> Result<(Image, crate::image::PullReport), crate::image::PullError> {
+        self.inner
+            .images
+            .pull(reference, &self.inner.cfg.registry, progress)
+            .await
+    }
+
+    /// The image store.
+    pub fn image_store(&self) -> &ImageStore {
+        &self.inner.images
     }
 
     /// An image from an unpacked root filesystem directory (used in place, read-only).

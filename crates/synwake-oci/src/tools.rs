@@ -247,14 +247,33 @@ impl Registry {
             let ca_key = d.join("ca.key");
             let ca = d.join("ca.pem");
             run(Command::new("openssl")
-                .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=synwake test CA", "-keyout"])
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=synwake test CA",
+                    "-keyout",
+                ])
                 .arg(&ca_key)
                 .arg("-out")
                 .arg(&ca))?;
             let key = d.join("server.key");
             let csr = d.join("server.csr");
             run(Command::new("openssl")
-                .args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout"])
+                .args([
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                    "-keyout",
+                ])
                 .arg(&key)
                 .arg("-out")
                 .arg(&csr))?;
@@ -321,7 +340,8 @@ impl Registry {
         }
         Err(ToolError {
             command: "docker-registry serve".into(),
-            stderr: std::fs::read_to_string(reg.dir.path().join("registry.log")).unwrap_or_default(),
+            stderr: std::fs::read_to_string(reg.dir.path().join("registry.log"))
+                .unwrap_or_default(),
         })
     }
 
@@ -356,7 +376,12 @@ impl Registry {
     }
 
     /// Pushes a multi-platform index made of `images` (built in `store`) as `repo_tag`.
-    pub fn push_index(&self, store: &ToolStore, images: &[&str], repo_tag: &str) -> Result<(), ToolError> {
+    pub fn push_index(
+        &self,
+        store: &ToolStore,
+        images: &[&str],
+        repo_tag: &str,
+    ) -> Result<(), ToolError> {
         let list = format!("localhost/swk-images-list-{}", std::process::id());
         let _ = run(store.buildah().args(["manifest", "rm", &list]));
         run(store.buildah().args(["manifest", "create", &list]))?;
@@ -368,7 +393,10 @@ impl Registry {
         if let Some((u, p)) = &self.credentials {
             push.arg(format!("--creds={u}:{p}"));
         }
-        run(push.arg(&list).arg(format!("docker://{}/{repo_tag}", self.addr))).map(drop)
+        run(push
+            .arg(&list)
+            .arg(format!("docker://{}/{repo_tag}", self.addr)))
+        .map(drop)
     }
 
     /// The manifest digest skopeo sees for `repo_tag` (no platform resolution: an index's

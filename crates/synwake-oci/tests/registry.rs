@@ -46,8 +46,10 @@ fn insecure(reg: &Registry) -> RegistryConfig {
 fn build_and_push(t: &ToolStore, reg: &Registry, name: &str, spec: &BuildSpec, repo_tag: &str) {
     t.build(name, spec).unwrap();
     let archive = t.path(&format!("{}.tar", name.replace(['/', ':'], "_")));
-    t.buildah_push(name, &format!("oci-archive:{}", archive.display())).unwrap();
-    reg.push(&format!("oci-archive:{}", archive.display()), repo_tag, &[]).unwrap();
+    t.buildah_push(name, &format!("oci-archive:{}", archive.display()))
+        .unwrap();
+    reg.push(&format!("oci-archive:{}", archive.display()), repo_tag, &[])
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,40 +59,81 @@ async fn plain_http_registry_pull_by_tag_and_digest_shares_layers() {
     }
     let reg = Registry::start(false).unwrap();
     let t = ToolStore::new().unwrap();
-    build_and_push(&t, &reg, "localhost/swk-images-base:1", &BuildSpec::default(), "fn/base:1");
+    build_and_push(
+        &t,
+        &reg,
+        "localhost/swk-images-base:1",
+        &BuildSpec::default(),
+        "fn/base:1",
+    );
     let derived = BuildSpec {
         from: Some("localhost/swk-images-base:1"),
         files: vec![("www/extra.txt", 0o644, b"derived\n")],
         ..BuildSpec::default()
     };
-    build_and_push(&t, &reg, "localhost/swk-images-derived:1", &derived, "fn/derived:1");
+    build_and_push(
+        &t,
+        &reg,
+        "localhost/swk-images-derived:1",
+        &derived,
+        "fn/derived:1",
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let store = ImageStore::new(dir.path().join("images"));
     let (progress, lines) = collect();
     let reference = format!("{}/fn/base:1", reg.addr);
-    let (img, report) = store.pull(&reference, &insecure(&reg), progress.clone()).await.unwrap();
+    let (img, report) = store
+        .pull(&reference, &insecure(&reg), progress.clone())
+        .await
+        .unwrap();
     assert!(img.rootfs.join("bin/busybox").is_file());
     assert_eq!(img.config.entrypoint, vec!["/bin/busybox"]);
     assert_eq!(report.layers, 1, "buildah commits one layer");
-    assert_eq!((report.fetched_blobs, report.reused_blobs), (2, 0), "config + layer");
+    assert_eq!(
+        (report.fetched_blobs, report.reused_blobs),
+        (2, 0),
+        "config + layer"
+    );
     assert!(report.fetched_bytes > 500_000, "{report:?}");
     assert_eq!(img.digest.as_deref(), Some(report.digest.as_str()));
     assert_eq!(report.digest, reg.digest("fn/base:1").unwrap());
-    assert!(lines.lock().unwrap().iter().any(|l| l.contains("layer 1/1")), "{:?}", lines.lock().unwrap());
+    assert!(
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("layer 1/1")),
+        "{:?}",
+        lines.lock().unwrap()
+    );
 
     // The derived image shares the base's layers: only its own layer and config come.
     let (dimg, dreport) = store
-        .pull(&format!("{}/fn/derived:1", reg.addr), &insecure(&reg), progress.clone())
+        .pull(
+            &format!("{}/fn/derived:1", reg.addr),
+            &insecure(&reg),
+            progress.clone(),
+        )
         .await
         .unwrap();
     assert_eq!(dreport.layers, 2);
-    assert_eq!((dreport.fetched_blobs, dreport.reused_blobs), (2, 1), "{dreport:?}");
-    assert_eq!(std::fs::read(dimg.rootfs.join("www/extra.txt")).unwrap(), b"derived\n");
+    assert_eq!(
+        (dreport.fetched_blobs, dreport.reused_blobs),
+        (2, 1),
+        "{dreport:?}"
+    );
+    assert_eq!(
+        std::fs::read(dimg.rootfs.join("www/extra.txt")).unwrap(),
+        b"derived\n"
+    );
 
     // By digest: nothing fetched, same image.
     let by_digest = format!("{}/fn/base@{}", reg.addr, report.digest);
-    let (again, r2) = store.pull(&by_digest, &insecure(&reg), progress.clone()).await.unwrap();
+    let (again, r2) = store
+        .pull(&by_digest, &insecure(&reg), progress.clone())
+        .await
+        .unwrap();
     assert_eq!(again, img);
     assert_eq!(r2.fetched_blobs, 0);
 
@@ -104,7 +147,11 @@ async fn plain_http_registry_pull_by_tag_and_digest_shares_layers() {
 
     // Unknown tag: the registry's reason (MANIFEST_UNKNOWN) is in the error.
     let err = store
-        .pull(&format!("{}/fn/base:nope", reg.addr), &insecure(&reg), progress)
+        .pull(
+            &format!("{}/fn/base:nope", reg.addr),
+            &insecure(&reg),
+            progress,
+        )
         .await
         .unwrap_err();
     let msg = err.to_string();
@@ -118,7 +165,13 @@ async fn tls_registry_with_htpasswd_needs_the_ca_and_the_credentials() {
     }
     let reg = Registry::start(true).unwrap();
     let t = ToolStore::new().unwrap();
-    build_and_push(&t, &reg, "localhost/swk-images-tls:1", &BuildSpec::default(), "team/fn:1.2");
+    build_and_push(
+        &t,
+        &reg,
+        "localhost/swk-images-tls:1",
+        &BuildSpec::default(),
+        "team/fn:1.2",
+    );
     let dir = tempfile::tempdir().unwrap();
     let store = ImageStore::new(dir.path().join("images"));
     let (progress, _) = collect();
@@ -136,7 +189,10 @@ async fn tls_registry_with_htpasswd_needs_the_ca_and_the_credentials() {
         ca_file: reg.ca_file.clone(),
         ..RegistryConfig::default()
     };
-    let (img, _) = store.pull(&reference, &good, progress.clone()).await.unwrap();
+    let (img, _) = store
+        .pull(&reference, &good, progress.clone())
+        .await
+        .unwrap();
     assert!(img.rootfs.join("www/index.html").is_file());
 
     // Without the CA: the certificate is not trusted.
@@ -144,8 +200,15 @@ async fn tls_registry_with_htpasswd_needs_the_ca_and_the_credentials() {
         ca_file: None,
         ..good.clone()
     };
-    let msg = store.pull(&reference, &no_ca, progress.clone()).await.unwrap_err().to_string();
-    assert!(msg.contains(&reference) && msg.to_lowercase().contains("certificate"), "{msg}");
+    let msg = store
+        .pull(&reference, &no_ca, progress.clone())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains(&reference) && msg.to_lowercase().contains("certificate"),
+        "{msg}"
+    );
 
     // Without credentials, and with a wrong password: the registry's 401 reason.
     for cfg in [
@@ -157,7 +220,10 @@ async fn tls_registry_with_htpasswd_needs_the_ca_and_the_credentials() {
             let bad = dir.path().join("bad.json");
             std::fs::write(
                 &bad,
-                format!(r#"{{"auths": {{"{}": {{"username": "{user}", "password": "wrong"}}}}}}"#, reg.addr),
+                format!(
+                    r#"{{"auths": {{"{}": {{"username": "{user}", "password": "wrong"}}}}}}"#,
+                    reg.addr
+                ),
             )
             .unwrap();
             RegistryConfig {
@@ -166,7 +232,10 @@ async fn tls_registry_with_htpasswd_needs_the_ca_and_the_credentials() {
             }
         },
     ] {
-        let err = store.pull(&reference, &cfg, progress.clone()).await.unwrap_err();
+        let err = store
+            .pull(&reference, &cfg, progress.clone())
+            .await
+            .unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, PullError::Registry { .. }), "{err:?}");
         assert!(msg.to_lowercase().contains("not authorized"), "{msg}");
@@ -198,22 +267,46 @@ async fn multi_platform_index_resolves_to_this_platform_or_names_what_it_has() {
     };
     t.build("localhost/swk-images-amd:1", &amd).unwrap();
     t.build("localhost/swk-images-arm:1", &arm).unwrap();
-    reg.push_index(&t, &["localhost/swk-images-arm:1", "localhost/swk-images-amd:1"], "multi/fn:1")
+    reg.push_index(
+        &t,
+        &["localhost/swk-images-arm:1", "localhost/swk-images-amd:1"],
+        "multi/fn:1",
+    )
+    .unwrap();
+    reg.push_index(&t, &["localhost/swk-images-arm:1"], "multi/armonly:1")
         .unwrap();
-    reg.push_index(&t, &["localhost/swk-images-arm:1"], "multi/armonly:1").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = ImageStore::new(dir.path().join("images"));
     let (progress, _) = collect();
     let (img, report) = store
-        .pull(&format!("{}/multi/fn:1", reg.addr), &insecure(&reg), progress.clone())
+        .pull(
+            &format!("{}/multi/fn:1", reg.addr),
+            &insecure(&reg),
+            progress.clone(),
+        )
         .await
         .unwrap();
-    assert_ne!(report.digest, reg.digest("multi/fn:1").unwrap(), "the index itself is not the image");
-    let want = if std::env::consts::ARCH == "aarch64" { "arm64" } else { "amd64" };
-    assert_eq!(std::fs::read_to_string(img.rootfs.join("www/arch")).unwrap(), want);
+    assert_ne!(
+        report.digest,
+        reg.digest("multi/fn:1").unwrap(),
+        "the index itself is not the image"
+    );
+    let want = if std::env::consts::ARCH == "aarch64" {
+        "arm64"
+    } else {
+        "amd64"
+    };
+    assert_eq!(
+        std::fs::read_to_string(img.rootfs.join("www/arch")).unwrap(),
+        want
+    );
 
     let err = store
-        .pull(&format!("{}/multi/armonly:1", reg.addr), &insecure(&reg), progress)
+        .pull(
+            &format!("{}/multi/armonly:1", reg.addr),
+            &insecure(&reg),
+            progress,
+        )
         .await
         .unwrap_err();
     if want == "amd64" {
@@ -229,7 +322,13 @@ async fn a_corrupted_blob_in_the_registry_is_refused_by_digest_and_not_kept() {
     }
     let reg = Registry::start(false).unwrap();
     let t = ToolStore::new().unwrap();
-    build_and_push(&t, &reg, "localhost/swk-images-bad:1", &BuildSpec::default(), "bad/fn:1");
+    build_and_push(
+        &t,
+        &reg,
+        "localhost/swk-images-bad:1",
+        &BuildSpec::default(),
+        "bad/fn:1",
+    );
     // Find the busybox layer (the big blob) and flip bytes in the registry's storage.
     let raw = std::process::Command::new("skopeo")
         .args(["inspect", "--raw", "--tls-verify=false"])
@@ -237,7 +336,10 @@ async fn a_corrupted_blob_in_the_registry_is_refused_by_digest_and_not_kept() {
         .output()
         .unwrap();
     let manifest: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
-    let layer = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let data = reg.blob_data(&layer);
     let mut bytes = std::fs::read(&data).unwrap();
     let mid = bytes.len() / 2;
@@ -260,7 +362,9 @@ async fn a_corrupted_blob_in_the_registry_is_refused_by_digest_and_not_kept() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(
-        !kept.iter().any(|k| layer.ends_with(k.as_str()) || k.starts_with(".partial")),
+        !kept
+            .iter()
+            .any(|k| layer.ends_with(k.as_str()) || k.starts_with(".partial")),
         "corrupt blob or partial kept: {kept:?}"
     );
     // No image was unpacked.

@@ -73,6 +73,14 @@ pub struct OciSection {
     pub runtime_binary: String,
     pub subnet: String,
     pub outbound_nat: bool,
+    /// `host:port` of registries reached over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// Docker `config.json` with registry credentials.
+    pub registry_auth_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) for registries.
+    pub registry_ca_file: Option<PathBuf>,
+    /// Unpacked images and pulled blobs; `None`: `<state_dir>/oci/images`.
+    pub image_store: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -160,6 +168,10 @@ struct RawOci {
     runtime_binary: Option<String>,
     subnet: Option<String>,
     outbound_nat: Option<bool>,
+    insecure_registries: Option<Spanned<Vec<String>>>,
+    registry_auth_file: Option<Spanned<PathBuf>>,
+    registry_ca_file: Option<Spanned<PathBuf>>,
+    image_store: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize)]
@@ -253,6 +265,52 @@ impl Config {
             "gateway.api_listen",
             "127.0.0.1:8081",
         )?;
+        let mut insecure_registries = Vec::new();
+        if let Some(list) = &raw.oci.insecure_registries {
+            for r in list.get_ref() {
+                let host_ok = !r.is_empty()
+                    && r.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+                if !host_ok {
+                    return Err(invalid(
+                        list.span(),
+                        "oci.insecure_registries",
+                        format!("{r:?} is not a registry host[:port] (no scheme, no path)"),
+                    ));
+                }
+                insecure_registries.push(r.to_ascii_lowercase());
+            }
+        }
+        let readable_file = |v: &Option<Spanned<PathBuf>>, key: &str| match v {
+            None => Ok(None),
+            Some(p) => match std::fs::metadata(p.get_ref()) {
+                Ok(m) if m.is_file() => Ok(Some(p.get_ref().clone())),
+                Ok(_) => Err(invalid(
+                    p.span(),
+                    key,
+                    format!("{} is not a file", p.get_ref().display()),
+                )),
+                Err(e) => Err(invalid(
+                    p.span(),
+                    key,
+                    format!("{}: {e}", p.get_ref().display()),
+                )),
+            },
+        };
+        let registry_auth_file =
+            readable_file(&raw.oci.registry_auth_file, "oci.registry_auth_file")?;
+        let registry_ca_file = readable_file(&raw.oci.registry_ca_file, "oci.registry_ca_file")?;
+        let image_store = match &raw.oci.image_store {
+            Some(p) if !p.get_ref().is_absolute() => {
+                return Err(invalid(
+                    p.span(),
+                    "oci.image_store",
+                    format!("{} must be an absolute path", p.get_ref().display()),
+                ))
+            }
+            Some(p) => Some(p.get_ref().clone()),
+            None => None,
+        };
         let gateway = GatewayConfig {
             listen,
             api_listen,
@@ -389,6 +447,10 @@ impl Config {
                 runtime_binary: raw.oci.runtime_binary.unwrap_or_else(|| "runc".into()),
                 subnet: raw.oci.subnet.unwrap_or_else(|| "10.72.0.0/16".into()),
                 outbound_nat: raw.oci.outbound_nat.unwrap_or(false),
+                insecure_registries,
+                registry_auth_file,
+                registry_ca_file,
+                image_store,
             },
             functions,
         })

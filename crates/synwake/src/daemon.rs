@@ -43,7 +43,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let mut runtimes: Vec<Arc<dyn Runtime>> = vec![Arc::new(process)];
     let mut unavailable = HashMap::new();
-    match crate::runtime::oci::setup(&config, &state).await {
+    match crate::runtime::oci::setup(&config, &state, logs.clone()).await {
         Ok(Some(rt)) => runtimes.push(rt),
         Ok(None) => {
             unavailable.insert(

@@ -294,6 +294,11 @@ impl FunctionSpec {
                 if v.is_empty() || v.contains('\0') {
                     return Err(SpecError::new(key, "must be a non-empty path without NUL"));
                 }
+                if key == "image" && synwake_oci::is_registry_reference(v) {
+                    if let Err(e) = synwake_oci::image::parse_reference(v) {
+                        return Err(SpecError::new(key, e.to_string()));
+                    }
+                }
             }
         }
         if self.runtime == RuntimeKind::Oci {

@@ -103,11 +103,14 @@ impl OciDaemon {
     /// `net` picks the instance subnet 10.75.<net>.0/24; `functions` builds the
     /// `[[function]]` tables from the image paths.
     fn start(net: u8, functions: impl FnOnce(&Images) -> String) -> OciDaemon {
+        Self::start_in(&format!("10.75.{net}.0/24"), functions)
+    }
+
+    /// Like [`OciDaemon::start`] with an explicit subnet; `functions` may begin with more
+    /// `[oci]` keys.
+    fn start_in(subnet: &str, functions: impl FnOnce(&Images) -> String) -> OciDaemon {
         let images = Images::write();
-        let body = format!(
-            "[oci]\nsubnet = \"10.75.{net}.0/24\"\n\n{}",
-            functions(&images)
-        );
+        let body = format!("[oci]\nsubnet = \"{subnet}\"\n{}", functions(&images));
         let d = Daemon::start(&body);
         let tag = OciConfig {
             state_dir: d.state_dir().join("oci"),
@@ -833,4 +836,120 @@ fn cold_start_benchmark() {
         medians[2] / medians[0],
         medians[1] / medians[2]
     );
+}
+
+/// Deploy by registry reference (a real docker-registry on loopback, images built by
+/// buildah and pushed by skopeo): the deploy pulls and reports progress, a failed pull is
+/// refused with the registry's reason and leaves the running version alone, and an update
+/// to a new tag while requests flow switches from one version to the other at one point.
+#[test]
+fn deploy_by_registry_reference_and_update_to_a_new_tag_while_requests_flow() {
+    if !can_run("deploy_by_registry_reference") {
+        return;
+    }
+    if let Some(t) = synwake_oci::tools::missing_tool() {
+        let msg = format!("!!! SKIPPING deploy_by_registry_reference: {t} missing !!!");
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
+        eprintln!("{msg}");
+        return;
+    }
+    let _serial = serial();
+    let reg = synwake_oci::tools::Registry::start(false).expect("registry");
+    let tools = synwake_oci::tools::ToolStore::new().unwrap();
+    for v in ["1", "2"] {
+        let name = format!("localhost/swk-images-web:{v}");
+        let body = format!("version {v}\n");
+        let spec = synwake_oci::tools::BuildSpec {
+            files: vec![("www/index.html", 0o644, body.as_bytes())],
+            ..Default::default()
+        };
+        tools.build(&name, &spec).unwrap();
+        let archive = tools.path(&format!("web{v}.tar"));
+        tools
+            .buildah_push(&name, &format!("oci-archive:{}", archive.display()))
+            .unwrap();
+        reg.push(
+            &format!("oci-archive:{}", archive.display()),
+            &format!("team/web:{v}"),
+            &[],
+        )
+        .unwrap();
+    }
+    let insecure = format!("insecure_registries = [\"{}\"]\n\n", reg.addr);
+    let d = OciDaemon::start_in("10.6.1.0/24", |_| insecure);
+    let deploy = |method: &str, tag: &str| {
+        let body = json!({
+            "service": "web",
+            "image": format!("{}/team/web:{tag}", reg.addr),
+            "annotations": { "com.synwake.runtime": "oci", "com.synwake.stop-grace": "100ms", "com.synwake.pool": "1" },
+        });
+        d.d.api_json(method, "/system/functions", &body.to_string())
+    };
+    let r = deploy("POST", "1");
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert!(
+        r.text().contains("pulled") && r.text().contains("layer 1/1"),
+        "no progress in the deploy answer: {}",
+        r.text()
+    );
+    assert!(d.d.log().contains("team/web:1"), "no pull in the log");
+    assert_eq!(d.call_ok("web", "/").text(), "version 1\n");
+
+    // An unknown tag: 400 with the registry's reason; version 1 keeps serving.
+    let r = deploy("PUT", "nope");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().to_lowercase().contains("manifest unknown"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(d.call_ok("web", "/").text(), "version 1\n");
+
+    // Update while one client sends requests back to back.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let seen = std::thread::scope(|s| {
+        let client = s.spawn(|| {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && seen.len() < 5000 {
+                let r = d.d.call("web", "/");
+                seen.push((r.status, r.text()));
+            }
+            seen
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let r = deploy("PUT", "2");
+        assert_eq!(r.status, 202, "{}", r.text());
+        assert!(
+            wait_until(Duration::from_secs(10), || d.d.call("web", "/").text()
+                == "version 2\n"),
+            "version 2 never served"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        client.join().unwrap()
+    });
+    assert!(
+        seen.iter().all(|(st, _)| *st == 200),
+        "failed requests during the update: {:?}",
+        seen.iter()
+            .filter(|(st, _)| *st != 200)
+            .take(3)
+            .collect::<Vec<_>>()
+    );
+    let first_v2 = seen
+        .iter()
+        .position(|(_, b)| b == "version 2\n")
+        .expect("v2 seen by the client");
+    assert!(first_v2 > 0, "no request before the update");
+    assert!(seen[..first_v2].iter().all(|(_, b)| b == "version 1\n"));
+    assert!(
+        seen[first_v2..].iter().all(|(_, b)| b == "version 2\n"),
+        "went back to version 1 after the switch"
+    );
+    // Pooled cold start of the pulled image works.
+    d.scale_to_zero("web");
+    d.wait_pooled("web");
+    let r = d.call_ok("web", "/");
+    assert_eq!(r.header("x-synwake-cold-start"), Some("true"));
+    assert_eq!(r.text(), "version 2\n");
 }

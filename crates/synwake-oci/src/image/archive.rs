@@ -76,7 +76,6 @@ impl ArchiveIndex {
             entries,
         })
     }
-
 }
 
 impl Blobs for ArchiveIndex {

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use futures_util::{StreamExt, TryStreamExt};
-use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig};
 use oci_client::client::ClientProtocol;
+use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig};
 use oci_client::errors::{DigestError, OciDistributionError};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -134,10 +134,12 @@ pub fn is_registry_reference(image: &str) -> bool {
 
 /// Checks a registry reference's syntax (`host[:port]/repo[:tag][@sha256:...]`).
 pub fn parse_reference(image: &str) -> Result<Reference, PullError> {
-    let r: Reference = image.parse().map_err(|e: oci_client::ParseError| PullError::Reference {
-        reference: image.to_string(),
-        reason: e.to_string(),
-    })?;
+    let r: Reference = image
+        .parse()
+        .map_err(|e: oci_client::ParseError| PullError::Reference {
+            reference: image.to_string(),
+            reason: e.to_string(),
+        })?;
     if let Some(d) = r.digest() {
         if !is_sha256(d) {
             return Err(PullError::Reference {
@@ -212,10 +214,12 @@ fn auth_for(path: &Path, registry: &str) -> Result<RegistryAuth, PullError> {
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
         .map_err(|_| err(format!("auths.{key:?}.auth is not base64")))?;
-    let text = String::from_utf8(decoded)
-        .map_err(|_| err(format!("auths.{key:?}.auth is not UTF-8")))?;
+    let text =
+        String::from_utf8(decoded).map_err(|_| err(format!("auths.{key:?}.auth is not UTF-8")))?;
     let Some((u, p)) = text.split_once(':') else {
-        return Err(err(format!("auths.{key:?}.auth is not base64 of user:password")));
+        return Err(err(format!(
+            "auths.{key:?}.auth is not base64 of user:password"
+        )));
     };
     Ok(RegistryAuth::Basic(u.to_string(), p.to_string()))
 }
@@ -301,7 +305,12 @@ struct BlobDesc {
     media_type: String,
 }
 
-const ACCEPT: &[&str] = &[MT_OCI_MANIFEST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_DOCKER_LIST];
+const ACCEPT: &[&str] = &[
+    MT_OCI_MANIFEST,
+    MT_DOCKER_MANIFEST,
+    MT_OCI_INDEX,
+    MT_DOCKER_LIST,
+];
 
 /// Pulled blobs read in place from the store's blob directory.
 struct BlobDir {
@@ -421,12 +430,17 @@ impl ImageStore {
         // An index (multi-platform image): pick this machine's manifest, by digest.
         for _ in 0..2 {
             if bytes.len() > MAX_MANIFEST {
-                return Err(invalid("manifest", format!("{} bytes is too large", bytes.len())));
+                return Err(invalid(
+                    "manifest",
+                    format!("{} bytes is too large", bytes.len()),
+                ));
             }
             let head: MediaTyped = serde_json::from_slice(&bytes)
                 .map_err(|e| invalid("manifest", format!("invalid JSON: {e}")))?;
-            let is_index = matches!(head.media_type.as_deref(), Some(MT_OCI_INDEX | MT_DOCKER_LIST))
-                || (head.media_type.is_none() && head.manifests.is_some());
+            let is_index = matches!(
+                head.media_type.as_deref(),
+                Some(MT_OCI_INDEX | MT_DOCKER_LIST)
+            ) || (head.media_type.is_none() && head.manifests.is_some());
             if !is_index {
                 break;
             }
@@ -456,7 +470,10 @@ impl ImageStore {
                 });
             };
             if !is_sha256(&pick.digest) {
-                return Err(invalid("index", format!("unsupported digest {:?}", pick.digest)));
+                return Err(invalid(
+                    "index",
+                    format!("unsupported digest {:?}", pick.digest),
+                ));
             }
             let by_digest = r.clone_with_digest(pick.digest.clone());
             let (b, _) = client
@@ -477,9 +494,14 @@ impl ImageStore {
         }
         let head: MediaTyped = serde_json::from_slice(&bytes)
             .map_err(|e| invalid("manifest", format!("invalid JSON: {e}")))?;
-        let media_type = head.media_type.unwrap_or_else(|| MT_OCI_MANIFEST.to_string());
+        let media_type = head
+            .media_type
+            .unwrap_or_else(|| MT_OCI_MANIFEST.to_string());
         if media_type != MT_OCI_MANIFEST && media_type != MT_DOCKER_MANIFEST {
-            return Err(invalid("manifest", format!("unsupported media type {media_type:?}")));
+            return Err(invalid(
+                "manifest",
+                format!("unsupported media type {media_type:?}"),
+            ));
         }
         let m: ManifestBlobs = serde_json::from_slice(&bytes)
             .map_err(|e| invalid("manifest", format!("invalid JSON: {e}")))?;
@@ -509,7 +531,8 @@ impl ImageStore {
         };
         let sha_dir = self.blobs_dir().join("sha256");
         fs::create_dir_all(&sha_dir).map_err(store_err(&sha_dir))?;
-        self.keep_blob(&digest, &bytes).map_err(store_err(&sha_dir))?;
+        self.keep_blob(&digest, &bytes)
+            .map_err(store_err(&sha_dir))?;
 
         let missing: Vec<(String, BlobDesc)> = wanted
             .iter()
@@ -525,16 +548,18 @@ impl ImageStore {
             human_bytes(total),
         ));
         let started = Instant::now();
-        let fetched: Vec<u64> = futures_util::stream::iter(missing.iter().map(|(what, d)| {
+        let mut fetches = Vec::with_capacity(missing.len());
+        for (what, d) in missing.iter().cloned() {
             let (client, r, auth, progress) = (&client, &r, &auth, progress.clone());
-            async move {
-                self.fetch_blob(client, r, auth, reference, what, d, progress)
+            fetches.push(async move {
+                self.fetch_blob(client, r, auth, reference, &what, &d, progress)
                     .await
-            }
-        }))
-        .buffer_unordered(cfg.concurrent_blobs.max(1))
-        .try_collect()
-        .await?;
+            });
+        }
+        let fetched: Vec<u64> = futures_util::stream::iter(fetches)
+            .buffer_unordered(cfg.concurrent_blobs.max(1))
+            .try_collect()
+            .await?;
         let fetched_bytes = fetched.iter().sum();
         progress(format!(
             "pulled {reference}: {} in {} ms",
@@ -653,7 +678,8 @@ impl ImageStore {
                 fetched += counting.n;
                 res
             } else {
-                self.resume(client, r, d, &partial, have, &mut fetched).await
+                self.resume(client, r, d, &partial, have, &mut fetched)
+                    .await
             };
             match result {
                 Ok(()) => break,
@@ -670,7 +696,11 @@ impl ImageStore {
                     });
                 }
                 // 4xx (unknown blob, denied) will not change on a retry.
-                Err(e @ OciDistributionError::ServerError { code: 400..=499, .. })
+                Err(
+                    e @ OciDistributionError::ServerError {
+                        code: 400..=499, ..
+                    },
+                )
                 | Err(e @ OciDistributionError::AuthenticationFailure(_))
                 | Err(e @ OciDistributionError::UnauthorizedError { .. }) => {
                     let _ = fs::remove_file(&partial);
@@ -743,7 +773,10 @@ impl ImageStore {
             .await?;
         let (mut f, mut stream) = match resp {
             BlobResponse::Partial(s) => (
-                tokio::fs::OpenOptions::new().append(true).open(partial).await?,
+                tokio::fs::OpenOptions::new()
+                    .append(true)
+                    .open(partial)
+                    .await?,
                 s.stream,
             ),
             // The registry ignored the range: start over.
@@ -858,11 +891,18 @@ mod tests {
         )
         .unwrap();
         match auth_for(&p, "reg.example:5000").unwrap() {
-            RegistryAuth::Basic(u, pw) => assert_eq!((u.as_str(), pw.as_str()), ("alice", "s3cret")),
+            RegistryAuth::Basic(u, pw) => {
+                assert_eq!((u.as_str(), pw.as_str()), ("alice", "s3cret"))
+            }
             _ => panic!("expected basic auth"),
         }
-        assert!(matches!(auth_for(&p, "index.docker.io").unwrap(), RegistryAuth::Basic(u, _) if u == "bob"));
-        assert!(matches!(auth_for(&p, "other:5000").unwrap(), RegistryAuth::Anonymous));
+        assert!(
+            matches!(auth_for(&p, "index.docker.io").unwrap(), RegistryAuth::Basic(u, _) if u == "bob")
+        );
+        assert!(matches!(
+            auth_for(&p, "other:5000").unwrap(),
+            RegistryAuth::Anonymous
+        ));
         fs::write(&p, "{ not json s3cret").unwrap();
         let e = auth_for(&p, "reg.example:5000").unwrap_err().to_string();
         assert!(e.contains("config.json") && !e.contains("s3cret"), "{e}");

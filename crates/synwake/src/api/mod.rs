@@ -288,6 +288,7 @@ impl Api {
                 );
             }
         };
+        let deploy_started = std::time::SystemTime::now();
         if let Err(e) = self.lc().deploy(spec).await {
             if let Err(re) = staged.rollback() {
                 tracing::error!("function {name}: undoing the saved deploy failed: {re}");
@@ -314,10 +315,18 @@ impl Api {
                 "deployed"
             }
         );
+        // What this deploy pulled, so `synwake deploy` shows it.
+        let mut pulled = String::new();
+        for l in self.lc().logs().recent(&name) {
+            if l.instance == "pull" && l.time >= deploy_started {
+                pulled.push_str(&l.text);
+                pulled.push('\n');
+            }
+        }
         text_response(
             StatusCode::ACCEPTED,
             format!(
-                "function {name} {}",
+                "{pulled}function {name} {}",
                 if existing.is_some() {
                     "updated"
                 } else {

@@ -14,13 +14,17 @@ use synwake_oci::{Container, ContainerSpec, Image, OciConfig, OciRuntime, Pool};
 
 use super::{ExitInfo, Instance, Runtime, StartError};
 use crate::config::Config;
-use crate::logs::OutputSink;
+use crate::logs::{LogStore, OutputSink};
 use crate::spec::{FunctionSpec, RuntimeKind};
 use crate::state::StateDir;
 
 /// Sets up the OCI runtime (and removes what a crashed earlier run left). `Ok(None)` when
 /// this process is not root and no configured function needs containers.
-pub async fn setup(config: &Config, state: &StateDir) -> anyhow::Result<Option<Arc<dyn Runtime>>> {
+pub async fn setup(
+    config: &Config,
+    state: &StateDir,
+    logs: Arc<LogStore>,
+) -> anyhow::Result<Option<Arc<dyn Runtime>>> {
     let needed = config
         .functions
         .iter()
@@ -37,6 +41,13 @@ pub async fn setup(config: &Config, state: &StateDir) -> anyhow::Result<Option<A
         subnet: config.oci.subnet.clone(),
         outbound_nat: config.oci.outbound_nat,
         state_dir: state.oci_dir(),
+        image_store: config.oci.image_store.clone(),
+        registry: synwake_oci::RegistryConfig {
+            insecure_registries: config.oci.insecure_registries.clone(),
+            auth_file: config.oci.registry_auth_file.clone(),
+            ca_file: config.oci.registry_ca_file.clone(),
+            ..synwake_oci::RegistryConfig::default()
+        },
         ..OciConfig::default()
     })
     .await
@@ -45,6 +56,7 @@ pub async fn setup(config: &Config, state: &StateDir) -> anyhow::Result<Option<A
         pool: Pool::new(rt.clone()),
         rt,
         images: Mutex::new(HashMap::new()),
+        logs,
     })))
 }
 
@@ -56,6 +68,8 @@ pub struct OciFunctions {
     /// the source is unchanged (reading and hashing an archive on every scale to zero
     /// would be work done again for nothing).
     images: Mutex<HashMap<String, (ImageSource, Image)>>,
+    /// Pull progress goes into the function's log (`instance` "pull").
+    logs: Arc<LogStore>,
 }
 
 /// Where an image came from: the path and, for an archive, its size and mtime, so a
@@ -69,10 +83,15 @@ struct ImageSource {
 impl ImageSource {
     fn of(spec: &FunctionSpec) -> Option<Self> {
         let path = spec.oci.image.clone().or_else(|| spec.oci.rootfs.clone())?;
-        let stamp = spec.oci.image.as_ref().and_then(|p| {
-            let m = std::fs::metadata(p).ok()?;
-            Some((m.len(), m.modified().ok()?))
-        });
+        let stamp = spec
+            .oci
+            .image
+            .as_ref()
+            .filter(|p| !synwake_oci::is_registry_reference(p))
+            .and_then(|p| {
+                let m = std::fs::metadata(p).ok()?;
+                Some((m.len(), m.modified().ok()?))
+            });
         Some(ImageSource { path, stamp })
     }
 }
@@ -85,7 +104,9 @@ impl OciFunctions {
         }
     }
 
-    async fn image(&self, spec: &FunctionSpec) -> Result<Image, StartError> {
+    /// The function's image: cached, or imported from its archive, or pulled (only when
+    /// `may_pull`: at deploy, never on the cold path).
+    async fn image(&self, spec: &FunctionSpec, may_pull: bool) -> Result<Image, StartError> {
         let source = ImageSource::of(spec);
         if let Some((from, img)) = self.images.lock().unwrap().get(&spec.name) {
             if Some(from) == source.as_ref() {
@@ -93,6 +114,32 @@ impl OciFunctions {
             }
         }
         let img = match (&spec.oci.image, &spec.oci.rootfs) {
+            (Some(reference), _) if synwake_oci::is_registry_reference(reference) => {
+                if !may_pull {
+                    return Err(Self::err(
+                        spec,
+                        format!("image {reference} is not pulled (pulls happen at deploy)"),
+                    ));
+                }
+                let (logs, name) = (self.logs.clone(), spec.name.clone());
+                // The log store also writes each line to synwake's log.
+                let progress: synwake_oci::Progress =
+                    Arc::new(move |line: String| logs.push(&name, "pull", "pull", line));
+                let (img, report) = self
+                    .rt
+                    .pull_image(reference, progress)
+                    .await
+                    .map_err(|e| Self::err(spec, crate::error_chain(&e)))?;
+                tracing::info!(
+                    "{}: image {reference} is {} ({} layers; {} blobs fetched, {} already stored)",
+                    spec.name,
+                    report.digest,
+                    report.layers,
+                    report.fetched_blobs,
+                    report.reused_blobs
+                );
+                img
+            }
             (Some(archive), _) => self
                 .rt
                 .import_image(Path::new(archive))
@@ -140,7 +187,18 @@ impl Runtime for OciFunctions {
 
     /// Imports the image (refusing a bad one before the deploy lands) and fills the pool.
     async fn prepare(&self, spec: &FunctionSpec) -> Result<(), StartError> {
-        let image = self.image(spec).await?;
+        let before = self
+            .images
+            .lock()
+            .unwrap()
+            .get(&spec.name)
+            .map(|(_, img)| img.clone());
+        let image = self.image(spec, true).await?;
+        if before.is_some_and(|b| b != image) {
+            // An update to another image: containers pooled from the old one must not
+            // serve the new version's cold starts.
+            self.pool.drain(&spec.name).await;
+        }
         if spec.oci.pool > 0 {
             self.pool
                 .refill(Self::container_spec(spec, image, 0), spec.oci.pool as usize);
@@ -154,7 +212,7 @@ impl Runtime for OciFunctions {
         instance: u64,
         output: OutputSink,
     ) -> Result<Arc<dyn Instance>, StartError> {
-        let image = self.image(spec).await?;
+        let image = self.image(spec, false).await?;
         let cspec = Self::container_spec(spec, image, instance);
         let (container, pooled) = match self.pool.take(&spec.name) {
             Some(c) => (c, true),
