@@ -238,7 +238,7 @@ fn ca_certificates(path: &Path) -> Result<Vec<Certificate>, PullError> {
             let start = chunk.find("-----BEGIN CERTIFICATE-----")?;
             chunk.ends_with(END).then(|| Certificate {
                 encoding: CertificateEncoding::Pem,
-                data: chunk[start..].as_bytes().to_vec(),
+                data: chunk.as_bytes()[start..].to_vec(),
             })
         })
         .collect();
@@ -549,10 +549,10 @@ impl ImageStore {
         ));
         let started = Instant::now();
         let mut fetches = Vec::with_capacity(missing.len());
-        for (what, d) in missing.iter().cloned() {
+        for (what, d) in &missing {
             let (client, r, auth, progress) = (&client, &r, &auth, progress.clone());
             fetches.push(async move {
-                self.fetch_blob(client, r, auth, reference, &what, &d, progress)
+                self.fetch_blob(client, r, auth, reference, what, d, progress)
                     .await
             });
         }
