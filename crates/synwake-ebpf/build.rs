@@ -6,10 +6,12 @@ use std::{env, fs, path::PathBuf, process::Command};
 const BPF_SOURCES: &[&str] = &[
     "bpf/probe.bpf.c",
     "bpf/baseline.bpf.c",
+    "bpf/tag.bpf.c",
+    "bpf/fill_options.bpf.c",
     "bpf/synwake.h",
     "bpf/parse.h",
 ];
-const BPF_PROGRAMS: &[&str] = &["probe", "baseline"];
+const BPF_PROGRAMS: &[&str] = &["probe", "baseline", "tag", "fill_options"];
 
 fn main() {
     for source in BPF_SOURCES {

@@ -43,4 +43,29 @@ struct synwake_event {
 
 #define SYNWAKE_EVENT_SIZE 40
 
+/* The tagger (tag.bpf.c): which outgoing SYNs carry the synwake option. */
+
+/* Indexes of the per-CPU counters in the tagger's map `tag_stats`. */
+#define SYNWAKE_TAG_STAT_TAGGED 0 /* SYNs sent with the option */
+#define SYNWAKE_TAG_STAT_FULL 1   /* connections sent untagged: the 40 option bytes were full */
+#define SYNWAKE_TAG_STAT_COUNT 2
+
+/* Prefix bits of synwake_tag_key before the address: family, pad and port. */
+#define SYNWAKE_TAG_KEY_FIXED_BITS 32
+
+/*
+ * Key of the LPM trie `tag_destinations`: a destination address prefix and port. The
+ * trie matches `prefixlen` leading bits of everything after it, so family and port are
+ * always matched in full (SYNWAKE_TAG_KEY_FIXED_BITS) and then the address's prefix.
+ */
+struct synwake_tag_key {
+	__u32 prefixlen;    /* SYNWAKE_TAG_KEY_FIXED_BITS + address prefix length */
+	__u8 family;        /* SYNWAKE_FAMILY_* */
+	__u8 _pad;
+	__u16 port_be;      /* destination port, network byte order */
+	__u8 addr[16];      /* destination address as on the wire (IPv4 in bytes 0..4) */
+};
+
+#define SYNWAKE_TAG_KEY_SIZE 24
+
 #endif

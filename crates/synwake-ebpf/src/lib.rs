@@ -29,16 +29,19 @@
 //! clsact fallback (kernels without TCX) can outlive a crash: [`Probe::detach_stale`]
 //! removes it.
 
+pub mod cgroup;
 mod config;
 mod doctor;
 mod event;
 mod probe;
 mod sys;
+mod tagger;
 
 pub use config::{AttachMode, ProbeConfig};
 pub use doctor::{doctor, doctor_interfaces, DoctorCheck, DoctorReport, InterfaceReport};
 pub use event::{EventError, ProbeEvent, ProbeEvents, ProbeTrigger, RawEvent};
 pub use probe::{Hook, Probe, ProbeError, ProbeMaps, ProbeStats, RunStats, TestRun};
+pub use tagger::{DestinationError, OptionFiller, TagDestination, TagError, TagStats, Tagger};
 
 /// For the benchmark only: an XDP program that just passes packets, whose cost is the
 /// floor of what BPF run-time statistics can measure.

@@ -9,6 +9,7 @@ use std::{
 };
 
 pub(crate) const PROC_MOUNTS: &str = "/proc/mounts";
+pub(crate) const PROC_SELF_MOUNTS: &str = "/proc/self/mounts";
 pub(crate) const BTF_VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
 const BPF_MAP_CREATE: libc::c_long = 0;
@@ -235,6 +236,43 @@ pub(crate) fn kernel_version() -> Option<(u32, u32)> {
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;
     Some((major, minor))
+}
+
+/// Mounts a cgroup2 hierarchy at `target`.
+pub(crate) fn mount_cgroup2(target: &Path) -> io::Result<()> {
+    let target = path_cstring(target)?;
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"cgroup2".as_ptr(),
+            target.as_ptr(),
+            c"cgroup2".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The filesystem magic (`f_type`) of the filesystem holding `path`.
+pub(crate) fn statfs_type(path: &Path) -> io::Result<i64> {
+    let path = path_cstring(path)?;
+    // SAFETY: statfs is plain data, filled by the call.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out-pointer.
+    if unsafe { libc::statfs(path.as_ptr(), &mut buf) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(buf.f_type as i64)
+}
+
+fn path_cstring(path: &Path) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))
 }
 
 #[cfg(test)]
