@@ -501,7 +501,7 @@ fn key_offset(text: &str, within: usize, key: &str) -> usize {
 }
 
 /// toml's own message already says "line N, column M"; keep it, minus the source excerpt.
-fn format_toml_error(e: &toml::de::Error, text: &str) -> String {
+pub(crate) fn format_toml_error(e: &toml::de::Error, text: &str) -> String {
     let msg = e.message().trim().to_string();
     match e.span() {
         Some(span) => {

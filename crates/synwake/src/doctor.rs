@@ -81,6 +81,11 @@ pub fn report(interfaces: Option<&[String]>) -> String {
     );
     let _ = writeln!(out, "\nprobe:");
     out.push_str(&crate::probe::doctor(interfaces));
+    let _ = writeln!(
+        out,
+        "\ntagging (`synwake tag`, trigger tcp_option on the client side):"
+    );
+    out.push_str(&crate::tag::doctor());
     let _ = writeln!(out, "\nfeatures `synwake up` would enable:");
     check(&mut out, true, "process runtime", "always");
     check(

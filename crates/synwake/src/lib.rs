@@ -17,6 +17,7 @@ pub mod probe;
 pub mod runtime;
 pub mod spec;
 pub mod state;
+pub mod tag;
 
 /// An error and its sources, joined with ": " (for logs and response bodies).
 pub fn error_chain(e: &dyn std::error::Error) -> String {

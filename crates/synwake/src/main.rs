@@ -99,6 +99,24 @@ enum Command {
     Doctor,
     /// Measure cold-start latency per wake mode under emulated network latency (root).
     Bench(synwake_bench::BenchArgs),
+    /// Put a function's id into the SYNs sent to the given destinations (trigger
+    /// `tcp_option`): `synwake tag --function NAME --dest ADDR:PORT -- COMMAND ARGS...`
+    /// runs COMMAND in a fresh cgroup v2 and exits with its status; `synwake tag --config
+    /// FILE` tags a cgroup until SIGINT/SIGTERM (root).
+    Tag {
+        /// The function the SYNs name.
+        #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+        function: Option<String>,
+        /// ADDR:PORT, ADDR/PREFIX:PORT, [V6]:PORT or [V6/PREFIX]:PORT; repeatable.
+        #[arg(long = "dest", value_name = "ADDR:PORT", conflicts_with = "config")]
+        dest: Vec<synwake_ebpf::TagDestination>,
+        /// Destinations -> function names, and the cgroup to tag (see the README).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The command to run tagged (after `--`).
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<std::ffi::OsString>,
+    },
 }
 
 fn kv(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
@@ -128,6 +146,16 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
+    // The tagger waits for its command and for signals on this, the only thread.
+    if let Command::Tag {
+        function,
+        dest,
+        config,
+        command,
+    } = &cli.command
+    {
+        return run_tag(function.as_deref(), dest, config.as_deref(), command);
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = std::env::var("SYNWAKE_WORKER_THREADS")
         .ok()
@@ -148,6 +176,35 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("synwake: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_tag(
+    function: Option<&str>,
+    dest: &[synwake_ebpf::TagDestination],
+    config: Option<&std::path::Path>,
+    command: &[std::ffi::OsString],
+) -> std::process::ExitCode {
+    use synwake::tag;
+    let result = match (config, function) {
+        (Some(path), _) => {
+            if !command.is_empty() {
+                eprintln!("synwake tag: --config runs as a daemon; it takes no COMMAND");
+                return std::process::ExitCode::from(2);
+            }
+            tag::TagConfig::load(path)
+                .and_then(|config| tag::run_daemon(&config))
+                .map(|()| 0)
+        }
+        (None, Some(function)) => tag::run_command(function, dest, command),
+        (None, None) => unreachable!("clap requires --function or --config"),
+    };
+    match result {
+        Ok(code) => std::process::ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("synwake tag: {}", synwake::error_chain(&e));
+            std::process::ExitCode::from(125)
         }
     }
 }
@@ -242,6 +299,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", synwake::doctor::report(interfaces.as_deref()));
             Ok(())
         }
-        Command::Bench(_) => unreachable!("handled before the runtime starts"),
+        Command::Bench(_) | Command::Tag { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     }
 }

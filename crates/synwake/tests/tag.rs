@@ -1,0 +1,256 @@
+//! `synwake tag` end to end: the tagger runs a real client (curl, bash) in the client
+//! namespace, the real `synwake up` with its probe runs in the server namespace, and the
+//! metrics say which trigger woke which function. Each test builds its own namespaces and
+//! removes them in `Drop`; without root/BPF a test is skipped loudly (CI=true: failure).
+
+mod common;
+mod probe_support;
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use probe_support::*;
+
+fn series(metric: &str, function: &str, trigger: &str) -> String {
+    format!("{metric}{{function=\"{function}\",trigger=\"{trigger}\"}}")
+}
+
+fn shared(path: &str) -> String {
+    format!("http://{SERVER_IP}:{SHARED_PORT}{path}")
+}
+
+/// `synwake tag ARGS` inside the client namespace.
+fn tag_in_client(net: &Net, args: &[&str]) -> Command {
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &net.client_ns])
+        .arg(synwake_bin())
+        .arg("tag")
+        .args(args)
+        .stdin(Stdio::null());
+    command
+}
+
+fn run(mut command: Command) -> Output {
+    command.output().expect("run synwake tag")
+}
+
+fn daemon_with_g_and_h(net: &Net) -> NsDaemon {
+    NsDaemon::start(
+        net,
+        "auto",
+        "",
+        &format!(
+            "{}{}",
+            function("g", "env = { INIT_MS = \"50\" }"),
+            function("h", "env = { INIT_MS = \"50\" }")
+        ),
+    )
+}
+
+/// The cgroup2 root as this process sees it.
+fn cgroup_root() -> PathBuf {
+    synwake_ebpf::cgroup::cgroup2_root().expect("a cgroup2 hierarchy")
+}
+
+#[test]
+fn curl_through_synwake_tag_wakes_the_named_function_on_the_shared_port() {
+    const TEST: &str = "curl_through_synwake_tag_wakes_the_named_function_on_the_shared_port";
+    let Some(net) = Net::create_or_skip(TEST) else {
+        return;
+    };
+    let d = daemon_with_g_and_h(&net);
+    if !d.probe_or_skip(TEST) {
+        return;
+    }
+    let dest = format!("{SERVER_IP}:{SHARED_PORT}");
+    let out = run({
+        let mut c = tag_in_client(&net, &["--function", "g", "--dest", &dest, "--"]);
+        c.args(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(shared("/function/g/"));
+        c
+    });
+    assert!(
+        out.status.success(),
+        "synwake tag curl: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let m = d.metrics();
+    // The SYN named g: g started from trigger tcp_option, not from the request after it.
+    assert_eq!(
+        m.get(&series("synwake_cold_starts_total", "g", "tcp_option")),
+        1.0,
+        "{}",
+        m.0
+    );
+    for other in ["request", "accept", "syn"] {
+        assert_eq!(
+            m.get(&series("synwake_cold_starts_total", "g", other)),
+            0.0,
+            "{other}"
+        );
+    }
+    assert_eq!(d.replicas("h"), 0, "h woke too");
+    let lead = m.get("synwake_wake_lead_seconds_count{function=\"g\"}");
+    assert_eq!(lead, 1.0, "the wake came before the request: {}", m.0);
+
+    // A destination not configured gets no option: h starts on its request instead.
+    let events_before = m.get("synwake_probe_events_total");
+    let out = run({
+        let mut c = tag_in_client(
+            &net,
+            &[
+                "--function",
+                "h",
+                "--dest",
+                &format!("{SERVER_IP}:9999"),
+                "--",
+            ],
+        );
+        c.args(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(shared("/function/h/"));
+        c
+    });
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let m = d.metrics();
+    assert_eq!(
+        m.get(&series("synwake_cold_starts_total", "h", "tcp_option")),
+        0.0
+    );
+    assert_eq!(
+        m.get(&series("synwake_cold_starts_total", "h", "request"))
+            + m.get(&series("synwake_cold_starts_total", "h", "accept")),
+        1.0,
+        "{}",
+        m.0
+    );
+    assert_eq!(
+        m.get("synwake_probe_events_total"),
+        events_before,
+        "an untagged SYN to the shared port made a probe event"
+    );
+}
+
+#[test]
+fn synwake_tag_exits_with_the_command_status_and_removes_its_cgroup() {
+    const TEST: &str = "synwake_tag_exits_with_the_command_status_and_removes_its_cgroup";
+    let Some(net) = Net::create_or_skip(TEST) else {
+        return;
+    };
+    let dest = format!("{SERVER_IP}:{SHARED_PORT}");
+    // A background process the command leaves behind is stopped with the cgroup.
+    let mut c = tag_in_client(&net, &["--function", "g", "--dest", &dest, "--"]);
+    c.args([
+        "sh",
+        "-c",
+        "sleep 30 & echo $!; grep '^0::' /proc/self/cgroup; exit 7",
+    ]);
+    let out = run(c);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.code() == Some(125) {
+        skip_or_fail(TEST, &String::from_utf8_lossy(&out.stderr));
+        return;
+    }
+    assert_eq!(out.status.code(), Some(7), "{stdout}");
+    let mut lines = stdout.lines();
+    let sleeper: u32 = lines.next().unwrap().trim().parse().unwrap();
+    let cgroup = lines.next().unwrap().trim().trim_start_matches("0::/");
+    assert!(cgroup.starts_with("synwake-tag-"), "{cgroup}");
+    assert!(
+        !cgroup_root().join(cgroup).exists(),
+        "cgroup {cgroup} left behind"
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || !PathBuf::from(format!(
+            "/proc/{sleeper}"
+        ))
+        .exists()),
+        "the command's background process survived"
+    );
+    // Bad input: named, exit 125, nothing run.
+    let out = run({
+        let mut c = tag_in_client(&net, &["--function", "Bad Name", "--dest", &dest, "--"]);
+        c.arg("true");
+        c
+    });
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--function"));
+}
+
+#[test]
+fn kill_9_of_synwake_tag_leaves_no_tagging_behind() {
+    const TEST: &str = "kill_9_of_synwake_tag_leaves_no_tagging_behind";
+    let Some(net) = Net::create_or_skip(TEST) else {
+        return;
+    };
+    let d = daemon_with_g_and_h(&net);
+    if !d.probe_or_skip(TEST) {
+        return;
+    }
+    let dest = format!("{SERVER_IP}:{SHARED_PORT}");
+    let mut c = tag_in_client(&net, &["--function", "g", "--dest", &dest, "--"]);
+    c.args(["sleep", "30"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut tagger = c.spawn().expect("spawn synwake tag");
+    // `ip netns exec` execs synwake, so the child's pid is the tagger's.
+    let group = cgroup_root().join(format!("synwake-tag-{}", tagger.id()));
+    let procs = group.join("cgroup.procs");
+    assert!(
+        wait_until(Duration::from_secs(10), || std::fs::read_to_string(&procs)
+            .is_ok_and(|p| !p.trim().is_empty())),
+        "the command never joined {}",
+        group.display()
+    );
+    let sleeper: u32 = std::fs::read_to_string(&procs)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    tagger.kill().unwrap(); // SIGKILL
+    tagger.wait().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(2), || !PathBuf::from(format!(
+            "/proc/{sleeper}"
+        ))
+        .exists()),
+        "the command outlived its tagger"
+    );
+    // The link died with the process: a connection made from the leftover cgroup now
+    // carries no option, so g is not woken by its SYN.
+    let script = format!(
+        "echo $$ > {}; exec 3<>/dev/tcp/{SERVER_IP}/{SHARED_PORT}",
+        procs.display()
+    );
+    // From a thread in the client namespace, not `ip netns exec` (which remounts /sys).
+    let status = net.in_client(move || Command::new("bash").args(["-c", &script]).status());
+    let status = status.unwrap();
+    assert!(status.success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        d.replicas("g"),
+        0,
+        "a SYN from the dead tagger's cgroup woke g"
+    );
+    assert_eq!(d.metrics().get("synwake_probe_events_total"), 0.0);
+    // The next run of the tagger removes the leftover (empty) cgroup.
+    assert!(wait_until(Duration::from_secs(2), || {
+        std::fs::read_to_string(&procs).is_ok_and(|p| p.trim().is_empty())
+    }));
+    let out = run({
+        let mut c = tag_in_client(&net, &["--function", "g", "--dest", &dest, "--"]);
+        c.arg("true");
+        c
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!group.exists(), "stale {} not removed", group.display());
+}
