@@ -15,6 +15,8 @@ pub const PRIVATE_CGROUP2_MOUNT: &str = "/run/synwake/cgroup2";
 /// Names of the cgroups `synwake tag` creates: this prefix and the tagger's pid.
 pub const TAG_CGROUP_PREFIX: &str = "synwake-tag-";
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+/// A tag cgroup whose tagger is gone is swept only after this long.
+const STALE_AFTER: Duration = Duration::from_secs(2);
 
 /// Errors of finding, mounting, creating and removing cgroups.
 #[derive(Debug, thiserror::Error)]
@@ -191,11 +193,14 @@ fn remove_stale(root: &Path) {
         else {
             continue;
         };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let path = entry.path();
-            if read_pids(&path).is_empty() {
-                let _ = fs::remove_dir(&path);
-            }
+        // Young ones may belong to a tagger in another pid namespace that is setting up.
+        let young = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() < STALE_AFTER);
+        if pid != std::process::id() && !young && !Path::new(&format!("/proc/{pid}")).exists() {
+            // rmdir refuses a populated cgroup, so a live leftover stays as it is.
+            let _ = fs::remove_dir(entry.path());
         }
     }
 }

@@ -12,6 +12,16 @@ use std::time::Duration;
 
 use probe_support::*;
 
+/// The tests here run one at a time: each run of `synwake tag` sweeps the cgroups of
+/// taggers that died, and one test kills a tagger on purpose and then inspects its cgroup.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn series(metric: &str, function: &str, trigger: &str) -> String {
     format!("{metric}{{function=\"{function}\",trigger=\"{trigger}\"}}")
 }
@@ -57,6 +67,7 @@ fn cgroup_root() -> PathBuf {
 #[test]
 fn curl_through_synwake_tag_wakes_the_named_function_on_the_shared_port() {
     const TEST: &str = "curl_through_synwake_tag_wakes_the_named_function_on_the_shared_port";
+    let _serial = serial();
     let Some(net) = Net::create_or_skip(TEST) else {
         return;
     };
@@ -137,6 +148,7 @@ fn curl_through_synwake_tag_wakes_the_named_function_on_the_shared_port() {
 #[test]
 fn synwake_tag_exits_with_the_command_status_and_removes_its_cgroup() {
     const TEST: &str = "synwake_tag_exits_with_the_command_status_and_removes_its_cgroup";
+    let _serial = serial();
     let Some(net) = Net::create_or_skip(TEST) else {
         return;
     };
@@ -183,6 +195,7 @@ fn synwake_tag_exits_with_the_command_status_and_removes_its_cgroup() {
 #[test]
 fn kill_9_of_synwake_tag_leaves_no_tagging_behind() {
     const TEST: &str = "kill_9_of_synwake_tag_leaves_no_tagging_behind";
+    let _serial = serial();
     let Some(net) = Net::create_or_skip(TEST) else {
         return;
     };
@@ -238,10 +251,13 @@ fn kill_9_of_synwake_tag_leaves_no_tagging_behind() {
         "a SYN from the dead tagger's cgroup woke g"
     );
     assert_eq!(d.metrics().get("synwake_probe_events_total"), 0.0);
-    // The next run of the tagger removes the leftover (empty) cgroup.
-    assert!(wait_until(Duration::from_secs(2), || {
-        std::fs::read_to_string(&procs).is_ok_and(|p| p.trim().is_empty())
+    // The next run of the tagger removes the leftover cgroup once it is empty.
+    let events = group.join("cgroup.events");
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(&events).is_ok_and(|e| e.lines().any(|l| l == "populated 0"))
     }));
+    // Leftovers younger than 2 s are spared (a tagger elsewhere may be setting up).
+    std::thread::sleep(Duration::from_millis(2500));
     let out = run({
         let mut c = tag_in_client(&net, &["--function", "g", "--dest", &dest, "--"]);
         c.arg("true");
