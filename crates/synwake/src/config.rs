@@ -40,6 +40,17 @@ pub struct Config {
     pub probe: ProbeSection,
     pub oci: OciSection,
     pub functions: Vec<FunctionSpec>,
+    /// `[[certificate]]` tables, in file order.
+    pub certificates: Vec<CertificateConfig>,
+}
+
+/// One `[[certificate]]`: a PEM chain (leaf first) and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Served to clients that send no SNI (the first certificate when none is marked).
+    pub default: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +61,10 @@ pub struct GatewayConfig {
     pub api_password_file: Option<PathBuf>,
     pub wake_on_accept: bool,
     pub drain_timeout: Duration,
+    /// The shared HTTPS port; off when absent.
+    pub tls_listen: Option<SocketAddr>,
+    /// A TLS handshake not finished by then is closed.
+    pub tls_handshake_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -96,6 +111,16 @@ struct RawConfig {
     oci: RawOci,
     #[serde(default)]
     function: Vec<RawFunction>,
+    #[serde(default)]
+    certificate: Vec<RawCertificate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    cert: Spanned<PathBuf>,
+    key: Spanned<PathBuf>,
+    default: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -108,6 +133,9 @@ struct RawGateway {
     wake_on_accept: Option<bool>,
     #[serde(default, with = "opt_duration")]
     drain_timeout: Option<Duration>,
+    tls_listen: Option<Spanned<String>>,
+    #[serde(default, with = "opt_duration")]
+    tls_handshake_timeout: Option<Duration>,
 }
 
 /// Policy keys, allowed in `[defaults]` and in each `[[function]]`.
@@ -207,6 +235,9 @@ struct RawFunction {
     pool: Option<u32>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    hosts: Vec<Spanned<String>>,
+    tls_port: Option<Spanned<u16>>,
 }
 
 mod opt_duration {
@@ -311,6 +342,67 @@ impl Config {
             Some(p) => Some(p.get_ref().clone()),
             None => None,
         };
+        let tls_listen = match &raw.gateway.tls_listen {
+            None => None,
+            Some(_) => Some(parse_addr(
+                &raw.gateway.tls_listen,
+                "gateway.tls_listen",
+                "0.0.0.0:8443",
+            )?),
+        };
+        let tls_handshake_timeout = raw
+            .gateway
+            .tls_handshake_timeout
+            .unwrap_or(Duration::from_secs(10));
+        spec::check_duration(
+            "tls_handshake_timeout",
+            tls_handshake_timeout,
+            &spec::limits::TLS_HANDSHAKE_TIMEOUT,
+        )
+        .map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: line_of(
+                key_offset(
+                    text,
+                    text.find("[gateway]").unwrap_or(0),
+                    "tls_handshake_timeout",
+                ) + 1,
+            ),
+            key: "gateway.tls_handshake_timeout".into(),
+            message: e.message,
+        })?;
+        let mut certificates = Vec::new();
+        let mut default_line: Option<usize> = None;
+        for c in &raw.certificate {
+            let default = c.default.as_ref().is_some_and(|d| *d.get_ref());
+            if let Some(d) = c.default.as_ref().filter(|d| *d.get_ref()) {
+                if let Some(first) = default_line {
+                    return Err(invalid(
+                        d.span(),
+                        "certificate.default",
+                        format!("only one certificate may be the default (the first is on line {first})"),
+                    ));
+                }
+                default_line = Some(line_of(d.span().start + 1));
+            }
+            for (p, key) in [(&c.cert, "certificate.cert"), (&c.key, "certificate.key")] {
+                if p.get_ref().as_os_str().is_empty() {
+                    return Err(invalid(p.span(), key, "the path is empty".into()));
+                }
+            }
+            certificates.push(CertificateConfig {
+                cert: c.cert.get_ref().clone(),
+                key: c.key.get_ref().clone(),
+                default,
+            });
+        }
+        if let (Some(addr), true) = (&raw.gateway.tls_listen, certificates.is_empty()) {
+            return Err(invalid(
+                addr.span(),
+                "gateway.tls_listen",
+                "TLS needs at least one [[certificate]] with cert and key".into(),
+            ));
+        }
         let gateway = GatewayConfig {
             listen,
             api_listen,
@@ -321,6 +413,8 @@ impl Config {
             api_password_file: raw.gateway.api_password_file,
             wake_on_accept: raw.gateway.wake_on_accept.unwrap_or(true),
             drain_timeout: raw.gateway.drain_timeout.unwrap_or(Duration::from_secs(10)),
+            tls_listen,
+            tls_handshake_timeout,
         };
         let defaults = raw.defaults.apply(&Policy::default());
         let defaults_at = text.find("[defaults]").unwrap_or(0);
@@ -347,6 +441,23 @@ impl Config {
         let mut ports: HashMap<u16, String> = HashMap::new();
         ports.insert(listen.port(), "gateway.listen".into());
         ports.insert(api_listen.port(), "gateway.api_listen".into());
+        if let Some(t) = tls_listen {
+            if let Some(owner) = ports.insert(t.port(), "gateway.tls_listen".into()) {
+                let span = raw
+                    .gateway
+                    .tls_listen
+                    .as_ref()
+                    .map(|s| s.span())
+                    .unwrap_or(0..0);
+                return Err(invalid(
+                    span,
+                    "gateway.tls_listen",
+                    format!("port {} is already used by {owner}", t.port()),
+                ));
+            }
+        }
+        // host claim -> (function, line), for duplicate claims across functions.
+        let mut host_claims: HashMap<String, (String, usize)> = HashMap::new();
         let mut ids: HashMap<u32, String> = HashMap::new();
         let mut functions = Vec::new();
         for f in raw.function {
@@ -366,27 +477,54 @@ impl Config {
                     format!("function id of {name:?} collides with {other:?}; rename one"),
                 ));
             }
-            let port = match &f.port {
-                None => None,
+            let mut own_port = |p: &Option<Spanned<u16>>, key: &str| match p {
+                None => Ok(None),
                 Some(p) => {
                     let port = *p.get_ref();
                     if port == 0 {
                         return Err(invalid(
                             p.span(),
-                            "function.port",
+                            key,
                             "0 is out of range (1 to 65535)".into(),
                         ));
                     }
                     if let Some(owner) = ports.insert(port, format!("function {name:?}")) {
                         return Err(invalid(
                             p.span(),
-                            "function.port",
+                            key,
                             format!("port {port} of function {name:?} is already used by {owner}"),
                         ));
                     }
-                    Some(port)
+                    Ok(Some(port))
                 }
             };
+            let port = own_port(&f.port, "function.port")?;
+            let tls_port = own_port(&f.tls_port, "function.tls_port")?;
+            if let (Some(p), true) = (&f.tls_port, certificates.is_empty()) {
+                return Err(invalid(
+                    p.span(),
+                    "function.tls_port",
+                    format!("function {name:?}: a TLS port needs at least one [[certificate]]"),
+                ));
+            }
+            let mut hosts: Vec<String> = Vec::new();
+            for h in &f.hosts {
+                let host = spec::validate_host(h.get_ref())
+                    .map_err(|m| invalid(h.span(), "function.hosts", m))?;
+                let line = line_of(h.span().start + 1);
+                if let Some((other, first)) = host_claims.get(&host) {
+                    if *other != name {
+                        return Err(invalid(
+                            h.span(),
+                            "function.hosts",
+                            format!("host {host:?} of function {name:?} is already claimed by function {other:?} (line {first})"),
+                        ));
+                    }
+                    continue;
+                }
+                host_claims.insert(host.clone(), (name.clone(), line));
+                hosts.push(host);
+            }
             let name_at = f.name.span().start;
             let memory_bytes = match &f.memory {
                 None => None,
@@ -427,6 +565,8 @@ impl Config {
                 labels: f.labels,
                 annotations: BTreeMap::new(),
                 source: Source::Config,
+                hosts,
+                tls_port,
             };
             spec.validate().map_err(|e| ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -453,6 +593,7 @@ impl Config {
                 image_store,
             },
             functions,
+            certificates,
         })
     }
 }
@@ -641,6 +782,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("test.toml:2: gateway.drain_timeout: "), "{e}");
+    }
+
+    #[test]
+    fn tls_keys() {
+        let c = parse(
+            "[gateway]\ntls_listen = \"127.0.0.1:8443\"\n[[certificate]]\ncert = \"a.pem\"\nkey = \"a.key\"\n[[certificate]]\ncert = \"b.pem\"\nkey = \"b.key\"\ndefault = true\n[[function]]\nname = \"a\"\ncommand = [\"x\"]\nhosts = [\"A.example.com\", \"*.a.example.com\"]\ntls_port = 9443\n",
+        )
+        .unwrap();
+        assert_eq!(c.gateway.tls_listen.unwrap().port(), 8443);
+        assert_eq!(c.gateway.tls_handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.certificates.len(), 2);
+        assert!(!c.certificates[0].default && c.certificates[1].default);
+        assert_eq!(c.functions[0].hosts, ["a.example.com", "*.a.example.com"]);
+        assert_eq!(c.functions[0].tls_port, Some(9443));
+    }
+
+    #[test]
+    fn tls_errors_name_line_and_key() {
+        let e = parse("[gateway]\ntls_listen = \"127.0.0.1:8443\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.toml:2: gateway.tls_listen:"), "{e}");
+        let e = parse("[[function]]\nname = \"a\"\ncommand = [\"x\"]\nhosts = [\"x.example.com\"]\n[[function]]\nname = \"b\"\ncommand = [\"x\"]\nhosts = [\"y.example.com\", \"X.example.com\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.toml:8: function.hosts:"), "{e}");
+        assert!(
+            e.contains("\"a\"") && e.contains("\"b\"") && e.contains("line 4"),
+            "{e}"
+        );
+        let e =
+            parse("[[function]]\nname = \"a\"\ncommand = [\"x\"]\nhosts = [\"no_such host\"]\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.starts_with("test.toml:4: function.hosts:"), "{e}");
+        let e = parse("[[function]]\nname = \"a\"\ncommand = [\"x\"]\ntls_port = 9443\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.toml:4: function.tls_port:"), "{e}");
+        let e = parse("[[certificate]]\ncert = \"a\"\nkey = \"b\"\ndefault = true\n[[certificate]]\ncert = \"c\"\nkey = \"d\"\ndefault = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.toml:8: certificate.default:"), "{e}");
+        let e = parse("[gateway]\ntls_listen = \"127.0.0.1:8443\"\n[[certificate]]\ncert = \"a\"\nkey = \"b\"\n[[function]]\nname = \"a\"\ncommand = [\"x\"]\ntls_port = 8443\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("function.tls_port") && e.contains("gateway.tls_listen"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::api::Api;
 use crate::config::Config;
+use crate::gateway::tls::{CertStore, TlsEdge};
 use crate::gateway::{listeners, PortListeners, Proxy, Route};
 use crate::lifecycle::Lifecycle;
 use crate::logs::LogStore;
@@ -90,6 +91,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let conns = listeners::Connections::default();
     let proxy = Proxy::new(lifecycle.clone());
+    if !config.certificates.is_empty() {
+        let certs = CertStore::load(config.certificates.clone())
+            .context("loading [[certificate]] (fix the file, or remove the table)")?;
+        proxy.set_tls(TlsEdge::new(certs, config.gateway.tls_handshake_timeout));
+    }
+    let tls_listener = match config.gateway.tls_listen {
+        Some(addr) => Some(
+            listeners::bind(addr)
+                .with_context(|| format!("listening on gateway.tls_listen {addr}"))?,
+        ),
+        None => None,
+    };
 
     let shared = listeners::bind(config.gateway.listen)
         .with_context(|| format!("listening on gateway.listen {}", config.gateway.listen))?;
@@ -129,10 +142,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ports.synced(),
         state.clone(),
         config.defaults.clone(),
-        vec![
-            config.gateway.listen.port(),
-            config.gateway.api_listen.port(),
-        ],
+        [
+            Some(config.gateway.listen.port()),
+            Some(config.gateway.api_listen.port()),
+            config.gateway.tls_listen.map(|a| a.port()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
         auth.credential,
         orchestration,
     );
@@ -151,9 +168,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown_rx.clone(),
         conns.clone(),
     )));
-    let api_handler: listeners::Handler = Arc::new(move |req, peer| {
+    let api_handler: listeners::Handler = Arc::new(move |req, conn| {
         let api = api.clone();
-        Box::pin(async move { api.handle(req, peer).await })
+        Box::pin(async move { api.handle(req, conn.peer).await })
     });
     tasks.push(tokio::spawn(listeners::serve_listener(
         api_listener,
@@ -163,6 +180,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         conns.clone(),
     )));
     tasks.push(tokio::spawn(ports.run()));
+    if let Some(edge) = proxy.tls().cloned() {
+        if let Some(listener) = tls_listener {
+            tracing::info!(
+                "HTTPS on {} (tls_handshake_timeout {:?})",
+                config.gateway.tls_listen.expect("bound"),
+                edge.handshake_timeout
+            );
+            tasks.push(tokio::spawn(listeners::serve_transport(
+                listener,
+                listeners::Transport::Tls {
+                    edge: edge.clone(),
+                    proxy: proxy.clone(),
+                    wake_by_sni: true,
+                },
+                listeners::proxy_handler(proxy.clone(), Route::Shared),
+                None,
+                shutdown_rx.clone(),
+                conns.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(edge.certs.clone().watch_files()));
+        let certs = edge.certs.clone();
+        let mut hup = signal(SignalKind::hangup())?;
+        tasks.push(tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let certs = certs.clone();
+                let n = tokio::task::spawn_blocking(move || certs.reload(true))
+                    .await
+                    .unwrap_or(0);
+                tracing::info!("SIGHUP: {n} certificate(s) reloaded");
+            }
+        }));
+    }
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

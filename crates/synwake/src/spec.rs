@@ -96,6 +96,13 @@ pub struct FunctionSpec {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub source: Source,
+    /// Host names it claims on the shared ports (SNI on TLS, Host on plain HTTP): exact
+    /// names or `*.` wildcards of one label, lowercase, without a trailing dot.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// An own HTTPS port: every path on it goes to this function (the probe watches it).
+    #[serde(default)]
+    pub tls_port: Option<u16>,
 }
 
 impl FunctionSpec {
@@ -142,6 +149,9 @@ pub mod limits {
     pub const STOP_GRACE: RangeInclusive<Duration> = ms(0)..=secs(3600);
     pub const PREWARM_TTL: RangeInclusive<Duration> = ms(0)..=secs(DAY);
     pub const DRAIN_TIMEOUT: RangeInclusive<Duration> = ms(0)..=secs(3600);
+    pub const TLS_HANDSHAKE_TIMEOUT: RangeInclusive<Duration> = ms(1)..=secs(600);
+    /// Host names one function may claim.
+    pub const HOSTS: usize = 256;
     pub const MAX_PENDING: RangeInclusive<u64> = 0..=1_000_000;
     pub const MAX_WAKES_PER_SECOND: RangeInclusive<u64> = 0..=100_000;
     pub const MAX_INSTANCES: RangeInclusive<u64> = 1..=1024;
@@ -226,6 +236,37 @@ impl FunctionSpec {
         validate_name(&self.name).map_err(|m| SpecError::new("name", m))?;
         if let Some(p) = self.port {
             check_count("port", p as u64, &limits::PORT)?;
+        }
+        if let Some(p) = self.tls_port {
+            check_count("tls_port", p as u64, &limits::PORT)?;
+            if self.port == Some(p) {
+                return Err(SpecError::new(
+                    "tls_port",
+                    format!("{p} is also the function's plain port"),
+                ));
+            }
+        }
+        if self.hosts.len() > limits::HOSTS {
+            return Err(SpecError::new(
+                "hosts",
+                format!(
+                    "{} host names, more than {}",
+                    self.hosts.len(),
+                    limits::HOSTS
+                ),
+            ));
+        }
+        for h in &self.hosts {
+            match validate_host(h) {
+                Ok(n) if n == *h => {}
+                Ok(n) => {
+                    return Err(SpecError::new(
+                        "hosts",
+                        format!("host {h:?} is not in normal form (write {n:?})"),
+                    ))
+                }
+                Err(m) => return Err(SpecError::new("hosts", m)),
+            }
         }
         match self.runtime {
             RuntimeKind::Process if self.command.is_empty() => {
@@ -386,6 +427,42 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks one host claim and returns it normalised (lowercase, no trailing dot).
+/// `*.example.com` claims every name one label below `example.com`.
+pub fn validate_host(host: &str) -> Result<String, String> {
+    let h = host.trim().trim_end_matches('.').to_ascii_lowercase();
+    let (wild, rest) = match h.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, h.as_str()),
+    };
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if rest.is_empty() || h.len() > 253 || !rest.split('.').all(label_ok) {
+        return Err(format!(
+            "host {host:?} is not a DNS name like hello.example.com or *.example.com"
+        ));
+    }
+    if wild && !rest.contains('.') {
+        return Err(format!(
+            "host {host:?}: a wildcard needs at least two labels after \"*.\" (like *.example.com)"
+        ));
+    }
+    Ok(h)
+}
+
+/// The first host claim `a` and `b` share (claims are normalised, so equal strings).
+pub fn shared_host<'a>(a: &'a FunctionSpec, b: &FunctionSpec) -> Option<&'a str> {
+    a.hosts
+        .iter()
+        .find(|h| b.hosts.contains(h))
+        .map(String::as_str)
+}
+
 /// Parses "128Mi", "1G", "512k", "1048576" into bytes.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -471,7 +548,24 @@ mod tests {
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
             source: Source::Api,
+            hosts: Vec::new(),
+            tls_port: None,
         }
+    }
+
+    #[test]
+    fn validate_hosts_and_tls_port() {
+        let mut s = process("a");
+        s.hosts = vec!["a.example.com".into(), "*.example.com".into()];
+        s.tls_port = Some(9443);
+        assert_eq!(s.validate(), Ok(()));
+        s.port = Some(9443);
+        assert_eq!(s.validate().unwrap_err().key, "tls_port");
+        s.port = None;
+        s.hosts = vec!["A.example.com".into()];
+        assert_eq!(s.validate().unwrap_err().key, "hosts");
+        s.hosts = vec!["*".into()];
+        assert_eq!(s.validate().unwrap_err().key, "hosts");
     }
 
     #[test]
@@ -561,6 +655,21 @@ mod tests {
         );
         assert_eq!(api_field("env"), "envVars");
         assert_eq!(api_field("memory"), "limits.memory");
+    }
+
+    #[test]
+    fn hosts() {
+        assert_eq!(
+            validate_host("Hello.Example.COM.").unwrap(),
+            "hello.example.com"
+        );
+        assert_eq!(validate_host("*.example.com").unwrap(), "*.example.com");
+        assert!(validate_host("*.com").is_err());
+        assert!(validate_host("a.*.com").is_err());
+        assert!(validate_host("bad_host.com").is_err());
+        assert!(validate_host("").is_err());
+        assert!(validate_host("-a.com").is_err());
+        assert!(validate_host("a..com").is_err());
     }
 
     #[test]

@@ -166,6 +166,22 @@ impl FunctionDeployment {
             None => None,
             Some(_) => Some(count("port", 0, &limits::PORT)? as u16),
         };
+        let tls_port = match ann("tls-port") {
+            None => None,
+            Some(_) => Some(count("tls-port", 0, &limits::PORT)? as u16),
+        };
+        let mut hosts: Vec<String> = Vec::new();
+        for h in ann("hosts")
+            .unwrap_or("")
+            .split(',')
+            .filter(|h| !h.trim().is_empty())
+        {
+            let h = spec::validate_host(h)
+                .map_err(|m| field_err("annotations.com.synwake.hosts", m))?;
+            if !hosts.contains(&h) {
+                hosts.push(h);
+            }
+        }
         let limits = self.limits.clone().unwrap_or_default();
         let memory_bytes = limits
             .memory
@@ -209,6 +225,8 @@ impl FunctionDeployment {
             labels: self.labels.clone().unwrap_or_default(),
             annotations,
             source: Source::Api,
+            hosts,
+            tls_port,
         };
         spec.validate()
             .map_err(|e| field_err(&spec::api_field(&e.key), e.message))?;
@@ -292,6 +310,12 @@ impl From<&FunctionStatus> for FunctionStatusJson {
         annotations.insert("com.synwake.runtime".into(), spec.runtime.as_str().into());
         if let Some(p) = spec.port {
             annotations.insert("com.synwake.port".into(), p.to_string());
+        }
+        if let Some(p) = spec.tls_port {
+            annotations.insert("com.synwake.tls-port".into(), p.to_string());
+        }
+        if !spec.hosts.is_empty() {
+            annotations.insert("com.synwake.hosts".into(), spec.hosts.join(","));
         }
         annotations.insert("com.synwake.id".into(), format!("{:08x}", spec.id()));
         annotations.insert(

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use crate::gateway::path::quote;
 use crate::gateway::{full, text_response, Proxy, ProxyBody, Route};
 use crate::lifecycle::{Lifecycle, ScaleError};
-use crate::spec::{FunctionSpec, Policy, RuntimeKind, Source};
+use crate::spec::{self, FunctionSpec, Policy, RuntimeKind, Source};
 use crate::state::StateDir;
 use deploy::{FunctionDeployment, FunctionStatusJson, NAMESPACE};
 
@@ -96,7 +96,8 @@ impl Api {
             }
         };
         if path.starts_with("/function/") {
-            return self.proxy.clone().handle(req, &Route::Shared, peer).await;
+            let conn = crate::gateway::ConnInfo::plain(peer);
+            return self.proxy.clone().handle(req, &Route::Shared, &conn).await;
         }
         if let Some(rest) = path.strip_prefix("/async-function/") {
             if req.method() != Method::POST {
@@ -268,6 +269,22 @@ impl Api {
         if let Err(msg) = self.check_conflicts(&spec) {
             return text_response(StatusCode::BAD_REQUEST, msg);
         }
+        // Host claims are unique: a second claim is a conflict with a deployed function.
+        if let Some((host, other)) = self
+            .lc()
+            .specs()
+            .iter()
+            .filter(|o| o.name != spec.name)
+            .find_map(|o| spec::shared_host(&spec, o).map(|h| (h.to_string(), o.name.clone())))
+        {
+            return text_response(
+                StatusCode::CONFLICT,
+                format!(
+                    "invalid field `annotations.com.synwake.hosts`: host {host:?} of function {} is already claimed by function {other}",
+                    spec.name
+                ),
+            );
+        }
         let name = spec.name.clone();
         let mut saved: Vec<FunctionSpec> = self
             .api_specs()
@@ -341,11 +358,13 @@ impl Api {
             if other.name == spec.name {
                 continue;
             }
-            if let Some(p) = spec.port.filter(|p| other.port == Some(*p)) {
-                return Err(format!(
-                    "invalid field `annotations.com.synwake.port`: port {p} is already used by function {}",
-                    other.name
-                ));
+            for (p, field) in own_ports(spec) {
+                if own_ports(&other).iter().any(|(q, _)| *q == p) {
+                    return Err(format!(
+                        "invalid field `annotations.com.synwake.{field}`: port {p} is already used by function {}",
+                        other.name
+                    ));
+                }
             }
             if other.id() == spec.id() {
                 return Err(format!(
@@ -356,15 +375,28 @@ impl Api {
                 ));
             }
         }
-        if let Some(p) = spec.port {
+        if spec.port.is_some() && spec.port == spec.tls_port {
+            return Err(format!(
+                "invalid field `annotations.com.synwake.tls-port`: port {} is also the function's plain port",
+                spec.tls_port.unwrap_or_default()
+            ));
+        }
+        if spec.tls_port.is_some() && !self.proxy.tls_enabled() {
+            return Err("invalid field `annotations.com.synwake.tls-port`: the gateway has no [[certificate]] configured".into());
+        }
+        let current = self.lc().get(&spec.name).map(|f| own_ports(f.spec()));
+        for (p, field) in own_ports(spec) {
             if self.reserved_ports.contains(&p) {
                 return Err(format!(
-                    "invalid field `annotations.com.synwake.port`: port {p} is the gateway's own"
+                    "invalid field `annotations.com.synwake.{field}`: port {p} is the gateway's own"
                 ));
             }
-            if self.lc().get(&spec.name).and_then(|f| f.spec().port) != Some(p) {
+            if !current
+                .as_ref()
+                .is_some_and(|c| c.iter().any(|(q, _)| *q == p))
+            {
                 if let Err(e) = std::net::TcpListener::bind(("0.0.0.0", p)) {
-                    return Err(format!("invalid field `annotations.com.synwake.port`: port {p} cannot be bound: {e}"));
+                    return Err(format!("invalid field `annotations.com.synwake.{field}`: port {p} cannot be bound: {e}"));
                 }
             }
         }
@@ -576,6 +608,18 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A function's own ports with the annotation that sets each.
+fn own_ports(spec: &FunctionSpec) -> Vec<(u16, &'static str)> {
+    let mut v = Vec::new();
+    if let Some(p) = spec.port {
+        v.push((p, "port"));
+    }
+    if let Some(p) = spec.tls_port {
+        v.push((p, "tls-port"));
+    }
+    v
 }
 
 #[cfg(test)]

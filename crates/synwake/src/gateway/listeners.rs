@@ -1,5 +1,6 @@
-//! Accept loops: one per listening socket, with graceful drain on shutdown. The set of
-//! per-function ports follows deploys and removals live.
+//! Accept loops: one per listening socket (plain HTTP or TLS), with graceful drain on
+//! shutdown. The set of per-function ports (plain and TLS) follows deploys and removals
+//! live.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,12 +20,30 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::hosts::ConnInfo;
+use super::tls::{HandshakeError, TlsEdge};
 use super::{Proxy, ProxyBody, Route};
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{Lifecycle, Trigger};
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
 /// Serves one request of a connection.
-pub type Handler = Arc<dyn Fn(Request<Incoming>, SocketAddr) -> HandlerFuture + Send + Sync>;
+pub type Handler = Arc<dyn Fn(Request<Incoming>, ConnInfo) -> HandlerFuture + Send + Sync>;
+
+/// Runs for every accepted connection, before anything is read from it.
+pub type OnAccept = Option<Arc<dyn Fn() + Send + Sync>>;
+
+/// How a listener's connections start: straight into HTTP, or through a TLS handshake.
+#[derive(Clone)]
+pub enum Transport {
+    Plain,
+    /// `wake_by_sni`: the shared TLS port wakes the function claiming the server name
+    /// before the handshake is answered, and refuses names nothing serves.
+    Tls {
+        edge: Arc<TlsEdge>,
+        proxy: Arc<Proxy>,
+        wake_by_sni: bool,
+    },
+}
 
 /// Open connections across all listeners, for draining.
 #[derive(Clone, Default)]
@@ -59,7 +78,27 @@ impl Drop for OpenGuard {
 pub async fn serve_listener(
     listener: TcpListener,
     handler: Handler,
-    on_accept: Option<Arc<dyn Fn() + Send + Sync>>,
+    on_accept: OnAccept,
+    shutdown: watch::Receiver<bool>,
+    conns: Connections,
+) {
+    serve_transport(
+        listener,
+        Transport::Plain,
+        handler,
+        on_accept,
+        shutdown,
+        conns,
+    )
+    .await
+}
+
+/// [`serve_listener`] for plain or TLS connections.
+pub async fn serve_transport(
+    listener: TcpListener,
+    transport: Transport,
+    handler: Handler,
+    on_accept: OnAccept,
     mut shutdown: watch::Receiver<bool>,
     conns: Connections,
 ) {
@@ -83,34 +122,89 @@ pub async fn serve_listener(
         conns.open.fetch_add(1, Ordering::Relaxed);
         let guard = OpenGuard(conns.open.clone());
         let handler = handler.clone();
-        let mut shutdown = shutdown.clone();
+        let shutdown = shutdown.clone();
+        let transport = transport.clone();
+        let accepted = Instant::now();
         tokio::spawn(async move {
             let _guard = guard;
-            let svc = service_fn(move |req| {
-                let h = handler.clone();
-                async move { Ok::<_, std::convert::Infallible>(h(req, peer).await) }
-            });
-            let conn = http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            match transport {
+                Transport::Plain => {
+                    serve_http(stream, ConnInfo::plain(peer), handler, shutdown).await
+                }
+                Transport::Tls {
+                    edge,
+                    proxy,
+                    wake_by_sni,
+                } => {
+                    let hello = |name: Option<&str>| {
+                        !wake_by_sni || sni_admits(&proxy, &edge, name, accepted)
+                    };
+                    match edge.handshake(stream, accepted, hello).await {
+                        Ok(h) => {
+                            let info = ConnInfo {
+                                peer,
+                                tls: true,
+                                server_name: h.server_name,
+                            };
+                            serve_http(h.stream, info, handler, shutdown).await
+                        }
+                        Err(e @ HandshakeError::UnknownName(_)) => {
+                            tracing::info!("TLS from {peer}: {e}")
+                        }
+                        Err(e) => tracing::debug!("TLS from {peer}: {e}"),
+                    }
                 }
             }
         });
     }
 }
 
+/// The `sni` trigger: wakes the function claiming `name` (before the server answers the
+/// ClientHello). Admits names a function claims or a certificate covers, and clients
+/// without SNI (they get the default certificate); refuses the rest, waking nothing.
+fn sni_admits(proxy: &Proxy, edge: &TlsEdge, name: Option<&str>, at: Instant) -> bool {
+    let Some(name) = name else { return true };
+    if let Some(function) = proxy.host_table().lookup(name) {
+        proxy.lifecycle().wake(function, Trigger::Sni, at);
+        return true;
+    }
+    edge.certs.covers(name)
+}
+
+/// Serves HTTP/1.1 on one connection until it closes, or finishes its in-flight request
+/// and closes at shutdown.
+async fn serve_http<IO>(
+    io: IO,
+    info: ConnInfo,
+    handler: Handler,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let h = handler.clone();
+        let info = info.clone();
+        async move { Ok::<_, std::convert::Infallible>(h(req, info).await) }
+    });
+    let conn = http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
 /// Handler for a gateway route.
 pub fn proxy_handler(proxy: Arc<Proxy>, route: Route) -> Handler {
-    Arc::new(move |req, peer| {
+    Arc::new(move |req, conn| {
         let proxy = proxy.clone();
         let route = route.clone();
-        Box::pin(async move { proxy.handle(req, &route, peer).await })
+        Box::pin(async move { proxy.handle(req, &route, &conn).await })
     })
 }
 
@@ -121,6 +215,7 @@ pub struct PortListeners {
     host: std::net::IpAddr,
     shutdown: watch::Receiver<bool>,
     conns: Connections,
+    /// port -> (function, task); plain and TLS ports alike.
     open: HashMap<u16, (String, JoinHandle<()>)>,
     /// The lifecycle change version the listeners last matched.
     synced: watch::Sender<u64>,
@@ -157,23 +252,42 @@ impl PortListeners {
     pub async fn sync(&mut self) {
         let lc: Lifecycle = self.proxy.lifecycle().clone();
         let version = *lc.subscribe_changes().borrow();
-        let wanted: HashMap<u16, String> = lc
+        // port -> (function, is TLS)
+        let wanted: HashMap<u16, (String, bool)> = lc
             .specs()
             .iter()
-            .filter_map(|s| s.port.map(|p| (p, s.name.clone())))
+            .flat_map(|s| {
+                let plain = s.port.map(|p| (p, (s.name.clone(), false)));
+                let tls = s.tls_port.map(|p| (p, (s.name.clone(), true)));
+                plain.into_iter().chain(tls)
+            })
             .collect();
         self.open.retain(|port, (name, task)| {
-            let keep = wanted.get(port) == Some(name);
+            let keep = wanted.get(port).map(|w| &w.0) == Some(name);
             if !keep {
                 task.abort();
                 tracing::info!("closed port {port} of function {name}");
             }
             keep
         });
-        for (port, name) in wanted {
+        for (port, (name, tls)) in wanted {
             if self.open.contains_key(&port) {
                 continue;
             }
+            let transport = match (tls, self.proxy.tls()) {
+                (false, _) => Transport::Plain,
+                (true, Some(edge)) => Transport::Tls {
+                    edge: edge.clone(),
+                    proxy: self.proxy.clone(),
+                    wake_by_sni: false,
+                },
+                (true, None) => {
+                    tracing::error!(
+                        "function {name}: tls_port {port} needs a [[certificate]]; not listening"
+                    );
+                    continue;
+                }
+            };
             let addr = SocketAddr::new(self.host, port);
             let listener = match bind(addr) {
                 Ok(l) => l,
@@ -183,21 +297,25 @@ impl PortListeners {
                 }
             };
             let route = Route::Port(Arc::from(name.as_str()));
-            let on_accept: Option<Arc<dyn Fn() + Send + Sync>> = if self.wake_on_accept {
+            let on_accept: OnAccept = if self.wake_on_accept {
                 let lc = lc.clone();
                 let name = name.clone();
                 Some(Arc::new(move || lc.wake_on_accept(&name, Instant::now())))
             } else {
                 None
             };
-            let task = tokio::spawn(serve_listener(
+            let task = tokio::spawn(serve_transport(
                 listener,
+                transport,
                 proxy_handler(self.proxy.clone(), route),
                 on_accept,
                 self.shutdown.clone(),
                 self.conns.clone(),
             ));
-            tracing::info!("function {name} listens on its own port {addr}");
+            tracing::info!(
+                "function {name} listens on its own {} port {addr}",
+                if tls { "HTTPS" } else { "HTTP" }
+            );
             self.open.insert(port, (name, task));
         }
         self.synced.send_replace(version);

@@ -1,7 +1,7 @@
 //! HTTP reverse proxy: the shared port (`/function/<name>/<path>`) and each function's own
 //! port. A request goes through three phases, each in its own function below:
 //!
-//! 1. route    — which function (path prefix or the port it came in on);
+//! 1. route    — which function (host name claim, path prefix or the port it came in on);
 //! 2. acquire  — wait, bounded, for a ready instance (the lifecycle starts one if needed);
 //! 3. forward  — stream the request to the instance and its response back, holding the
 //!    instance's lease until the last byte of the response.
@@ -9,13 +9,15 @@
 //! Errors say who failed (synwake, the function's start, the instance) and carry the
 //! function name.
 
+pub mod forwarded;
+pub mod hosts;
 pub mod listeners;
 pub mod path;
+pub mod tls;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,6 +34,7 @@ use tokio::time::Instant;
 
 use crate::lifecycle::{AcquireError, Lease, Lifecycle};
 use crate::runtime::StartError;
+pub use hosts::{ConnInfo, HostTable};
 pub use listeners::{serve_listener, PortListeners};
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -60,7 +63,8 @@ pub fn full(b: impl Into<Bytes>) -> ProxyBody {
 /// Which function a connection's requests are for.
 #[derive(Clone, Debug)]
 pub enum Route {
-    /// Shared port: the function is named by the `/function/<name>` path prefix.
+    /// Shared port: a function claiming the host name (SNI, else Host), else the one
+    /// named by the `/function/<name>` path prefix.
     Shared,
     /// A function's own port: every path goes to it.
     Port(Arc<str>),
@@ -70,6 +74,10 @@ pub enum Route {
 pub struct Proxy {
     lifecycle: Lifecycle,
     client: Client<HttpConnector, Incoming>,
+    /// Host claims as of a lifecycle change version.
+    hosts: RwLock<(u64, Arc<HostTable>)>,
+    /// Set once when the gateway terminates TLS.
+    tls: OnceLock<Arc<tls::TlsEdge>>,
 }
 
 impl Proxy {
@@ -81,7 +89,40 @@ impl Proxy {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(256)
             .build(connector);
-        Arc::new(Proxy { lifecycle, client })
+        Arc::new(Proxy {
+            lifecycle,
+            client,
+            hosts: RwLock::new((u64::MAX, Arc::default())),
+            tls: OnceLock::new(),
+        })
+    }
+
+    /// Turns TLS on for the listeners made from this proxy (once, at start-up).
+    pub fn set_tls(&self, edge: Arc<tls::TlsEdge>) {
+        let _ = self.tls.set(edge);
+    }
+
+    pub fn tls(&self) -> Option<&Arc<tls::TlsEdge>> {
+        self.tls.get()
+    }
+
+    pub fn tls_enabled(&self) -> bool {
+        self.tls.get().is_some()
+    }
+
+    /// The current host claims (rebuilt after a deploy, update or removal).
+    pub fn host_table(&self) -> Arc<HostTable> {
+        let version = *self.lifecycle.subscribe_changes().borrow();
+        {
+            let cached = self.hosts.read().unwrap();
+            if cached.0 == version {
+                return cached.1.clone();
+            }
+        }
+        let specs = self.lifecycle.specs();
+        let table = Arc::new(HostTable::build(specs.iter().map(|s| &**s)));
+        *self.hosts.write().unwrap() = (version, table.clone());
+        table
     }
 
     pub fn lifecycle(&self) -> &Lifecycle {
@@ -93,15 +134,20 @@ impl Proxy {
         self: Arc<Self>,
         req: Request<Incoming>,
         route: &Route,
-        peer: SocketAddr,
+        conn: &ConnInfo,
     ) -> Response<ProxyBody> {
         let arrived = Instant::now();
-        let (function, path) = match route_request(route, req.uri()) {
+        let routed = match self.route_by_host(route, &req, conn) {
+            Ok(Some(f)) => route_request(&Route::Port(f), req.uri()),
+            Ok(None) => route_request(route, req.uri()),
+            Err(resp) => Err(resp),
+        };
+        let (function, path) = match routed {
             Ok(r) => r,
             Err(resp) => return resp,
         };
         let resp = match self.lifecycle.acquire(&function).await {
-            Ok(lease) => self.forward(req, lease, path, peer).await,
+            Ok(lease) => self.forward(req, lease, path, conn).await,
             // No series for names that are not (or no longer) functions: any path could
             // create one, and a removed function's series are already forgotten.
             Err(e @ (AcquireError::UnknownFunction { .. } | AcquireError::Removed { .. })) => {
@@ -116,12 +162,48 @@ impl Proxy {
         resp
     }
 
+    /// Phase 1 on the shared ports: the function claiming the connection's SNI name (TLS)
+    /// or the request's Host. A request whose Host names another claimed function than
+    /// its TLS server name is refused (421), so a certificate for one name cannot front
+    /// another function.
+    #[allow(clippy::result_large_err)] // the error is the response itself
+    fn route_by_host(
+        &self,
+        route: &Route,
+        req: &Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Result<Option<Arc<str>>, Response<ProxyBody>> {
+        if !matches!(route, Route::Shared) {
+            return Ok(None);
+        }
+        let table = self.host_table();
+        if table.is_empty() {
+            return Ok(None);
+        }
+        let host = hosts::request_host(req);
+        let by_host = host.as_deref().and_then(|h| table.lookup(h)).cloned();
+        let Some(sni) = conn.server_name.as_deref() else {
+            return Ok(by_host);
+        };
+        let by_sni = table.lookup(sni).cloned();
+        match (&by_sni, &by_host) {
+            (s, Some(h)) if s.as_ref() != Some(h) => Err(text_response(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!(
+                    "host {:?} is not served on this TLS connection (server name {sni:?}); open a connection for that name",
+                    host.unwrap_or_default()
+                ),
+            )),
+            _ => Ok(by_sni),
+        }
+    }
+
     async fn forward(
         &self,
         req: Request<Incoming>,
         lease: Lease,
         path: String,
-        peer: SocketAddr,
+        conn: &ConnInfo,
     ) -> Response<ProxyBody> {
         let spec = lease.spec().clone();
         let function = &spec.name;
@@ -139,19 +221,7 @@ impl Proxy {
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
-        let xff = match parts
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(prev) => format!("{prev}, {}", peer.ip()),
-            None => peer.ip().to_string(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            parts
-                .headers
-                .insert(HeaderName::from_static("x-forwarded-for"), v);
-        }
+        forwarded::set_forwarded(&mut parts.headers, conn);
         // A function may answer without reading the body; what it left unread would be
         // parsed as the next request on a pooled connection and its answer handed to
         // another client. So a connection that carried a body is not reused.

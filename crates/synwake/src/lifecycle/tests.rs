@@ -136,6 +136,8 @@ fn spec(name: &str, env: &[(&str, &str)]) -> FunctionSpec {
         labels: Default::default(),
         annotations: Default::default(),
         source: Source::Config,
+        hosts: Vec::new(),
+        tls_port: None,
     }
 }
 

@@ -177,7 +177,12 @@ fn sync_maps(probe: &Probe, dir: &RwLock<Directory>, lc: &Lifecycle) {
         .collect();
     let ports: HashMap<u16, String> = specs
         .iter()
-        .filter_map(|s| s.port.map(|p| (p, s.name.clone())))
+        .flat_map(|s| {
+            [s.port, s.tls_port]
+                .into_iter()
+                .flatten()
+                .map(|p| (p, s.name.clone()))
+        })
         .collect();
     let ids: HashMap<u32, String> = specs.iter().map(|s| (s.id(), s.name.clone())).collect();
     let mut d = dir.write().unwrap();
