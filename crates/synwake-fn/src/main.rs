@@ -13,6 +13,7 @@
 //! - `GET /crash`: the process exits mid-request (the client sees a closed connection).
 //! - `GET /sleep/<ms>`: answers after `<ms>` milliseconds.
 //! - `GET /pid`: answers with the process id.
+//! - `GET /headers`: answers with the request headers it got, one `name: value` a line.
 //! - anything else: `hello from <SYNWAKE_FUNCTION>`.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -71,6 +72,7 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
         let mut content_length = 0usize;
         let mut chunked = false;
         let mut close = false;
+        let mut seen = String::new();
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h)? == 0 {
@@ -82,6 +84,7 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
             }
             if let Some((k, v)) = h.split_once(':') {
                 let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+                seen.push_str(&format!("{k}: {v}\n"));
                 match k.as_str() {
                     "content-length" => content_length = v.parse().unwrap_or(0),
                     "transfer-encoding" => chunked = v.eq_ignore_ascii_case("chunked"),
@@ -107,6 +110,8 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
         } else if let Some(ms) = path.strip_prefix("/sleep/") {
             std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
             b"slept\n".to_vec()
+        } else if path == "/headers" {
+            seen.into_bytes()
         } else if path == "/pid" {
             format!("{}\n", std::process::id()).into_bytes()
         } else {

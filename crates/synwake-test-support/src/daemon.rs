@@ -23,12 +23,17 @@ pub struct Daemon {
 impl Daemon {
     /// Writes a config with `body` (sections after `[gateway]`) and starts the daemon.
     pub fn start(body: &str) -> Daemon {
+        Daemon::start_with("", body)
+    }
+
+    /// [`Daemon::start`] with more `[gateway]` keys (`gateway`: TOML lines).
+    pub fn start_with(gateway: &str, body: &str) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let shared = free_port();
         let api = free_port();
         let config = dir.path().join("synwake.toml");
         let text = format!(
-            "[gateway]\nlisten = \"127.0.0.1:{shared}\"\napi_listen = \"127.0.0.1:{api}\"\nstate_dir = {:?}\ndrain_timeout = \"5s\"\n\n[probe]\nmode = \"off\"\n\n{body}",
+            "[gateway]\nlisten = \"127.0.0.1:{shared}\"\napi_listen = \"127.0.0.1:{api}\"\nstate_dir = {:?}\ndrain_timeout = \"5s\"\n{gateway}\n\n[probe]\nmode = \"off\"\n\n{body}",
             dir.path().join("state").display().to_string()
         );
         std::fs::write(&config, text).expect("write config");

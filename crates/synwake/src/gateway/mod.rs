@@ -176,6 +176,12 @@ impl Proxy {
         if !matches!(route, Route::Shared) {
             return Ok(None);
         }
+        if req.headers().get_all(http::header::HOST).iter().count() > 1 {
+            return Err(text_response(
+                StatusCode::BAD_REQUEST,
+                "more than one Host header",
+            ));
+        }
         let table = self.host_table();
         if table.is_empty() {
             return Ok(None);
