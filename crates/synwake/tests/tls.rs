@@ -167,7 +167,7 @@ fn served(port: u16, servername: Option<&str>) -> Result<(String, String), Strin
     x509.stdin
         .take()
         .unwrap()
-        .write_all(text[start..end].as_bytes())
+        .write_all(&text.as_bytes()[start..end])
         .unwrap();
     let out = x509.wait_with_output().unwrap();
     let info = String::from_utf8_lossy(&out.stdout).to_string();
