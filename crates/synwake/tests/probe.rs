@@ -105,6 +105,96 @@ fn syn_to_own_port_wakes_function_before_any_request() {
     );
 }
 
+/// Scenario 1 on an own HTTPS port (`tls_port`): the SYN wakes the function (`syn`, not
+/// `accept` or `sni`) before any TLS byte is sent, so the whole TLS handshake overlaps the
+/// start; a verifying HTTPS client then gets its answer from the warm instance.
+#[test]
+fn syn_to_own_tls_port_wakes_function_before_the_handshake() {
+    const TEST: &str = "syn_to_own_tls_port_wakes_function_before_the_handshake";
+    if let Some(why) = common::gate::missing_tool(&[("openssl", "version"), ("curl", "--version")])
+    {
+        common::gate::skip_or_fail(TEST, &why);
+        return;
+    }
+    let Some(net) = Net::create_or_skip(TEST) else {
+        return;
+    };
+    let pki = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (pki.path().join("f.pem"), pki.path().join("f.key"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=f.test"])
+        .args(["-addext", "subjectAltName=DNS:f.test", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = NsDaemon::start(
+        &net,
+        "auto",
+        "",
+        &format!(
+            "[[certificate]]\ncert = {:?}\nkey = {:?}\n{}",
+            cert.display().to_string(),
+            key.display().to_string(),
+            function(
+                "f",
+                &format!(
+                    "tls_port = {F_PORT}\nenv = {{ INIT_MS = \"200\" }}\nidle_timeout = \"60s\""
+                ),
+            )
+        ),
+    );
+    if !d.probe_or_skip(TEST) {
+        return;
+    }
+    assert_eq!(d.available("f"), 0, "cold before the test");
+    let held = net.client_connect(f_addr(F_PORT)).expect("connect");
+    assert!(
+        wait_until(Duration::from_secs(5), || d.available("f") == 1),
+        "f not available 5 s after the SYN:\n{}",
+        d.log()
+    );
+    drop(held);
+    let ca = cert.display().to_string();
+    let out = net.in_client(move || {
+        std::process::Command::new("curl")
+            .args(["-sS", "--tlsv1.3", "--cacert", &ca, "--resolve"])
+            .arg(format!("f.test:{F_PORT}:{SERVER_IP}"))
+            .arg(format!("https://f.test:{F_PORT}/"))
+            .output()
+            .expect("curl")
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from f\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = d.metrics();
+    assert_eq!(m.get(&series("synwake_cold_starts_total", "f", "syn")), 1.0);
+    for other in ["accept", "sni", "request"] {
+        assert_eq!(
+            m.get(&series("synwake_cold_starts_total", "f", other)),
+            0.0,
+            "{other}"
+        );
+    }
+}
+
 /// Scenario 2: a SYN carrying the synwake option, sent to the shared port, wakes the
 /// function it names; a plain SYN and an unknown id on the same port wake nothing.
 #[test]
