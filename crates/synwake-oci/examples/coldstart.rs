@@ -158,7 +158,7 @@ async fn main() {
         }
         tokio::time::sleep(SETTLE).await;
         let t0 = Instant::now();
-        let c = pool.take("bench").unwrap();
+        let c = pool.take(&spec).unwrap();
         rt.start(&c).await.unwrap();
         start_only.push(t0.elapsed());
         fixture::wait_http_ok(c.addr(), "/", TIMEOUT).await.unwrap();
@@ -177,7 +177,7 @@ async fn main() {
         }
         tokio::time::sleep(SETTLE).await;
         let t0 = Instant::now();
-        let c = pool.take("bench").unwrap();
+        let c = pool.take(&spec).unwrap();
         let st = tokio::process::Command::new("runc")
             .arg("--root")
             .arg(&runc_root)
@@ -203,7 +203,7 @@ async fn main() {
     let mut pss = 0;
     let mut cg = 0;
     let mut taken = Vec::new();
-    while let Some(c) = pool.take("bench") {
+    while let Some(c) = pool.take(&spec) {
         pss += pss_kib(c.pid());
         cg += read_u64(&c.memory_cgroup().join("memory.usage_in_bytes")) / 1024;
         taken.push(c);

@@ -35,7 +35,7 @@
 //! pool.refill(spec.clone(), 1);
 //!
 //! // Cold start: a pooled container if there is one, else create one now.
-//! let c = match pool.take("resize") {
+//! let c = match pool.take(&spec) {
 //!     Some(c) => c,
 //!     None => rt.create(&spec).await?,
 //! };

@@ -80,7 +80,7 @@ pub struct Network {
     state: Mutex<Alloc>,
     spares: Mutex<Vec<Lease>>,
     spare_target: usize,
-    /// Distinguishes this runtime's names (netns `swk-<tag>-n<hex>`, veth `swkv<tag><hex>`).
+    /// Distinguishes this runtime's names (netns `swk-<tag>-n<hex>`, veth `swkv<tag><base36>`).
     tag: String,
     /// Set by [`Network::drop_spares`]: no more spares are made.
     closed: AtomicBool,
@@ -91,6 +91,31 @@ struct Alloc {
     used: HashSet<u32>,
     next: u32,
     spares_pending: usize,
+}
+
+/// Interface names are at most IFNAMSIZ - 1 bytes (the kernel refuses longer ones).
+const IFNAMSIZ: usize = 16;
+
+/// `swkv<tag><offset in base 36>`: 4 + 6 + at most 5 bytes (36^5 > 2^24, a /8), so
+/// the name fits IFNAMSIZ for every subnet `parse_subnet` allows (hex would not past a /12).
+fn veth_name(tag: &str, offset: u32) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut digits = Vec::with_capacity(7);
+    let mut n = offset;
+    loop {
+        digits.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    digits.reverse();
+    let name = format!(
+        "{VETH_PREFIX}{tag}{}",
+        String::from_utf8(digits).expect("ASCII digits")
+    );
+    debug_assert!(name.len() < IFNAMSIZ, "{name}");
+    name
 }
 
 fn parse_subnet(subnet: &str) -> Result<(u32, u8), NetError> {
@@ -221,7 +246,7 @@ impl Network {
     /// A ready network for one container: a namespace made ahead of time when one is
     /// spare (namespaces are function-agnostic), else a new one. Call
     /// [`Network::replenish`] afterwards (not right away: making namespaces competes for
-    /// the CPU with whatever the caller does next). The netns is named `swk-n<hex>`, the host veth `swkv<hex>`.
+    /// the CPU with whatever the caller does next). The netns is named `swk-<tag>-n<hex>`, the host veth `swkv<tag><base36>`.
     pub async fn attach(self: &Arc<Self>) -> Result<Lease, NetError> {
         let spare = self.spares.lock().expect("spares lock").pop();
         let lease = match spare {
@@ -267,7 +292,7 @@ impl Network {
         let lease = Lease {
             ip: Ipv4Addr::from(self.base + offset),
             netns: format!("{NETNS_PREFIX}{}-n{offset:x}", self.tag),
-            host_veth: format!("{VETH_PREFIX}{}{offset:x}", self.tag),
+            host_veth: veth_name(&self.tag, offset),
             offset,
         };
         match self.plumb(&lease).await {
@@ -506,5 +531,25 @@ mod tests {
         );
         assert!(parse_subnet("10.72.0.0").is_err());
         assert!(parse_subnet("10.72.0.0/31").is_err());
+    }
+
+    #[test]
+    fn veth_names_fit_ifnamsiz_for_every_allowed_subnet() {
+        let tag = "abcdef";
+        for len in 8..=30u8 {
+            let last = (1u32 << (32 - len)) - 1;
+            for offset in [1, last / 2, last] {
+                let name = veth_name(tag, offset);
+                assert!(
+                    name.len() < IFNAMSIZ,
+                    "/{len}: {name} has {} bytes",
+                    name.len()
+                );
+                assert!(name.starts_with(&format!("{VETH_PREFIX}{tag}")), "{name}");
+            }
+        }
+        let names: std::collections::HashSet<String> =
+            (0..100_000).map(|o| veth_name(tag, o)).collect();
+        assert_eq!(names.len(), 100_000, "names are unique per offset");
     }
 }

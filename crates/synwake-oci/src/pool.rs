@@ -1,5 +1,6 @@
 //! Pre-created containers per function: `runc create` done ahead, so a cold start costs
-//! only the start and the function's own readiness.
+//! only the start and the function's own readiness. A pool holds containers of one spec
+//! per function: an update (other image, env, command, limits) replaces them.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -16,11 +17,21 @@ pub struct Pool {
 
 #[derive(Default)]
 struct Slot {
+    /// What the containers were created from ([`pool_key`]).
+    spec: Option<ContainerSpec>,
     ready: VecDeque<Container>,
     /// Creations in flight.
     pending: usize,
     /// Bumped by `drain`: creations started before it are discarded.
     generation: u64,
+}
+
+/// The spec a pooled container is interchangeable for: everything but the instance number.
+fn pool_key(spec: &ContainerSpec) -> ContainerSpec {
+    ContainerSpec {
+        instance: 0,
+        ..spec.clone()
+    }
 }
 
 impl Pool {
@@ -32,13 +43,17 @@ impl Pool {
         }
     }
 
-    /// Takes a ready (created, not started) container of `function`, if any. Containers
-    /// whose init died while waiting are skipped (and removed in the background).
-    pub fn take(&self, function: &str) -> Option<Container> {
+    /// Takes a ready (created, not started) container made from `spec` (any instance
+    /// number), if any. Containers whose init died while waiting are skipped (and removed
+    /// in the background).
+    pub fn take(&self, spec: &ContainerSpec) -> Option<Container> {
         let mut dead = Vec::new();
         let found = {
             let mut map = self.inner.lock().expect("pool lock");
-            let slot = map.get_mut(function)?;
+            let slot = map.get_mut(&spec.function)?;
+            if slot.spec.as_ref() != Some(&pool_key(spec)) {
+                return None;
+            }
             let mut found = None;
             while let Some(c) = slot.ready.pop_front() {
                 if c.exited().is_some() {
@@ -69,15 +84,32 @@ impl Pool {
     }
 
     /// Creates containers from `spec` in the background until `n` are ready or being
-    /// created for `spec.function`. Returns at once. Failures are logged.
+    /// created for `spec.function`. Returns at once. Failures are logged. Containers of
+    /// the function made from another spec are removed (creations in flight discarded).
     pub fn refill(&self, spec: ContainerSpec, n: usize) {
-        let (missing, generation) = {
+        let key = pool_key(&spec);
+        let (missing, generation, stale) = {
             let mut map = self.inner.lock().expect("pool lock");
             let slot = map.entry(spec.function.clone()).or_default();
+            let mut stale = Vec::new();
+            if slot.spec.as_ref() != Some(&key) {
+                slot.generation += 1;
+                slot.pending = 0;
+                stale = slot.ready.drain(..).collect();
+                slot.spec = Some(key);
+            }
             let missing = n.saturating_sub(slot.ready.len() + slot.pending);
             slot.pending += missing;
-            (missing, slot.generation)
+            (missing, slot.generation, stale)
         };
+        if !stale.is_empty() {
+            let rt = self.rt.clone();
+            tokio::spawn(async move {
+                for c in stale {
+                    let _ = rt.stop(c, Duration::ZERO).await;
+                }
+            });
+        }
         for _ in 0..missing {
             let pool = self.clone();
             let spec = spec.clone();

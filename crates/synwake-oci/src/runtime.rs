@@ -136,7 +136,7 @@ pub enum OciError {
 }
 
 /// What to run: one instance of a function.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ContainerSpec {
     /// Function name (logs, container id, hostname).
     pub function: String,

@@ -116,7 +116,7 @@ pub fn resolve_user(user: Option<&str>, rootfs: &Path) -> Result<(u32, u32), Spe
         Some((u, g)) => (u, Some(g)),
         None => (user, None),
     };
-    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let passwd = read_in_root(rootfs, "etc/passwd");
     let (uid, primary_gid) = match u.parse::<u32>() {
         Ok(uid) => {
             let gid =
@@ -139,7 +139,7 @@ pub fn resolve_user(user: Option<&str>, rootfs: &Path) -> Result<(u32, u32), Spe
         Some(g) => match g.parse::<u32>() {
             Ok(gid) => gid,
             Err(_) => {
-                let group = std::fs::read_to_string(rootfs.join("etc/group")).unwrap_or_default();
+                let group = read_in_root(rootfs, "etc/group");
                 lookup(&group, |f| f.first() == Some(&g))
                     .and_then(|f| f.get(2)?.parse().ok())
                     .ok_or_else(|| err("group not in /etc/group"))?
@@ -147,6 +147,50 @@ pub fn resolve_user(user: Option<&str>, rootfs: &Path) -> Result<(u32, u32), Spe
         },
     };
     Ok((uid, gid))
+}
+
+/// At most this much of an image's passwd or group file is read.
+const MAX_ACCOUNT_FILE: u64 = 1 << 20;
+
+/// The file at `rel` inside `root`, with every symlink (absolute ones and `..` included)
+/// resolved as if `root` were `/` (openat2 RESOLVE_IN_ROOT), as the container would see
+/// it: an image can never make the daemon read a host file. Missing or unreadable: "".
+fn read_in_root(root: &Path, rel: &str) -> String {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    let open = || -> std::io::Result<std::fs::File> {
+        let dir = std::fs::File::open(root)?;
+        let path = std::ffi::CString::new(rel).map_err(std::io::Error::other)?;
+        // SAFETY: open_how is plain data; zeroed is its documented default.
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+        how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+        // SAFETY: valid dir fd, NUL-terminated path and an open_how of the size passed.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                path.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd the kernel just returned, owned by nobody else.
+        Ok(std::fs::File::from(unsafe {
+            OwnedFd::from_raw_fd(fd as i32)
+        }))
+    };
+    let mut text = String::new();
+    if let Ok(file) = open() {
+        if file.metadata().is_ok_and(|m| m.is_file()) {
+            let _ = file.take(MAX_ACCOUNT_FILE).read_to_string(&mut text);
+        }
+    }
+    text
 }
 
 fn lookup<'a>(file: &'a str, pred: impl Fn(&Vec<&'a str>) -> bool) -> Option<Vec<&'a str>> {
@@ -288,5 +332,43 @@ mod tests {
         assert_eq!(resolve_user(Some("1000:7"), dir.path()).unwrap(), (1000, 7));
         assert_eq!(resolve_user(None, dir.path()).unwrap(), (0, 0));
         assert!(resolve_user(Some("nobody"), dir.path()).is_err());
+    }
+
+    #[test]
+    fn user_lookup_never_leaves_the_rootfs() {
+        // Host files an image's absolute symlinks point at.
+        let host = tempfile::tempdir().unwrap();
+        std::fs::write(host.path().join("passwd"), "evil:x:4242:4243::/:/bin/sh\n").unwrap();
+        std::fs::write(host.path().join("group"), "evilgrp:x:4244:\n").unwrap();
+        // etc/passwd -> /<host>/passwd (absolute), etc/group likewise.
+        let a = tempfile::tempdir().unwrap();
+        std::fs::create_dir(a.path().join("etc")).unwrap();
+        std::os::unix::fs::symlink(host.path().join("passwd"), a.path().join("etc/passwd"))
+            .unwrap();
+        std::os::unix::fs::symlink(host.path().join("group"), a.path().join("etc/group")).unwrap();
+        assert!(
+            resolve_user(Some("evil"), a.path()).is_err(),
+            "read the host's file through an absolute symlink"
+        );
+        assert!(resolve_user(Some("0:evilgrp"), a.path()).is_err());
+        // etc -> /<host> (an absolute symlinked directory), and ../ escapes.
+        let b = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(host.path(), b.path().join("etc")).unwrap();
+        assert!(resolve_user(Some("evil"), b.path()).is_err());
+        let c = tempfile::tempdir().unwrap();
+        std::fs::create_dir(c.path().join("etc")).unwrap();
+        let up = format!(
+            "../../../../../../..{}",
+            host.path().join("passwd").display()
+        );
+        std::os::unix::fs::symlink(up, c.path().join("etc/passwd")).unwrap();
+        assert!(resolve_user(Some("evil"), c.path()).is_err());
+        // Absolute symlinks resolve inside the rootfs, as they would in the container.
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("etc")).unwrap();
+        std::fs::create_dir_all(d.path().join("usr/lib")).unwrap();
+        std::fs::write(d.path().join("usr/lib/passwd"), "app:x:77:78::/:/bin/sh\n").unwrap();
+        std::os::unix::fs::symlink("/usr/lib/passwd", d.path().join("etc/passwd")).unwrap();
+        assert_eq!(resolve_user(Some("app"), d.path()).unwrap(), (77, 78));
     }
 }

@@ -293,6 +293,86 @@ async fn different_functions_cannot_reach_each_other() {
     assert!(swk_netns(&env.state).is_empty());
 }
 
+/// `process.env` of a created container, from the config.json of its bundle.
+fn container_env(state: &Path, id: &str) -> Vec<String> {
+    let out = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(state.join("runc"))
+        .args(["state", id])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "runc state {id}");
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bundle = PathBuf::from(st["bundle"].as_str().unwrap());
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json")).unwrap()).unwrap();
+    config["process"]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_serves_only_its_spec_and_an_update_drops_the_old_containers() {
+    if !can_run("pool_keyed_by_spec") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let env = setup().await;
+    let pool = Pool::new(env.rt.clone());
+    let mut v1 = spec("upd", &env.oci_image);
+    v1.env.insert("VERSION".into(), "1".into());
+    let mut v2 = v1.clone();
+    v2.env.insert("VERSION".into(), "2".into());
+    pool.refill(v1.clone(), 2);
+    assert_eq!(pool.wait_ready("upd", 2, Duration::from_secs(20)).await, 2);
+    let old: Vec<String> = runc_containers(&env.state);
+    assert_eq!(old.len(), 2);
+
+    // The function was updated: a container made for version 1 must not serve it.
+    assert!(
+        pool.take(&v2).is_none(),
+        "pool handed out an old-spec container"
+    );
+    // Another instance number is the same spec.
+    let mut v1_other = v1.clone();
+    v1_other.instance = 9;
+    let c = pool.take(&v1_other).expect("same spec, other instance");
+    env.rt.stop(c, Duration::ZERO).await.unwrap();
+
+    // Refilling for version 2 removes version 1's containers.
+    pool.refill(v2.clone(), 1);
+    let gone = wait_for(Duration::from_secs(20), || {
+        let now = runc_containers(&env.state);
+        pool.ready("upd") == 1 && !now.iter().any(|id| old.contains(id))
+    })
+    .await;
+    assert!(
+        gone,
+        "old containers left: {:?}",
+        runc_containers(&env.state)
+    );
+    let c = pool.take(&v2).expect("version 2 container");
+    assert!(container_env(&env.state, c.id()).contains(&"VERSION=2".to_string()));
+    env.rt.stop(c, Duration::ZERO).await.unwrap();
+    pool.drain("upd").await;
+    assert!(runc_containers(&env.state).is_empty());
+    env.rt.cleanup_all().await;
+}
+
+async fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_start_works_and_is_faster_than_create_and_start() {
     if !can_run("pooled_start") {
@@ -310,7 +390,7 @@ async fn pooled_start_works_and_is_faster_than_create_and_start() {
             1
         );
         let t0 = Instant::now();
-        let c = pool.take("pooled").expect("pooled container");
+        let c = pool.take(&s).expect("pooled container");
         assert!(!c.is_started());
         serve(&env.rt, &c).await;
         pooled.push(t0.elapsed());
@@ -322,7 +402,7 @@ async fn pooled_start_works_and_is_faster_than_create_and_start() {
         unpooled.push(t0.elapsed());
         env.rt.stop(c, Duration::ZERO).await.unwrap();
     }
-    assert!(pool.take("pooled").is_none(), "pool should be empty");
+    assert!(pool.take(&s).is_none(), "pool should be empty");
     pooled.sort();
     unpooled.sort();
     eprintln!("pooled {pooled:?}\nunpooled {unpooled:?}");

@@ -49,6 +49,12 @@ echo 'Content-Type: text/plain'\n\
 echo\n\
 echo \"allocated ${QUERY_STRING:-256} MiB\"\n";
 
+/// CGI `/cgi-bin/version`: the container's `VERSION` env var (httpd passes its env on).
+const CGI_VERSION: &str = "#!/bin/sh\n\
+echo 'Content-Type: text/plain'\n\
+echo\n\
+echo \"version=$VERSION\"\n";
+
 /// The fixture function (busybox httpd with /cgi-bin/ns and /cgi-bin/eat) plus a second
 /// layer with [`CGI_HOG`], as both archive formats, in a directory of its own.
 struct Images {
@@ -65,6 +71,7 @@ impl Images {
             .dir("www")
             .dir("www/cgi-bin")
             .file("www/cgi-bin/hog", 0o755, CGI_HOG.as_bytes())
+            .file("www/cgi-bin/version", 0o755, CGI_VERSION.as_bytes())
             .finish();
         let gz = vec![
             Layer::new(base.clone(), true),
@@ -375,6 +382,56 @@ fn pooled_cold_starts_use_the_pool_and_are_faster_than_create_and_start() {
         pooled * 1e3,
         unpooled * 1e3
     );
+}
+
+#[test]
+fn after_an_update_a_pooled_cold_start_runs_the_new_spec() {
+    if !can_run("pool_after_update") {
+        return;
+    }
+    let _serial = serial();
+    let mut d = OciDaemon::start_in("10.5.1.0/24", |_| String::new());
+    let deploy = |method: &str, version: &str| {
+        let body = json!({
+            "service": "upd",
+            "image": d.images.oci.display().to_string(),
+            "envVars": { "VERSION": version },
+            "annotations": {
+                "com.synwake.runtime": "oci",
+                "com.synwake.stop-grace": "100ms",
+                "com.synwake.pool": "1",
+            },
+        });
+        let r = d.d.api_json(method, "/system/functions", &body.to_string());
+        assert!(matches!(r.status, 200..=202), "{} {}", r.status, r.text());
+    };
+    deploy("POST", "1");
+    assert_eq!(
+        d.call_ok("upd", "/cgi-bin/version").text().trim(),
+        "version=1"
+    );
+    d.scale_to_zero("upd");
+    d.wait_pooled("upd");
+    let old: Vec<String> = d.containers_of("upd").into_iter().map(|c| c.id).collect();
+    assert_eq!(old.len(), 1, "{old:?}");
+
+    deploy("PUT", "2");
+    // The cold start after the update must not come from version 1's pool.
+    let r = d.call_ok("upd", "/cgi-bin/version");
+    assert_eq!(
+        r.text().trim(),
+        "version=2",
+        "served by an old pooled container"
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || d
+            .containers_of("upd")
+            .iter()
+            .all(|c| !old.contains(&c.id))),
+        "version 1's pooled container is still there: {:?}",
+        d.containers_of("upd")
+    );
+    d.sigterm();
 }
 
 #[test]

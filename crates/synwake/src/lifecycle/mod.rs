@@ -404,6 +404,12 @@ impl Lifecycle {
         if let Some(old) = old {
             let live = old.state.lock().unwrap().live();
             self.retire(&old).await;
+            // The same runtime already replaced what it held for the old spec in prepare.
+            if old.spec.runtime != new.spec.runtime {
+                if let Ok(old_rt) = self.runtime_for(&old.spec) {
+                    old_rt.forget(&old.spec).await;
+                }
+            }
             for _ in 0..live.min(new.spec.max_instances as usize) {
                 let mut st = new.state.lock().unwrap();
                 self.spawn_start(&new, &mut st, Trigger::Api, Instant::now());

@@ -185,7 +185,8 @@ impl Runtime for OciFunctions {
         RuntimeKind::Oci
     }
 
-    /// Imports the image (refusing a bad one before the deploy lands) and fills the pool.
+    /// Imports the image (refusing a bad one before the deploy lands) and fills the pool;
+    /// containers pooled for an earlier spec of the function are removed.
     async fn prepare(&self, spec: &FunctionSpec) -> Result<(), StartError> {
         let before = self
             .images
@@ -202,6 +203,8 @@ impl Runtime for OciFunctions {
         if spec.oci.pool > 0 {
             self.pool
                 .refill(Self::container_spec(spec, image, 0), spec.oci.pool as usize);
+        } else {
+            self.pool.drain(&spec.name).await;
         }
         Ok(())
     }
@@ -214,7 +217,7 @@ impl Runtime for OciFunctions {
     ) -> Result<Arc<dyn Instance>, StartError> {
         let image = self.image(spec, false).await?;
         let cspec = Self::container_spec(spec, image, instance);
-        let (container, pooled) = match self.pool.take(&spec.name) {
+        let (container, pooled) = match self.pool.take(&cspec) {
             Some(c) => (c, true),
             None => (
                 self.rt
