@@ -65,6 +65,8 @@ pub struct GatewayConfig {
     pub tls_listen: Option<SocketAddr>,
     /// A TLS handshake not finished by then is closed.
     pub tls_handshake_timeout: Duration,
+    /// Client connection limits and timeouts, upstream pool idle bound.
+    pub limits: crate::gateway::conn::Limits,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -136,6 +138,15 @@ struct RawGateway {
     tls_listen: Option<Spanned<String>>,
     #[serde(default, with = "opt_duration")]
     tls_handshake_timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    header_read_timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    client_idle_timeout: Option<Duration>,
+    max_connections: Option<Spanned<usize>>,
+    max_header_bytes: Option<Spanned<usize>>,
+    max_headers: Option<Spanned<usize>>,
+    #[serde(default, with = "opt_duration")]
+    upstream_idle_timeout: Option<Duration>,
 }
 
 /// Policy keys, allowed in `[defaults]` and in each `[[function]]`.
@@ -152,6 +163,11 @@ pub(crate) struct RawPolicy {
     #[serde(default, with = "opt_duration")]
     prewarm_ttl: Option<Duration>,
     max_wakes_per_second: Option<u32>,
+    #[serde(default, with = "opt_duration")]
+    timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    connect_timeout: Option<Duration>,
+    protocol: Option<spec::Protocol>,
 }
 
 impl RawPolicy {
@@ -165,6 +181,9 @@ impl RawPolicy {
             max_wakes_per_second: self
                 .max_wakes_per_second
                 .unwrap_or(base.max_wakes_per_second),
+            timeout: self.timeout.unwrap_or(base.timeout),
+            connect_timeout: self.connect_timeout.unwrap_or(base.connect_timeout),
+            protocol: self.protocol.unwrap_or(base.protocol),
         }
     }
 }
@@ -226,6 +245,11 @@ struct RawFunction {
     #[serde(default, with = "opt_duration")]
     prewarm_ttl: Option<Duration>,
     max_wakes_per_second: Option<u32>,
+    #[serde(default, with = "opt_duration")]
+    timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    connect_timeout: Option<Duration>,
+    protocol: Option<spec::Protocol>,
     image: Option<String>,
     rootfs: Option<String>,
     container_port: Option<u16>,
@@ -403,6 +427,37 @@ impl Config {
                 "TLS needs at least one [[certificate]] with cert and key".into(),
             ));
         }
+        let base = crate::gateway::conn::Limits::default();
+        let at_least = |v: &Option<Spanned<usize>>, key: &str, min: usize, default: usize| match v {
+            None => Ok(default),
+            Some(n) if *n.get_ref() >= min => Ok(*n.get_ref()),
+            Some(n) => Err(invalid(
+                n.span(),
+                key,
+                format!("{} is below the minimum {min}", n.get_ref()),
+            )),
+        };
+        let g = &raw.gateway;
+        let limits = crate::gateway::conn::Limits {
+            header_read_timeout: g.header_read_timeout.unwrap_or(base.header_read_timeout),
+            client_idle_timeout: g.client_idle_timeout.unwrap_or(base.client_idle_timeout),
+            max_connections: at_least(
+                &g.max_connections,
+                "gateway.max_connections",
+                1,
+                base.max_connections,
+            )?,
+            max_header_bytes: at_least(
+                &g.max_header_bytes,
+                "gateway.max_header_bytes",
+                crate::gateway::conn::MIN_HEADER_BYTES,
+                base.max_header_bytes,
+            )?,
+            max_headers: at_least(&g.max_headers, "gateway.max_headers", 1, base.max_headers)?,
+            upstream_idle_timeout: g
+                .upstream_idle_timeout
+                .unwrap_or(base.upstream_idle_timeout),
+        };
         let gateway = GatewayConfig {
             listen,
             api_listen,
@@ -415,6 +470,7 @@ impl Config {
             drain_timeout: raw.gateway.drain_timeout.unwrap_or(Duration::from_secs(10)),
             tls_listen,
             tls_handshake_timeout,
+            limits,
         };
         let defaults = raw.defaults.apply(&Policy::default());
         let defaults_at = text.find("[defaults]").unwrap_or(0);
@@ -424,17 +480,36 @@ impl Config {
             key: format!("defaults.{}", e.key),
             message: e.message,
         })?;
-        if let Some(d) = raw.gateway.drain_timeout {
-            spec::check_duration("drain_timeout", d, &spec::limits::DRAIN_TIMEOUT).map_err(
-                |e| ConfigError::Invalid {
-                    path: path.to_path_buf(),
-                    line: line_of(
-                        key_offset(text, text.find("[gateway]").unwrap_or(0), "drain_timeout") + 1,
-                    ),
-                    key: "gateway.drain_timeout".into(),
-                    message: e.message,
-                },
-            )?;
+        let gateway_durations = [
+            (
+                "drain_timeout",
+                raw.gateway.drain_timeout,
+                &spec::limits::DRAIN_TIMEOUT,
+            ),
+            (
+                "header_read_timeout",
+                raw.gateway.header_read_timeout,
+                &spec::limits::CONNECTION_TIMEOUT,
+            ),
+            (
+                "client_idle_timeout",
+                raw.gateway.client_idle_timeout,
+                &spec::limits::CONNECTION_TIMEOUT,
+            ),
+            (
+                "upstream_idle_timeout",
+                raw.gateway.upstream_idle_timeout,
+                &spec::limits::CONNECTION_TIMEOUT,
+            ),
+        ];
+        for (key, d, range) in gateway_durations {
+            let Some(d) = d else { continue };
+            spec::check_duration(key, d, range).map_err(|e| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: line_of(key_offset(text, text.find("[gateway]").unwrap_or(0), key) + 1),
+                key: format!("gateway.{key}"),
+                message: e.message,
+            })?;
         }
 
         let mut names: HashMap<String, usize> = HashMap::new();
@@ -541,6 +616,9 @@ impl Config {
                 max_pending: f.max_pending,
                 prewarm_ttl: f.prewarm_ttl,
                 max_wakes_per_second: f.max_wakes_per_second,
+                timeout: f.timeout,
+                connect_timeout: f.connect_timeout,
+                protocol: f.protocol,
             }
             .apply(&defaults);
             let spec = FunctionSpec {
@@ -838,6 +916,32 @@ mod tests {
     fn public_api_is_allowed_as_auth_is_always_on() {
         let c = parse("[gateway]\napi_listen = \"0.0.0.0:8081\"\n").unwrap();
         assert!(c.gateway.api_password_file.is_none());
+    }
+
+    #[test]
+    fn gateway_limits_and_upstream_policy() {
+        let c = parse("[gateway]\nheader_read_timeout = \"2s\"\nmax_connections = 10\n[defaults]\ntimeout = \"5s\"\n[[function]]\nname = \"a\"\ncommand = [\"x\"]\nprotocol = \"h2c\"\nconnect_timeout = \"1s\"\n").unwrap();
+        assert_eq!(c.gateway.limits.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.gateway.limits.max_connections, 10);
+        assert_eq!(
+            c.gateway.limits.client_idle_timeout,
+            Duration::from_secs(60)
+        );
+        let p = &c.functions[0].policy;
+        assert_eq!(p.timeout, Duration::from_secs(5));
+        assert_eq!(p.connect_timeout, Duration::from_secs(1));
+        assert_eq!(p.protocol, spec::Protocol::H2c);
+        let e = parse("[gateway]\nmax_header_bytes = 100\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("test.toml:2: gateway.max_header_bytes"),
+            "{e}"
+        );
+        let e = parse("[defaults]\nprotocol = \"spdy\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("spdy"), "{e}");
     }
 
     #[test]

@@ -89,8 +89,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let conns = listeners::Connections::default();
-    let proxy = Proxy::new(lifecycle.clone());
+    let conns = listeners::Connections::new(config.gateway.limits.clone());
+    let proxy = Proxy::new(
+        lifecycle.clone(),
+        config.gateway.limits.upstream_idle_timeout,
+    );
     if !config.certificates.is_empty() {
         let certs = CertStore::load(config.certificates.clone())
             .context("loading [[certificate]] (fix the file, or remove the table)")?;
@@ -177,7 +180,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         api_handler,
         None,
         shutdown_rx.clone(),
-        conns.clone(),
+        conns.with_own_limit(config.gateway.limits.max_connections),
     )));
     tasks.push(tokio::spawn(ports.run()));
     if let Some(edge) = proxy.tls().cloned() {

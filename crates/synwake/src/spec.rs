@@ -33,6 +33,30 @@ pub enum Source {
     Api,
 }
 
+/// What the gateway speaks to a function's instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1, connections kept alive and reused.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (no TLS), as gRPC needs end to end.
+    H2c,
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "http1" => Ok(Protocol::Http1),
+            "h2c" => Ok(Protocol::H2c),
+            other => Err(format!(
+                "invalid protocol {other:?}: expected \"http1\" or \"h2c\""
+            )),
+        }
+    }
+}
+
 /// Timing and admission settings; `[defaults]` in the config, overridable per function.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
@@ -46,6 +70,25 @@ pub struct Policy {
     #[serde(with = "crate::spec::duration_str")]
     pub prewarm_ttl: Duration,
     pub max_wakes_per_second: u32,
+    /// Upstream response: from forwarding the request to the response head (504 after).
+    #[serde(with = "crate::spec::duration_str", default = "default_timeout")]
+    pub timeout: Duration,
+    /// Upstream TCP connect to an instance.
+    #[serde(
+        with = "crate::spec::duration_str",
+        default = "default_connect_timeout"
+    )]
+    pub connect_timeout: Duration,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 impl Default for Policy {
@@ -57,6 +100,9 @@ impl Default for Policy {
             max_pending: 1000,
             prewarm_ttl: Duration::from_secs(10),
             max_wakes_per_second: 5,
+            timeout: default_timeout(),
+            connect_timeout: default_connect_timeout(),
+            protocol: Protocol::Http1,
         }
     }
 }
@@ -152,6 +198,10 @@ pub mod limits {
     pub const TLS_HANDSHAKE_TIMEOUT: RangeInclusive<Duration> = ms(1)..=secs(600);
     /// Host names one function may claim.
     pub const HOSTS: usize = 256;
+    pub const TIMEOUT: RangeInclusive<Duration> = ms(1)..=secs(DAY);
+    pub const CONNECT_TIMEOUT: RangeInclusive<Duration> = ms(1)..=secs(3600);
+    /// `header_read_timeout`, `client_idle_timeout`, `upstream_idle_timeout`.
+    pub const CONNECTION_TIMEOUT: RangeInclusive<Duration> = ms(1)..=secs(DAY);
     pub const MAX_PENDING: RangeInclusive<u64> = 0..=1_000_000;
     pub const MAX_WAKES_PER_SECOND: RangeInclusive<u64> = 0..=100_000;
     pub const MAX_INSTANCES: RangeInclusive<u64> = 1..=1024;
@@ -218,6 +268,12 @@ impl Policy {
         check_duration("start_timeout", self.start_timeout, &limits::START_TIMEOUT)?;
         check_duration("stop_grace", self.stop_grace, &limits::STOP_GRACE)?;
         check_duration("prewarm_ttl", self.prewarm_ttl, &limits::PREWARM_TTL)?;
+        check_duration("timeout", self.timeout, &limits::TIMEOUT)?;
+        check_duration(
+            "connect_timeout",
+            self.connect_timeout,
+            &limits::CONNECT_TIMEOUT,
+        )?;
         check_count("max_pending", self.max_pending as u64, &limits::MAX_PENDING)?;
         check_count(
             "max_wakes_per_second",

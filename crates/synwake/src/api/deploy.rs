@@ -201,6 +201,14 @@ impl FunctionDeployment {
             start_timeout: parse_dur("start-timeout", defaults.start_timeout)?,
             stop_grace: parse_dur("stop-grace", defaults.stop_grace)?,
             prewarm_ttl: parse_dur("prewarm-ttl", defaults.prewarm_ttl)?,
+            timeout: parse_dur("timeout", defaults.timeout)?,
+            connect_timeout: parse_dur("connect-timeout", defaults.connect_timeout)?,
+            protocol: match ann("protocol") {
+                None => defaults.protocol,
+                Some(p) => p
+                    .parse()
+                    .map_err(|m| field_err("annotations.com.synwake.protocol", m))?,
+            },
             ..defaults.clone()
         };
         let spec = FunctionSpec {

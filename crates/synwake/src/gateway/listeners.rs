@@ -11,15 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::conn::{Limits, Server};
 use super::hosts::ConnInfo;
 use super::tls::{HandshakeError, TlsEdge};
 use super::{Proxy, ProxyBody, Route};
@@ -45,13 +43,40 @@ pub enum Transport {
     },
 }
 
-/// Open connections across all listeners, for draining.
-#[derive(Clone, Default)]
+/// Open connections across all listeners, for draining and for `max_connections`.
+#[derive(Clone)]
 pub struct Connections {
     open: Arc<AtomicUsize>,
+    /// One permit per open connection; without one, a connection waits in the backlog.
+    admit: Arc<Semaphore>,
+    server: Arc<Server>,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections::new(Limits::default())
+    }
 }
 
 impl Connections {
+    pub fn new(limits: Limits) -> Self {
+        Connections {
+            open: Arc::default(),
+            admit: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            server: Server::new(limits),
+        }
+    }
+
+    /// The same drain count and server, with admission of its own: the API stays
+    /// reachable while the function ports are at `max_connections`.
+    pub fn with_own_limit(&self, max: usize) -> Self {
+        Connections {
+            open: self.open.clone(),
+            admit: Arc::new(Semaphore::new(max.max(1))),
+            server: self.server.clone(),
+        }
+    }
+
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
     }
@@ -66,7 +91,7 @@ impl Connections {
     }
 }
 
-struct OpenGuard(Arc<AtomicUsize>);
+struct OpenGuard(Arc<AtomicUsize>, #[allow(dead_code)] OwnedSemaphorePermit);
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
@@ -103,6 +128,14 @@ pub async fn serve_transport(
     conns: Connections,
 ) {
     loop {
+        // At max_connections, stop accepting: new connections wait in the kernel's backlog.
+        let permit = tokio::select! {
+            p = conns.admit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -120,16 +153,19 @@ pub async fn serve_transport(
         }
         let _ = stream.set_nodelay(true);
         conns.open.fetch_add(1, Ordering::Relaxed);
-        let guard = OpenGuard(conns.open.clone());
+        let guard = OpenGuard(conns.open.clone(), permit);
         let handler = handler.clone();
         let shutdown = shutdown.clone();
         let transport = transport.clone();
         let accepted = Instant::now();
+        let server = conns.server.clone();
         tokio::spawn(async move {
             let _guard = guard;
             match transport {
                 Transport::Plain => {
-                    serve_http(stream, ConnInfo::plain(peer), handler, shutdown).await
+                    server
+                        .serve(stream, ConnInfo::plain(peer), handler, shutdown)
+                        .await
                 }
                 Transport::Tls {
                     edge,
@@ -146,7 +182,7 @@ pub async fn serve_transport(
                                 tls: true,
                                 server_name: h.server_name,
                             };
-                            serve_http(h.stream, info, handler, shutdown).await
+                            server.serve(h.stream, info, handler, shutdown).await
                         }
                         Err(e @ HandshakeError::UnknownName(_)) => {
                             tracing::info!("TLS from {peer}: {e}")
@@ -169,34 +205,6 @@ fn sni_admits(proxy: &Proxy, edge: &TlsEdge, name: Option<&str>, at: Instant) ->
         return true;
     }
     edge.certs.covers(name)
-}
-
-/// Serves HTTP/1.1 on one connection until it closes, or finishes its in-flight request
-/// and closes at shutdown.
-async fn serve_http<IO>(
-    io: IO,
-    info: ConnInfo,
-    handler: Handler,
-    mut shutdown: watch::Receiver<bool>,
-) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let svc = service_fn(move |req| {
-        let h = handler.clone();
-        let info = info.clone();
-        async move { Ok::<_, std::convert::Infallible>(h(req, info).await) }
-    });
-    let conn = http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
 }
 
 /// Handler for a gateway route.

@@ -9,11 +9,13 @@
 //! Errors say who failed (synwake, the function's start, the instance) and carry the
 //! function name.
 
+pub mod conn;
 pub mod forwarded;
 pub mod hosts;
 pub mod listeners;
 pub mod path;
 pub mod tls;
+pub mod upstream;
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -27,13 +29,11 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use crate::lifecycle::{AcquireError, Lease, Lifecycle};
 use crate::runtime::StartError;
+use crate::spec::Protocol;
 pub use hosts::{ConnInfo, HostTable};
 pub use listeners::{serve_listener, PortListeners};
 
@@ -73,7 +73,7 @@ pub enum Route {
 /// The proxy shared by every listener.
 pub struct Proxy {
     lifecycle: Lifecycle,
-    client: Client<HttpConnector, Incoming>,
+    upstream: upstream::Upstream,
     /// Host claims as of a lifecycle change version.
     hosts: RwLock<(u64, Arc<HostTable>)>,
     /// Set once when the gateway terminates TLS.
@@ -81,17 +81,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(lifecycle: Lifecycle) -> Arc<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            .build(connector);
+    /// `upstream_idle_timeout`: idle pooled connections to instances are closed after it.
+    pub fn new(lifecycle: Lifecycle, upstream_idle_timeout: Duration) -> Arc<Self> {
         Arc::new(Proxy {
             lifecycle,
-            client,
+            upstream: upstream::Upstream::new(upstream_idle_timeout),
             hosts: RwLock::new((u64::MAX, Arc::default())),
             tls: OnceLock::new(),
         })
@@ -224,20 +218,72 @@ impl Proxy {
                 )
             }
         };
+        // HTTP/2 clients name the host in the URI, not in a Host header.
+        if !parts.headers.contains_key(http::header::HOST) {
+            if let Some(v) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                parts.headers.insert(http::header::HOST, v);
+            }
+        }
         parts.uri = uri;
-        parts.version = http::Version::HTTP_11;
+        let policy = &spec.policy;
+        let h2c = policy.protocol == Protocol::H2c;
+        parts.version = if h2c {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+        // gRPC needs `te: trailers` end to end; it is the one TE value HTTP/2 allows.
+        let te_trailers = parts
+            .headers
+            .get(http::header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         strip_hop_by_hop(&mut parts.headers);
         forwarded::set_forwarded(&mut parts.headers, conn);
+        if te_trailers {
+            parts
+                .headers
+                .insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
         // A function may answer without reading the body; what it left unread would be
         // parsed as the next request on a pooled connection and its answer handed to
         // another client. So a connection that carried a body is not reused.
-        if !body.is_end_stream() {
+        if !h2c && !body.is_end_stream() {
             parts
                 .headers
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         let cold = lease.cold;
-        match self.client.request(Request::from_parts(parts, body)).await {
+        let client = self
+            .upstream
+            .client(policy.protocol, policy.connect_timeout);
+        let sent = tokio::time::timeout(
+            policy.timeout,
+            client.request(Request::from_parts(parts, body)),
+        )
+        .await;
+        let Ok(sent) = sent else {
+            tracing::info!(
+                "function {function}: no response within timeout {}",
+                humantime::format_duration(policy.timeout)
+            );
+            let mut r = text_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "function {function}: no response within its timeout of {}",
+                    humantime::format_duration(policy.timeout)
+                ),
+            );
+            r.headers_mut().insert(
+                HeaderName::from_static(COLD_START_HEADER),
+                HeaderValue::from_static(if cold { "true" } else { "false" }),
+            );
+            return r;
+        };
+        match sent {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);

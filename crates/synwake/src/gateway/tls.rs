@@ -28,9 +28,9 @@ use tokio_rustls::LazyConfigAcceptor;
 
 use crate::config::CertificateConfig;
 
-/// ALPN protocols offered, most preferred first. HTTP/2 joins once the forward path
-/// speaks it.
-pub const ALPN: &[&[u8]] = &[b"http/1.1"];
+/// ALPN protocols offered, most preferred first (the auto server tells them apart by the
+/// HTTP/2 preface).
+pub const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// How often certificate and key files are checked for changes (certbot rewrites them).
 pub const RELOAD_POLL: Duration = Duration::from_secs(2);
