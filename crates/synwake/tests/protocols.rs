@@ -1,0 +1,177 @@
+//! HTTP/2 and gRPC through the gateway, with real clients: curl with prior knowledge,
+//! h2load, and a Python grpcio client calling a cold h2c function (unary, bidi streaming,
+//! an error status carried in trailers).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use common::*;
+
+/// Debian's python3 (the one that sees python3-grpcio), or `None` (skipped loudly) when a
+/// module is missing outside CI; in CI a missing module fails the test.
+fn python_with(module: &str) -> Option<&'static str> {
+    let py = "/usr/bin/python3";
+    let ok = Command::new(py)
+        .args(["-c", &format!("import {module}")])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Some(py);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{py} cannot import {module} (scripts/deps.sh installs it)"
+    );
+    eprintln!("SKIPPED: {py} cannot import {module}");
+    None
+}
+
+fn tool(name: &str) -> bool {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{name} is missing (scripts/deps.sh installs it)"
+        );
+        eprintln!("SKIPPED: {name} is not installed");
+    }
+    ok
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+#[test]
+fn curl_http2_prior_knowledge_next_to_http1_on_the_same_port() {
+    if !tool("curl") {
+        return;
+    }
+    let d = Daemon::start(&function("f", ""));
+    let url = format!("http://127.0.0.1:{}/function/f/pid", d.shared);
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-w",
+            "\n%{http_version}",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pid: i32 = text
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .parse()
+        .expect(&text);
+    assert_eq!(text.lines().last(), Some("2"), "not HTTP/2: {text}");
+    // Same port, HTTP/1.1, same instance.
+    assert_eq!(d.call("f", "/pid").pid(), pid);
+    // An HTTP/2 upload streams through to an HTTP/1.1 function intact.
+    let body = "x".repeat(300_000);
+    let out = Command::new("curl")
+        .args(["-sS", "--http2-prior-knowledge", "--data-binary", "@-"])
+        .arg(format!("http://127.0.0.1:{}/function/f/", d.shared))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(body.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert_eq!(out.stdout.len(), body.len());
+}
+
+#[test]
+fn h2load_many_streams_on_few_connections() {
+    if !tool("h2load") {
+        return;
+    }
+    let d = Daemon::start(&function("f", ""));
+    assert_eq!(d.call("f", "/pid").status, 200);
+    let out = Command::new("h2load")
+        .args(["-n", "2000", "-c", "4", "-m", "16"])
+        .arg(format!("http://127.0.0.1:{}/function/f/", d.shared))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("2000 succeeded, 0 failed, 0 errored"),
+        "h2load:\n{text}"
+    );
+    assert!(text.contains("status codes: 2000 2xx"), "h2load:\n{text}");
+}
+
+const GRPC_CLIENT: &str = r#"
+import sys, grpc
+ch = grpc.insecure_channel(sys.argv[1])
+grpc.channel_ready_future(ch).result(timeout=30)
+unary = ch.unary_unary("/test.Echo/Unary")
+resp, call = unary.with_call(b"hello", timeout=30)
+trailers = dict(call.trailing_metadata())
+print("unary", resp.decode(), trailers.get("x-echo-trailer"))
+stream = ch.stream_stream("/test.Echo/Stream")
+print("stream", ",".join(r.decode() for r in stream(iter([b"a", b"bb", b"ccc"]), timeout=30)))
+try:
+    ch.unary_unary("/test.Echo/Fail")(b"x", timeout=30)
+    print("fail none")
+except grpc.RpcError as e:
+    print("fail", e.code().name, e.details())
+"#;
+
+#[test]
+fn grpc_unary_and_streaming_to_a_cold_h2c_function() {
+    let Some(py) = python_with("grpc") else {
+        return;
+    };
+    let port = free_port();
+    let d = Daemon::start(&format!(
+        "[[function]]\nname = \"grpc\"\nport = {port}\ncommand = [{py:?}, {:?}]\nprotocol = \"h2c\"\n",
+        fixture("grpc_echo.py").display().to_string()
+    ));
+    assert_eq!(d.available("grpc"), 0, "the function starts cold");
+    let t0 = Instant::now();
+    let out = Command::new(py)
+        .args(["-c", GRPC_CLIENT, &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client failed after {:?}: {text}\n{}",
+        t0.elapsed(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("unary olleh unary"), "{text}");
+    assert!(text.contains("stream A,BB,CCC"), "{text}");
+    assert!(text.contains("fail NOT_FOUND nope"), "{text}");
+    let m = d.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "synwake_cold_starts_total{function=\"grpc\",trigger=\"request\"}"
+        )
+        .or_else(|| metric(
+            &m,
+            "synwake_cold_starts_total{function=\"grpc\",trigger=\"accept\"}"
+        )),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(d.available("grpc"), 1);
+}
