@@ -1,8 +1,10 @@
-//! Minimal blocking HTTP/1.1 client: the timed load generator request and the management
-//! API calls. Kept tiny on purpose so the measured path is just connect, write, read.
+//! Minimal blocking HTTP/1.1 client: the timed load generator request (plain or over TLS)
+//! and the management API calls. Kept tiny on purpose so the measured path is just
+//! connect, (handshake,) write, read.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Errors from one HTTP exchange.
@@ -23,6 +25,10 @@ pub enum ClientError {
     },
     #[error("malformed response from {addr}: {reason}")]
     Malformed { addr: SocketAddr, reason: String },
+    #[error("{name:?} is not a TLS server name: {reason}")]
+    ServerName { name: String, reason: String },
+    #[error("TLS setup with {addr} failed: {reason}")]
+    Tls { addr: SocketAddr, reason: String },
 }
 
 /// A parsed response and how long it took.
@@ -117,9 +123,62 @@ pub fn request_authorized(
     })
 }
 
+/// `GET path` over a fresh TLS connection to `addr` with SNI `server_name`, verifying
+/// the server with `tls` (a full handshake unless `tls` resumes). `elapsed` runs from
+/// just before connect() to the response's last byte, the handshake included.
+pub fn get_tls(
+    addr: SocketAddr,
+    server_name: &str,
+    path: &str,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).map_err(|e| {
+        ClientError::ServerName {
+            name: server_name.to_string(),
+            reason: e.to_string(),
+        }
+    })?;
+    let io_err = |stage| {
+        move |source| ClientError::Io {
+            addr,
+            stage,
+            source,
+        }
+    };
+    let wire = format!(
+        "GET {path} HTTP/1.1\r\nHost: {server_name}\r\nUser-Agent: synwake-bench\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    );
+    let start = Instant::now();
+    let sock = TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|source| ClientError::Connect { addr, source })?;
+    sock.set_nodelay(true).map_err(io_err("setsockopt"))?;
+    sock.set_read_timeout(Some(timeout))
+        .map_err(io_err("setsockopt"))?;
+    sock.set_write_timeout(Some(timeout))
+        .map_err(io_err("setsockopt"))?;
+    let conn = rustls::ClientConnection::new(tls, name).map_err(|e| ClientError::Tls {
+        addr,
+        reason: e.to_string(),
+    })?;
+    // The request goes out with the handshake's last flight, as a browser's does.
+    let mut stream = rustls::StreamOwned::new(conn, sock);
+    stream
+        .write_all(wire.as_bytes())
+        .map_err(io_err("the TLS handshake or writing the request"))?;
+    let (status, headers, body) = read_response(&mut stream, addr)?;
+    let elapsed = start.elapsed();
+    Ok(Response {
+        status,
+        headers,
+        body,
+        elapsed,
+    })
+}
+
 type Parsed = (u16, Vec<(String, String)>, Vec<u8>);
 
-fn read_response(stream: &mut TcpStream, addr: SocketAddr) -> Result<Parsed, ClientError> {
+fn read_response(stream: &mut impl Read, addr: SocketAddr) -> Result<Parsed, ClientError> {
     let bad = |reason: &str| ClientError::Malformed {
         addr,
         reason: reason.to_string(),
@@ -159,16 +218,15 @@ fn read_response(stream: &mut TcpStream, addr: SocketAddr) -> Result<Parsed, Cli
             .map(|(_, v)| v.clone())
     };
     let mut body = buf[head_end..].to_vec();
-    let mut read_more =
-        |stream: &mut TcpStream, body: &mut Vec<u8>| -> Result<usize, ClientError> {
-            let n = stream.read(&mut chunk).map_err(|source| ClientError::Io {
-                addr,
-                stage: "reading the response body",
-                source,
-            })?;
-            body.extend_from_slice(&chunk[..n]);
-            Ok(n)
-        };
+    let mut read_more = |stream: &mut dyn Read, body: &mut Vec<u8>| -> Result<usize, ClientError> {
+        let n = stream.read(&mut chunk).map_err(|source| ClientError::Io {
+            addr,
+            stage: "reading the response body",
+            source,
+        })?;
+        body.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    };
     if let Some(len) = get("content-length") {
         let len: usize = len.parse().map_err(|_| bad("bad Content-Length"))?;
         while body.len() < len {

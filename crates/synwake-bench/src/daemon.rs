@@ -23,6 +23,8 @@ pub const GATEWAY_PORT: u16 = 8080;
 pub const API_ADDR: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8081);
 /// Each function gets its own port, `FUNCTION_PORT_BASE + index`.
 pub const FUNCTION_PORT_BASE: u16 = 9100;
+/// The shared HTTPS port (`--tls`, the `sni` mode).
+pub const TLS_GATEWAY_PORT: u16 = 8443;
 
 /// Errors around the daemon process and its API.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +105,9 @@ pub struct DaemonSetup {
     pub functions: Vec<FunctionSpec>,
     /// Prefix of the instance marker; instances get `INSTANCE_MARKER_ENV=<prefix>/<name>`.
     pub marker_prefix: String,
+    /// `--tls`: certificate chain and key; functions then listen on `tls_port` (the same
+    /// number) and claim `<name>.bench.test` on the shared HTTPS port.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Serialize)]
@@ -111,6 +116,14 @@ struct ConfigFile {
     defaults: DefaultsSection,
     probe: ProbeSection,
     function: Vec<FunctionSection>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    certificate: Vec<CertificateSection>,
+}
+
+#[derive(Serialize)]
+struct CertificateSection {
+    cert: String,
+    key: String,
 }
 
 #[derive(Serialize)]
@@ -119,6 +132,8 @@ struct GatewaySection {
     api_listen: String,
     state_dir: String,
     wake_on_accept: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_listen: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -138,7 +153,12 @@ struct ProbeSection {
 #[derive(Serialize)]
 struct FunctionSection {
     name: String,
-    port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_port: Option<u16>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    hosts: Vec<String>,
     runtime: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     command: Option<Vec<String>>,
@@ -167,9 +187,16 @@ impl DaemonSetup {
                     ),
                 ]);
                 let oci = self.runtime != RuntimeKind::Process;
+                let tls = self.tls.is_some();
                 FunctionSection {
                     name: f.name.clone(),
-                    port: f.port,
+                    port: (!tls).then_some(f.port),
+                    tls_port: tls.then_some(f.port),
+                    hosts: if tls {
+                        vec![crate::tls::host_of(&f.name)]
+                    } else {
+                        Vec::new()
+                    },
                     runtime: if oci { "oci" } else { "process" }.to_string(),
                     command: (!oci).then(|| vec![self.function_bin.display().to_string()]),
                     image: oci
@@ -190,6 +217,10 @@ impl DaemonSetup {
                 api_listen: API_ADDR.to_string(),
                 state_dir: self.state_dir.display().to_string(),
                 wake_on_accept: self.wake.wake_on_accept,
+                tls_listen: self
+                    .tls
+                    .as_ref()
+                    .map(|_| format!("0.0.0.0:{TLS_GATEWAY_PORT}")),
             },
             defaults: DefaultsSection {
                 idle_timeout: "3600s".into(),
@@ -204,6 +235,14 @@ impl DaemonSetup {
                 interfaces: vec![self.probe_iface.clone()],
             },
             function,
+            certificate: self
+                .tls
+                .iter()
+                .map(|(cert, key)| CertificateSection {
+                    cert: cert.display().to_string(),
+                    key: key.display().to_string(),
+                })
+                .collect(),
         };
         Ok(toml::to_string(&cfg)?)
     }
@@ -542,6 +581,7 @@ mod tests {
             state_dir: "/tmp/st".into(),
             probe_iface: "swb0".into(),
             marker_prefix: "swb-1-0".into(),
+            tls: None,
             functions: vec![FunctionSpec {
                 name: "init-50".into(),
                 port: 9101,
@@ -570,6 +610,25 @@ mod tests {
             Some("swb-1-0/init-50")
         );
         assert!(f.get("image").is_none());
+    }
+
+    #[test]
+    fn renders_tls_config_with_tls_ports_hosts_and_certificate() {
+        let mut st = setup(RuntimeKind::Process, false);
+        st.tls = Some(("/pki/c.pem".into(), "/pki/k.pem".into()));
+        let text = st.render().unwrap();
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(v["gateway"]["tls_listen"].as_str(), Some("0.0.0.0:8443"));
+        assert_eq!(v["certificate"][0]["cert"].as_str(), Some("/pki/c.pem"));
+        let f = &v["function"][0];
+        assert_eq!(f["tls_port"].as_integer(), Some(9101));
+        assert!(f.get("port").is_none(), "{text}");
+        assert_eq!(f["hosts"][0].as_str(), Some("init-50.bench.test"));
+        // The daemon's own parser accepts it (certificate files are read at start only).
+        assert!(!setup(RuntimeKind::Process, false)
+            .render()
+            .unwrap()
+            .contains("tls"));
     }
 
     #[test]

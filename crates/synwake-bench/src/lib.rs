@@ -14,6 +14,7 @@ pub mod netns;
 pub mod report;
 pub mod stats;
 mod sweep;
+pub mod tls;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -46,6 +47,9 @@ pub enum Mode {
     Accept,
     /// eBPF probe on the server's interface wakes it on the client's SYN.
     Syn,
+    /// With `--tls`/`--tls12`: no probe; the shared HTTPS port wakes the function claiming
+    /// the ClientHello's server name before it answers the handshake.
+    Sni,
     /// The instance is already ready: the reference.
     Warm,
 }
@@ -56,6 +60,7 @@ impl fmt::Display for Mode {
             Mode::Request => "request",
             Mode::Accept => "accept",
             Mode::Syn => "syn",
+            Mode::Sni => "sni",
             Mode::Warm => "warm",
         })
     }
@@ -95,6 +100,33 @@ impl fmt::Display for RuntimeKind {
     }
 }
 
+/// What the timed client speaks to the function's port.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+pub enum Protocol {
+    /// Plain HTTP/1.1.
+    #[default]
+    #[serde(rename = "http")]
+    Http,
+    /// HTTPS, TLS 1.3, a full handshake per request (no resumption).
+    #[serde(rename = "tls1.3")]
+    Tls13,
+    /// HTTPS, TLS 1.2, a full handshake per request (no resumption).
+    #[serde(rename = "tls1.2")]
+    Tls12,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Http => "http",
+            Protocol::Tls13 => "tls1.3",
+            Protocol::Tls12 => "tls1.2",
+        })
+    }
+}
+
 /// Flags of `synwake bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -115,6 +147,13 @@ pub struct BenchArgs {
         default_value = "request,accept,syn,warm"
     )]
     pub modes: Vec<Mode>,
+    /// Speak HTTPS with TLS 1.3 to the functions' own TLS ports (and the shared HTTPS port
+    /// for `sni`), verifying a test CA the harness makes.
+    #[arg(long, conflicts_with = "tls12")]
+    pub tls: bool,
+    /// As `--tls`, with TLS 1.2.
+    #[arg(long)]
+    pub tls12: bool,
     /// Requests per cell (mode x RTT x init).
     #[arg(long, default_value_t = 20)]
     pub runs: usize,
@@ -143,6 +182,16 @@ pub struct BenchArgs {
     pub allow_emulation_drift: bool,
 }
 
+impl BenchArgs {
+    pub fn protocol(&self) -> Protocol {
+        match (self.tls, self.tls12) {
+            (_, true) => Protocol::Tls12,
+            (true, false) => Protocol::Tls13,
+            (false, false) => Protocol::Http,
+        }
+    }
+}
+
 impl Default for BenchArgs {
     fn default() -> Self {
         BenchArgs {
@@ -150,6 +199,8 @@ impl Default for BenchArgs {
             init: vec![0, 25, 50, 100, 200],
             runtime: RuntimeKind::Process,
             modes: vec![Mode::Request, Mode::Accept, Mode::Syn, Mode::Warm],
+            tls: false,
+            tls12: false,
             runs: 20,
             json: None,
             out: PathBuf::from("bench-results"),

@@ -6,13 +6,16 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::stats::{hidden_fraction, Summary};
-use crate::{Mode, RuntimeKind};
+use crate::{Mode, Protocol, RuntimeKind};
 
 /// One cell of the sweep: a mode at one RTT and init time. This is the published JSON shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Record {
     pub mode: Mode,
+    /// What the client spoke (older records without it were plain HTTP).
+    #[serde(default)]
+    pub protocol: Protocol,
     pub runtime: RuntimeKind,
     pub rtt_ms: u64,
     pub init_ms: u64,
@@ -29,6 +32,7 @@ impl Record {
         let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
         Record {
             mode,
+            protocol: Protocol::Http,
             runtime,
             rtt_ms,
             init_ms,
@@ -99,6 +103,7 @@ fn mode_style(mode: Mode) -> (&'static str, &'static str) {
         Mode::Request => ("#d62728", ""),
         Mode::Accept => ("#ff7f0e", ""),
         Mode::Syn => ("#2ca02c", ""),
+        Mode::Sni => ("#1f77b4", ""),
         Mode::Warm => ("#555555", " stroke-dasharray=\"6 4\""),
     }
 }
@@ -244,6 +249,19 @@ fn fmt_tick(v: f64) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn records_carry_the_protocol_and_old_ones_read_as_http() {
+        let s = Summary::from_durations(&[std::time::Duration::from_millis(5)]).unwrap();
+        let mut r = Record::new(Mode::Sni, RuntimeKind::Process, 50, 75, s);
+        r.protocol = Protocol::Tls13;
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains("\"protocol\":\"tls1.3\""), "{json}");
+        assert!(json.contains("\"mode\":\"sni\""), "{json}");
+        let old = json.replace("\"protocol\":\"tls1.3\",", "");
+        let back: Record = serde_json::from_str(&old).unwrap();
+        assert_eq!(back.protocol, Protocol::Http);
+    }
+
     fn rec(mode: Mode, rtt: u64, p50: f64) -> Record {
         Record::new(
             mode,
@@ -270,8 +288,8 @@ mod tests {
         assert_eq!(
             keys,
             [
-                "init_ms", "max_ms", "min_ms", "mode", "p50_ms", "p90_ms", "p99_ms", "rtt_ms",
-                "runs", "runtime"
+                "init_ms", "max_ms", "min_ms", "mode", "p50_ms", "p90_ms", "p99_ms", "protocol",
+                "rtt_ms", "runs", "runtime"
             ]
         );
         assert_eq!(obj["mode"], "syn");

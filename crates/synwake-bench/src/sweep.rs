@@ -16,7 +16,8 @@ use crate::interrupt;
 use crate::netns::{self, NetnsError, Topology};
 use crate::report::{self, Record};
 use crate::stats::{percentile, Summary};
-use crate::{BenchArgs, Mode, RuntimeKind};
+use crate::tls::TestPki;
+use crate::{BenchArgs, Mode, Protocol, RuntimeKind};
 
 /// Port the emulation check connects to (a bare listener, never a function).
 const CHECK_PORT: u16 = 7999;
@@ -217,6 +218,17 @@ fn plan_phases(modes: &[Mode]) -> Vec<Phase> {
             modes: vec![Mode::Syn],
         });
     }
+    // sni: no probe and no accept wake, so only the ClientHello can wake early.
+    if has(Mode::Sni) {
+        phases.push(Phase {
+            name: "sni",
+            wake: WakeSetup {
+                probe: false,
+                wake_on_accept: false,
+            },
+            modes: vec![Mode::Sni],
+        });
+    }
     // warm is the reference for syn, so it runs with the same daemon (probe attached).
     if has(Mode::Warm) {
         match phases.iter_mut().find(|p| p.name == "syn") {
@@ -271,6 +283,10 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.runtime != RuntimeKind::Process && args.image.is_none() {
         bail!("--runtime {} needs --image PATH", args.runtime);
     }
+    let protocol = args.protocol();
+    if args.modes.contains(&Mode::Sni) && protocol == Protocol::Http {
+        bail!("the sni mode needs --tls or --tls12");
+    }
     let (synwake_bin, function_bin) = resolve_bins(&args)?;
     let removed = netns::remove_stale_netns();
     if !removed.is_empty() {
@@ -278,6 +294,11 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     let out = std::fs::canonicalize(&args.out)?;
+    let pki = match protocol {
+        Protocol::Http => None,
+        _ => Some(TestPki::create(&out).context("make the test CA and certificate")?),
+    };
+    let tls_client = pki.as_ref().map(|p| p.client(protocol)).transpose()?;
 
     let mut modes = args.modes.clone();
     modes.sort();
@@ -330,6 +351,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             probe_iface: netns::ENDPOINT_IFACE.to_string(),
             functions: functions.clone(),
             marker_prefix: topo.prefix.clone(),
+            tls: pki.as_ref().map(|p| (p.cert.clone(), p.key.clone())),
         };
         pb.set_message(format!("starting synwake ({} phase)", phase.name));
         let log_path = out.join(format!("daemon-{}.log", phase.name));
@@ -388,6 +410,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                     let (samples, cell) = loop {
                         let measured = measure_cell(
                             mode,
+                            tls_client.clone(),
                             f,
                             &topo,
                             &api,
@@ -426,7 +449,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                     let expected = match mode {
                         Mode::Request | Mode::Accept => Some(cell.runs),
                         Mode::Warm => Some(0),
-                        Mode::Syn => None,
+                        Mode::Syn | Mode::Sni => None,
                     };
                     if let Some(want) = expected.filter(|&w| w != cell.cold_header_true) {
                         notes.push(format!(
@@ -440,9 +463,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                             f.init_ms
                         ));
                     }
-                    if mode == Mode::Syn {
+                    if matches!(mode, Mode::Syn | Mode::Sni) {
                         hidden_counts.push(format!(
-                            "init {} RTT {rtt}: {}/{}",
+                            "{mode} init {} RTT {rtt}: {}/{}",
                             f.init_ms,
                             cell.runs - cell.cold_header_true,
                             cell.runs
@@ -452,7 +475,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                         "  {mode:>7} rtt={rtt:>3} init={:>3}: p50 {:8.2} ms  p90 {:8.2} ms  (cold header {}/{})",
                         f.init_ms, s.p50, s.p90, cell.cold_header_true, cell.runs
                     ));
-                    records.push(Record::new(mode, args.runtime, rtt, f.init_ms, s));
+                    let mut record = Record::new(mode, args.runtime, rtt, f.init_ms, s);
+                    record.protocol = protocol;
+                    records.push(record);
                 }
             }
         }
@@ -498,8 +523,10 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "runtime `{}`, {} runs per cell, latency = client connect() to last response byte, ms\n",
-        args.runtime, args.runs
+        "runtime `{}`, protocol `{protocol}`{}, {} runs per cell, latency = client connect() to last response byte, ms\n",
+        args.runtime,
+        if protocol == Protocol::Http { "" } else { " (full handshake per request, client verifies the harness's test CA)" },
+        args.runs
     );
     md.push_str(&report::markdown_table(&records));
     md.push('\n');
@@ -539,7 +566,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !hidden_counts.is_empty() {
         let _ = writeln!(
             md,
-            "\nsyn: requests that found the instance ready (X-Synwake-Cold-Start: false): {}",
+            "\nsyn/sni: requests that found the instance ready (X-Synwake-Cold-Start: false): {}",
             hidden_counts.join(", ")
         );
     }
@@ -597,6 +624,7 @@ fn say(pb: &ProgressBar, line: String) {
 #[allow(clippy::too_many_arguments)]
 fn measure_cell(
     mode: Mode,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     f: &FunctionSpec,
     topo: &Topology,
     api: &Api,
@@ -606,10 +634,18 @@ fn measure_cell(
     runs: usize,
     pb: &ProgressBar,
 ) -> anyhow::Result<(Vec<Duration>, CellNotes)> {
-    let target = SocketAddr::V4(SocketAddrV4::new(netns::SERVER_ADDR, f.port));
+    // sni goes to the shared HTTPS port, every other mode to the function's own port.
+    let port = match mode {
+        Mode::Sni => crate::daemon::TLS_GATEWAY_PORT,
+        _ => f.port,
+    };
+    let target = SocketAddr::V4(SocketAddrV4::new(netns::SERVER_ADDR, port));
+    let host = crate::tls::host_of(&f.name);
     let timed = |topo: &Topology| -> anyhow::Result<client::Response> {
-        let resp = netns::in_netns(&topo.client, move || {
-            client::request(target, "GET", "/", None, REQUEST_TIMEOUT)
+        let (tls, host) = (tls.clone(), host.clone());
+        let resp = netns::in_netns(&topo.client, move || match tls {
+            Some(tls) => client::get_tls(target, &host, "/", tls, REQUEST_TIMEOUT),
+            None => client::request(target, "GET", "/", None, REQUEST_TIMEOUT),
         })??;
         if resp.status != 200 {
             bail!(
