@@ -231,9 +231,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for t in &tasks {
         t.abort();
     }
+    let drain_until = tokio::time::Instant::now() + config.gateway.drain_timeout;
     let left = conns.drain(config.gateway.drain_timeout).await;
-    if left > 0 {
-        tracing::warn!("{left} connection(s) still open after drain_timeout; closing them");
+    // Upgraded connections (WebSocket) left their HTTP connection behind: drained apart.
+    let tunnels = proxy
+        .drain_tunnels(drain_until.saturating_duration_since(tokio::time::Instant::now()))
+        .await;
+    if left + tunnels > 0 {
+        tracing::warn!(
+            "{} connection(s) still open after drain_timeout; closing them",
+            left + tunnels
+        );
     }
     drop(probe);
     lifecycle.shutdown().await;

@@ -1,12 +1,12 @@
 //! HTTP/2 and gRPC through the gateway, with real clients: curl with prior knowledge,
 //! h2load, and a Python grpcio client calling a cold h2c function (unary, bidi streaming,
-//! an error status carried in trailers).
+//! an error status carried in trailers); WebSocket with Python websockets.
 
 mod common;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -174,4 +174,65 @@ fn grpc_unary_and_streaming_to_a_cold_h2c_function() {
         "{m}"
     );
     assert_eq!(d.available("grpc"), 1);
+}
+
+const WS_CLIENT: &str = r#"
+import asyncio, sys, websockets
+async def main():
+    async with websockets.connect(sys.argv[1], open_timeout=30) as ws:
+        await ws.send("hello")
+        print(await ws.recv(), flush=True)
+        await asyncio.sleep(float(sys.argv[2]))
+        await ws.send("again")
+        print(await ws.recv(), flush=True)
+asyncio.run(main())
+"#;
+
+#[test]
+fn websocket_to_a_cold_function_holds_it_past_idle_timeout_until_closed() {
+    let Some(py) = python_with("websockets") else {
+        return;
+    };
+    let d = Daemon::start(&format!(
+        "[[function]]\nname = \"ws\"\ncommand = [{py:?}, {:?}]\nidle_timeout = \"1s\"\n",
+        fixture("ws_echo.py").display().to_string()
+    ));
+    assert_eq!(d.available("ws"), 0, "the function starts cold");
+    let url = format!("ws://127.0.0.1:{}/function/ws/", d.shared);
+    // Open for 3 s, three times idle_timeout, with no message in between.
+    let client = Command::new(py)
+        .args(["-c", WS_CLIENT, &url, "3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || d.available("ws") == 1),
+        "never started"
+    );
+    let pid = d.instance_pids();
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(
+        d.available("ws"),
+        1,
+        "stopped by idle_timeout under an open WebSocket"
+    );
+    let out = client.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text, "echo hello\necho again\n");
+    assert_eq!(
+        d.instance_pids(),
+        pid,
+        "the same instance answered throughout"
+    );
+    // Closed: the instance is idle now and stops after idle_timeout.
+    assert!(
+        wait_until(Duration::from_secs(10), || d.available("ws") == 0),
+        "still running 10 s after the WebSocket closed"
+    );
 }

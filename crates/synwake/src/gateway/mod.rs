@@ -19,6 +19,7 @@ pub mod upstream;
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,6 +30,8 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::lifecycle::{AcquireError, Lease, Lifecycle};
@@ -74,6 +77,8 @@ pub enum Route {
 pub struct Proxy {
     lifecycle: Lifecycle,
     upstream: upstream::Upstream,
+    /// Upgraded connections (WebSocket) open now.
+    tunnels: Arc<AtomicUsize>,
     /// Host claims as of a lifecycle change version.
     hosts: RwLock<(u64, Arc<HostTable>)>,
     /// Set once when the gateway terminates TLS.
@@ -86,6 +91,7 @@ impl Proxy {
         Arc::new(Proxy {
             lifecycle,
             upstream: upstream::Upstream::new(upstream_idle_timeout),
+            tunnels: Arc::default(),
             hosts: RwLock::new((u64::MAX, Arc::default())),
             tls: OnceLock::new(),
         })
@@ -117,6 +123,36 @@ impl Proxy {
         let table = Arc::new(HostTable::build(specs.iter().map(|s| &**s)));
         *self.hosts.write().unwrap() = (version, table.clone());
         table
+    }
+
+    /// Pipes an upgraded client connection to the upgraded upstream one, holding the
+    /// instance's lease (so `idle_timeout` never stops it) until either side closes.
+    fn tunnel(&self, client: OnUpgrade, upstream: OnUpgrade, lease: Lease) {
+        self.tunnels.fetch_add(1, Ordering::Relaxed);
+        let guard = TunnelGuard(self.tunnels.clone());
+        tokio::spawn(async move {
+            let (_guard, function) = (guard, lease.spec().name.clone());
+            match tokio::try_join!(client, upstream) {
+                Ok((c, u)) => {
+                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                        tracing::debug!("function {function}: upgraded connection: {e}");
+                    }
+                }
+                Err(e) => tracing::debug!("function {function}: upgrade failed: {e}"),
+            }
+            drop(lease);
+        });
+    }
+
+    /// Waits until every upgraded connection closed, or `timeout` passed; returns those
+    /// still open (they close when synwake exits).
+    pub async fn drain_tunnels(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        while self.tunnels.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.tunnels.load(Ordering::Relaxed)
     }
 
     pub fn lifecycle(&self) -> &Lifecycle {
@@ -200,7 +236,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         lease: Lease,
         path: String,
         conn: &ConnInfo,
@@ -208,6 +244,11 @@ impl Proxy {
         let spec = lease.spec().clone();
         let function = &spec.name;
         let addr = lease.instance.addr();
+        // HTTP/1.1 Upgrade (WebSocket): passed through to HTTP/1.1 functions.
+        let upgrade = upgrade_asked(req.headers()).filter(|_| {
+            spec.policy.protocol == Protocol::Http1 && req.version() == http::Version::HTTP_11
+        });
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let uri: Uri = match format!("http://{addr}{path}").parse() {
             Ok(u) => u,
@@ -248,6 +289,15 @@ impl Proxy {
                 .headers
                 .insert(http::header::TE, HeaderValue::from_static("trailers"));
         }
+        if let Some(protocol) = &upgrade {
+            parts.headers.insert(
+                http::header::CONNECTION,
+                HeaderValue::from_static("upgrade"),
+            );
+            parts
+                .headers
+                .insert(http::header::UPGRADE, protocol.clone());
+        }
         // A function may answer without reading the body; what it left unread would be
         // parsed as the next request on a pooled connection and its answer handed to
         // another client. So a connection that carried a body is not reused.
@@ -284,6 +334,22 @@ impl Proxy {
             return r;
         };
         match sent {
+            Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                let Some(client_upgrade) = client_upgrade else {
+                    return text_response(
+                        StatusCode::BAD_GATEWAY,
+                        format!("function {function}: switched protocols unasked"),
+                    );
+                };
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                let (mut parts, _) = resp.into_parts();
+                parts.headers.insert(
+                    HeaderName::from_static(COLD_START_HEADER),
+                    HeaderValue::from_static(if cold { "true" } else { "false" }),
+                );
+                self.tunnel(client_upgrade, upstream_upgrade, lease);
+                Response::from_parts(parts, full(Bytes::new()))
+            }
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -388,6 +454,28 @@ fn route_request(route: &Route, uri: &Uri) -> Result<(String, String), Response<
             }
             Ok((name.to_string(), with_query(tail)))
         }
+    }
+}
+
+/// The `Upgrade` protocol a request asks for (`Connection: upgrade` and `Upgrade: ...`).
+fn upgrade_asked(h: &http::HeaderMap) -> Option<HeaderValue> {
+    let asked = h
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asked
+        .then(|| h.get(http::header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Counts a tunnel as open until it is dropped.
+struct TunnelGuard(Arc<AtomicUsize>);
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
