@@ -103,6 +103,7 @@ async fn main() {
         memory_bytes: Some(128 << 20),
         cpus: None,
         pids: Some(256),
+        mounts: Vec::new(),
     };
 
     // 1. Host process: the same busybox httpd, spawned directly.

@@ -31,6 +31,7 @@
 //!     memory_bytes: Some(128 << 20),
 //!     cpus: Some(0.5),
 //!     pids: Some(256),
+//!     mounts: Vec::new(),
 //! };
 //! pool.refill(spec.clone(), 1);
 //!
@@ -82,5 +83,6 @@ pub use image::{
 };
 pub use pool::Pool;
 pub use runtime::{
-    Container, ContainerSpec, ExitInfo, OciConfig, OciError, OciRuntime, OutputHook, Recovered,
+    BindMount, Container, ContainerSpec, ExitInfo, OciConfig, OciError, OciRuntime, OutputHook,
+    Recovered,
 };

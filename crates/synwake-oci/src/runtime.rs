@@ -156,6 +156,17 @@ pub struct ContainerSpec {
     pub cpus: Option<f64>,
     /// Maximum number of processes.
     pub pids: Option<u64>,
+    /// Host files or directories bind-mounted read-only (a watchdog binary, secrets).
+    pub mounts: Vec<BindMount>,
+}
+
+/// A host path mounted read-only (nosuid, nodev) into the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    /// Absolute host path.
+    pub source: PathBuf,
+    /// Absolute path inside the container.
+    pub destination: String,
 }
 
 /// How a container's process ended.
@@ -590,6 +601,7 @@ impl OciRuntime {
             // Only instances that may reach the outside need a resolver.
             resolv_conf: (self.inner.cfg.outbound_nat && Path::new("/etc/resolv.conf").is_file())
                 .then_some(Path::new("/etc/resolv.conf")),
+            mounts: &spec.mounts,
         })
         .map_err(|source| OciError::Spec {
             container: id.to_string(),

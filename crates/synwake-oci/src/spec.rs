@@ -47,6 +47,8 @@ pub struct SpecInput<'a> {
     pub pids: Option<u64>,
     /// Host file bind-mounted read-only as `/etc/resolv.conf` (with outbound NAT).
     pub resolv_conf: Option<&'a Path>,
+    /// Read-only bind mounts.
+    pub mounts: &'a [crate::runtime::BindMount],
 }
 
 /// Capabilities a container process keeps (Docker's default set).
@@ -277,6 +279,14 @@ pub fn build(i: &SpecInput) -> Result<Value, SpecError> {
             "destination": "/etc/resolv.conf", "type": "bind", "source": resolv,
             "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]
         }));
+    }
+    if let Some(mounts) = doc["mounts"].as_array_mut() {
+        for m in i.mounts {
+            mounts.push(json!({
+                "destination": m.destination, "type": "bind", "source": m.source,
+                "options": ["rbind", "ro", "nosuid", "nodev"]
+            }));
+        }
     }
     Ok(doc)
 }

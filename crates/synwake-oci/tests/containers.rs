@@ -97,6 +97,7 @@ fn spec(function: &str, image: &Image) -> ContainerSpec {
         memory_bytes: None,
         cpus: None,
         pids: Some(64),
+        mounts: Vec::new(),
     }
 }
 

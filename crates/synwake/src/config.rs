@@ -233,6 +233,8 @@ struct RawFunction {
     #[serde(default)]
     env: BTreeMap<String, String>,
     readiness_path: Option<String>,
+    #[serde(default)]
+    watchdog: crate::spec::Watchdog,
     max_instances: Option<u32>,
     max_concurrency: Option<u32>,
     #[serde(default, with = "opt_duration")]
@@ -645,6 +647,8 @@ impl Config {
                 source: Source::Config,
                 hosts,
                 tls_port,
+                watchdog: f.watchdog,
+                secrets: Vec::new(),
             };
             spec.validate().map_err(|e| ConfigError::Invalid {
                 path: path.to_path_buf(),

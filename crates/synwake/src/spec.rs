@@ -142,6 +142,7 @@ pub struct FunctionSpec {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub source: Source,
+<<<<<<< HEAD
     /// Host names it claims on the shared ports (SNI on TLS, Host on plain HTTP): exact
     /// names or `*.` wildcards of one label, lowercase, without a trailing dot.
     #[serde(default)]
@@ -149,6 +150,36 @@ pub struct FunctionSpec {
     /// An own HTTPS port: every path on it goes to this function (the probe watches it).
     #[serde(default)]
     pub tls_port: Option<u16>,
+=======
+    /// How requests reach the command: as an HTTP server, or one process per request.
+    #[serde(default)]
+    pub watchdog: Watchdog,
+    /// Names of secrets (`/system/secrets`) the function gets as files.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+}
+
+/// `watchdog` / `com.synwake.watchdog`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Watchdog {
+    /// The command is an HTTP server on `$PORT` (OpenFaaS of-watchdog / faas-cli images).
+    #[default]
+    Http,
+    /// OpenFaaS classic: one process per request, body on stdin, stdout the response,
+    /// headers as `Http_*` environment variables, non-zero exit -> 500 with stderr.
+    Stdio,
+}
+
+impl Watchdog {
+    pub fn parse(s: &str) -> Option<Watchdog> {
+        match s {
+            "http" => Some(Watchdog::Http),
+            "stdio" => Some(Watchdog::Stdio),
+            _ => None,
+        }
+    }
+>>>>>>> 832cd04 (watchdog = "stdio" (OpenFaaS classic): a static built-in watchdog runs the command per request, for the process runtime and bind-mounted into containers; com.synwake.watchdog)
 }
 
 impl FunctionSpec {
@@ -604,8 +635,13 @@ mod tests {
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
             source: Source::Api,
+<<<<<<< HEAD
             hosts: Vec::new(),
             tls_port: None,
+=======
+            watchdog: Watchdog::Http,
+            secrets: Vec::new(),
+>>>>>>> 832cd04 (watchdog = "stdio" (OpenFaaS classic): a static built-in watchdog runs the command per request, for the process runtime and bind-mounted into containers; com.synwake.watchdog)
         }
     }
 

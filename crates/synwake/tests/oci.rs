@@ -1010,3 +1010,47 @@ fn deploy_by_registry_reference_and_update_to_a_new_tag_while_requests_flow() {
     assert_eq!(r.header("x-synwake-cold-start"), Some("true"));
     assert_eq!(r.text(), "version 2\n");
 }
+
+/// `watchdog = "stdio"` in a container: the static watchdog is bind-mounted into an image
+/// without a libc (busybox) and runs the command once per request.
+#[test]
+fn stdio_watchdog_runs_the_command_per_request_inside_the_container() {
+    if !can_run("stdio_watchdog_in_oci") {
+        return;
+    }
+    let _serial = serial();
+    let d = OciDaemon::start_in("10.6.2.0/24", |_| String::new());
+    let body = json!({
+        "service": "ocicat",
+        "image": d.images.oci.display().to_string(),
+        "annotations": {
+            "com.synwake.runtime": "oci",
+            "com.synwake.stop-grace": "100ms",
+            "com.synwake.watchdog": "stdio",
+            "com.synwake.command": "/bin/sh -c 'echo \"$Http_Method $Http_Path\"; cat; test \"$Http_X_Fail\" != yes || { echo failing >&2; exit 4; }'",
+        },
+    });
+    let r = d.d.api_json("POST", "/system/functions", &body.to_string());
+    assert_eq!(r.status, 202, "{}", r.text());
+    let r = common::request(
+        common::loopback(d.d.shared),
+        "POST",
+        "/function/ocicat/in/box",
+        &[],
+        Some(b"from stdin"),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "POST /in/box\nfrom stdin");
+    let r = common::request(
+        common::loopback(d.d.shared),
+        "POST",
+        "/function/ocicat/",
+        &[("X-Fail", "yes")],
+        Some(b""),
+    )
+    .unwrap();
+    assert_eq!(r.status, 500);
+    assert!(r.text().contains("failing"), "{}", r.text());
+    assert_eq!(d.containers_of("ocicat").len(), 1, "one container served both");
+}

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::lifecycle::FunctionStatus;
-use crate::spec::{self, limits, FunctionSpec, OciSpec, Policy, RuntimeKind, Source};
+use crate::spec::{self, limits, FunctionSpec, OciSpec, Policy, RuntimeKind, Source, Watchdog};
 
 /// The single namespace synwake serves; OpenFaaS clients default to it.
 pub const NAMESPACE: &str = "openfaas-fn";
@@ -196,6 +196,15 @@ impl FunctionDeployment {
             .transpose()
             .map_err(|m| field_err("limits.cpu", m))?;
         let max_instances = count("max-instances", 1, &limits::MAX_INSTANCES)? as u32;
+        let watchdog = match ann("watchdog") {
+            None => Watchdog::Http,
+            Some(w) => Watchdog::parse(w).ok_or_else(|| {
+                field_err(
+                    "annotations.com.synwake.watchdog",
+                    format!("{w:?} is not \"http\" or \"stdio\""),
+                )
+            })?,
+        };
         let policy = Policy {
             idle_timeout: parse_dur("idle-timeout", defaults.idle_timeout)?,
             start_timeout: parse_dur("start-timeout", defaults.start_timeout)?,
@@ -235,6 +244,8 @@ impl FunctionDeployment {
             source: Source::Api,
             hosts,
             tls_port,
+            watchdog,
+            secrets: Vec::new(),
         };
         spec.validate()
             .map_err(|e| field_err(&spec::api_field(&e.key), e.message))?;

@@ -138,6 +138,8 @@ fn spec(name: &str, env: &[(&str, &str)]) -> FunctionSpec {
         source: Source::Config,
         hosts: Vec::new(),
         tls_port: None,
+        watchdog: Default::default(),
+        secrets: Vec::new(),
     }
 }
 

@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use synwake_oci::{Container, ContainerSpec, Image, OciConfig, OciRuntime, Pool};
+use synwake_oci::{BindMount, Container, ContainerSpec, Image, OciConfig, OciRuntime, Pool};
 
-use super::{ExitInfo, Instance, Runtime, StartError};
+use super::{watchdog, ExitInfo, Instance, Runtime, StartError};
 use crate::config::Config;
 use crate::logs::{LogStore, OutputSink};
-use crate::spec::{FunctionSpec, RuntimeKind};
+use crate::spec::{FunctionSpec, RuntimeKind, Watchdog};
 use crate::state::StateDir;
 
 /// Sets up the OCI runtime (and removes what a crashed earlier run left). `Ok(None)` when
@@ -52,7 +52,14 @@ pub async fn setup(
     })
     .await
     .with_context(|| format!("setting up the oci runtime ({})", config.oci.runtime_binary))?;
+    let watchdog = watchdog::install(&state.oci_dir()).with_context(|| {
+        format!(
+            "installing the stdio watchdog in {}",
+            state.oci_dir().display()
+        )
+    })?;
     Ok(Some(Arc::new(OciFunctions {
+        watchdog,
         pool: Pool::new(rt.clone()),
         rt,
         images: Mutex::new(HashMap::new()),
@@ -70,6 +77,8 @@ pub struct OciFunctions {
     images: Mutex<HashMap<String, (ImageSource, Image)>>,
     /// Pull progress goes into the function's log (`instance` "pull").
     logs: Arc<LogStore>,
+    /// Host path of the stdio watchdog, bind-mounted into `watchdog = "stdio"` containers.
+    watchdog: std::path::PathBuf,
 }
 
 /// Where an image came from: the path and, for an archive, its size and mtime, so a
@@ -161,15 +170,40 @@ impl OciFunctions {
         Ok(img)
     }
 
-    fn container_spec(spec: &FunctionSpec, image: Image, instance: u64) -> ContainerSpec {
+    fn container_spec(&self, spec: &FunctionSpec, image: Image, instance: u64) -> ContainerSpec {
         let mut env = spec.env.clone();
         env.insert("SYNWAKE_FUNCTION".into(), spec.name.clone());
         env.insert("PORT".into(), spec.oci.container_port.to_string());
+        let mut command = (!spec.command.is_empty()).then(|| spec.command.clone());
+        let mut mounts = Vec::new();
+        if spec.watchdog == Watchdog::Stdio {
+            // The watchdog serves HTTP on the container port and runs the function's own
+            // command (explicit, else the image's) once per request.
+            let inner = command.unwrap_or_else(|| {
+                image
+                    .config
+                    .entrypoint
+                    .iter()
+                    .chain(&image.config.cmd)
+                    .cloned()
+                    .collect()
+            });
+            command = Some(watchdog::wrap(
+                watchdog::CONTAINER_PATH,
+                &format!("0.0.0.0:{}", spec.oci.container_port),
+                &inner,
+            ));
+            mounts.push(BindMount {
+                source: self.watchdog.clone(),
+                destination: watchdog::CONTAINER_PATH.into(),
+            });
+        }
         ContainerSpec {
             function: spec.name.clone(),
             instance,
             image,
-            command: (!spec.command.is_empty()).then(|| spec.command.clone()),
+            command,
+            mounts,
             env,
             container_port: spec.oci.container_port,
             memory_bytes: spec.oci.memory_bytes,
@@ -202,7 +236,7 @@ impl Runtime for OciFunctions {
         }
         if spec.oci.pool > 0 {
             self.pool
-                .refill(Self::container_spec(spec, image, 0), spec.oci.pool as usize);
+                .refill(self.container_spec(spec, image, 0), spec.oci.pool as usize);
         } else {
             self.pool.drain(&spec.name).await;
         }
@@ -216,7 +250,7 @@ impl Runtime for OciFunctions {
         output: OutputSink,
     ) -> Result<Arc<dyn Instance>, StartError> {
         let image = self.image(spec, false).await?;
-        let cspec = Self::container_spec(spec, image, instance);
+        let cspec = self.container_spec(spec, image, instance);
         let (container, pooled) = match self.pool.take(&cspec) {
             Some(c) => (c, true),
             None => (

@@ -17,18 +17,21 @@ use tokio::sync::watch;
 
 use super::{ExitInfo, Instance, Runtime, StartError};
 use crate::logs::OutputSink;
-use crate::spec::{FunctionSpec, RuntimeKind};
+use crate::spec::{FunctionSpec, RuntimeKind, Watchdog};
 
 /// Starts functions as child processes.
 pub struct ProcessRuntime {
     run_dir: PathBuf,
+    /// The stdio watchdog, run in front of `watchdog = "stdio"` commands.
+    watchdog: PathBuf,
 }
 
 impl ProcessRuntime {
     /// `run_dir` holds one pid file per live instance.
     pub fn new(run_dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&run_dir)?;
-        Ok(ProcessRuntime { run_dir })
+        let watchdog = super::watchdog::install(&run_dir)?;
+        Ok(ProcessRuntime { run_dir, watchdog })
     }
 
     /// Kills the process groups a crashed earlier run left behind (recognised by pid file
@@ -115,10 +118,19 @@ impl Runtime for ProcessRuntime {
             function: spec.name.clone(),
             message,
         };
-        let Some((program, args)) = spec.command.split_first() else {
+        if spec.command.is_empty() {
             return Err(spawn_err("no command configured".into()));
-        };
+        }
         let port = free_port().map_err(|e| spawn_err(format!("no free loopback port: {e}")))?;
+        let command = match spec.watchdog {
+            Watchdog::Http => spec.command.clone(),
+            Watchdog::Stdio => super::watchdog::wrap(
+                &self.watchdog.to_string_lossy(),
+                &format!("127.0.0.1:{port}"),
+                &spec.command,
+            ),
+        };
+        let (program, args) = command.split_first().expect("checked non-empty");
         let mut cmd = Command::new(program);
         cmd.args(args)
             .envs(&spec.env)
