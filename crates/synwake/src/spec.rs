@@ -142,7 +142,6 @@ pub struct FunctionSpec {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub source: Source,
-<<<<<<< HEAD
     /// Host names it claims on the shared ports (SNI on TLS, Host on plain HTTP): exact
     /// names or `*.` wildcards of one label, lowercase, without a trailing dot.
     #[serde(default)]
@@ -150,7 +149,6 @@ pub struct FunctionSpec {
     /// An own HTTPS port: every path on it goes to this function (the probe watches it).
     #[serde(default)]
     pub tls_port: Option<u16>,
-=======
     /// How requests reach the command: as an HTTP server, or one process per request.
     #[serde(default)]
     pub watchdog: Watchdog,
@@ -179,7 +177,6 @@ impl Watchdog {
             _ => None,
         }
     }
->>>>>>> 832cd04 (watchdog = "stdio" (OpenFaaS classic): a static built-in watchdog runs the command per request, for the process runtime and bind-mounted into containers; com.synwake.watchdog)
 }
 
 impl FunctionSpec {
@@ -635,13 +632,10 @@ mod tests {
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
             source: Source::Api,
-<<<<<<< HEAD
             hosts: Vec::new(),
             tls_port: None,
-=======
             watchdog: Watchdog::Http,
             secrets: Vec::new(),
->>>>>>> 832cd04 (watchdog = "stdio" (OpenFaaS classic): a static built-in watchdog runs the command per request, for the process runtime and bind-mounted into containers; com.synwake.watchdog)
         }
     }
 

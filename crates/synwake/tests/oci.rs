@@ -1052,5 +1052,9 @@ fn stdio_watchdog_runs_the_command_per_request_inside_the_container() {
     .unwrap();
     assert_eq!(r.status, 500);
     assert!(r.text().contains("failing"), "{}", r.text());
-    assert_eq!(d.containers_of("ocicat").len(), 1, "one container served both");
+    assert_eq!(
+        d.containers_of("ocicat").len(),
+        1,
+        "one container served both"
+    );
 }

@@ -24,11 +24,25 @@ fn stdio_functions_get_the_body_on_stdin_headers_as_env_and_500_on_failure() {
     // A cat-style function: the body comes back, through stdin and stdout.
     assert_eq!(deploy(&d, "cat", "cat").status, 202);
     let body = common::random_bytes(300_000, 7);
-    let r = request(loopback(d.shared), "POST", "/function/cat/", &[], Some(&body)).unwrap();
+    let r = request(
+        loopback(d.shared),
+        "POST",
+        "/function/cat/",
+        &[],
+        Some(&body),
+    )
+    .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.body, body, "the body went through cat unchanged");
     // Two requests, two processes (and each sees only its own body).
-    let r = request(loopback(d.shared), "POST", "/function/cat/", &[], Some(b"second")).unwrap();
+    let r = request(
+        loopback(d.shared),
+        "POST",
+        "/function/cat/",
+        &[],
+        Some(b"second"),
+    )
+    .unwrap();
     assert_eq!(r.body, b"second");
 
     // Method, path, query and headers as Http_* variables.
@@ -50,7 +64,10 @@ fn stdio_functions_get_the_body_on_stdin_headers_as_env_and_500_on_failure() {
     assert_eq!(r.text(), "PUT /items/7 full=1 blue env\n");
 
     // A non-zero exit: 500 with what the command wrote on stderr.
-    assert_eq!(deploy(&d, "fails", "sh -c 'echo broken input >&2; exit 3'").status, 202);
+    assert_eq!(
+        deploy(&d, "fails", "sh -c 'echo broken input >&2; exit 3'").status,
+        202
+    );
     let r = d.call("fails", "/");
     assert_eq!(r.status, 500);
     assert!(r.text().contains("broken input"), "{}", r.text());
@@ -59,7 +76,14 @@ fn stdio_functions_get_the_body_on_stdin_headers_as_env_and_500_on_failure() {
     assert_eq!(d.available("fails"), 1);
 
     // From the config file.
-    let r = request(loopback(d.shared), "POST", "/function/upper/", &[], Some(b"shout")).unwrap();
+    let r = request(
+        loopback(d.shared),
+        "POST",
+        "/function/upper/",
+        &[],
+        Some(b"shout"),
+    )
+    .unwrap();
     assert_eq!(r.text(), "SHOUT");
 
     // A watchdog mode that does not exist is refused, naming the annotation.
