@@ -52,6 +52,9 @@ pub enum Mode {
     Sni,
     /// The instance is already ready: the reference.
     Warm,
+    /// eBPF probe, shared port: the client runs under the sockops tagger (what
+    /// `synwake tag` attaches), so its SYN carries the function's id (`tcp_option`).
+    Tagged,
 }
 
 impl fmt::Display for Mode {
@@ -62,6 +65,7 @@ impl fmt::Display for Mode {
             Mode::Syn => "syn",
             Mode::Sni => "sni",
             Mode::Warm => "warm",
+            Mode::Tagged => "tagged",
         })
     }
 }

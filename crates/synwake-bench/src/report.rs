@@ -105,6 +105,7 @@ fn mode_style(mode: Mode) -> (&'static str, &'static str) {
         Mode::Syn => ("#2ca02c", ""),
         Mode::Sni => ("#1f77b4", ""),
         Mode::Warm => ("#555555", " stroke-dasharray=\"6 4\""),
+        Mode::Tagged => ("#9467bd", ""),
     }
 }
 

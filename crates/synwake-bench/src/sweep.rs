@@ -176,6 +176,66 @@ fn resolve_bins(args: &BenchArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> 
     Ok((synwake, function))
 }
 
+/// The bench process (the client) moved into a fresh cgroup with the tagger attached,
+/// tagging SYNs to the shared port with each function's id; moved back on drop.
+struct TaggedClient {
+    home: std::path::PathBuf,
+    dest: synwake_ebpf::TagDestination,
+    tagger: synwake_ebpf::Tagger,
+    _cgroup: synwake_ebpf::cgroup::TagCgroup,
+}
+
+impl TaggedClient {
+    fn enter(functions: &[FunctionSpec]) -> anyhow::Result<Self> {
+        use synwake_ebpf::{cgroup, function_id, TagDestination, Tagger};
+        let root = cgroup::cgroup2_root()?;
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("no cgroup v2 line in /proc/self/cgroup")?;
+        let home = root.join(rel.trim_start_matches('/'));
+        let group = cgroup::TagCgroup::create_named(
+            &root,
+            &format!("{}bench-{}", cgroup::TAG_CGROUP_PREFIX, std::process::id()),
+        )?;
+        let mut tagger = Tagger::load()?;
+        let dest = TagDestination::from(SocketAddr::V4(SocketAddrV4::new(
+            netns::SERVER_ADDR,
+            crate::daemon::GATEWAY_PORT,
+        )));
+        anyhow::ensure!(!functions.is_empty(), "tagged mode needs a function");
+        tagger.tag(&dest, function_id(&functions[0].name))?;
+        tagger.attach_cgroup(group.path())?;
+        std::fs::write(
+            group.path().join("cgroup.procs"),
+            std::process::id().to_string(),
+        )?;
+        Ok(Self {
+            home,
+            dest,
+            tagger,
+            _cgroup: group,
+        })
+    }
+
+    /// SYNs to the shared port name `function` from now on (one function per cell).
+    fn target(&mut self, function: &str) -> anyhow::Result<()> {
+        self.tagger
+            .tag(&self.dest, synwake_ebpf::function_id(function))?;
+        Ok(())
+    }
+}
+
+impl Drop for TaggedClient {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            self.home.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+    }
+}
+
 /// One daemon configuration and the modes measured under it.
 struct Phase {
     name: &'static str,
@@ -227,6 +287,18 @@ fn plan_phases(modes: &[Mode]) -> Vec<Phase> {
                 wake_on_accept: false,
             },
             modes: vec![Mode::Sni],
+        });
+    }
+    // tagged: the probe as in syn, but the client calls the shared port and only the
+    // synwake option in its SYN names the function.
+    if has(Mode::Tagged) {
+        phases.push(Phase {
+            name: "tagged",
+            wake: WakeSetup {
+                probe: true,
+                wake_on_accept: false,
+            },
+            modes: vec![Mode::Tagged],
         });
     }
     // warm is the reference for syn, so it runs with the same daemon (probe attached).
@@ -286,6 +358,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     let protocol = args.protocol();
     if args.modes.contains(&Mode::Sni) && protocol == Protocol::Http {
         bail!("the sni mode needs --tls or --tls12");
+    }
+    if args.modes.contains(&Mode::Tagged) && protocol != Protocol::Http {
+        bail!("the tagged mode measures plain HTTP on the shared port; run it without --tls");
     }
     let (synwake_bin, function_bin) = resolve_bins(&args)?;
     let removed = netns::remove_stale_netns();
@@ -382,6 +457,12 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
         let mut restarts = 0;
         let mut daemon = start_daemon(0)?;
+        // This process is the client: in the tagged phase it runs in a tagged cgroup.
+        let mut tagged = if phase.modes.contains(&Mode::Tagged) {
+            Some(TaggedClient::enter(&functions).context("tagged mode: the sockops tagger")?)
+        } else {
+            None
+        };
         let api = Api::new(&topo.server, &setup.state_dir);
         for &rtt in &args.rtt {
             interrupt::check()?;
@@ -405,6 +486,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             );
             checks.push((phase.name.to_string(), check));
             for f in &functions {
+                if let Some(tagged) = tagged.as_mut() {
+                    tagged.target(&f.name)?;
+                }
                 for &mode in &phase.modes {
                     pb.set_message(format!("{mode} rtt={rtt}ms init={}ms", f.init_ms));
                     let (samples, cell) = loop {
@@ -449,7 +533,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                     let expected = match mode {
                         Mode::Request | Mode::Accept => Some(cell.runs),
                         Mode::Warm => Some(0),
-                        Mode::Syn | Mode::Sni => None,
+                        Mode::Syn | Mode::Sni | Mode::Tagged => None,
                     };
                     if let Some(want) = expected.filter(|&w| w != cell.cold_header_true) {
                         notes.push(format!(
@@ -634,18 +718,23 @@ fn measure_cell(
     runs: usize,
     pb: &ProgressBar,
 ) -> anyhow::Result<(Vec<Duration>, CellNotes)> {
-    // sni goes to the shared HTTPS port, every other mode to the function's own port.
-    let port = match mode {
-        Mode::Sni => crate::daemon::TLS_GATEWAY_PORT,
-        _ => f.port,
+    // sni goes to the shared HTTPS port, tagged to the shared plain port (only the SYN's
+    // option names f there), every other mode to the function's own port.
+    let (port, path) = match mode {
+        Mode::Sni => (crate::daemon::TLS_GATEWAY_PORT, "/".to_string()),
+        Mode::Tagged => (
+            crate::daemon::GATEWAY_PORT,
+            format!("/function/{}/", f.name),
+        ),
+        _ => (f.port, "/".to_string()),
     };
     let target = SocketAddr::V4(SocketAddrV4::new(netns::SERVER_ADDR, port));
     let host = crate::tls::host_of(&f.name);
     let timed = |topo: &Topology| -> anyhow::Result<client::Response> {
-        let (tls, host) = (tls.clone(), host.clone());
+        let (tls, host, path) = (tls.clone(), host.clone(), path.clone());
         let resp = netns::in_netns(&topo.client, move || match tls {
-            Some(tls) => client::get_tls(target, &host, "/", tls, REQUEST_TIMEOUT),
-            None => client::request(target, "GET", "/", None, REQUEST_TIMEOUT),
+            Some(tls) => client::get_tls(target, &host, &path, tls, REQUEST_TIMEOUT),
+            None => client::request(target, "GET", &path, None, REQUEST_TIMEOUT),
         })??;
         if resp.status != 200 {
             bail!(
@@ -813,5 +902,13 @@ mod tests {
         let w = plan_phases(&[Mode::Warm]);
         assert_eq!(w.len(), 1);
         assert!(!w[0].wake.probe);
+        // tagged: its own daemon, probe on, no accept fallback (like syn).
+        let t = plan_phases(&[Mode::Syn, Mode::Tagged]);
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            (t[1].name, t[1].modes.as_slice()),
+            ("tagged", &[Mode::Tagged][..])
+        );
+        assert!(t[1].wake.probe && !t[1].wake.wake_on_accept);
     }
 }
