@@ -1,6 +1,7 @@
 //! `synwake up` on free loopback ports with its own config and state dir. Every daemon
 //! is stopped in `Drop` (SIGTERM, then SIGKILL), and its log is printed when a test fails.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -17,6 +18,8 @@ pub struct Daemon {
     pub api: u16,
     /// The API password when it is not the generated one (see [`Daemon::password`]).
     pub password_override: Option<String>,
+    /// RLIMIT_NOFILE (soft, hard) the daemon starts with; `None` inherits the test's.
+    pub nofile: Option<(u64, u64)>,
     child: Option<Child>,
 }
 
@@ -28,6 +31,11 @@ impl Daemon {
 
     /// [`Daemon::start`] with more `[gateway]` keys (`gateway`: TOML lines).
     pub fn start_with(gateway: &str, body: &str) -> Daemon {
+        Self::start_limited(gateway, body, None)
+    }
+
+    /// [`Daemon::start_with`] with RLIMIT_NOFILE (soft, hard) for the daemon.
+    pub fn start_limited(gateway: &str, body: &str, nofile: Option<(u64, u64)>) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let shared = free_port();
         let api = free_port();
@@ -43,6 +51,7 @@ impl Daemon {
             shared,
             api,
             password_override: None,
+            nofile,
             child: None,
         };
         d.spawn();
@@ -57,16 +66,30 @@ impl Daemon {
             .append(true)
             .open(self.log_path())
             .expect("open daemon log");
-        let child = Command::new(synwake_bin())
-            .arg("up")
+        let mut cmd = Command::new(synwake_bin());
+        cmd.arg("up")
             .arg("--config")
             .arg(&self.config)
             .env("SYNWAKE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn synwake up");
+            .stderr(log);
+        if let Some((soft, hard)) = self.nofile {
+            // SAFETY: setrlimit is async-signal-safe; the struct lives on the child's stack.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rl = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn synwake up");
         self.child = Some(child);
         let api = loopback(self.api);
         let up = wait_until(Duration::from_secs(15), || {

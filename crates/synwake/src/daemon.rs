@@ -33,6 +33,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let metrics = Arc::new(Metrics::new());
     let logs = Arc::new(LogStore::new());
+    let fd_budget = match crate::fdlimit::raise_nofile() {
+        Ok(limit) => {
+            let budget = crate::fdlimit::ConnectionBudget::for_soft_limit(limit.soft);
+            tracing::info!(
+                "file descriptors: soft limit {} (hard {}); public listeners hold at most {} connections, the API {}",
+                limit.soft,
+                limit.hard,
+                budget.public,
+                budget.api
+            );
+            budget
+        }
+        Err(e) => {
+            tracing::warn!("reading RLIMIT_NOFILE: {e}; connections are not capped by it");
+            crate::fdlimit::ConnectionBudget::unlimited()
+        }
+    };
 
     let process = ProcessRuntime::new(state.run_dir())
         .with_context(|| format!("creating {}", state.run_dir().display()))?;
@@ -89,7 +106,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let conns = listeners::Connections::new(config.gateway.limits.clone());
+    // The fd limit caps max_connections, so a flood leaves descriptors for the API
+    // and instance starts.
+    let mut limits = config.gateway.limits.clone();
+    limits.max_connections = limits.max_connections.min(fd_budget.public);
+    let conns = listeners::Connections::new(limits);
     let proxy = Proxy::new(
         lifecycle.clone(),
         config.gateway.limits.upstream_idle_timeout,
@@ -180,7 +201,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         api_handler,
         None,
         shutdown_rx.clone(),
-        conns.with_own_limit(config.gateway.limits.max_connections),
+        conns.with_own_limit(config.gateway.limits.max_connections.min(fd_budget.api)),
     )));
     tasks.push(tokio::spawn(ports.run()));
     if let Some(edge) = proxy.tls().cloned() {

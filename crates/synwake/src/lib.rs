@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod fdlimit;
 pub mod gateway;
 pub mod lifecycle;
 pub mod logs;

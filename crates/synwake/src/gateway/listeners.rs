@@ -21,6 +21,7 @@ use super::conn::{Limits, Server};
 use super::hosts::ConnInfo;
 use super::tls::{HandshakeError, TlsEdge};
 use super::{Proxy, ProxyBody, Route};
+use crate::fdlimit::LogOnce;
 use crate::lifecycle::{Lifecycle, Trigger};
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
@@ -127,7 +128,17 @@ pub async fn serve_transport(
     mut shutdown: watch::Receiver<bool>,
     conns: Connections,
 ) {
+    let mut accept_failures = LogOnce::new(Duration::from_secs(10));
+    let mut at_limit = LogOnce::new(Duration::from_secs(10));
     loop {
+        if conns.admit.available_permits() == 0 {
+            if let Some(more) = at_limit.hit(std::time::Instant::now()) {
+                tracing::warn!(
+                    "{:?}: at its connection limit (max_connections, capped by the fd limit); not accepting until one closes ({more} more such pauses since the last line)",
+                    listener.local_addr().ok()
+                );
+            }
+        }
         // At max_connections, stop accepting: new connections wait in the kernel's backlog.
         let permit = tokio::select! {
             p = conns.admit.clone().acquire_owned() => match p {
@@ -140,8 +151,13 @@ pub async fn serve_transport(
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!("accept on {:?}: {e}", listener.local_addr().ok());
+                    // EMFILE and friends: back off instead of spinning, and say so once.
+                    if let Some(more) = accept_failures.hit(std::time::Instant::now()) {
+                        tracing::warn!(
+                            "accept on {:?}: {e} ({more} more accept failures since the last line)",
+                            listener.local_addr().ok()
+                        );
+                    }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
