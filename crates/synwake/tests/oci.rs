@@ -1058,3 +1058,55 @@ fn stdio_watchdog_runs_the_command_per_request_inside_the_container() {
         "one container served both"
     );
 }
+
+/// A runc that fails `create` or `start` (the word in `<dir>/fail`) and otherwise runs
+/// the real one: configured as `[oci] runtime_binary`.
+fn failing_runc(dir: &Path) -> PathBuf {
+    let wrapper = dir.join("runc-failing");
+    let script = format!(
+        "#!/bin/sh\nmode=$(cat {fail:?} 2>/dev/null)\nfor a in \"$@\"; do\n  if [ \"$a\" = \"$mode\" ]; then echo \"injected $mode failure\" >&2; exit 1; fi\ndone\nexec runc \"$@\"\n",
+        fail = dir.join("fail").display().to_string()
+    );
+    std::fs::write(&wrapper, script).unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    wrapper
+}
+
+#[test]
+fn runc_failing_at_create_or_start_answers_502_and_leaves_nothing() {
+    if !can_run("runc_faults") {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = failing_runc(dir.path());
+    let mut d = OciDaemon::start_in("10.5.2.0/24", |img| {
+        format!("runtime_binary = {:?}\n\n", wrapper.display().to_string())
+            + &oci_function("faulty", &img.oci, "")
+    });
+    for mode in ["create", "start"] {
+        std::fs::write(dir.path().join("fail"), mode).unwrap();
+        let r = d.d.call("faulty", "/");
+        assert_eq!(r.status, 502, "runc {mode} failing: {}", r.text());
+        assert!(r.text().contains("faulty"), "{}", r.text());
+        assert!(
+            wait_until(Duration::from_secs(10), || d
+                .containers_of("faulty")
+                .is_empty()),
+            "runc {mode} failed, yet containers are left: {:?}",
+            d.containers_of("faulty")
+        );
+    }
+    // With runc working again the same function serves.
+    std::fs::write(dir.path().join("fail"), "").unwrap();
+    d.call_ok("faulty", "/");
+    // Drop: SIGTERM, exit 0, and no container, netns, veth or cgroup left.
+    let status = d.sigterm().expect("exits on SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    let left = d.host_objects();
+    assert!(left.is_empty(), "{left:#?}");
+}
