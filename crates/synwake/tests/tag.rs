@@ -270,3 +270,71 @@ fn kill_9_of_synwake_tag_leaves_no_tagging_behind() {
     );
     assert!(!group.exists(), "stale {} not removed", group.display());
 }
+
+#[test]
+fn synwake_tag_config_tags_its_cgroup_until_sigterm() {
+    const TEST: &str = "synwake_tag_config_tags_its_cgroup_until_sigterm";
+    let _serial = serial();
+    let Some(net) = Net::create_or_skip(TEST) else {
+        return;
+    };
+    let d = daemon_with_g_and_h(&net);
+    if !d.probe_or_skip(TEST) {
+        return;
+    }
+    let name = format!("synwake-tag-{}-config", std::process::id());
+    let group = synwake_ebpf::cgroup::TagCgroup::create_named(&cgroup_root(), &name).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tag.toml");
+    // Relative to the cgroup2 root: `ip netns exec` sees the hierarchy at another path.
+    std::fs::write(
+        &config,
+        format!(
+            "cgroup = \"{name}\"\n[[destination]]\ndest = \"{SERVER_IP}:{SHARED_PORT}\"\nfunction = \"g\"\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("tag.log");
+    let mut tagger = tag_in_client(&net, &["--config", config.to_str().unwrap()])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(10), || read_log()
+            .contains("carry function g")),
+        "tagger not up: {}",
+        read_log()
+    );
+    let script = format!(
+        "echo $$ > {}; exec 3<>/dev/tcp/{SERVER_IP}/{SHARED_PORT}",
+        group.path().join("cgroup.procs").display()
+    );
+    let status = net.in_client(move || Command::new("bash").args(["-c", &script]).status());
+    assert!(status.unwrap().success());
+    assert!(
+        wait_until(Duration::from_secs(5), || d.available("g") == 1),
+        "g not woken by the tagged SYN:\n{}",
+        read_log()
+    );
+    assert_eq!(
+        d.metrics()
+            .get(&series("synwake_cold_starts_total", "g", "tcp_option")),
+        1.0
+    );
+    // SAFETY: signals the tagger this test started (ip netns exec execs it).
+    unsafe { libc::kill(tagger.id() as i32, libc::SIGTERM) };
+    let exited = wait_until(Duration::from_secs(5), || {
+        matches!(tagger.try_wait(), Ok(Some(_)))
+    });
+    if !exited {
+        let _ = tagger.kill();
+    }
+    assert!(exited, "the tagger ignored SIGTERM");
+    assert_eq!(tagger.wait().unwrap().code(), Some(0));
+    assert!(
+        read_log().contains("stopping; 1 SYNs tagged"),
+        "{}",
+        read_log()
+    );
+}
