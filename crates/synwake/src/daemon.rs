@@ -52,6 +52,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let process = ProcessRuntime::new(state.run_dir())
+        .map(|p| p.with_secrets(state.secrets()))
         .with_context(|| format!("creating {}", state.run_dir().display()))?;
     let killed = process.cleanup_orphans();
     if killed > 0 {

@@ -16,6 +16,7 @@ pub mod logs;
 pub mod metrics;
 pub mod probe;
 pub mod runtime;
+pub mod secrets;
 pub mod spec;
 pub mod state;
 pub mod tag;

@@ -414,6 +414,9 @@ impl FunctionSpec {
             &limits::MAX_CONCURRENCY,
         )?;
         self.policy.validate()?;
+        for n in &self.secrets {
+            crate::secrets::check_name(n).map_err(|e| SpecError::new("secrets", e.to_string()))?;
+        }
         for (key, v) in [("image", &self.oci.image), ("rootfs", &self.oci.rootfs)] {
             if let Some(v) = v {
                 if v.is_empty() || v.contains('\0') {

@@ -63,6 +63,9 @@ impl StateDir {
     pub fn oci_dir(&self) -> PathBuf {
         self.root.join("oci")
     }
+    pub fn secrets(&self) -> crate::secrets::SecretStore {
+        crate::secrets::SecretStore::new(self.root.join("secrets"))
+    }
 
     /// Functions deployed through the API, as last saved.
     pub fn load_functions(&self) -> Result<Vec<FunctionSpec>, StateError> {

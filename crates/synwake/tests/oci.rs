@@ -1020,14 +1020,17 @@ fn stdio_watchdog_runs_the_command_per_request_inside_the_container() {
     }
     let _serial = serial();
     let d = OciDaemon::start_in("10.6.2.0/24", |_| String::new());
+    let r = d.d.api_json("POST", "/system/secrets", &json!({"name": "tok", "value": "t0ken"}).to_string());
+    assert_eq!(r.status, 201, "{}", r.text());
     let body = json!({
         "service": "ocicat",
+        "secrets": ["tok"],
         "image": d.images.oci.display().to_string(),
         "annotations": {
             "com.synwake.runtime": "oci",
             "com.synwake.stop-grace": "100ms",
             "com.synwake.watchdog": "stdio",
-            "com.synwake.command": "/bin/sh -c 'echo \"$Http_Method $Http_Path\"; cat; test \"$Http_X_Fail\" != yes || { echo failing >&2; exit 4; }'",
+            "com.synwake.command": "/bin/sh -c 'echo \"$Http_Method $Http_Path\"; cat /var/openfaas/secrets/tok; echo; touch /var/openfaas/secrets/tok 2>/dev/null && echo writable; cat; test \"$Http_X_Fail\" != yes || { echo failing >&2; exit 4; }'",
         },
     });
     let r = d.d.api_json("POST", "/system/functions", &body.to_string());
@@ -1041,7 +1044,7 @@ fn stdio_watchdog_runs_the_command_per_request_inside_the_container() {
     )
     .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.text(), "POST /in/box\nfrom stdin");
+    assert_eq!(r.text(), "POST /in/box\nt0ken\nfrom stdin", "secret mounted read-only");
     let r = common::request(
         common::loopback(d.d.shared),
         "POST",

@@ -62,9 +62,6 @@ impl FunctionDeployment {
         if self.constraints.as_ref().is_some_and(|c| !c.is_empty()) {
             v.push("constraints".into());
         }
-        if self.secrets.as_ref().is_some_and(|c| !c.is_empty()) {
-            v.push("secrets".into());
-        }
         if self.requests.is_some() {
             v.push("requests".into());
         }
@@ -245,7 +242,7 @@ impl FunctionDeployment {
             hosts,
             tls_port,
             watchdog,
-            secrets: Vec::new(),
+            secrets: self.secrets.clone().unwrap_or_default(),
         };
         spec.validate()
             .map_err(|e| field_err(&spec::api_field(&e.key), e.message))?;
@@ -393,7 +390,7 @@ mod tests {
                 "readOnlyRootFilesystem":false,"namespace":"","network":"func_functions"}"#,
         )
         .unwrap();
-        assert_eq!(d.unused_fields(), ["network", "secrets"]);
+        assert_eq!(d.unused_fields(), ["network"]);
         let s = d.into_spec(&Policy::default()).unwrap();
         assert_eq!(s.runtime, RuntimeKind::Process);
         assert_eq!(s.command, ["python3", "x.py"]);

@@ -140,6 +140,19 @@ impl Api {
             (Method::GET, "/system/info") => json(StatusCode::OK, &self.info()),
             (Method::GET, "/system/namespaces") => json(StatusCode::OK, &[NAMESPACE]),
             (Method::GET, "/system/logs") => logs::serve(self.lc(), req.uri().query()),
+            (Method::GET, "/system/secrets") => match self.state.secrets().list() {
+                Ok(names) => {
+                    let list: Vec<serde_json::Value> = names
+                        .iter()
+                        .map(|n| serde_json::json!({ "name": n, "namespace": NAMESPACE }))
+                        .collect();
+                    json(StatusCode::OK, &list)
+                }
+                Err(e) => text_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            },
+            (Method::POST | Method::PUT | Method::DELETE, "/system/secrets") => {
+                self.secret(req).await
+            }
             (Method::GET, p) if p.starts_with("/system/function/") => {
                 let name = &p["/system/function/".len()..];
                 match self.lc().status(name) {
@@ -163,6 +176,93 @@ impl Api {
                 ),
             ),
             (_, p) => text_response(StatusCode::NOT_FOUND, format!("no route for {}", quote(p))),
+        }
+    }
+
+    /// POST (create), PUT (update), DELETE a secret; body `{"name": ..., "value": ...}`.
+    async fn secret(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        #[derive(serde::Deserialize)]
+        struct SecretBody {
+            name: String,
+            #[serde(default)]
+            value: Option<String>,
+            #[serde(default, rename = "rawValue")]
+            raw_value: Option<Vec<u8>>,
+            #[serde(default)]
+            namespace: Option<String>,
+        }
+        let method = req.method().clone();
+        let body = match read_body(req).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        // serde's message names the position, never the value.
+        let b: SecretBody = match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid secret JSON (want {{\"name\", \"value\"}}): {e}"),
+                )
+            }
+        };
+        if let Some(r) = other_namespace(b.namespace.clone()) {
+            return r;
+        }
+        let store = self.state.secrets();
+        let value = b
+            .raw_value
+            .clone()
+            .or_else(|| b.value.clone().map(String::into_bytes));
+        let result = match (&method, value) {
+            (&Method::DELETE, _) => store.delete(&b.name).map(|()| StatusCode::OK),
+            (_, None) => {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    "secret: field \"value\" is required",
+                )
+            }
+            (m, Some(v)) => {
+                let create = m == Method::POST;
+                store.put(&b.name, &v, create).map(|()| {
+                    if create {
+                        StatusCode::CREATED
+                    } else {
+                        StatusCode::OK
+                    }
+                })
+            }
+        };
+        use crate::secrets::SecretError;
+        match result {
+            Ok(status) => {
+                tracing::info!(
+                    "secret {:?} {}",
+                    b.name,
+                    match method {
+                        Method::POST => "created",
+                        Method::PUT => "updated",
+                        _ => "deleted",
+                    }
+                );
+                text_response(
+                    status,
+                    format!(
+                        "secret {} {}",
+                        b.name,
+                        status.canonical_reason().unwrap_or("")
+                    ),
+                )
+            }
+            Err(e @ SecretError::Missing(_)) => text_response(StatusCode::NOT_FOUND, e.to_string()),
+            Err(e @ SecretError::Exists(_)) => text_response(StatusCode::CONFLICT, e.to_string()),
+            Err(e @ (SecretError::BadName(_) | SecretError::TooLarge { .. })) => {
+                text_response(StatusCode::BAD_REQUEST, e.to_string())
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                text_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
         }
     }
 
@@ -268,6 +368,15 @@ impl Api {
         }
         if let Err(msg) = self.check_conflicts(&spec) {
             return text_response(StatusCode::BAD_REQUEST, msg);
+        }
+        if let Some(missing) = self.state.secrets().first_missing(&spec.secrets) {
+            return text_response(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "cannot deploy {}: secrets: secret {missing:?} does not exist (create it with POST /system/secrets)",
+                    spec.name
+                ),
+            );
         }
         // Host claims are unique: a second claim is a conflict with a deployed function.
         if let Some((host, other)) = self

@@ -60,6 +60,8 @@ pub async fn setup(
     })?;
     Ok(Some(Arc::new(OciFunctions {
         watchdog,
+        secrets: state.secrets(),
+        secrets_dir: state.oci_dir().join("secrets"),
         pool: Pool::new(rt.clone()),
         rt,
         images: Mutex::new(HashMap::new()),
@@ -79,6 +81,10 @@ pub struct OciFunctions {
     logs: Arc<LogStore>,
     /// Host path of the stdio watchdog, bind-mounted into `watchdog = "stdio"` containers.
     watchdog: std::path::PathBuf,
+    /// Where functions' `secrets` are read from.
+    secrets: crate::secrets::SecretStore,
+    /// `<oci state>/secrets`: per-function copies, bind-mounted read-only.
+    secrets_dir: std::path::PathBuf,
 }
 
 /// Where an image came from: the path and, for an archive, its size and mtime, so a
@@ -198,6 +204,12 @@ impl OciFunctions {
                 destination: watchdog::CONTAINER_PATH.into(),
             });
         }
+        for name in &spec.secrets {
+            mounts.push(BindMount {
+                source: self.secrets_dir.join(&spec.name).join(name),
+                destination: format!("{}/{name}", crate::secrets::CONTAINER_DIR),
+            });
+        }
         ContainerSpec {
             function: spec.name.clone(),
             instance,
@@ -229,6 +241,13 @@ impl Runtime for OciFunctions {
             .get(&spec.name)
             .map(|(_, img)| img.clone());
         let image = self.image(spec, true).await?;
+        if !spec.secrets.is_empty() {
+            // Copied at deploy (and after each scale to zero), so containers created for
+            // the pool see the values as of then.
+            self.secrets
+                .materialize(&spec.secrets, &self.secrets_dir.join(&spec.name), 0o444)
+                .map_err(|e| Self::err(spec, e.to_string()))?;
+        }
         if before.is_some_and(|b| b != image) {
             // An update to another image: containers pooled from the old one must not
             // serve the new version's cold starts.
@@ -288,6 +307,7 @@ impl Runtime for OciFunctions {
     }
 
     async fn forget(&self, spec: &FunctionSpec) {
+        let _ = std::fs::remove_dir_all(self.secrets_dir.join(&spec.name));
         self.pool.drain(&spec.name).await;
         self.images.lock().unwrap().remove(&spec.name);
     }

@@ -24,6 +24,8 @@ pub struct ProcessRuntime {
     run_dir: PathBuf,
     /// The stdio watchdog, run in front of `watchdog = "stdio"` commands.
     watchdog: PathBuf,
+    /// Where functions' `secrets` are read from.
+    secrets: Option<crate::secrets::SecretStore>,
 }
 
 impl ProcessRuntime {
@@ -31,7 +33,22 @@ impl ProcessRuntime {
     pub fn new(run_dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&run_dir)?;
         let watchdog = super::watchdog::install(&run_dir)?;
-        Ok(ProcessRuntime { run_dir, watchdog })
+        Ok(ProcessRuntime {
+            run_dir,
+            watchdog,
+            secrets: None,
+        })
+    }
+
+    /// Functions with `secrets` get them from `store`.
+    pub fn with_secrets(mut self, store: crate::secrets::SecretStore) -> Self {
+        self.secrets = Some(store);
+        self
+    }
+
+    /// `<run_dir>/secrets/<function>`: the function's private copy of its secrets.
+    fn secrets_dir(&self, function: &str) -> PathBuf {
+        self.run_dir.join("secrets").join(function)
     }
 
     /// Kills the process groups a crashed earlier run left behind (recognised by pid file
@@ -108,6 +125,10 @@ impl Runtime for ProcessRuntime {
         RuntimeKind::Process
     }
 
+    async fn forget(&self, spec: &FunctionSpec) {
+        let _ = std::fs::remove_dir_all(self.secrets_dir(&spec.name));
+    }
+
     async fn start(
         &self,
         spec: &FunctionSpec,
@@ -131,12 +152,23 @@ impl Runtime for ProcessRuntime {
             ),
         };
         let (program, args) = command.split_first().expect("checked non-empty");
+        let secrets_dir = self.secrets_dir(&spec.name);
+        if !spec.secrets.is_empty() {
+            let store = self
+                .secrets
+                .as_ref()
+                .ok_or_else(|| spawn_err("secrets are not available here".into()))?;
+            store
+                .materialize(&spec.secrets, &secrets_dir, 0o400)
+                .map_err(|e| spawn_err(e.to_string()))?;
+        }
         let mut cmd = Command::new(program);
         cmd.args(args)
             .envs(&spec.env)
             .env("PORT", port.to_string())
             .env("SYNWAKE_FUNCTION", &spec.name)
             .env("SYNWAKE_INSTANCE", instance.to_string())
+            .env("SYNWAKE_SECRETS_DIR", &secrets_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
