@@ -79,7 +79,7 @@ impl Server {
         builder
             .http2()
             .timer(TokioTimer::new())
-            .enable_connect_protocol()
+            // No extended CONNECT (RFC 8441) yet: WebSocket clients use HTTP/1.1 Upgrade.
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
         Arc::new(Server { builder, limits })
     }
