@@ -832,19 +832,46 @@ fn cold_start_benchmark() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
+    // The same fixture image, also pulled from a real registry (when the tools are here).
+    let reg = synwake_oci::tools::missing_tool()
+        .is_none()
+        .then(|| synwake_oci::tools::Registry::start(false).expect("registry"));
     let d = OciDaemon::start(9, |img| {
-        common::function("process", "stop_grace = \"100ms\"")
+        let mut body = String::new();
+        if let Some(reg) = &reg {
+            reg.push(
+                &format!("oci-archive:{}", img.oci.display()),
+                "bench/fn:1",
+                &[],
+            )
+            .expect("push the fixture image");
+            body += &format!("insecure_registries = [\"{}\"]\n\n", reg.addr);
+            body += &oci_function(
+                "ocipull",
+                Path::new(&format!("{}/bench/fn:1", reg.addr)),
+                "pool = 1",
+            );
+        }
+        body + &common::function("process", "stop_grace = \"100ms\"")
             + &oci_function("oci", &img.oci, "")
             + &oci_function("ocipool", &img.oci, "pool = 1")
     });
     // (function, runtime label, pooled, row name)
-    let modes = [
+    let mut modes = vec![
         ("process", "process", false, "process (synwake-fn)"),
         ("oci", "oci", false, "oci, no pool (create+start)"),
         ("ocipool", "oci", true, "oci, pool = 1 (start only)"),
     ];
+    if reg.is_some() {
+        modes.push((
+            "ocipull",
+            "oci",
+            true,
+            "oci, pool = 1, image pulled from a registry",
+        ));
+    }
     // One unmeasured start each: page cache, first import, first netns.
-    for (f, _, _, _) in modes {
+    for (f, _, _, _) in &modes {
         d.call_ok(f, "/");
     }
     let load_before = loadavg();
@@ -893,6 +920,12 @@ fn cold_start_benchmark() {
         medians[2] / medians[0],
         medians[1] / medians[2]
     );
+    if let Some(pulled) = medians.get(3) {
+        println!(
+            "pulled / archive, both pooled (client medians): {:.2}x",
+            pulled / medians[2]
+        );
+    }
 }
 
 /// Deploy by registry reference (a real docker-registry on loopback, images built by
@@ -1020,7 +1053,11 @@ fn stdio_watchdog_runs_the_command_per_request_inside_the_container() {
     }
     let _serial = serial();
     let d = OciDaemon::start_in("10.6.2.0/24", |_| String::new());
-    let r = d.d.api_json("POST", "/system/secrets", &json!({"name": "tok", "value": "t0ken"}).to_string());
+    let r = d.d.api_json(
+        "POST",
+        "/system/secrets",
+        &json!({"name": "tok", "value": "t0ken"}).to_string(),
+    );
     assert_eq!(r.status, 201, "{}", r.text());
     let body = json!({
         "service": "ocicat",
@@ -1044,7 +1081,11 @@ fn stdio_watchdog_runs_the_command_per_request_inside_the_container() {
     )
     .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.text(), "POST /in/box\nt0ken\nfrom stdin", "secret mounted read-only");
+    assert_eq!(
+        r.text(),
+        "POST /in/box\nt0ken\nfrom stdin",
+        "secret mounted read-only"
+    );
     let r = common::request(
         common::loopback(d.d.shared),
         "POST",

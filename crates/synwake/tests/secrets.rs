@@ -15,9 +15,18 @@ fn secrets_are_stored_0600_given_to_functions_and_checked_at_deploy() {
     let secret = |method: &str, body: serde_json::Value| {
         d.api_json(method, "/system/secrets", &body.to_string())
     };
-    assert_eq!(secret("POST", json!({"name": "db-pass", "value": "s3cret-1"})).status, 201);
-    assert_eq!(secret("POST", json!({"name": "db-pass", "value": "again"})).status, 409);
-    assert_eq!(secret("PUT", json!({"name": "nope", "value": "x"})).status, 404);
+    assert_eq!(
+        secret("POST", json!({"name": "db-pass", "value": "s3cret-1"})).status,
+        201
+    );
+    assert_eq!(
+        secret("POST", json!({"name": "db-pass", "value": "again"})).status,
+        409
+    );
+    assert_eq!(
+        secret("PUT", json!({"name": "nope", "value": "x"})).status,
+        404
+    );
     let r = secret("POST", json!({"name": "../escape", "value": "x"}));
     assert_eq!(r.status, 400, "{}", r.text());
     let stored = d.state_dir().join("secrets/db-pass");
@@ -50,10 +59,20 @@ fn secrets_are_stored_0600_given_to_functions_and_checked_at_deploy() {
     assert_eq!(d.call("reader", "/").text(), "s3cret-1700\n");
 
     // Updated: the next instance reads the new value.
-    assert_eq!(secret("PUT", json!({"name": "db-pass", "value": "s3cret-2"})).status, 200);
+    assert_eq!(
+        secret("PUT", json!({"name": "db-pass", "value": "s3cret-2"})).status,
+        200
+    );
     let scale = json!({"serviceName": "reader", "replicas": 0}).to_string();
-    assert!(matches!(d.api_json("POST", "/system/scale-function/reader", &scale).status, 200..=202));
-    assert!(common::wait_until(std::time::Duration::from_secs(5), || d.available("reader") == 0));
+    assert!(matches!(
+        d.api_json("POST", "/system/scale-function/reader", &scale)
+            .status,
+        200..=202
+    ));
+    assert!(common::wait_until(
+        std::time::Duration::from_secs(5),
+        || d.available("reader") == 0
+    ));
     assert_eq!(d.call("reader", "/").text(), "s3cret-2700\n");
 
     assert_eq!(secret("DELETE", json!({"name": "db-pass"})).status, 200);
