@@ -7,6 +7,8 @@
 //! - `EXIT_AT_START`: exit with this status before listening (a function that fails to start).
 //! - `IGNORE_BODY`: leave the bodies of GET requests unread, as careless functions do (the
 //!   next request is then parsed from the body's bytes).
+//! - `CALL_LOG`: append each request's `X-Call-Id` (or `-`) as one line to this file.
+//! - `FAIL_FIRST`: answer the first N requests of this process with 502.
 //!
 //! Requests:
 //! - `POST` anything: echoes the body back.
@@ -18,7 +20,11 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// Requests served by this process (for `FAIL_FIRST`).
+static SERVED: AtomicU64 = AtomicU64::new(0);
 
 fn main() {
     if let Ok(code) = std::env::var("EXIT_AT_START") {
@@ -70,6 +76,7 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
         let method = parts.next().unwrap_or("").to_string();
         let path = parts.next().unwrap_or("/").to_string();
         let mut content_length = 0usize;
+        let mut call_id = String::from("-");
         let mut chunked = false;
         let mut close = false;
         let mut seen = String::new();
@@ -89,6 +96,7 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
                     "content-length" => content_length = v.parse().unwrap_or(0),
                     "transfer-encoding" => chunked = v.eq_ignore_ascii_case("chunked"),
                     "connection" => close = v.eq_ignore_ascii_case("close"),
+                    "x-call-id" => call_id = v.to_string(),
                     _ => {}
                 }
             }
@@ -102,6 +110,28 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
             reader.read_exact(&mut b)?;
             b
         };
+        if let Ok(log) = std::env::var("CALL_LOG") {
+            // One write of one short line with O_APPEND: lines of parallel requests do not mix.
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+            {
+                let _ = f.write_all(format!("{call_id}\n").as_bytes());
+            }
+        }
+        let fail_first: u64 = std::env::var("FAIL_FIRST")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if SERVED.fetch_add(1, Ordering::SeqCst) < fail_first {
+            write!(
+                out,
+                "HTTP/1.1 502 Bad Gateway\r\ncontent-length: 5\r\n\r\nfail\n"
+            )?;
+            out.flush()?;
+            continue;
+        }
         let resp: Vec<u8> = if method == "POST" || method == "PUT" {
             body
         } else if path == "/crash" {

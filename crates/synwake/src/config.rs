@@ -39,6 +39,7 @@ pub struct Config {
     pub defaults: Policy,
     pub probe: ProbeSection,
     pub oci: OciSection,
+    pub async_calls: AsyncSection,
     pub functions: Vec<FunctionSpec>,
     /// `[[certificate]]` tables, in file order.
     pub certificates: Vec<CertificateConfig>,
@@ -51,6 +52,35 @@ pub struct CertificateConfig {
     pub key: PathBuf,
     /// Served to clients that send no SNI (the first certificate when none is marked).
     pub default: bool,
+}
+
+/// `[async]`: the durable queue of `POST /async-function/` calls.
+#[derive(Debug, Clone)]
+pub struct AsyncSection {
+    /// Calls queued (accepted, not finished) per function; beyond it 429.
+    pub max_queued: usize,
+    /// Bytes of all queued calls together; beyond it 429.
+    pub max_queued_bytes: u64,
+    /// Retries after 502/503/504 or a connection failure.
+    pub max_retries: u32,
+    /// First retry delay; doubles per retry up to `retry_backoff_max`.
+    pub retry_backoff: Duration,
+    pub retry_backoff_max: Duration,
+    /// Calls sent at once, over all functions.
+    pub workers: usize,
+}
+
+impl Default for AsyncSection {
+    fn default() -> Self {
+        AsyncSection {
+            max_queued: 10_000,
+            max_queued_bytes: 256 << 20,
+            max_retries: 3,
+            retry_backoff: Duration::from_millis(500),
+            retry_backoff_max: Duration::from_secs(30),
+            workers: 64,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +141,8 @@ struct RawConfig {
     probe: RawProbe,
     #[serde(default)]
     oci: RawOci,
+    #[serde(default, rename = "async")]
+    async_calls: RawAsync,
     #[serde(default)]
     function: Vec<RawFunction>,
     #[serde(default)]
@@ -123,6 +155,19 @@ struct RawCertificate {
     cert: Spanned<PathBuf>,
     key: Spanned<PathBuf>,
     default: Option<Spanned<bool>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAsync {
+    max_queued: Option<u64>,
+    max_queued_bytes: Option<String>,
+    max_retries: Option<u64>,
+    #[serde(default, with = "opt_duration")]
+    retry_backoff: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    retry_backoff_max: Option<Duration>,
+    workers: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -658,7 +703,63 @@ impl Config {
             })?;
             functions.push(spec);
         }
+        let async_calls = {
+            let a = &raw.async_calls;
+            let at = text.find("[async]").unwrap_or(0);
+            let bad = |e: spec::SpecError| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: line_of(key_offset(text, at, &e.key) + 1),
+                key: format!("async.{}", e.key),
+                message: e.message,
+            };
+            let d = AsyncSection::default();
+            let max_queued_bytes = match &a.max_queued_bytes {
+                None => d.max_queued_bytes,
+                Some(b) => spec::parse_bytes(b)
+                    .map_err(|m| bad(spec::SpecError::new("max_queued_bytes", m)))?,
+            };
+            spec::check_count(
+                "max_queued_bytes",
+                max_queued_bytes,
+                &spec::limits::ASYNC_QUEUED_BYTES,
+            )
+            .map_err(bad)?;
+            let retry_backoff = a.retry_backoff.unwrap_or(d.retry_backoff);
+            let retry_backoff_max = a.retry_backoff_max.unwrap_or(d.retry_backoff_max);
+            spec::check_duration("retry_backoff", retry_backoff, &spec::limits::ASYNC_BACKOFF)
+                .map_err(bad)?;
+            spec::check_duration(
+                "retry_backoff_max",
+                retry_backoff_max,
+                &spec::limits::ASYNC_BACKOFF,
+            )
+            .map_err(bad)?;
+            AsyncSection {
+                max_queued: spec::count_in(
+                    "max_queued",
+                    a.max_queued.unwrap_or(d.max_queued as u64),
+                    &spec::limits::ASYNC_MAX_QUEUED,
+                )
+                .map_err(bad)?,
+                max_queued_bytes,
+                max_retries: spec::count_in(
+                    "max_retries",
+                    a.max_retries.unwrap_or(d.max_retries as u64),
+                    &spec::limits::ASYNC_MAX_RETRIES,
+                )
+                .map_err(bad)?,
+                retry_backoff,
+                retry_backoff_max: retry_backoff_max.max(retry_backoff),
+                workers: spec::count_in(
+                    "workers",
+                    a.workers.unwrap_or(d.workers as u64),
+                    &spec::limits::ASYNC_WORKERS,
+                )
+                .map_err(bad)?,
+            }
+        };
         Ok(Config {
+            async_calls,
             gateway,
             defaults,
             probe: ProbeSection {

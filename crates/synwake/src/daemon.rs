@@ -162,6 +162,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         conns.clone(),
     );
     ports.sync().await;
+    let async_queue = crate::api::async_call::AsyncQueue::start(
+        &state.async_dir(),
+        lifecycle.clone(),
+        crate::api::async_call::client(),
+        config.async_calls.clone(),
+    )
+    .with_context(|| format!("opening the async queue in {}", state.async_dir().display()))?;
     let api = Api::new(
         proxy.clone(),
         ports.synced(),
@@ -177,6 +184,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .collect(),
         auth.credential,
         orchestration,
+        async_queue,
     );
     tracing::info!(
         "synwake {} up: functions on {}, management API on {}, state in {}",

@@ -242,6 +242,12 @@ pub mod limits {
     /// Bytes of all `env` names and values together.
     pub const ENV_BYTES: u64 = 1 << 20;
     pub const READINESS_PATH_LEN: usize = 1024;
+    /// `[async]`.
+    pub const ASYNC_MAX_QUEUED: RangeInclusive<u64> = 1..=1_000_000;
+    pub const ASYNC_QUEUED_BYTES: RangeInclusive<u64> = (1 << 20)..=(64 << 30);
+    pub const ASYNC_MAX_RETRIES: RangeInclusive<u64> = 0..=100;
+    pub const ASYNC_BACKOFF: RangeInclusive<Duration> = ms(1)..=secs(3600);
+    pub const ASYNC_WORKERS: RangeInclusive<u64> = 1..=4096;
 }
 
 /// Checks a duration against its documented range.

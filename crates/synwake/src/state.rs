@@ -4,6 +4,7 @@
 //! <state_dir>/functions.json   functions deployed through the API
 //! <state_dir>/run/             pid files of live process instances
 //! <state_dir>/oci/             image cache, bundles (oci runtime)
+//! <state_dir>/async/calls.log  the durable queue of accepted async calls
 //! ```
 
 use std::io::Write;
@@ -65,6 +66,10 @@ impl StateDir {
     }
     pub fn secrets(&self) -> crate::secrets::SecretStore {
         crate::secrets::SecretStore::new(self.root.join("secrets"))
+    }
+    /// The durable async-call queue.
+    pub fn async_dir(&self) -> PathBuf {
+        self.root.join("async")
     }
 
     /// Functions deployed through the API, as last saved.

@@ -1,26 +1,34 @@
 //! `POST /async-function/<name>[/<path>]`, as OpenFaaS clients use it (`faas-cli invoke
-//! --async`): the request is accepted at once (202, `X-Call-Id`) and run in the
-//! background; with an `X-Callback-Url` header, the function's response is POSTed there
-//! with `X-Call-Id` and `X-Function-Status`.
+//! --async`): the call is written to the durable queue (`async_store`) and only then
+//! answered 202 with `X-Call-Id`; it runs in the background, at least once, also across a
+//! crash and restart of synwake. The function gets `X-Call-Id` (to deduplicate); 502, 503,
+//! 504 and connection failures are retried with backoff up to `max_retries`, then an
+//! `X-Callback-Url` gets the final response with `X-Call-Id` and `X-Function-Status`.
+//! Bounded: `max_queued` calls per function and `max_queued_bytes` in all, beyond that 429.
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use super::async_store::{CallStore, StoreError, StoredCall};
+use crate::config::AsyncSection;
 use crate::gateway::{text_response, ProxyBody};
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{AcquireError, Lifecycle};
 
-/// Bodies of queued calls are held in memory: bounded.
+/// Largest body of one async call.
 pub const MAX_ASYNC_BODY: usize = 16 << 20;
-
-static NEXT_CALL: AtomicU64 = AtomicU64::new(1);
+/// How long a callback may take.
+const CALLBACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 type BytesClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -28,176 +36,509 @@ pub fn client() -> BytesClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-/// Accepts the call and runs it in the background.
-pub async fn accept(
-    lc: &Lifecycle,
-    client: &BytesClient,
-    req: Request<Incoming>,
-    rest: &str,
-) -> Response<ProxyBody> {
-    let (name, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if lc.get(name).is_none() {
-        return text_response(
-            StatusCode::NOT_FOUND,
-            format!("function {} not found", crate::gateway::path::quote(name)),
-        );
-    }
-    let query = req
-        .uri()
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
-    let path = format!("{path}{query}");
-    let (parts, body) = req.into_parts();
-    let callback = match parts.headers.get("x-callback-url").map(|v| v.to_str()) {
-        None => None,
-        Some(Ok(u)) => match u.parse::<Uri>() {
-            Ok(uri) if uri.scheme_str() == Some("http") => Some(uri),
-            _ => {
-                return text_response(
-                    StatusCode::BAD_REQUEST,
-                    format!("invalid header `X-Callback-Url`: {u:?} is not an http:// URL"),
-                )
-            }
-        },
-        Some(Err(_)) => {
-            return text_response(
-                StatusCode::BAD_REQUEST,
-                "invalid header `X-Callback-Url`: not text",
-            )
-        }
-    };
-    let body = match Limited::new(body, MAX_ASYNC_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return text_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "async call to {name}: body unreadable or over {MAX_ASYNC_BODY} bytes: {e}"
-                ),
-            )
-        }
-    };
-    let call_id = format!(
-        "{:016x}",
-        NEXT_CALL.fetch_add(1, Ordering::Relaxed) ^ (std::process::id() as u64) << 40
-    );
-    let (lc, client, name) = (lc.clone(), client.clone(), name.to_string());
-    tracing::debug!("async call {call_id} to {name} accepted");
-    let (method, headers, id) = (parts.method, parts.headers, call_id.clone());
-    tokio::spawn(async move {
-        let (status, resp_headers, resp_body) =
-            run(&lc, &client, &name, method, &path, headers, body).await;
-        tracing::info!("async call {id} to {name}: {status}");
-        if let Some(cb) = callback {
-            let mut req = Request::builder().method(Method::POST).uri(cb.clone());
-            for (k, v) in resp_headers.iter() {
-                if k == http::header::CONTENT_TYPE {
-                    req = req.header(k, v);
-                }
-            }
-            let req = req
-                .header("x-call-id", id.as_str())
-                .header("x-function-status", status.as_u16().to_string())
-                .header("x-function-name", name.as_str())
-                .body(Full::new(resp_body));
-            match req {
-                Ok(req) => match tokio::time::timeout(Duration::from_secs(30), client.request(req))
-                    .await
-                {
-                    Ok(Ok(r)) => {
-                        tracing::debug!("async call {id}: callback {cb} answered {}", r.status())
-                    }
-                    Ok(Err(e)) => tracing::warn!(
-                        "async call {id}: callback {cb} failed: {}",
-                        crate::error_chain(&e)
-                    ),
-                    Err(_) => tracing::warn!("async call {id}: callback {cb} timed out"),
-                },
-                Err(e) => tracing::warn!("async call {id}: callback request: {e}"),
-            }
-        }
-    });
-    let mut r = text_response(StatusCode::ACCEPTED, format!("call {call_id} accepted"));
-    if let Ok(v) = HeaderValue::from_str(&call_id) {
-        r.headers_mut().insert("x-call-id", v);
-    }
-    r
+/// The queue: the log on disk, the bounds, the delivery workers and their counters.
+#[derive(Clone)]
+pub struct AsyncQueue {
+    inner: Arc<Inner>,
 }
 
-/// Runs one queued call: waits for an instance like any request, then sends it.
-async fn run(
+struct Inner {
+    lc: Lifecycle,
+    client: BytesClient,
+    store: CallStore,
+    cfg: AsyncSection,
+    counts: Mutex<Counts>,
+    /// Calls being sent at once, over all functions.
+    workers: tokio::sync::Semaphore,
+    next_id: AtomicU64,
+    running: AtomicU64,
+}
+
+#[derive(Default)]
+struct Counts {
+    /// Accepted, not finished (running included).
+    queued: HashMap<String, usize>,
+    bytes: u64,
+    /// id -> acceptance time (ms since the epoch); ids grow with time, so the first is
+    /// the oldest.
+    accepted: BTreeMap<u64, u64>,
+    retried: HashMap<String, u64>,
+    failed: HashMap<String, u64>,
+}
+
+/// What sending a call once came to.
+pub enum Outcome {
+    Answered {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+    },
+    /// synwake is stopping: the call stays queued and runs after the restart.
+    ShuttingDown,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The bytes a call holds in memory against `max_queued_bytes`.
+fn call_bytes(c: &StoredCall) -> u64 {
+    (c.body.len()
+        + c.path.len()
+        + c.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()) as u64
+}
+
+impl AsyncQueue {
+    /// Opens the queue in `dir` and starts every call a previous run accepted and did
+    /// not finish.
+    pub fn start(
+        dir: &Path,
+        lc: Lifecycle,
+        client: BytesClient,
+        cfg: AsyncSection,
+    ) -> Result<AsyncQueue, StoreError> {
+        let (store, pending) = CallStore::open(dir)?;
+        // Unique across restarts: above every id on disk and above the clock in us.
+        let micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let next = pending.last().map_or(0, |c| c.id + 1).max(micros);
+        let q = AsyncQueue {
+            inner: Arc::new(Inner {
+                lc,
+                client,
+                store,
+                workers: tokio::sync::Semaphore::new(cfg.workers),
+                cfg,
+                counts: Mutex::new(Counts::default()),
+                next_id: AtomicU64::new(next),
+                running: AtomicU64::new(0),
+            }),
+        };
+        if !pending.is_empty() {
+            tracing::info!(
+                "async queue: {} call(s) accepted before the restart and not finished; running them",
+                pending.len()
+            );
+        }
+        for call in pending {
+            let _ = q.reserve(&call, false); // not enforced: never refused
+            q.spawn(call);
+        }
+        Ok(q)
+    }
+
+    /// Counts a call against the bounds; an error (and nothing counted) when it does not
+    /// fit and `enforce` is set.
+    fn reserve(&self, call: &StoredCall, enforce: bool) -> Result<(), String> {
+        let size = call_bytes(call);
+        let mut c = self.inner.counts.lock().unwrap();
+        let queued = c.queued.get(&call.function).copied().unwrap_or(0);
+        if enforce {
+            if queued >= self.inner.cfg.max_queued {
+                return Err(format!(
+                    "function {} already has {queued} queued async calls (max_queued)",
+                    call.function
+                ));
+            }
+            if c.bytes + size > self.inner.cfg.max_queued_bytes {
+                return Err(format!(
+                    "the async queue holds {} bytes; this call's {size} would pass max_queued_bytes {}",
+                    c.bytes, self.inner.cfg.max_queued_bytes
+                ));
+            }
+        }
+        *c.queued.entry(call.function.clone()).or_default() += 1;
+        c.bytes += size;
+        c.accepted.insert(call.id, call.accepted_ms);
+        Ok(())
+    }
+
+    fn release(&self, call: &StoredCall) {
+        let mut c = self.inner.counts.lock().unwrap();
+        if let Some(n) = c.queued.get_mut(&call.function) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.queued.remove(&call.function);
+            }
+        }
+        c.bytes = c.bytes.saturating_sub(call_bytes(call));
+        c.accepted.remove(&call.id);
+    }
+
+    /// Accepts the call: 202 once it is on disk, 429 beyond the bounds.
+    pub async fn accept(&self, req: Request<Incoming>, rest: &str) -> Response<ProxyBody> {
+        let (name, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if self.inner.lc.get(name).is_none() {
+            return text_response(StatusCode::NOT_FOUND, format!("function {name} not found"));
+        }
+        let query = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        let path = format!("{path}{query}");
+        let (parts, body) = req.into_parts();
+        let callback = match parts.headers.get("x-callback-url").map(|v| v.to_str()) {
+            None => None,
+            Some(Ok(u)) => match u.parse::<Uri>() {
+                Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {
+                    Some(u.to_string())
+                }
+                _ => {
+                    return text_response(
+                        StatusCode::BAD_REQUEST,
+                        "invalid header `X-Callback-Url`: not an http:// URL",
+                    )
+                }
+            },
+            Some(Err(_)) => {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    "invalid header `X-Callback-Url`: not text",
+                )
+            }
+        };
+        let body = match Limited::new(body, MAX_ASYNC_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return text_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "async call to {name}: body unreadable or over {MAX_ASYNC_BODY} bytes: {e}"
+                    ),
+                )
+            }
+        };
+        let mut headers = parts.headers;
+        crate::gateway::strip_hop_by_hop(&mut headers);
+        // The body is re-sent whole; the callback and the call id are ours to set.
+        for h in [
+            "x-callback-url",
+            "content-length",
+            "transfer-encoding",
+            "x-call-id",
+        ] {
+            headers.remove(h);
+        }
+        let call = StoredCall {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            accepted_ms: now_ms(),
+            function: name.to_string(),
+            method: parts.method.as_str().to_string(),
+            path,
+            callback,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), Bytes::copy_from_slice(v.as_bytes())))
+                .collect(),
+            body,
+        };
+        if let Err(why) = self.reserve(&call, true) {
+            let mut r = text_response(StatusCode::TOO_MANY_REQUESTS, why);
+            r.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return r;
+        }
+        // Nothing is accepted that cannot be kept: the 202 follows the fsync.
+        if let Err(e) = self.inner.store.append(&call).await {
+            self.release(&call);
+            tracing::error!("async call to {name} refused: {e}");
+            let mut r = text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("async call to {name} not accepted: cannot keep it: {e}"),
+            );
+            r.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return r;
+        }
+        let call_id = format!("{:016x}", call.id);
+        tracing::debug!("async call {call_id} to {name} accepted");
+        self.spawn(call);
+        let mut r = text_response(StatusCode::ACCEPTED, format!("call {call_id} accepted"));
+        if let Ok(v) = HeaderValue::from_str(&call_id) {
+            r.headers_mut().insert("x-call-id", v);
+        }
+        r
+    }
+
+    fn spawn(&self, call: StoredCall) {
+        let q = self.clone();
+        tokio::spawn(async move { q.run_call(call).await });
+    }
+
+    /// Sends a call with retries, then its callback, then marks it done.
+    async fn run_call(&self, call: StoredCall) {
+        let inner = &self.inner;
+        let Ok(_permit) = inner.workers.acquire().await else {
+            return;
+        };
+        inner.running.fetch_add(1, Ordering::Relaxed);
+        let _running = RunningGuard(&inner.running);
+        let id = format!("{:016x}", call.id);
+        let mut attempt = 0u32;
+        let (status, headers, body) = loop {
+            match deliver(&inner.lc, &inner.client, &call, &id).await {
+                Outcome::ShuttingDown => {
+                    tracing::info!(
+                        "async call {id}: synwake is stopping; it runs after the restart"
+                    );
+                    return;
+                }
+                Outcome::Answered {
+                    status,
+                    headers,
+                    body,
+                } => {
+                    let retryable = matches!(
+                        status,
+                        StatusCode::BAD_GATEWAY
+                            | StatusCode::SERVICE_UNAVAILABLE
+                            | StatusCode::GATEWAY_TIMEOUT
+                    );
+                    if !retryable || attempt >= inner.cfg.max_retries {
+                        break (status, headers, body);
+                    }
+                }
+            }
+            attempt += 1;
+            *inner
+                .counts
+                .lock()
+                .unwrap()
+                .retried
+                .entry(call.function.clone())
+                .or_default() += 1;
+            let backoff = inner
+                .cfg
+                .retry_backoff
+                .saturating_mul(1u32 << (attempt - 1).min(20))
+                .min(inner.cfg.retry_backoff_max);
+            tracing::debug!("async call {id}: attempt {attempt} failed; retrying in {backoff:?}");
+            tokio::time::sleep(backoff).await;
+        };
+        tracing::info!(
+            "async call {id} to {}: {status} after {} attempt(s)",
+            call.function,
+            attempt + 1
+        );
+        if !status.is_success() {
+            *inner
+                .counts
+                .lock()
+                .unwrap()
+                .failed
+                .entry(call.function.clone())
+                .or_default() += 1;
+        }
+        if let Some(cb) = &call.callback {
+            callback(
+                &inner.client,
+                cb,
+                &id,
+                &call.function,
+                status,
+                &headers,
+                body,
+            )
+            .await;
+        }
+        inner.store.done(call.id);
+        self.release(&call);
+    }
+
+    /// The queue's series in Prometheus text format (appended to /metrics).
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write;
+        let c = self.inner.counts.lock().unwrap();
+        let mut out = String::new();
+        let family = |out: &mut String,
+                      name: &str,
+                      kind: &str,
+                      help: &str,
+                      m: &mut dyn Iterator<Item = (&String, f64)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            let mut v: Vec<(&String, f64)> = m.collect();
+            v.sort_by(|a, b| a.0.cmp(b.0));
+            for (f, n) in v {
+                let _ = writeln!(out, "{name}{{function=\"{f}\"}} {n}");
+            }
+        };
+        family(
+            &mut out,
+            "synwake_async_queued",
+            "gauge",
+            "Async calls accepted and not finished (running included).",
+            &mut c.queued.iter().map(|(k, v)| (k, *v as f64)),
+        );
+        family(
+            &mut out,
+            "synwake_async_retried_total",
+            "counter",
+            "Async call attempts retried after 502/503/504 or a connection failure.",
+            &mut c.retried.iter().map(|(k, v)| (k, *v as f64)),
+        );
+        family(
+            &mut out,
+            "synwake_async_failed_total",
+            "counter",
+            "Async calls whose final status (after retries) was not 2xx.",
+            &mut c.failed.iter().map(|(k, v)| (k, *v as f64)),
+        );
+        let oldest = c
+            .accepted
+            .values()
+            .next()
+            .map_or(0.0, |ms| now_ms().saturating_sub(*ms) as f64 / 1000.0);
+        for (name, kind, help, v) in [
+            (
+                "synwake_async_running",
+                "gauge",
+                "Async calls being sent now.",
+                self.inner.running.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "synwake_async_queued_bytes",
+                "gauge",
+                "Bytes of the async calls held (bounded by max_queued_bytes).",
+                c.bytes as f64,
+            ),
+            (
+                "synwake_async_oldest_age_seconds",
+                "gauge",
+                "Age of the oldest async call not finished; 0 when none.",
+                oldest,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+        out
+    }
+}
+
+struct RunningGuard<'a>(&'a AtomicU64);
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Sends one call once: waits for an instance like any request, then forwards it with
+/// `X-Call-Id`. The one place a queued call reaches a function.
+pub async fn deliver(
     lc: &Lifecycle,
     client: &BytesClient,
-    name: &str,
-    method: Method,
-    path: &str,
-    mut headers: HeaderMap,
-    body: Bytes,
-) -> (StatusCode, HeaderMap, Bytes) {
+    call: &StoredCall,
+    call_id: &str,
+) -> Outcome {
+    let answered = |status, body: String| Outcome::Answered {
+        status,
+        headers: HeaderMap::new(),
+        body: Bytes::from(body),
+    };
+    let name = call.function.as_str();
     let lease = match lc.acquire(name).await {
         Ok(l) => l,
+        Err(AcquireError::ShuttingDown { .. }) => return Outcome::ShuttingDown,
         Err(e) => {
             let resp = crate::gateway::acquire_error_response(&e);
-            return (resp.status(), HeaderMap::new(), Bytes::from(e.to_string()));
+            return answered(resp.status(), e.to_string());
         }
     };
     let addr = lease.instance.addr();
-    crate::gateway::strip_hop_by_hop(&mut headers);
-    // The body is re-sent whole; the callback is ours to call, not the function's.
-    for h in ["x-callback-url", "content-length", "transfer-encoding"] {
-        headers.remove(h);
-    }
-    let uri: Uri = match format!("http://{addr}{path}").parse() {
+    let uri: Uri = match format!("http://{addr}{}", call.path).parse() {
         Ok(u) => u,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                HeaderMap::new(),
-                Bytes::from(e.to_string()),
-            )
-        }
+        Err(_) => return answered(StatusCode::BAD_REQUEST, "invalid path".into()),
     };
+    let method = Method::from_bytes(call.method.as_bytes()).unwrap_or(Method::POST);
     let mut req = Request::builder().method(method).uri(uri);
     if let Some(h) = req.headers_mut() {
-        *h = headers;
-    }
-    let req = match req.body(Full::new(body)) {
-        Ok(r) => r,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                HeaderMap::new(),
-                Bytes::from(e.to_string()),
-            )
+        for (k, v) in &call.headers {
+            if let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_bytes(v),
+            ) {
+                h.append(k, v);
+            }
         }
+        if let Ok(v) = HeaderValue::from_str(call_id) {
+            h.insert("x-call-id", v);
+        }
+    }
+    let req = match req.body(Full::new(call.body.clone())) {
+        Ok(r) => r,
+        Err(e) => return answered(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let m = lc.metrics();
     let result = match client.request(req).await {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
             match body.collect().await {
-                Ok(b) => (parts.status, parts.headers, b.to_bytes()),
-                Err(e) => (
-                    StatusCode::BAD_GATEWAY,
-                    HeaderMap::new(),
-                    Bytes::from(crate::error_chain(&e)),
-                ),
+                Ok(b) => Outcome::Answered {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body: b.to_bytes(),
+                },
+                Err(e) => answered(StatusCode::BAD_GATEWAY, crate::error_chain(&e)),
             }
         }
-        Err(e) => (
+        Err(e) => answered(
             StatusCode::BAD_GATEWAY,
-            HeaderMap::new(),
-            Bytes::from(format!(
+            format!(
                 "function {name}: the instance failed the request: {}",
                 crate::error_chain(&e)
-            )),
+            ),
         ),
     };
-    m.invocations.inc(&[name, result.0.as_str()]);
+    if let Outcome::Answered { status, .. } = &result {
+        m.invocations.inc(&[name, status.as_str()]);
+    }
     drop(lease);
     result
+}
+
+/// POSTs the final response to the caller's callback URL (one attempt, bounded).
+async fn callback(
+    client: &BytesClient,
+    url: &str,
+    id: &str,
+    function: &str,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: Bytes,
+) {
+    let mut req = Request::builder().method(Method::POST).uri(url);
+    if let Some(ct) = headers.get(http::header::CONTENT_TYPE) {
+        req = req.header(http::header::CONTENT_TYPE, ct);
+    }
+    let req = req
+        .header("x-call-id", id)
+        .header("x-function-status", status.as_u16().to_string())
+        .header("x-function-name", function)
+        .body(Full::new(body));
+    match req {
+        Ok(req) => match tokio::time::timeout(CALLBACK_TIMEOUT, client.request(req)).await {
+            Ok(Ok(r)) => tracing::debug!("async call {id}: callback answered {}", r.status()),
+            Ok(Err(e)) => tracing::warn!(
+                "async call {id}: callback failed: {}",
+                crate::error_chain(&e)
+            ),
+            Err(_) => tracing::warn!("async call {id}: callback timed out"),
+        },
+        Err(e) => tracing::warn!("async call {id}: callback request: {e}"),
+    }
 }

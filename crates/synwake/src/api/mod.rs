@@ -1,7 +1,8 @@
 //! Management API in the OpenFaaS gateway's shape, plus /healthz, /metrics and the same
 //! /function/<name>/ proxy as the shared port (OpenFaaS clients use one gateway URL).
 
-mod async_call;
+pub mod async_call;
+mod async_store;
 pub mod auth;
 pub mod deploy;
 mod logs;
@@ -40,14 +41,12 @@ pub struct Api {
     /// Serialises deploys/removals so persisted state matches the lifecycle.
     write_lock: tokio::sync::Mutex<()>,
     noted_fields: Mutex<HashSet<String>>,
-    /// Sends queued async calls and their callbacks.
-    async_client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<Bytes>,
-    >,
+    /// The durable queue of `POST /async-function/` calls.
+    async_queue: async_call::AsyncQueue,
 }
 
 impl Api {
+    #[allow(clippy::too_many_arguments)] // the daemon's parts, each passed once at start
     pub fn new(
         proxy: Arc<Proxy>,
         ports_synced: tokio::sync::watch::Receiver<u64>,
@@ -56,6 +55,7 @@ impl Api {
         reserved_ports: Vec<u16>,
         credential: auth::Credential,
         orchestration: &'static str,
+        async_queue: async_call::AsyncQueue,
     ) -> Arc<Self> {
         Arc::new(Api {
             proxy,
@@ -67,7 +67,7 @@ impl Api {
             orchestration,
             write_lock: tokio::sync::Mutex::new(()),
             noted_fields: Mutex::new(HashSet::new()),
-            async_client: async_call::client(),
+            async_queue,
         })
     }
 
@@ -107,14 +107,16 @@ impl Api {
                 );
             }
             let rest = rest.to_string();
-            return async_call::accept(self.lc(), &self.async_client, req, &rest).await;
+            return self.async_queue.accept(req, &rest).await;
         }
         match (req.method(), path.as_str()) {
             (&Method::GET, "/healthz") => return text_response(StatusCode::OK, "OK"),
             (&Method::GET, "/metrics") => {
                 return Response::builder()
                     .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
-                    .body(full(self.lc().metrics().render()))
+                    .body(full(
+                        self.lc().metrics().render() + &self.async_queue.render_metrics(),
+                    ))
                     .unwrap()
             }
             _ => {}

@@ -1,0 +1,252 @@
+//! The durable async queue against the real binary: every call answered 202 runs after a
+//! kill -9 and restart (counted at the function), the bounds answer 429 with Retry-After,
+//! 502s are retried and the callback gets the final status, and `X-Call-Id` reaches the
+//! function.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use synwake_test_support::metrics::Metrics;
+use synwake_test_support::*;
+
+/// A `[[function]]` running synwake-fn with extra environment.
+fn function_env(name: &str, env: &[(&str, String)], extra: &str) -> String {
+    let env: Vec<String> = env.iter().map(|(k, v)| format!("{k} = {v:?}")).collect();
+    function(name, &format!("env = {{ {} }}\n{extra}", env.join(", ")))
+}
+
+fn post_async(d: &Daemon, name: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    request(
+        loopback(d.api),
+        "POST",
+        &format!("/async-function/{name}"),
+        headers,
+        Some(body),
+    )
+    .unwrap_or_else(|e| panic!("POST /async-function/{name}: {e}"))
+}
+
+/// Call ids the function logged, one line per request it received.
+fn logged(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn accepted_calls_run_after_kill_9_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("calls.txt");
+    // A slow start keeps every call queued when synwake is killed.
+    let mut d = Daemon::start(&function_env(
+        "slow",
+        &[
+            ("INIT_MS", "4000".into()),
+            ("CALL_LOG", log.display().to_string()),
+        ],
+        "",
+    ));
+    let body = random_bytes(1024, 7);
+    let ids: Vec<String> = concurrently(8, |w| {
+        (0..25)
+            .map(|i| {
+                let r = post_async(&d, "slow", &[("x-test", &format!("{w}-{i}"))], &body);
+                assert_eq!(r.status, 202, "{}", r.text());
+                r.header("x-call-id").expect("X-Call-Id").to_string()
+            })
+            .collect::<Vec<_>>()
+    })
+    .into_iter()
+    .flatten()
+    .collect();
+    let accepted: BTreeSet<String> = ids.iter().cloned().collect();
+    assert_eq!(accepted.len(), 200, "call ids are unique");
+    let before = logged(&log).len();
+    assert!(d
+        .stop_with(libc::SIGKILL, Duration::from_secs(10))
+        .is_some());
+    assert!(
+        before < 200,
+        "all calls ran before the kill ({before}); the test proves nothing"
+    );
+
+    d.spawn();
+    let all_ran = wait_until(Duration::from_secs(90), || {
+        let seen: BTreeSet<String> = logged(&log).into_iter().collect();
+        accepted.is_subset(&seen)
+    });
+    let seen: BTreeSet<String> = logged(&log).into_iter().collect();
+    let missing: Vec<&String> = accepted.difference(&seen).collect();
+    assert!(
+        all_ran,
+        "{} of 200 accepted calls never ran: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    // Finished calls leave the queue: nothing is queued, the oldest age is 0.
+    assert!(wait_until(Duration::from_secs(10), || {
+        let m = Metrics(d.metrics());
+        m.get("synwake_async_queued{function=\"slow\"}") == 0.0
+            && m.get("synwake_async_oldest_age_seconds") == 0.0
+    }));
+    // And a restart after that runs none of them again.
+    let ran = logged(&log).len();
+    assert!(d
+        .stop_with(libc::SIGTERM, Duration::from_secs(10))
+        .is_some());
+    d.spawn();
+    std::thread::sleep(Duration::from_millis(500));
+    let m = Metrics(d.metrics());
+    assert_eq!(m.get("synwake_async_queued{function=\"slow\"}"), 0.0);
+    assert_eq!(logged(&log).len(), ran);
+}
+
+#[test]
+fn queue_bounds_answer_429_with_retry_after() {
+    let mut body = function_env("a", &[("INIT_MS", "10000".into())], "");
+    body += &function_env("b", &[("INIT_MS", "10000".into())], "");
+    body += "[async]\nmax_queued = 5\nmax_queued_bytes = \"1Mi\"\n";
+    let d = Daemon::start(&body);
+    for i in 0..5 {
+        let r = post_async(&d, "a", &[], b"x");
+        assert_eq!(r.status, 202, "call {i}: {}", r.text());
+    }
+    let r = post_async(&d, "a", &[], b"x");
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert!(r.header("retry-after").is_some(), "no Retry-After");
+    assert!(r.text().contains("max_queued"), "{}", r.text());
+    // The bound is per function; the byte bound is over all of them.
+    let big = vec![b'y'; 600 << 10];
+    let r = post_async(&d, "b", &[], &big);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let r = post_async(&d, "b", &[], &big);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert!(r.text().contains("max_queued_bytes"), "{}", r.text());
+    let m = Metrics(d.metrics());
+    assert_eq!(m.get("synwake_async_queued{function=\"a\"}"), 5.0);
+    assert_eq!(m.get("synwake_async_queued{function=\"b\"}"), 1.0);
+    assert!(m.get("synwake_async_queued_bytes") >= (600 << 10) as f64);
+}
+
+/// Callbacks received: (X-Call-Id, X-Function-Status, body).
+type Received = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
+
+/// A callback receiver on a free loopback port; answers 200 to each POST.
+fn callback_server() -> (u16, Received) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let got: Received = Arc::default();
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let g = g.clone();
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                let mut h = HashMap::new();
+                if r.read_line(&mut line).is_err() {
+                    return;
+                }
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':') {
+                        h.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                    }
+                }
+                let n: usize = h
+                    .get("content-length")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0; n];
+                let _ = r.read_exact(&mut body);
+                g.lock().unwrap().push((
+                    h.get("x-call-id").cloned().unwrap_or_default(),
+                    h.get("x-function-status").cloned().unwrap_or_default(),
+                    body,
+                ));
+                let mut s = s;
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            });
+        }
+    });
+    (port, got)
+}
+
+#[test]
+fn bad_gateway_is_retried_then_the_callback_gets_the_final_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let (flaky_log, broken_log) = (dir.path().join("flaky.txt"), dir.path().join("broken.txt"));
+    let mut body = function_env(
+        "flaky",
+        &[
+            ("FAIL_FIRST", "2".into()),
+            ("CALL_LOG", flaky_log.display().to_string()),
+        ],
+        "",
+    );
+    body += &function_env(
+        "broken",
+        &[
+            ("FAIL_FIRST", "1000".into()),
+            ("CALL_LOG", broken_log.display().to_string()),
+        ],
+        "",
+    );
+    body += "[async]\nmax_retries = 3\nretry_backoff = \"20ms\"\n";
+    let d = Daemon::start(&body);
+    let (port, got) = callback_server();
+    let cb = format!("http://127.0.0.1:{port}/done");
+    let flaky = post_async(&d, "flaky", &[("x-callback-url", &cb)], b"payload");
+    assert_eq!(flaky.status, 202, "{}", flaky.text());
+    let broken = post_async(&d, "broken", &[("x-callback-url", &cb)], b"payload");
+    assert_eq!(broken.status, 202, "{}", broken.text());
+    let (fid, bid) = (
+        flaky.header("x-call-id").unwrap().to_string(),
+        broken.header("x-call-id").unwrap().to_string(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || got.lock().unwrap().len() >= 2),
+        "callbacks: {:?}",
+        got.lock().unwrap()
+    );
+    let got = got.lock().unwrap().clone();
+    let status_of = |id: &str| {
+        got.iter()
+            .find(|(i, _, _)| i == id)
+            .map(|(_, s, b)| (s.clone(), b.clone()))
+    };
+    // Two 502s, then the echo: the callback has the function's final answer.
+    assert_eq!(
+        status_of(&fid),
+        Some(("200".to_string(), b"payload".to_vec()))
+    );
+    assert_eq!(status_of(&bid).map(|s| s.0), Some("502".to_string()));
+    // Every attempt reached the function with the same X-Call-Id.
+    assert_eq!(logged(&flaky_log), vec![fid.clone(); 3]);
+    assert_eq!(logged(&broken_log), vec![bid.clone(); 4]);
+    let m = Metrics(d.metrics());
+    assert_eq!(
+        m.get("synwake_async_retried_total{function=\"flaky\"}"),
+        2.0
+    );
+    assert_eq!(
+        m.get("synwake_async_retried_total{function=\"broken\"}"),
+        3.0
+    );
+    assert_eq!(
+        m.get("synwake_async_failed_total{function=\"broken\"}"),
+        1.0
+    );
+}
