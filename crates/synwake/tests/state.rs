@@ -172,11 +172,33 @@ fn full_state_dir_fails_the_call_and_changes_nothing() {
     assert_eq!(saved(&d), ["keep"]);
     assert_eq!(d.status("keep")["envVars"]["GREETING"], "one");
     assert_eq!(temp_files(&d.state_dir()), Vec::<String>::new());
+    // An async call that cannot be written is not accepted.
+    let async_call = |d: &Daemon| {
+        request(
+            loopback(d.api),
+            "POST",
+            "/async-function/keep",
+            &[],
+            Some(b"x"),
+        )
+        .unwrap()
+    };
+    let r = async_call(&d);
+    assert_eq!(r.status, 503, "async call on a full disk: {}", r.text());
+    assert!(r.header("retry-after").is_some());
 
     // With space again the same calls work; a leftover temp file is swept at start.
     std::fs::remove_file(&filler).unwrap();
     let r = d.api_json("POST", "/system/functions", &deployment("new", "x"));
     assert_eq!(r.status, 202, "{}", r.text());
+    let r = async_call(&d);
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert!(wait_until(Duration::from_secs(20), || {
+        metric(
+            &d.metrics(),
+            "synwake_function_invocations_total{function=\"keep\",code=\"200\"}",
+        ) == Some(1.0)
+    }));
     let r = d.api_json("DELETE", "/system/functions", r#"{"functionName":"keep"}"#);
     assert_eq!(r.status, 200, "{}", r.text());
     std::fs::write(

@@ -186,10 +186,13 @@ impl CallStore {
         }
         let live: HashMap<u64, Bytes> = pending.iter().map(|c| (c.id, c.encode())).collect();
         let file = rewrite(&path, pending.iter().map(|c| &live[&c.id])).map_err(io_err)?;
+        let size = file.metadata().map_err(io_err)?.len();
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             path: path.clone(),
             file,
+            size,
+            torn: false,
             live_bytes: live.values().map(|r| r.len() as u64).sum(),
             live,
             len: 0,
@@ -237,6 +240,11 @@ struct Writer {
     len: u64,
     /// Bytes of the records in `live`.
     live_bytes: u64,
+    /// File size after the last complete write: a failed write is cut back to it, so
+    /// that no later record follows a partial one.
+    size: u64,
+    /// A failed write could not be cut back: nothing is appended until it is.
+    torn: bool,
 }
 
 impl Writer {
@@ -264,11 +272,25 @@ impl Writer {
                     next = rx.try_recv().ok();
                 }
             }
-            let written = self
-                .file
-                .write_all(&buf)
-                .and_then(|_| self.file.sync_data());
-            self.len += buf.len() as u64;
+            if self.torn && self.file.set_len(self.size).is_ok() {
+                self.torn = false;
+            }
+            let written = if self.torn {
+                Err(io::Error::other(
+                    "the log's end could not be repaired after a failed write",
+                ))
+            } else {
+                self.file
+                    .write_all(&buf)
+                    .and_then(|_| self.file.sync_data())
+            };
+            match &written {
+                Ok(()) => {
+                    self.size += buf.len() as u64;
+                    self.len += buf.len() as u64;
+                }
+                Err(_) => self.torn = self.file.set_len(self.size).is_err(),
+            }
             buf.clear();
             if let Err(e) = &written {
                 // Not kept: those calls get an error instead of a 202.
@@ -285,21 +307,22 @@ impl Writer {
                     Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
                 });
             }
-            if written.is_err() || self.len > COMPACT_AT.max(2 * self.live_bytes) {
+            if self.len > COMPACT_AT.max(2 * self.live_bytes) {
                 self.compact();
             }
         }
     }
 
-    /// Rewrites the log with the live calls only (also repairs a log a failed write left
-    /// with a partial record at its end).
+    /// Rewrites the log with the live calls only.
     fn compact(&mut self) {
         let mut ids: Vec<u64> = self.live.keys().copied().collect();
         ids.sort_unstable();
         match rewrite(&self.path, ids.iter().map(|id| &self.live[id])) {
             Ok(f) => {
+                self.size = f.metadata().map(|m| m.len()).unwrap_or(0);
                 self.file = f;
                 self.len = 0;
+                self.torn = false;
             }
             Err(e) => tracing::error!("async queue {}: rewrite failed: {e}", self.path.display()),
         }
