@@ -5,24 +5,13 @@
 //! The full disk is a small tmpfs the test mounts over the daemon's state dir (root only;
 //! with CI=true a missing privilege fails the test, otherwise it is skipped loudly).
 
-mod common;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
-
-fn skip_or_fail(test: &str, why: &str) {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: cannot run under CI=true: {why}");
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n!!!!! SKIPPED {test}: {why} (needs root to mount a tmpfs; set CI=true to make this a failure)\n"
-    );
-}
+use synwake_test_support::gate::{is_root, skip_or_fail};
+use synwake_test_support::*;
 
 /// A tmpfs of `size` mounted at a path; unmounted (lazily, so a daemon still holding it
 /// cannot block that) in `Drop`.
@@ -136,7 +125,7 @@ fn temp_files(dir: &Path) -> Vec<String> {
 #[test]
 fn full_state_dir_fails_the_call_and_changes_nothing() {
     const TEST: &str = "full_state_dir_fails_the_call_and_changes_nothing";
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         skip_or_fail(TEST, "not root");
         return;
     }

@@ -251,17 +251,20 @@ impl AsyncQueue {
             return r;
         }
         // Nothing is accepted that cannot be kept: the 202 follows the fsync.
-        if let Err(e) = self.inner.store.append(&call).await {
-            self.release(&call);
-            tracing::error!("async call to {name} refused: {e}");
-            let mut r = text_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("async call to {name} not accepted: cannot keep it: {e}"),
-            );
-            r.headers_mut()
-                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
-            return r;
-        }
+        let call = match self.inner.store.append(&call).await {
+            Ok(shared) => shared,
+            Err(e) => {
+                self.release(&call);
+                tracing::error!("async call to {name} refused: {e}");
+                let mut r = text_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("async call to {name} not accepted: cannot keep it: {e}"),
+                );
+                r.headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+                return r;
+            }
+        };
         let call_id = format!("{:016x}", call.id);
         tracing::debug!("async call {call_id} to {name} accepted");
         self.spawn(call);

@@ -73,6 +73,11 @@ impl StoredCall {
         frame(&p)
     }
 
+    /// The call in a whole record (as [`StoredCall::encode`] made it), sharing its memory.
+    fn from_record(record: &Bytes) -> Option<StoredCall> {
+        StoredCall::decode(&record.slice(8..))
+    }
+
     fn decode(payload: &Bytes) -> Option<StoredCall> {
         let mut r = Reader { b: payload, at: 1 };
         let id = r.u64()?;
@@ -186,6 +191,11 @@ impl CallStore {
         }
         let live: HashMap<u64, Bytes> = pending.iter().map(|c| (c.id, c.encode())).collect();
         let file = rewrite(&path, pending.iter().map(|c| &live[&c.id])).map_err(io_err)?;
+        // Held from the live records, not from the whole old log (dead records included).
+        let pending: Vec<StoredCall> = pending
+            .iter()
+            .filter_map(|c| StoredCall::from_record(&live[&c.id]))
+            .collect();
         let size = file.metadata().map_err(io_err)?.len();
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -204,18 +214,21 @@ impl CallStore {
         Ok((CallStore { tx, path }, pending))
     }
 
-    /// Appends the call and returns once it is on disk (fsync'd).
-    pub async fn append(&self, call: &StoredCall) -> Result<(), StoreError> {
+    /// Appends the call and returns once it is on disk (fsync'd), as a call whose body
+    /// and headers share the record's memory (one copy in memory per queued call).
+    pub async fn append(&self, call: &StoredCall) -> Result<StoredCall, StoreError> {
         let (done, wait) = tokio::sync::oneshot::channel();
+        let record = call.encode();
+        let shared = StoredCall::from_record(&record).unwrap_or_else(|| call.clone());
         self.tx
             .send(Op::Append {
                 id: call.id,
-                record: call.encode(),
+                record,
                 done,
             })
             .map_err(|_| StoreError::Stopped)?;
         match wait.await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => Ok(shared),
             Ok(Err(source)) => Err(StoreError::Io {
                 path: self.path.clone(),
                 source,
