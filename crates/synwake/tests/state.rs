@@ -133,7 +133,7 @@ fn full_state_dir_fails_the_call_and_changes_nothing() {
     assert!(d
         .stop_with(libc::SIGTERM, Duration::from_secs(10))
         .is_some());
-    let fs = match Tmpfs::mount(&d.state_dir(), "256k") {
+    let fs = match Tmpfs::mount(&d.state_dir(), "8m") {
         Ok(fs) => fs,
         Err(e) => {
             skip_or_fail(TEST, &e);
