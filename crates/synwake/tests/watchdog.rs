@@ -75,6 +75,9 @@ fn stdio_functions_get_the_body_on_stdin_headers_as_env_and_500_on_failure() {
     assert_eq!(d.call("fails", "/").status, 500);
     assert_eq!(d.available("fails"), 1);
 
+    // faas-cli shows a process function's command as its image.
+    assert_eq!(d.status("cat")["image"], "cat");
+
     // From the config file.
     let r = request(
         loopback(d.shared),

@@ -348,12 +348,16 @@ impl From<&FunctionStatus> for FunctionStatusJson {
             });
         FunctionStatusJson {
             name: spec.name.clone(),
-            image: spec
-                .oci
-                .image
-                .clone()
-                .or_else(|| spec.oci.rootfs.clone())
-                .unwrap_or_default(),
+            // faas-cli shows `image`: a process function's is its command line.
+            image: match spec.runtime {
+                RuntimeKind::Process => spec.command.join(" "),
+                RuntimeKind::Oci => spec
+                    .oci
+                    .image
+                    .clone()
+                    .or_else(|| spec.oci.rootfs.clone())
+                    .unwrap_or_default(),
+            },
             namespace: NAMESPACE.into(),
             env_process: spec.command.join(" "),
             env_vars: spec.env.clone(),
