@@ -6,6 +6,7 @@
 #
 #   scripts/bench-async.sh                     # N=5000 C=32
 #   N=20000 C=64 scripts/bench-async.sh
+#   PROFILE=debug scripts/bench-async.sh       # the debug build (no release build needed)
 #
 # Needs: cargo, h2load (Debian: nghttp2-client), curl.
 set -euo pipefail
@@ -18,9 +19,14 @@ DISK_DIR=${DISK_DIR:-$(pwd)/target/bench-async}
 for tool in cargo h2load curl; do
     command -v "$tool" >/dev/null || { echo "bench-async: $tool not found" >&2; exit 1; }
 done
-echo "building release binaries..." >&2
-cargo build --release -q -p synwake -p synwake-fn
-BIN=${CARGO_TARGET_DIR:-target}/release
+PROFILE=${PROFILE:-release}
+echo "building $PROFILE binaries..." >&2
+if [ "$PROFILE" = release ]; then
+    cargo build --release -q -p synwake -p synwake-fn
+else
+    cargo build -q -p synwake -p synwake-fn
+fi
+BIN=$(pwd)/${CARGO_TARGET_DIR:-target}/$PROFILE
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -33,8 +39,8 @@ cleanup() {
 trap cleanup EXIT
 head -c 1024 /dev/urandom > "$WORK/body"
 
-run() { # $1 = label, $2 = state dir
-    local label=$1 state=$2 shared api
+run() { # $1 = file tag, $2 = label, $3 = state dir
+    local tag=$1 label=$2 state=$3 shared api
     rm -rf "$state"; mkdir -p "$state"
     shared=$(free_port); api=$(free_port)
     cat > "$WORK/synwake.toml" <<CFG
@@ -53,15 +59,15 @@ command = ["$BIN/synwake-fn"]
 env = { INIT_MS = "600000" }
 start_timeout = "1h"
 CFG
-    SYNWAKE_LOG=warn "$BIN/synwake" up --config "$WORK/synwake.toml" > "$WORK/daemon-$label.log" 2>&1 &
+    SYNWAKE_LOG=warn "$BIN/synwake" up --config "$WORK/synwake.toml" > "$WORK/daemon-$tag.log" 2>&1 &
     PID=$!
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$api/healthz" >/dev/null && break; sleep 0.1; done
     h2load --h1 -n "$N" -c "$C" -d "$WORK/body" -H 'content-type: application/octet-stream' \
-        "http://127.0.0.1:$api/async-function/f" > "$WORK/h2load-$label.txt"
+        "http://127.0.0.1:$api/async-function/f" > "$WORK/h2load-$tag.txt"
     local took rps codes
-    took=$(awk '/^finished in/ {print $3}' "$WORK/h2load-$label.txt" | tr -d 's,')
-    rps=$(awk '/^finished in/ {print $4}' "$WORK/h2load-$label.txt")
-    codes=$(grep '^status codes' "$WORK/h2load-$label.txt" | sed 's/status codes: //')
+    took=$(awk '/^finished in/ {print $3}' "$WORK/h2load-$tag.txt" | tr -d 's,')
+    rps=$(awk '/^finished in/ {print $4}' "$WORK/h2load-$tag.txt")
+    codes=$(grep '^status codes' "$WORK/h2load-$tag.txt" | sed 's/status codes: //')
     echo "| $label | $N | $C | $took s | $rps | $codes |"
     # SIGTERM: synwake stops its instance; the queued calls stay in the (deleted) log.
     kill -TERM "$PID"; wait "$PID" 2>/dev/null || true; PID=
@@ -70,6 +76,6 @@ CFG
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "| state dir | calls | connections | accepted in | calls/s | status codes |"
 echo "|---|---:|---:|---:|---:|---|"
-run "disk (ext4, fsync)" "$DISK_DIR"
-run "tmpfs (/dev/shm)" "/dev/shm/synwake-bench-async.$$"
+run disk "disk (ext4, fsync)" "$DISK_DIR"
+run tmpfs "tmpfs (/dev/shm)" "/dev/shm/synwake-bench-async.$$"
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
