@@ -15,6 +15,7 @@ pub mod report;
 pub mod stats;
 mod sweep;
 pub mod tls;
+pub mod trace;
 
 use std::fmt;
 use std::path::PathBuf;

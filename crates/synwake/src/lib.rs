@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod lifecycle;
 pub mod logs;
 pub mod metrics;
+pub mod policy;
 pub mod probe;
 pub mod runtime;
 pub mod secrets;

@@ -97,8 +97,9 @@ enum Command {
     /// the config's `[probe] interfaces` when --config is given (attaching for real, then
     /// detaching), else on every interface that is up.
     Doctor,
-    /// Measure cold-start latency per wake mode under emulated network latency (root).
-    Bench(synwake_bench::BenchArgs),
+    /// Measure cold-start latency per wake mode under emulated network latency (root);
+    /// `bench trace` compares idle policies on an invocation trace (no root).
+    Bench(Box<BenchCli>),
     /// Put a function's id into the SYNs sent to the given destinations (trigger
     /// `tcp_option`): `synwake tag --function NAME --dest ADDR:PORT -- COMMAND ARGS...`
     /// runs COMMAND in a fresh cgroup v2 and exits with its status; `synwake tag --config
@@ -119,6 +120,37 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchCli {
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
+    #[command(flatten)]
+    args: synwake_bench::BenchArgs,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Simulate idle policies (fixed, adaptive, +affinity) on a generated or CSV trace;
+    /// with --replay, replay it in real time against the daemon (root).
+    Trace(synwake::policy::bench::TraceArgs),
+}
+
+fn run_bench(bench: BenchCli) -> anyhow::Result<()> {
+    match bench.command {
+        None => synwake_bench::run(bench.args),
+        Some(BenchCommand::Trace(args)) => {
+            anyhow::ensure!(
+                !args.replay,
+                "--replay (the real-time replay against the daemon) is not available in this build"
+            );
+            let records = synwake::policy::bench::simulate(&args)?;
+            print!("{}", synwake::policy::bench::table(&records));
+            Ok(())
+        }
+    }
+}
+
 fn kv(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
     items
         .iter()
@@ -135,10 +167,10 @@ fn main() -> std::process::ExitCode {
     let mut cli = Cli::parse();
     // The benchmark drives its own threads and namespaces; it needs no async runtime here.
     if matches!(cli.command, Command::Bench(_)) {
-        let Command::Bench(args) = std::mem::replace(&mut cli.command, Command::List) else {
+        let Command::Bench(bench) = std::mem::replace(&mut cli.command, Command::List) else {
             unreachable!()
         };
-        return match synwake_bench::run(args) {
+        return match run_bench(*bench) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("synwake bench: {e:#}");
