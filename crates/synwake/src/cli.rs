@@ -218,6 +218,18 @@ impl ApiClient {
         Ok(())
     }
 
+    /// `synwake describe NAME`: one function's state and its idle policy's decision.
+    pub async fn describe(&self, name: &str) -> anyhow::Result<()> {
+        crate::spec::validate_name(name).map_err(|m| anyhow::anyhow!(m))?;
+        let body = self
+            .expect_ok(Method::GET, &format!("/system/function/{name}"), None)
+            .await?;
+        let f: FunctionStatusJson =
+            serde_json::from_slice(&body).context("parsing the function status")?;
+        print!("{}", describe_text(&f));
+        Ok(())
+    }
+
     /// Deploys like faas-cli: PUT (update) first, POST (create) when the function is new.
     pub async fn deploy(&self, deployment: &serde_json::Value) -> anyhow::Result<String> {
         let body = serde_json::to_vec(deployment)?;
@@ -332,4 +344,38 @@ impl Write for LogPrinter {
     fn flush(&mut self) -> std::io::Result<()> {
         std::io::stdout().flush()
     }
+}
+
+/// The text `synwake describe` prints.
+pub fn describe_text(f: &FunctionStatusJson) -> String {
+    let ann = |k: &str| f.annotations.get(k).map(String::as_str).unwrap_or("-");
+    let mut out = format!(
+        "name:         {}\nruntime:      {}\nport:         {}\nreplicas:     {} ({} available)\ninvocations:  {}\n",
+        f.name,
+        ann("com.synwake.runtime"),
+        ann("com.synwake.port"),
+        f.replicas,
+        f.available_replicas,
+        f.invocation_count
+    );
+    if let Some(p) = &f.idle_policy {
+        let secs = |s: f64| {
+            humantime::format_duration(std::time::Duration::from_millis((s * 1e3) as u64))
+                .to_string()
+        };
+        out.push_str(&format!(
+            "idle policy:  {} ({}, {} idle times)\npre-warm at:  {}\nkeep-alive:   {} after the last request\nwhy:          {}\n",
+            p.policy,
+            p.basis,
+            p.samples,
+            if p.prewarm_after_seconds == 0.0 {
+                "- (stays up from the last request)".to_string()
+            } else {
+                format!("{} after the last request", secs(p.prewarm_after_seconds))
+            },
+            secs(p.keep_alive_seconds),
+            p.reason
+        ));
+    }
+    out
 }

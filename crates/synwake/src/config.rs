@@ -213,6 +213,8 @@ pub(crate) struct RawPolicy {
     #[serde(default, with = "opt_duration")]
     connect_timeout: Option<Duration>,
     protocol: Option<spec::Protocol>,
+    idle_policy: Option<crate::policy::IdlePolicyKind>,
+    adaptive: Option<crate::policy::AdaptiveConfig>,
 }
 
 impl RawPolicy {
@@ -229,6 +231,11 @@ impl RawPolicy {
             timeout: self.timeout.unwrap_or(base.timeout),
             connect_timeout: self.connect_timeout.unwrap_or(base.connect_timeout),
             protocol: self.protocol.unwrap_or(base.protocol),
+            idle_policy: self.idle_policy.unwrap_or(base.idle_policy),
+            adaptive: self
+                .adaptive
+                .clone()
+                .unwrap_or_else(|| base.adaptive.clone()),
         }
     }
 }
@@ -297,6 +304,8 @@ struct RawFunction {
     #[serde(default, with = "opt_duration")]
     connect_timeout: Option<Duration>,
     protocol: Option<spec::Protocol>,
+    idle_policy: Option<crate::policy::IdlePolicyKind>,
+    adaptive: Option<crate::policy::AdaptiveConfig>,
     image: Option<String>,
     rootfs: Option<String>,
     container_port: Option<u16>,
@@ -666,6 +675,8 @@ impl Config {
                 timeout: f.timeout,
                 connect_timeout: f.connect_timeout,
                 protocol: f.protocol,
+                idle_policy: f.idle_policy,
+                adaptive: f.adaptive.clone(),
             }
             .apply(&defaults);
             let spec = FunctionSpec {
@@ -1058,5 +1069,37 @@ mod tests {
         let c = parse("[[function]]\nname = \"a\"\nruntime = \"oci\"\nimage = \"x.tar\"\nmemory = \"64Mi\"\npool = 2\n").unwrap();
         assert_eq!(c.functions[0].oci.memory_bytes, Some(64 << 20));
         assert_eq!(c.functions[0].oci.pool, 2);
+    }
+
+    #[test]
+    fn idle_policy_and_adaptive_knobs() {
+        let c = parse(
+            "[defaults]\nidle_policy = \"adaptive\"\n[defaults.adaptive]\nbins = 60\nkeepalive_percentile = 95.0\n[[function]]\nname = \"a\"\ncommand = [\"x\"]\n[[function]]\nname = \"b\"\ncommand = [\"x\"]\nidle_policy = \"fixed\"\n",
+        )
+        .unwrap();
+        let a = &c.functions[0].policy;
+        assert_eq!(a.idle_policy, crate::policy::IdlePolicyKind::Adaptive);
+        assert_eq!(a.adaptive.bins, 60);
+        assert_eq!(a.adaptive.keepalive_percentile, 95.0);
+        assert_eq!(
+            a.adaptive.prewarm_percentile, 5.0,
+            "unset knobs keep their default"
+        );
+        assert_eq!(
+            c.functions[1].policy.idle_policy,
+            crate::policy::IdlePolicyKind::Fixed
+        );
+        let e = parse("[defaults]\nidle_policy = \"lru\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("idle_policy"), "{e}");
+        let e = parse("[defaults.adaptive]\nbinz = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("binz"), "{e}");
+        let e = parse("[defaults.adaptive]\nbins = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("adaptive.bins"), "{e}");
     }
 }

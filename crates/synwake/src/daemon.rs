@@ -77,6 +77,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let orchestration = if runtimes.len() > 1 { "oci" } else { "process" };
     let lifecycle = Lifecycle::new(runtimes, unavailable, metrics.clone(), logs);
+    // A corrupt history only costs what was learned: warn and start over.
+    match state.load_idle_history() {
+        Ok(h) => lifecycle.restore_idle_histories(h),
+        Err(e) => tracing::warn!("idle policy history not restored: {e}"),
+    }
 
     // Config functions first; API-deployed ones from the state dir after, unless shadowed.
     let config_names: Vec<String> = config.functions.iter().map(|f| f.name.clone()).collect();
@@ -105,6 +110,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             );
         }
     }
+
+    let idle_saver = {
+        let (lifecycle, state) = (lifecycle.clone(), state.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_HISTORY_SAVE_EVERY);
+            loop {
+                tick.tick().await;
+                save_idle_history(&lifecycle, &state);
+            }
+        })
+    };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // The fd limit caps max_connections, so a flood leaves descriptors for the API
@@ -274,7 +290,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     drop(probe);
+    idle_saver.abort();
+    save_idle_history(&lifecycle, &state);
     lifecycle.shutdown().await;
     tracing::info!("all instances stopped; bye");
     Ok(())
+}
+
+/// How often the idle policy's history is written when it changed (and once at shutdown).
+const IDLE_HISTORY_SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn save_idle_history(lifecycle: &Lifecycle, state: &StateDir) {
+    if let Some(h) = lifecycle.idle_histories_if_changed() {
+        if let Err(e) = state.save_idle_history(&h) {
+            tracing::warn!("saving the idle policy history: {e}");
+        }
+    }
 }

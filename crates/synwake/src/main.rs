@@ -43,6 +43,9 @@ enum Command {
     Up,
     /// List deployed functions.
     List,
+    /// Show one function: replicas, invocations and its idle policy's current pre-warm and
+    /// keep-alive windows and why.
+    Describe { name: String },
     /// Deploy or update a function (PUT, then POST if it is new).
     Deploy {
         /// Function name.
@@ -268,6 +271,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             synwake::daemon::run(config).await
         }
         Command::List => client.list().await,
+        Command::Describe { name } => client.describe(&name).await,
         Command::Deploy {
             name,
             command,

@@ -278,6 +278,9 @@ pub struct Metrics {
     pub wakes: Family,
     pub wakes_suppressed: Family,
     pub prewarms_wasted: Family,
+    pub predicted_prewarms: Family,
+    pub predicted_hits: Family,
+    pub predicted_wasted: Family,
     pub wake_lead: HistogramFamily,
     pub pool_starts: Family,
     pub wake_to_start: HistogramFamily,
@@ -357,6 +360,24 @@ impl Metrics {
                 "counter",
                 &["function"],
             ),
+            predicted_prewarms: Family::new(
+                "synwake_predicted_prewarms_total",
+                "Starts at the adaptive idle policy's pre-warm point (trigger predicted).",
+                "counter",
+                &["function"],
+            ),
+            predicted_hits: Family::new(
+                "synwake_predicted_prewarm_hits_total",
+                "Predicted pre-warms whose instance served a request.",
+                "counter",
+                &["function"],
+            ),
+            predicted_wasted: Family::new(
+                "synwake_predicted_prewarms_wasted_total",
+                "Predicted pre-warms stopped at the keep-alive point without serving a request.",
+                "counter",
+                &["function"],
+            ),
             wake_lead: HistogramFamily::new(
                 "synwake_wake_lead_seconds",
                 "From a packet wake to the arrival of the request it served: the head start the SYN bought.",
@@ -389,6 +410,9 @@ impl Metrics {
             &self.wakes,
             &self.wakes_suppressed,
             &self.prewarms_wasted,
+            &self.predicted_prewarms,
+            &self.predicted_hits,
+            &self.predicted_wasted,
             &self.pool_starts,
         ] {
             f.forget_function(function);
@@ -430,6 +454,9 @@ impl Metrics {
         self.wakes.render(&mut out);
         self.wakes_suppressed.render(&mut out);
         self.prewarms_wasted.render(&mut out);
+        self.predicted_prewarms.render(&mut out);
+        self.predicted_hits.render(&mut out);
+        self.predicted_wasted.render(&mut out);
         self.wake_lead.render(&mut out);
         self.pool_starts.render(&mut out);
         self.wake_to_start.render(&mut out);

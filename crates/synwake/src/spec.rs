@@ -81,6 +81,12 @@ pub struct Policy {
     pub connect_timeout: Duration,
     #[serde(default)]
     pub protocol: Protocol,
+    /// `fixed` (stop after `idle_timeout`) or `adaptive` (learned windows, crate::policy).
+    #[serde(default)]
+    pub idle_policy: crate::policy::IdlePolicyKind,
+    /// The adaptive policy's knobs.
+    #[serde(default)]
+    pub adaptive: crate::policy::AdaptiveConfig,
 }
 
 fn default_timeout() -> Duration {
@@ -103,6 +109,8 @@ impl Default for Policy {
             timeout: default_timeout(),
             connect_timeout: default_connect_timeout(),
             protocol: Protocol::Http1,
+            idle_policy: crate::policy::IdlePolicyKind::Fixed,
+            adaptive: crate::policy::AdaptiveConfig::default(),
         }
     }
 }
@@ -299,6 +307,9 @@ impl Policy {
     /// Every policy value within its documented range (`[defaults]` and each function).
     pub fn validate(&self) -> Result<(), SpecError> {
         check_duration("idle_timeout", self.idle_timeout, &limits::IDLE_TIMEOUT)?;
+        self.adaptive
+            .validate()
+            .map_err(|(key, message)| SpecError::new(key, message))?;
         check_duration("start_timeout", self.start_timeout, &limits::START_TIMEOUT)?;
         check_duration("stop_grace", self.stop_grace, &limits::STOP_GRACE)?;
         check_duration("prewarm_ttl", self.prewarm_ttl, &limits::PREWARM_TTL)?;

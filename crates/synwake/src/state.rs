@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! <state_dir>/functions.json   functions deployed through the API
+//! <state_dir>/idle-history.json  what the adaptive idle policy learned, per function
 //! <state_dir>/run/             pid files of live process instances
 //! <state_dir>/oci/             image cache, bundles (oci runtime)
 //! <state_dir>/async/calls.log  the durable queue of accepted async calls
@@ -186,6 +187,36 @@ impl StagedSave {
 
 /// Marks the temp files of [`write_atomic`]; swept at start.
 const TEMP_MARK: &str = ".tmp.";
+
+impl StateDir {
+    pub fn idle_history_file(&self) -> PathBuf {
+        self.root.join("idle-history.json")
+    }
+
+    /// The adaptive idle policy's histories as last saved (empty when none were).
+    pub fn load_idle_history(
+        &self,
+    ) -> Result<std::collections::HashMap<String, crate::policy::IdleHistory>, StateError> {
+        let path = self.idle_history_file();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+                path,
+                message: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+            Err(source) => Err(StateError::Read { path, source }),
+        }
+    }
+
+    pub fn save_idle_history(
+        &self,
+        histories: &std::collections::BTreeMap<String, crate::policy::IdleHistory>,
+    ) -> Result<(), StateError> {
+        let path = self.idle_history_file();
+        let bytes = serde_json::to_vec(histories).expect("histories serialize");
+        write_atomic(&path, &bytes).map_err(|source| StateError::Write { path, source })
+    }
+}
 
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new file:
 /// temp file in the same directory, fsync, rename, fsync the directory. On error the

@@ -325,3 +325,55 @@ fn config_function_ports_listen_when_healthz_answers() {
     );
     drop(d);
 }
+
+/// The adaptive idle policy through the real daemon: its decision in the API and in
+/// `synwake describe`, and its learned history kept across a restart.
+#[test]
+fn idle_policy_is_visible_and_its_history_survives_a_restart() {
+    let body = format!(
+        "[[function]]\nname = \"learner\"\ncommand = [{:?}]\nidle_policy = \"adaptive\"\n",
+        fn_bin().display().to_string()
+    );
+    let mut d = Daemon::start(&body);
+    let p = &d.status("learner")["idlePolicy"];
+    assert_eq!(p["policy"], "adaptive");
+    assert_eq!(p["basis"], "fallback");
+    assert_eq!(p["keepAliveSeconds"], 60.0);
+    for _ in 0..3 {
+        assert_eq!(d.call("learner", "/").status, 200);
+    }
+    assert_eq!(d.status("learner")["idlePolicy"]["samples"], 2);
+    let out = std::process::Command::new(synwake_bin())
+        .args(["describe", "learner"])
+        .env("SYNWAKE_URL", format!("http://127.0.0.1:{}", d.api))
+        .env("SYNWAKE_STATE_DIR", d.state_dir())
+        .env_remove("SYNWAKE_PASSWORD")
+        .env_remove("SYNWAKE_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("idle policy:  adaptive (fallback, 2 idle times)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("keep-alive:   1m after the last request"),
+        "{text}"
+    );
+
+    let status = d.stop_with(libc::SIGTERM, Duration::from_secs(10));
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)));
+    assert!(d.state_dir().join("idle-history.json").exists());
+    d.spawn();
+    assert_eq!(
+        d.status("learner")["idlePolicy"]["samples"],
+        2,
+        "history restored"
+    );
+}

@@ -215,6 +215,11 @@ impl FunctionDeployment {
                     .parse()
                     .map_err(|m| field_err("annotations.com.synwake.protocol", m))?,
             },
+            idle_policy: match ann("idle-policy") {
+                None => defaults.idle_policy,
+                Some(v) => crate::policy::IdlePolicyKind::parse(v.trim())
+                    .map_err(|m| field_err("annotations.com.synwake.idle-policy", m))?,
+            },
             ..defaults.clone()
         };
         let spec = FunctionSpec {
@@ -317,6 +322,9 @@ pub struct FunctionStatusJson {
     pub replicas: u64,
     pub available_replicas: u64,
     pub invocation_count: u64,
+    /// synwake's idle policy decision: current pre-warm and keep-alive windows and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_policy: Option<crate::lifecycle::IdleView>,
 }
 
 impl From<&FunctionStatus> for FunctionStatusJson {
@@ -368,6 +376,7 @@ impl From<&FunctionStatus> for FunctionStatusJson {
             replicas: s.replicas as u64,
             available_replicas: s.available as u64,
             invocation_count: s.invocations,
+            idle_policy: Some(s.idle.clone()),
         }
     }
 }
@@ -495,5 +504,28 @@ mod tests {
         .unwrap();
         let s = d.into_spec(&Policy::default()).unwrap();
         assert_eq!(s.command, ["/bin/httpd", "-f"]);
+    }
+
+    #[test]
+    fn idle_policy_annotation() {
+        let spec = |v: &str| {
+            let d: FunctionDeployment = serde_json::from_value(serde_json::json!({
+                "service": "f", "envProcess": "x",
+                "annotations": { "com.synwake.idle-policy": v }
+            }))
+            .unwrap();
+            d.into_spec(&Policy::default())
+        };
+        assert_eq!(
+            spec("adaptive").unwrap().policy.idle_policy,
+            crate::policy::IdlePolicyKind::Adaptive
+        );
+        assert_eq!(
+            spec("fixed").unwrap().policy.idle_policy,
+            crate::policy::IdlePolicyKind::Fixed
+        );
+        let e = spec("sometimes").unwrap_err();
+        assert_eq!(e.field, "annotations.com.synwake.idle-policy");
+        assert!(!e.message.contains("sometimes"), "the value is not echoed");
     }
 }

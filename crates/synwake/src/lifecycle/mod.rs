@@ -6,6 +6,7 @@
 //! `idle_timeout`; a packet-woken instance that no request used within `prewarm_ttl` stops
 //! and counts as wasted.
 
+mod idle;
 mod limiter;
 
 use std::collections::HashMap;
@@ -18,8 +19,11 @@ use tokio::time::Instant;
 
 use crate::logs::{LogStore, OutputSink};
 use crate::metrics::Metrics;
+use crate::policy::{IdleHistory, IdlePolicyKind};
 use crate::runtime::{self, Instance, Runtime, StartError};
 use crate::spec::{FunctionSpec, RuntimeKind};
+use idle::IdleState;
+pub use idle::IdleView;
 pub use limiter::TokenBucket;
 
 /// What caused a wake or a start (design.md, "Wake triggers").
@@ -31,6 +35,8 @@ pub enum Trigger {
     Accept,
     Request,
     Api,
+    /// The adaptive idle policy's pre-warm point (no packet yet).
+    Predicted,
 }
 
 impl Trigger {
@@ -42,6 +48,7 @@ impl Trigger {
             Trigger::Accept => "accept",
             Trigger::Request => "request",
             Trigger::Api => "api",
+            Trigger::Predicted => "predicted",
         }
     }
 
@@ -109,6 +116,8 @@ pub struct FunctionStatus {
     pub replicas: usize,
     pub available: usize,
     pub invocations: u64,
+    /// The idle policy's current windows and why.
+    pub idle: IdleView,
 }
 
 enum Phase {
@@ -165,12 +174,14 @@ pub struct Function {
     invocations: AtomicU64,
     /// Whether it had a starting or ready instance at the last change.
     was_live: AtomicBool,
+    idle: Mutex<IdleState>,
 }
 
 impl Function {
-    fn new(spec: FunctionSpec) -> Arc<Self> {
+    fn new(spec: FunctionSpec, history: Option<IdleHistory>) -> Arc<Self> {
         let rate = spec.policy.max_wakes_per_second;
         Arc::new(Function {
+            idle: Mutex::new(IdleState::new(&spec.policy, history)),
             spec: Arc::new(spec),
             state: Mutex::new(FnState::default()),
             changed: watch::channel(0).0,
@@ -219,7 +230,12 @@ impl Drop for Lease {
             s.last_used = Instant::now();
         }
         let someone_waits = st.pending > 0;
+        let all_done = st.slots.iter().all(|s| s.inflight == 0);
         drop(st);
+        if all_done {
+            let policy = &self.function.spec.policy;
+            self.function.idle.lock().unwrap().on_done(policy);
+        }
         if someone_waits {
             self.function.notify();
         }
@@ -252,6 +268,8 @@ struct Inner {
     probe_active: AtomicBool,
     set_changed: watch::Sender<u64>,
     warmth_changed: watch::Sender<u64>,
+    /// Idle histories loaded from the state dir, taken by each function's first deploy.
+    restored: Mutex<HashMap<String, IdleHistory>>,
 }
 
 impl Lifecycle {
@@ -274,6 +292,7 @@ impl Lifecycle {
                 probe_active: AtomicBool::new(false),
                 set_changed: watch::channel(0).0,
                 warmth_changed: watch::channel(0).0,
+                restored: Mutex::new(HashMap::new()),
             }),
         };
         let weak = Arc::downgrade(&lc.inner);
@@ -350,12 +369,14 @@ impl Lifecycle {
 
     pub fn status(&self, name: &str) -> Option<FunctionStatus> {
         let f = self.get(name)?;
+        let idle = f.idle.lock().unwrap().view(&f.spec.policy);
         let st = f.state.lock().unwrap();
         Some(FunctionStatus {
             spec: f.spec.clone(),
             replicas: st.live(),
             available: st.count(|p| matches!(p, Phase::Ready(_))),
             invocations: f.invocations.load(Ordering::Relaxed),
+            idle,
         })
     }
 
@@ -393,7 +414,13 @@ impl Lifecycle {
         let rt = self.runtime_for(&spec)?;
         rt.prepare(&spec).await?;
         let name = spec.name.clone();
-        let new = Function::new(spec);
+        // A redeploy keeps what was learned; the first deploy after a restart takes the
+        // saved history.
+        let history = match self.get(&name) {
+            Some(old) => Some(old.idle.lock().unwrap().history.clone()),
+            None => self.inner.restored.lock().unwrap().remove(&name),
+        };
+        let new = Function::new(spec, history);
         let old = self
             .inner
             .functions
@@ -491,6 +518,7 @@ impl Lifecycle {
                 function: name.to_string(),
             })?;
         let arrived = Instant::now();
+        f.idle.lock().unwrap().on_request(&f.spec.policy);
         for _ in 0..3 {
             match self.acquire_from(&f, arrived).await {
                 // An update swapped the function while we waited: wait on the new one.
@@ -544,6 +572,9 @@ impl Lifecycle {
                     let cold = guard.is_some() && slot.ready_at.is_none_or(|r| r > arrived);
                     if slot.served == 1 {
                         self.first_request(name, slot, arrived, cold, waited);
+                        if slot.trigger == Trigger::Predicted {
+                            self.inner.metrics.predicted_hits.inc(&[name]);
+                        }
                     }
                     let lease = Lease {
                         function: f.clone(),
@@ -977,6 +1008,10 @@ impl Lifecycle {
             .cloned()
             .collect();
         for f in functions {
+            if f.spec.policy.idle_policy == IdlePolicyKind::Adaptive {
+                self.reap_adaptive(&f, now);
+                continue;
+            }
             let victims: Vec<(u64, bool)> = {
                 let st = f.state.lock().unwrap();
                 st.slots
@@ -1017,6 +1052,120 @@ impl Lifecycle {
                 tokio::spawn(async move { lc.finish_stop(&f, id, inst).await });
             }
         }
+    }
+
+    /// The adaptive policy's side of [`Self::reap_idle`]: stop at the keep-alive point (or
+    /// right after the last request when a pre-warm point is set), start at the pre-warm
+    /// point, and undo packet wakes after prewarm_ttl as for fixed functions.
+    fn reap_adaptive(&self, f: &Arc<Function>, now: Instant) {
+        let name = &f.spec.name;
+        let (window, idle) = {
+            let s = f.idle.lock().unwrap();
+            (s.window, s.idle(now))
+        };
+        enum Why {
+            PacketWasted,
+            PredictedWasted,
+            KeepAlive,
+            Unload,
+        }
+        let victims: Vec<(u64, Why)> = {
+            let st = f.state.lock().unwrap();
+            let busy = st.slots.iter().any(|s| s.inflight > 0) || st.pending > 0;
+            st.slots
+                .iter()
+                .filter(|s| s.ready().is_some() && s.inflight == 0 && !busy)
+                .filter_map(|s| {
+                    let ready_at = s.ready_at.unwrap_or(now);
+                    let idle = idle.unwrap_or(now - ready_at).min(now - s.last_used);
+                    if s.served == 0 && s.trigger == Trigger::Predicted {
+                        (idle >= window.keep_alive).then_some((s.id, Why::PredictedWasted))
+                    } else if s.served == 0
+                        && s.trigger.is_speculative()
+                        && now - ready_at >= f.spec.policy.prewarm_ttl
+                    {
+                        Some((s.id, Why::PacketWasted))
+                    } else if idle >= window.keep_alive {
+                        Some((s.id, Why::KeepAlive))
+                    } else if s.served > 0 && !window.prewarm_after.is_zero() {
+                        Some((s.id, Why::Unload))
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        };
+        for (id, why) in victims {
+            let Some(inst) = self.begin_stop(f, id, true) else {
+                continue;
+            };
+            let m = &self.inner.metrics;
+            match why {
+                Why::PacketWasted => {
+                    m.prewarms_wasted.inc(&[name]);
+                    tracing::info!("{name}: instance {id} woken by a packet was not used within prewarm_ttl; stopping (wasted)");
+                }
+                Why::PredictedWasted => {
+                    m.predicted_wasted.inc(&[name]);
+                    tracing::info!("{name}: predicted pre-warm {id} not used by the keep-alive point; stopping (wasted)");
+                }
+                Why::KeepAlive => tracing::info!(
+                    "{name}: instance {id} idle past the keep-alive point ({:?}); stopping",
+                    window.keep_alive
+                ),
+                Why::Unload => tracing::info!(
+                    "{name}: instance {id} stops until the pre-warm point ({:?} after the last request)",
+                    window.prewarm_after
+                ),
+            }
+            let lc = self.clone();
+            let f = f.clone();
+            tokio::spawn(async move { lc.finish_stop(&f, id, inst).await });
+        }
+        let prewarm = {
+            let st = f.state.lock().unwrap();
+            st.live() == 0 && !st.removed && f.idle.lock().unwrap().take_prewarm(now)
+        };
+        if prewarm && !self.inner.shutting_down.load(Ordering::Relaxed) {
+            self.inner.metrics.predicted_prewarms.inc(&[name]);
+            tracing::info!(
+                "{name}: predicted pre-warm ({:?} after the last request, {})",
+                window.prewarm_after,
+                window.basis.as_str()
+            );
+            let mut st = f.state.lock().unwrap();
+            self.spawn_start(f, &mut st, Trigger::Predicted, now);
+        }
+    }
+
+    /// Hands saved idle histories to the functions deployed next (call before deploying).
+    pub fn restore_idle_histories(&self, histories: HashMap<String, IdleHistory>) {
+        *self.inner.restored.lock().unwrap() = histories;
+    }
+
+    /// Every adaptive function's history, when any changed since the last call (for saving).
+    pub fn idle_histories_if_changed(
+        &self,
+    ) -> Option<std::collections::BTreeMap<String, IdleHistory>> {
+        let functions: Vec<Arc<Function>> = self
+            .inner
+            .functions
+            .read()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
+        let mut changed = false;
+        let mut out = std::collections::BTreeMap::new();
+        for f in functions {
+            if f.spec.policy.idle_policy != IdlePolicyKind::Adaptive {
+                continue;
+            }
+            let mut s = f.idle.lock().unwrap();
+            changed |= std::mem::take(&mut s.dirty);
+            out.insert(f.spec.name.clone(), s.history.clone());
+        }
+        changed.then_some(out)
     }
 
     /// Shutdown: refuse new work, stop every instance, release runtimes.

@@ -520,3 +520,174 @@ async fn waiting_for_a_saturated_warm_instance_is_not_a_start() {
     assert_eq!(lc.metrics().cold_start_wait.count(&["f"]), waits_before);
     assert_eq!(rt.starts.load(Ordering::SeqCst), 1);
 }
+
+/// An adaptive function whose history says "the next call comes 2 s after the last one".
+fn adaptive_spec(name: &str) -> (FunctionSpec, IdleHistory) {
+    let mut s = spec(name, &[]);
+    s.policy.idle_policy = IdlePolicyKind::Adaptive;
+    s.policy.adaptive = crate::policy::AdaptiveConfig {
+        histogram_min: Duration::from_millis(10),
+        histogram_range: Duration::from_secs(60),
+        min_samples: 3,
+        min_unload: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let cfg = &s.policy.adaptive;
+    let mut h = IdleHistory::new(cfg);
+    let now = idle::wall_now();
+    for k in 0..10 {
+        let t = now - 2.0 * (10 - k) as f64;
+        h.on_request(cfg, t);
+        h.on_done(t);
+    }
+    // The last request ended just now.
+    h.on_request(cfg, now);
+    h.on_done(now);
+    (s, h)
+}
+
+async fn wait_until(mut cond: impl FnMut() -> bool, within: Duration) -> bool {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
+
+#[tokio::test]
+async fn adaptive_prewarms_at_the_predicted_point_and_the_request_is_a_hit() {
+    let (lc, rt) = lifecycle();
+    let (s, h) = adaptive_spec("f");
+    lc.restore_idle_histories([("f".to_string(), h)].into());
+    let t0 = Instant::now();
+    lc.deploy(s).await.unwrap();
+    let st = lc.status("f").unwrap();
+    assert_eq!(st.idle.basis, "representative", "{:?}", st.idle);
+    assert!(
+        st.idle.prewarm_after_seconds > 1.0 && st.idle.keep_alive_seconds < 3.0,
+        "{:?}",
+        st.idle
+    );
+    assert_eq!(st.replicas, 0);
+    // Nothing runs before the pre-warm point, then the policy starts it unasked.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rt.starts.load(Ordering::SeqCst), 0);
+    let m = lc.metrics().clone();
+    assert!(
+        wait_until(
+            || lc.status("f").unwrap().available == 1,
+            Duration::from_secs(10)
+        )
+        .await
+    );
+    assert!(t0.elapsed() >= Duration::from_secs_f64(st.idle.prewarm_after_seconds * 0.9));
+    assert_eq!(m.predicted_prewarms.get(&["f"]), 1.0);
+    let lease = lc.acquire("f").await.unwrap();
+    assert!(!lease.cold, "the pre-warmed instance served the request");
+    drop(lease);
+    assert_eq!(m.predicted_hits.get(&["f"]), 1.0);
+    assert_eq!(m.cold_starts.get(&["f", "predicted"]), 1.0);
+    // With a pre-warm point set, the instance stops right after the request.
+    assert!(
+        wait_until(
+            || lc.status("f").unwrap().replicas == 0,
+            Duration::from_secs(5)
+        )
+        .await
+    );
+    assert_eq!(m.predicted_wasted.get(&["f"]), 0.0);
+}
+
+#[tokio::test]
+async fn unused_predicted_prewarm_is_wasted_at_the_keep_alive_point() {
+    let (lc, rt) = lifecycle();
+    let (s, h) = adaptive_spec("f");
+    lc.restore_idle_histories([("f".to_string(), h)].into());
+    lc.deploy(s).await.unwrap();
+    let m = lc.metrics().clone();
+    assert!(
+        wait_until(
+            || m.predicted_prewarms.get(&["f"]) == 1.0,
+            Duration::from_secs(10)
+        )
+        .await
+    );
+    assert!(
+        wait_until(
+            || m.predicted_wasted.get(&["f"]) == 1.0,
+            Duration::from_secs(10)
+        )
+        .await
+    );
+    assert!(
+        wait_until(
+            || lc.status("f").unwrap().replicas == 0,
+            Duration::from_secs(5)
+        )
+        .await
+    );
+    // One pre-warm per idle period: no second start.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rt.starts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn fallback_keeps_the_fixed_timeout_and_learns_from_requests() {
+    let (lc, _rt) = lifecycle();
+    let mut s = spec("f", &[]);
+    s.policy.idle_policy = IdlePolicyKind::Adaptive;
+    s.policy.idle_timeout = Duration::from_millis(300);
+    lc.deploy(s).await.unwrap();
+    let st = lc.status("f").unwrap();
+    assert_eq!(st.idle.basis, "fallback");
+    assert_eq!(st.idle.keep_alive_seconds, 0.3);
+    drop(lc.acquire("f").await.unwrap());
+    drop(lc.acquire("f").await.unwrap());
+    assert_eq!(lc.status("f").unwrap().idle.samples, 1);
+    assert!(
+        wait_until(
+            || lc.status("f").unwrap().replicas == 0,
+            Duration::from_secs(5)
+        )
+        .await
+    );
+    let saved = lc.idle_histories_if_changed().expect("changed");
+    assert_eq!(saved["f"].recorded(), 1);
+    assert!(
+        lc.idle_histories_if_changed().is_none(),
+        "nothing new since"
+    );
+}
+
+#[tokio::test]
+async fn idle_history_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = crate::state::StateDir::new(dir.path()).unwrap();
+    let (s, h) = adaptive_spec("f");
+    {
+        let (lc, _rt) = lifecycle();
+        lc.restore_idle_histories([("f".to_string(), h.clone())].into());
+        lc.deploy(s.clone()).await.unwrap();
+        drop(lc.acquire("f").await.unwrap());
+        let saved = lc.idle_histories_if_changed().unwrap();
+        state.save_idle_history(&saved).unwrap();
+        lc.shutdown().await;
+    }
+    // A new daemon: the history comes back from the state dir, representative at once.
+    let loaded = state.load_idle_history().unwrap();
+    assert_eq!(loaded["f"].recorded(), h.recorded() + 1);
+    let (lc, _rt) = lifecycle();
+    lc.restore_idle_histories(loaded);
+    lc.deploy(s).await.unwrap();
+    let st = lc.status("f").unwrap();
+    assert_eq!(st.idle.basis, "representative", "{:?}", st.idle);
+    assert_eq!(st.idle.samples, h.recorded() + 1);
+    // A torn file is refused with its name, not half-read.
+    std::fs::write(state.idle_history_file(), b"{\"f\":").unwrap();
+    let e = state.load_idle_history().unwrap_err().to_string();
+    assert!(e.contains("idle-history.json"), "{e}");
+    lc.shutdown().await;
+}

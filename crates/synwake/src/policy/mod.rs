@@ -51,15 +51,14 @@ impl IdlePolicyKind {
         match s {
             "fixed" => Ok(IdlePolicyKind::Fixed),
             "adaptive" => Ok(IdlePolicyKind::Adaptive),
-            other => Err(format!(
-                "idle policy {other:?} is not one of \"fixed\", \"adaptive\""
-            )),
+            _ => Err("the idle policy must be \"fixed\" or \"adaptive\"".into()),
         }
     }
 }
 
 /// The adaptive policy's knobs. Defaults are documented in the README (`[defaults.adaptive]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdaptiveConfig {
     /// Upper end of the histogram; longer idle times are out of range.
     #[serde(with = "crate::spec::duration_str")]
@@ -113,8 +112,13 @@ impl Default for AdaptiveConfig {
 }
 
 impl AdaptiveConfig {
-    /// Checks ranges; the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks ranges: on error, the key (`adaptive.<knob>`) and what is wrong.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        self.check()
+            .map_err(|m| (m.split(' ').next().unwrap_or("adaptive").to_string(), m))
+    }
+
+    fn check(&self) -> Result<(), String> {
         if !(1..=1000).contains(&self.bins) {
             return Err(format!("adaptive.bins {} must be 1 to 1000", self.bins));
         }

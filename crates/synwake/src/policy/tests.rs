@@ -223,14 +223,14 @@ fn config_ranges() {
     assert!(cfg().validate().is_ok());
     let mut c = cfg();
     c.bins = 0;
-    assert!(c.validate().unwrap_err().contains("bins"));
+    assert!(c.validate().unwrap_err().0.contains("bins"));
     let mut c = cfg();
     c.prewarm_percentile = 99.5;
-    assert!(c.validate().unwrap_err().contains("prewarm_percentile"));
+    assert!(c.validate().unwrap_err().0.contains("prewarm_percentile"));
     let mut c = cfg();
     c.keepalive_margin = 2.0;
-    assert!(c.validate().unwrap_err().contains("keepalive_margin"));
+    assert!(c.validate().unwrap_err().0.contains("keepalive_margin"));
     let mut c = cfg();
     c.histogram_min = c.histogram_range;
-    assert!(c.validate().unwrap_err().contains("histogram_min"));
+    assert!(c.validate().unwrap_err().0.contains("histogram_min"));
 }
