@@ -245,6 +245,7 @@ fn sni_picks_the_certificate_by_san_and_no_sni_gets_the_default() {
         "--tlsv1.2",
         "--tls-max",
         "1.2",
+        "--http1.1", // ALPN http/1.1 (h2 is offered too, and preferred)
         "--cacert",
         &pki.ca().display().to_string(),
         "--resolve",
