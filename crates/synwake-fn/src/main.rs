@@ -16,6 +16,7 @@
 //! - `GET /sleep/<ms>`: answers after `<ms>` milliseconds.
 //! - `GET /pid`: answers with the process id.
 //! - `GET /headers`: answers with the request headers it got, one `name: value` a line.
+//! - `GET /ids`: the process's `Uid:`, `Gid:` and `Groups:` lines from /proc/self/status.
 //! - anything else: `hello from <SYNWAKE_FUNCTION>`.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -144,6 +145,16 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
             seen.into_bytes()
         } else if path == "/pid" {
             format!("{}\n", std::process::id()).into_bytes()
+        } else if path == "/ids" {
+            std::fs::read_to_string("/proc/self/status")
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| {
+                    l.starts_with("Uid:") || l.starts_with("Gid:") || l.starts_with("Groups:")
+                })
+                .map(|l| format!("{l}\n"))
+                .collect::<String>()
+                .into_bytes()
         } else {
             format!("hello from {name}\n").into_bytes()
         };

@@ -37,6 +37,13 @@ impl Daemon {
     /// [`Daemon::start_with`] with RLIMIT_NOFILE (soft, hard) for the daemon.
     pub fn start_limited(gateway: &str, body: &str, nofile: Option<(u64, u64)>) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
+        // Open like /var/lib: process functions run as nobody and exec the stdio watchdog
+        // from <state>/run (the API password file stays 0600).
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod the daemon's temp dir");
         let shared = free_port();
         let api = free_port();
         let config = dir.path().join("synwake.toml");

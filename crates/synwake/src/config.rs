@@ -215,6 +215,7 @@ pub(crate) struct RawPolicy {
     protocol: Option<spec::Protocol>,
     idle_policy: Option<crate::policy::IdlePolicyKind>,
     adaptive: Option<crate::policy::AdaptiveConfig>,
+    user: Option<String>,
 }
 
 impl RawPolicy {
@@ -236,6 +237,7 @@ impl RawPolicy {
                 .adaptive
                 .clone()
                 .unwrap_or_else(|| base.adaptive.clone()),
+            user: self.user.clone().or_else(|| base.user.clone()),
         }
     }
 }
@@ -289,6 +291,7 @@ struct RawFunction {
     watchdog: crate::spec::Watchdog,
     max_instances: Option<u32>,
     max_concurrency: Option<u32>,
+    user: Option<String>,
     #[serde(default, with = "opt_duration")]
     idle_timeout: Option<Duration>,
     #[serde(default, with = "opt_duration")]
@@ -677,6 +680,7 @@ impl Config {
                 protocol: f.protocol,
                 idle_policy: f.idle_policy,
                 adaptive: f.adaptive.clone(),
+                user: f.user,
             }
             .apply(&defaults);
             let spec = FunctionSpec {
@@ -1026,6 +1030,26 @@ mod tests {
             e.contains("function.tls_port") && e.contains("gateway.tls_listen"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn user_from_defaults_or_function_and_checked() {
+        let c = parse("[defaults]\nuser = \"1000:1000\"\n[[function]]\nname = \"a\"\ncommand = [\"x\"]\n[[function]]\nname = \"b\"\ncommand = [\"x\"]\nuser = \"root\"\n").unwrap();
+        assert_eq!(c.functions[0].policy.user.as_deref(), Some("1000:1000"));
+        assert_eq!(c.functions[1].policy.user.as_deref(), Some("root"));
+        let c = parse("[[function]]\nname = \"a\"\ncommand = [\"x\"]\n").unwrap();
+        assert_eq!(
+            c.functions[0].policy.user, None,
+            "nobody, resolved at start"
+        );
+        let e = parse("[[function]]\nname = \"a\"\ncommand = [\"x\"]\nuser = \"root; id\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.toml:4: function.user: "), "{e}");
+        let e = parse("[defaults]\nuser = \"1:\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.toml:2: defaults.user: "), "{e}");
     }
 
     #[test]

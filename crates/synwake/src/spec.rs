@@ -87,6 +87,10 @@ pub struct Policy {
     /// The adaptive policy's knobs.
     #[serde(default)]
     pub adaptive: crate::policy::AdaptiveConfig,
+    /// Process runtime: the account instances run as (name, uid or uid:gid); `None` is
+    /// `nobody`. Root only when named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 fn default_timeout() -> Duration {
@@ -111,6 +115,7 @@ impl Default for Policy {
             protocol: Protocol::Http1,
             idle_policy: crate::policy::IdlePolicyKind::Fixed,
             adaptive: crate::policy::AdaptiveConfig::default(),
+            user: None,
         }
     }
 }
@@ -325,6 +330,9 @@ impl Policy {
             self.max_wakes_per_second as u64,
             &limits::MAX_WAKES_PER_SECOND,
         )?;
+        if let Some(u) = &self.user {
+            crate::runtime::user::validate(u).map_err(|e| SpecError::new("user", e.to_string()))?;
+        }
         Ok(())
     }
 }

@@ -251,3 +251,89 @@ fn empty_or_readable_password_files_are_refused() {
         );
     }
 }
+
+/// (uid, gid, supplementary groups) of the instance answering `/ids` for `name`.
+fn ids_of(d: &Daemon, name: &str) -> (u32, u32, String) {
+    let r = d.call(name, "/ids");
+    assert_eq!(r.status, 200, "{name}: {}", r.text());
+    let text = r.text();
+    let field = |key: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {key} in {text:?} (a synwake-fn without /ids: cargo build -p synwake-fn)"
+                )
+            })
+            .trim()
+            .to_string()
+    };
+    // "Uid:\treal effective saved fs": every one of them must be the target.
+    let one = |key: &str| -> u32 {
+        let all: Vec<u32> = field(key)
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert!(all.iter().all(|v| *v == all[0]), "{key} {all:?}");
+        all[0]
+    };
+    (one("Uid:"), one("Gid:"), field("Groups:"))
+}
+
+#[test]
+fn process_functions_do_not_run_as_root_by_default() {
+    if !root_or_skip("process_functions_do_not_run_as_root_by_default") {
+        return;
+    }
+    let user = TestUser::create("u");
+    let d = Daemon::start(&format!(
+        "{}{}{}{}",
+        function("plain", ""),
+        function("asroot", "user = \"root\""),
+        function("named", &format!("user = {:?}", user.name)),
+        function("numeric", "user = \"4242:4343\""),
+    ));
+    // The default: nobody, no supplementary groups (root's would let it read root:root 0640).
+    let (uid, gid, groups) = ids_of(&d, "plain");
+    assert_eq!((uid, gid), (65534, 65534), "a default function's ids");
+    assert_eq!(groups, "", "supplementary groups kept");
+    assert_eq!(ids_of(&d, "asroot").0, 0, "explicit root");
+    let (uid, gid, groups) = ids_of(&d, "named");
+    assert_eq!((uid, gid, groups.as_str()), (user.uid, user.gid, ""));
+    let (uid, gid, _) = ids_of(&d, "numeric");
+    assert_eq!((uid, gid), (4242, 4343));
+
+    // The attack, through the API with the credential: not root either.
+    let deploy = |name: &str, user: Option<&str>| {
+        let mut annotations = serde_json::Map::new();
+        if let Some(u) = user {
+            annotations.insert("com.synwake.user".into(), u.into());
+        }
+        d.api_json(
+            "POST",
+            "/system/functions",
+            &json!({
+                "service": name,
+                "envProcess": fn_bin().display().to_string(),
+                "annotations": annotations,
+            })
+            .to_string(),
+        )
+    };
+    assert_eq!(deploy("apidefault", None).status, 202);
+    assert_eq!(ids_of(&d, "apidefault").0, 65534);
+    assert_eq!(deploy("apiuser", Some("1234:1234")).status, 202);
+    assert_eq!(ids_of(&d, "apiuser").0, 1234);
+    let r = deploy("apibad", Some("root; id"));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("annotations.com.synwake.user"),
+        "{}",
+        r.text()
+    );
+    // A user that does not exist fails the start, naming it.
+    assert_eq!(deploy("apinouser", Some("no-such-user-swsec")).status, 202);
+    let r = d.call("apinouser", "/");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("no-such-user-swsec"), "{}", r.text());
+}

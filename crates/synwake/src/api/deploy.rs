@@ -220,6 +220,9 @@ impl FunctionDeployment {
                 Some(v) => crate::policy::IdlePolicyKind::parse(v.trim())
                     .map_err(|m| field_err("annotations.com.synwake.idle-policy", m))?,
             },
+            user: ann("user")
+                .map(str::to_string)
+                .or_else(|| defaults.user.clone()),
             ..defaults.clone()
         };
         let spec = FunctionSpec {

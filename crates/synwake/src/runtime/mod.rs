@@ -3,6 +3,7 @@
 
 pub mod oci;
 pub mod process;
+pub mod user;
 pub mod watchdog;
 
 use std::net::SocketAddr;

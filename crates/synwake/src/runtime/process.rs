@@ -142,6 +142,8 @@ impl Runtime for ProcessRuntime {
         if spec.command.is_empty() {
             return Err(spawn_err("no command configured".into()));
         }
+        let run_as = super::user::resolve(spec.policy.user.as_deref())
+            .map_err(|e| spawn_err(e.to_string()))?;
         let port = free_port().map_err(|e| spawn_err(format!("no free loopback port: {e}")))?;
         let command = match spec.watchdog {
             Watchdog::Http => spec.command.clone(),
@@ -163,6 +165,16 @@ impl Runtime for ProcessRuntime {
                 .map_err(|e| spawn_err(e.to_string()))?;
         }
         let mut cmd = Command::new(program);
+        if let Some(u) = &run_as {
+            // std drops the supplementary groups (setgroups(0)) when root sets a uid.
+            cmd.uid(u.uid).gid(u.gid);
+            if let Some(home) = &u.home {
+                cmd.env("HOME", home);
+            }
+            if let Some(name) = &u.name {
+                cmd.env("USER", name).env("LOGNAME", name);
+            }
+        }
         cmd.args(args)
             .envs(&spec.env)
             .env("PORT", port.to_string())
