@@ -34,7 +34,7 @@ impl FoundPassword {
 
 /// Finds the API password: `--password`/`$SYNWAKE_PASSWORD`; else the password file of
 /// `--state-dir`/`$SYNWAKE_STATE_DIR`; else the config's `api_password_file` or its
-/// state dir's (`--config`/`$SYNWAKE_CONFIG`, else ./synwake.toml if present); else
+/// state dir's (`--config`, else ./synwake.toml if present); else
 /// /var/lib/synwake/api-password. Only users who may read the file (root) get it.
 pub fn find_password(
     given: Option<String>,

@@ -30,8 +30,9 @@ struct Cli {
     #[arg(long, global = true, env = "SYNWAKE_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// Config file: `up` runs on it (default ./synwake.toml), `doctor` tries its probe
-    /// interfaces, client commands take the API password location from it.
-    #[arg(long, short, global = true, env = "SYNWAKE_CONFIG")]
+    /// interfaces, `tag` runs as a daemon on it, client commands take the API password
+    /// location from it.
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -114,9 +115,6 @@ enum Command {
         /// ADDR:PORT, ADDR/PREFIX:PORT, [V6]:PORT or [V6/PREFIX]:PORT; repeatable.
         #[arg(long = "dest", value_name = "ADDR:PORT", conflicts_with = "config")]
         dest: Vec<synwake_ebpf::TagDestination>,
-        /// Destinations -> function names, and the cgroup to tag (see the README).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
         /// The command to run tagged (after `--`).
         #[arg(last = true, value_name = "COMMAND")]
         command: Vec<std::ffi::OsString>,
@@ -182,14 +180,15 @@ fn main() -> std::process::ExitCode {
         };
     }
     // The tagger waits for its command and for signals on this, the only thread.
+    // `--config` (global) is the tag daemon's config: destinations -> function names and
+    // the cgroup to tag (see the README).
     if let Command::Tag {
         function,
         dest,
-        config,
         command,
     } = &cli.command
     {
-        return run_tag(function.as_deref(), dest, config.as_deref(), command);
+        return run_tag(function.as_deref(), dest, cli.config.as_deref(), command);
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = std::env::var("SYNWAKE_WORKER_THREADS")
