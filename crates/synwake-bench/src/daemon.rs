@@ -115,6 +115,8 @@ struct ConfigFile {
     gateway: GatewaySection,
     defaults: DefaultsSection,
     probe: ProbeSection,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    oci: Option<OciSection>,
     function: Vec<FunctionSection>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     certificate: Vec<CertificateSection>,
@@ -142,6 +144,12 @@ struct DefaultsSection {
     prewarm_ttl: String,
     stop_grace: String,
     max_wakes_per_second: u32,
+}
+
+/// `[oci]`: the image archive's directory is the one the daemon may read images from.
+#[derive(Serialize)]
+struct OciSection {
+    image_dirs: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -234,6 +242,13 @@ impl DaemonSetup {
                 mode: if self.wake.probe { "auto" } else { "off" }.into(),
                 interfaces: vec![self.probe_iface.clone()],
             },
+            oci: self.image.as_ref().map(|image| {
+                let abs = std::fs::canonicalize(image)
+                    .unwrap_or_else(|_| std::env::current_dir().unwrap_or_default().join(image));
+                OciSection {
+                    image_dirs: vec![abs.parent().unwrap_or(Path::new("/")).display().to_string()],
+                }
+            }),
             function,
             certificate: self
                 .tls

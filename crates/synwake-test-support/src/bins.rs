@@ -1,6 +1,7 @@
 //! The workspace's binaries for this test run, found next to the test executable
 //! (`<target>/<profile>/deps/<test>` -> `<target>/<profile>/<bin>`).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -25,9 +26,31 @@ pub fn synwake_bin() -> PathBuf {
 }
 
 /// The `synwake-fn` test function (`SYNWAKE_FN_BIN` overrides), built once if missing.
+/// Process functions run as `nobody` when the daemon is root: when the build's path is
+/// not open to others (a checkout under /root), a copy in a world-readable temp dir is
+/// returned instead.
 pub fn fn_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| workspace_bin("SYNWAKE_FN_BIN", "synwake-fn", "synwake-fn"))
+    BIN.get_or_init(|| {
+        let bin = workspace_bin("SYNWAKE_FN_BIN", "synwake-fn", "synwake-fn");
+        if open_to_others(&bin) {
+            return bin;
+        }
+        let dir = std::env::temp_dir().join(format!("synwake-fn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir for synwake-fn");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let copy = dir.join("synwake-fn");
+        std::fs::copy(&bin, &copy).expect("copy synwake-fn");
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        copy
+    })
+}
+
+/// Whether every directory above `path` lets others through and `path` lets them run it.
+fn open_to_others(path: &Path) -> bool {
+    let ok =
+        |p: &Path, bit: u32| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & bit != 0);
+    ok(path, 0o005) && path.ancestors().skip(1).all(|a| ok(a, 0o001))
 }
 
 /// A binary of package `package` in this run's target dir and profile; builds it with

@@ -128,6 +128,9 @@ pub struct OciSection {
     pub registry_ca_file: Option<PathBuf>,
     /// Unpacked images and pulled blobs; `None`: `<state_dir>/oci/images`.
     pub image_store: Option<PathBuf>,
+    /// The only directories local image archives and rootfs paths are read from;
+    /// `None`: `<state_dir>/images`.
+    pub image_dirs: Option<Vec<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -273,6 +276,7 @@ struct RawOci {
     registry_auth_file: Option<Spanned<PathBuf>>,
     registry_ca_file: Option<Spanned<PathBuf>>,
     image_store: Option<Spanned<PathBuf>>,
+    image_dirs: Option<Spanned<Vec<PathBuf>>>,
 }
 
 #[derive(Deserialize)]
@@ -424,6 +428,19 @@ impl Config {
             }
             Some(p) => Some(p.get_ref().clone()),
             None => None,
+        };
+        let image_dirs = match &raw.oci.image_dirs {
+            None => None,
+            Some(dirs) => {
+                if let Some(rel) = dirs.get_ref().iter().find(|d| !d.is_absolute()) {
+                    return Err(invalid(
+                        dirs.span(),
+                        "oci.image_dirs",
+                        format!("{} must be an absolute path", rel.display()),
+                    ));
+                }
+                Some(dirs.get_ref().clone())
+            }
         };
         let tls_listen = match &raw.gateway.tls_listen {
             None => None,
@@ -789,6 +806,7 @@ impl Config {
                 registry_auth_file,
                 registry_ca_file,
                 image_store,
+                image_dirs,
             },
             functions,
             certificates,

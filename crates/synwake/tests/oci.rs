@@ -117,7 +117,12 @@ impl OciDaemon {
     /// `[oci]` keys.
     fn start_in(subnet: &str, functions: impl FnOnce(&Images) -> String) -> OciDaemon {
         let images = Images::write();
-        let body = format!("[oci]\nsubnet = \"{subnet}\"\n{}", functions(&images));
+        // The archives' temp dir is the one image directory (local paths elsewhere are refused).
+        let body = format!(
+            "[oci]\nsubnet = \"{subnet}\"\nimage_dirs = [{:?}]\n{}",
+            images.dir.path().display().to_string(),
+            functions(&images)
+        );
         let d = Daemon::start(&body);
         let tag = OciConfig {
             state_dir: d.state_dir().join("oci"),

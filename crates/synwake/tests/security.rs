@@ -337,3 +337,65 @@ fn process_functions_do_not_run_as_root_by_default() {
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(r.text().contains("no-such-user-swsec"), "{}", r.text());
 }
+
+#[test]
+fn image_paths_outside_image_dirs_are_refused_without_their_content() {
+    if !root_or_skip("image_paths_outside_image_dirs_are_refused_without_their_content") {
+        return;
+    }
+    let images = tempfile::tempdir().unwrap();
+    // A file that is not a tar archive, inside the image dir: the tar error must not
+    // quote it (tar's own message carries the header bytes).
+    let secret = "root:$y$j9T$SECRETHASHSECRETHASH:19000:0:99999:7:::\n".repeat(20);
+    std::fs::write(images.path().join("notatar.tar"), &secret).unwrap();
+    // A symlink inside the dir that points out of it.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("shadow"), &secret).unwrap();
+    std::os::unix::fs::symlink(
+        outside.path().join("shadow"),
+        images.path().join("link.tar"),
+    )
+    .unwrap();
+    let d = Daemon::start(&format!(
+        "[oci]\nimage_dirs = [{:?}]\n",
+        images.path().display().to_string()
+    ));
+    let shadow = std::fs::read_to_string("/etc/shadow").unwrap_or_default();
+    let deploy = |image: &str| {
+        d.api_json(
+            "POST",
+            "/system/functions",
+            &json!({"service": "steal", "image": image}).to_string(),
+        )
+    };
+    let leaks = |text: &str| {
+        text.contains("SECRETHASH")
+            || text.contains("root:")
+            || shadow
+                .lines()
+                .filter(|l| l.len() > 8)
+                .any(|l| text.contains(l) || text.contains(&l[..8]))
+    };
+    for image in ["/etc/shadow", "../../../../../../../../etc/shadow"] {
+        let r = deploy(image);
+        assert_eq!(r.status, 400, "{image}: {}", r.text());
+        assert!(r.text().contains("image_dirs"), "{image}: {}", r.text());
+        assert!(!leaks(&r.text()), "{image}: content in {}", r.text());
+    }
+    let link = images.path().join("link.tar").display().to_string();
+    let r = deploy(&link);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("symlink") && r.text().contains("image_dirs"),
+        "{}",
+        r.text()
+    );
+    assert!(!leaks(&r.text()), "content in {}", r.text());
+    let bogus = images.path().join("notatar.tar").display().to_string();
+    let r = deploy(&bogus);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("not a tar archive"), "{}", r.text());
+    assert!(!leaks(&r.text()), "content in {}", r.text());
+    assert!(!leaks(&d.log()), "content in the log:\n{}", d.log());
+    assert_eq!(d.api_get("/system/function/steal").status, 404);
+}

@@ -134,10 +134,17 @@ fn truncated_or(archive: &Path, entry: &str, e: io::Error) -> ImageError {
             entry: entry.to_string(),
         }
     } else {
+        // tar's own message quotes the header's bytes (for a file that is not a tar, its
+        // first line): never pass file content on.
+        let reason = if e.to_string().contains("checksum") {
+            "tar header checksum mismatch: not a tar archive, or a damaged one"
+        } else {
+            "unreadable tar header: not a tar archive, or a damaged one"
+        };
         ImageError::Corrupt {
             archive: archive.to_path_buf(),
             entry: entry.to_string(),
-            reason: e.to_string(),
+            reason: reason.to_string(),
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use synwake_oci::{BindMount, Container, ContainerSpec, Image, OciConfig, OciRuntime, Pool};
 
-use super::{watchdog, ExitInfo, Instance, Runtime, StartError};
+use super::{image_path, watchdog, ExitInfo, Instance, Runtime, StartError};
 use crate::config::Config;
 use crate::logs::{LogStore, OutputSink};
 use crate::spec::{FunctionSpec, RuntimeKind, Watchdog};
@@ -58,7 +58,18 @@ pub async fn setup(
             state.oci_dir().display()
         )
     })?;
+    let image_dirs = match &config.oci.image_dirs {
+        Some(dirs) => dirs.clone(),
+        None => {
+            // The default exists from the first start, so there is somewhere to put archives.
+            let dir = state.root().join("images");
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("creating the image directory {}", dir.display()))?;
+            vec![dir]
+        }
+    };
     Ok(Some(Arc::new(OciFunctions {
+        image_dirs,
         watchdog,
         secrets: state.secrets(),
         secrets_dir: state.oci_dir().join("secrets"),
@@ -72,6 +83,8 @@ pub async fn setup(
 /// The daemon's view of the OCI runtime: images per function and the container pool.
 pub struct OciFunctions {
     rt: OciRuntime,
+    /// `[oci] image_dirs`: the only places local archives and rootfs paths are read from.
+    image_dirs: Vec<PathBuf>,
     pool: Pool,
     /// Imported image per function name, with what it was imported from; reused while
     /// the source is unchanged (reading and hashing an archive on every scale to zero
@@ -155,16 +168,20 @@ impl OciFunctions {
                 );
                 img
             }
-            (Some(archive), _) => self
-                .rt
-                .import_image(Path::new(archive))
-                .await
-                .map_err(|e| {
+            (Some(archive), _) => {
+                let path = image_path::check(archive, &self.image_dirs, image_path::Kind::Archive)
+                    .map_err(|e| Self::err(spec, format!("image {e}")))?;
+                self.rt.import_image(&path).await.map_err(|e| {
                     Self::err(spec, format!("image {archive}: {}", crate::error_chain(&e)))
-                })?,
-            (None, Some(dir)) => self.rt.image_from_rootfs(Path::new(dir)).map_err(|e| {
-                Self::err(spec, format!("rootfs {dir}: {}", crate::error_chain(&e)))
-            })?,
+                })?
+            }
+            (None, Some(dir)) => {
+                let path = image_path::check(dir, &self.image_dirs, image_path::Kind::Rootfs)
+                    .map_err(|e| Self::err(spec, format!("rootfs {e}")))?;
+                self.rt.image_from_rootfs(&path).map_err(|e| {
+                    Self::err(spec, format!("rootfs {dir}: {}", crate::error_chain(&e)))
+                })?
+            }
             (None, None) => return Err(Self::err(spec, "neither image nor rootfs is set")),
         };
         if let Some(source) = source {
