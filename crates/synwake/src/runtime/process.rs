@@ -163,6 +163,16 @@ impl Runtime for ProcessRuntime {
             store
                 .materialize(&spec.secrets, &secrets_dir, 0o400)
                 .map_err(|e| spawn_err(e.to_string()))?;
+            if let Some(u) = &run_as {
+                // The private copy belongs to the account the function runs as.
+                chown_tree(&secrets_dir, u.uid, u.gid).map_err(|e| {
+                    spawn_err(format!(
+                        "cannot hand {} to uid {}: {e}",
+                        secrets_dir.display(),
+                        u.uid
+                    ))
+                })?;
+            }
         }
         let mut cmd = Command::new(program);
         if let Some(u) = &run_as {
@@ -314,6 +324,15 @@ impl Drop for ProcessInstance {
         self.signal_group(libc::SIGKILL);
         remove_quietly(&self.pid_file);
     }
+}
+
+/// `dir` and the files in it (one level: secrets are flat) owned by `uid:gid`.
+fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+    for e in std::fs::read_dir(dir)? {
+        std::os::unix::fs::lchown(e?.path(), Some(uid), Some(gid))?;
+    }
+    Ok(())
 }
 
 fn remove_quietly(p: &Path) {
