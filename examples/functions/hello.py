@@ -20,6 +20,9 @@ class Hello(BaseHTTPRequestHandler):
     server_version = "synwake-example-hello"
 
     def _answer(self, send_body: bool) -> None:
+        # Every method may carry a body (faas-cli sends stdin as a GET body): read it all,
+        # or its bytes would be parsed as the next request on this kept-alive connection.
+        _drain_body(self)
         if self.path.split("?", 1)[0] == "/healthz":
             body = b"ok\n"
         else:
@@ -37,10 +40,8 @@ class Hello(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._answer(send_body=False)
 
-    def do_POST(self) -> None:
-        # Read (and ignore) any body so the connection stays usable for the next request.
-        _drain_body(self)
-        self._answer(send_body=True)
+    do_POST = do_GET
+    do_PUT = do_GET
 
     def log_message(self, format: str, *args) -> None:
         # One stderr line per request would flood synwake's log under load.

@@ -22,6 +22,8 @@ class Slow(BaseHTTPRequestHandler):
     init_ms = 0
 
     def _answer(self, send_body: bool) -> None:
+        # Read any body first (see hello.py): unread bytes would become the next request.
+        _drain_body(self)
         if self.path.split("?", 1)[0] == "/healthz":
             body = b"ok\n"
         else:
@@ -39,11 +41,26 @@ class Slow(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._answer(send_body=False)
 
+    do_POST = do_GET
+
     def log_message(self, format: str, *args) -> None:
         pass
 
     def log_error(self, format: str, *args) -> None:
         sys.stderr.write(f"{NAME}: {format % args}\n")
+
+
+def _drain_body(handler: BaseHTTPRequestHandler) -> None:
+    if "chunked" in handler.headers.get("Transfer-Encoding", "").lower():
+        # Not decoded here: answer, then close instead of reusing the connection.
+        handler.close_connection = True
+        return
+    length = int(handler.headers.get("Content-Length") or 0)
+    while length > 0:
+        chunk = handler.rfile.read(min(length, 65536))
+        if not chunk:
+            break
+        length -= len(chunk)
 
 
 class Server(ThreadingHTTPServer):
