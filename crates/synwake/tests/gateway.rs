@@ -123,7 +123,12 @@ fn idle_instance_stops_and_its_process_is_gone() {
         "pid {pid} still runs after the scale to zero"
     );
     assert_eq!(d.status("f")["replicas"].as_u64(), Some(0));
-    assert!(d.instance_pids().is_empty(), "pid files left behind");
+    // The pid file goes after the process is reaped, a moment after the replica count drops.
+    assert!(
+        wait_until(Duration::from_secs(2), || d.instance_pids().is_empty()),
+        "pid files left behind: {:?}",
+        d.instance_pids()
+    );
     assert_eq!(
         metric(&d.metrics(), "synwake_instances{function=\"f\"}"),
         Some(0.0)
