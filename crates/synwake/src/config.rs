@@ -97,6 +97,8 @@ pub struct GatewayConfig {
     pub tls_handshake_timeout: Duration,
     /// Client connection limits and timeouts, upstream pool idle bound.
     pub limits: crate::gateway::conn::Limits,
+    /// Hosts and ranges async callbacks may reach although they are internal.
+    pub callback_allow: Vec<crate::api::callback::AllowRule>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -195,6 +197,7 @@ struct RawGateway {
     max_headers: Option<Spanned<usize>>,
     #[serde(default, with = "opt_duration")]
     upstream_idle_timeout: Option<Duration>,
+    callback_allow: Option<Spanned<Vec<String>>>,
 }
 
 /// Policy keys, allowed in `[defaults]` and in each `[[function]]`.
@@ -442,6 +445,14 @@ impl Config {
                 Some(dirs.get_ref().clone())
             }
         };
+        let mut callback_allow = Vec::new();
+        if let Some(list) = &raw.gateway.callback_allow {
+            for entry in list.get_ref() {
+                let rule = crate::api::callback::AllowRule::parse(entry)
+                    .map_err(|why| invalid(list.span(), "gateway.callback_allow", why))?;
+                callback_allow.push(rule);
+            }
+        }
         let tls_listen = match &raw.gateway.tls_listen {
             None => None,
             Some(_) => Some(parse_addr(
@@ -547,6 +558,7 @@ impl Config {
             tls_listen,
             tls_handshake_timeout,
             limits,
+            callback_allow,
         };
         let defaults = raw.defaults.apply(&Policy::default());
         let defaults_at = text.find("[defaults]").unwrap_or(0);

@@ -183,6 +183,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         lifecycle.clone(),
         crate::api::async_call::client(),
         config.async_calls.clone(),
+        crate::api::callback::CallbackPolicy::new(
+            config.gateway.callback_allow.clone(),
+            [
+                Some(config.gateway.listen.port()),
+                Some(config.gateway.api_listen.port()),
+                config.gateway.tls_listen.map(|a| a.port()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            Some(lifecycle.clone()),
+        ),
     )
     .with_context(|| format!("opening the async queue in {}", state.async_dir().display()))?;
     let api = Api::new(

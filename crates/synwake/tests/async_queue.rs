@@ -39,9 +39,18 @@ fn logged(path: &Path) -> Vec<String> {
         .collect()
 }
 
+/// A directory the function (run as the unprivileged default user) can write its call
+/// log into.
+fn call_log_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    dir
+}
+
 #[test]
 fn accepted_calls_run_after_kill_9_and_restart() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = call_log_dir();
     let log = dir.path().join("calls.txt");
     // A slow start keeps every call queued when synwake is killed.
     let mut d = Daemon::start(&function_env(
@@ -186,7 +195,7 @@ fn callback_server() -> (u16, Received) {
 
 #[test]
 fn bad_gateway_is_retried_then_the_callback_gets_the_final_status() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = call_log_dir();
     let (flaky_log, broken_log) = (dir.path().join("flaky.txt"), dir.path().join("broken.txt"));
     let mut body = function_env(
         "flaky",
@@ -205,7 +214,8 @@ fn bad_gateway_is_retried_then_the_callback_gets_the_final_status() {
         "",
     );
     body += "[async]\nmax_retries = 3\nretry_backoff = \"20ms\"\n";
-    let d = Daemon::start(&body);
+    // The callback receiver is on loopback, which callbacks may reach only when allowed.
+    let d = Daemon::start_with("callback_allow = [\"127.0.0.1\"]", &body);
     let (port, got) = callback_server();
     let cb = format!("http://127.0.0.1:{port}/done");
     let flaky = post_async(&d, "flaky", &[("x-callback-url", &cb)], b"payload");

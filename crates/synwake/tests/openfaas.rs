@@ -990,7 +990,8 @@ fn read_one_request(stream: &mut std::net::TcpStream) -> (String, Vec<u8>) {
 
 #[test]
 fn async_function_calls_back_with_the_response() {
-    let d = Daemon::start(&function("echo", ""));
+    // The callback receiver is on loopback, which callbacks may reach only when allowed.
+    let d = Daemon::start_with("callback_allow = [\"127.0.0.1\"]", &function("echo", ""));
     // The callback receiver: a plain listener on loopback.
     let callback = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let cb_port = callback.local_addr().unwrap().port();

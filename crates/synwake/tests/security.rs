@@ -399,3 +399,71 @@ fn image_paths_outside_image_dirs_are_refused_without_their_content() {
     assert!(!leaks(&d.log()), "content in the log:\n{}", d.log());
     assert_eq!(d.api_get("/system/function/steal").status, 404);
 }
+
+fn post_async_with_callback(d: &Daemon, url: &str) -> Resp {
+    request(
+        loopback(d.api),
+        "POST",
+        "/async-function/echo",
+        &[("x-callback-url", url)],
+        Some(b"x"),
+    )
+    .expect("POST /async-function/echo")
+}
+
+/// Issue 9, item 3: a callback cannot be aimed at loopback, private or link-local
+/// addresses or at synwake's own API; refused before anything is queued or connected.
+#[test]
+fn callbacks_to_internal_addresses_and_own_listeners_are_refused_before_connect() {
+    let d = Daemon::start(&function("echo", ""));
+    // A listener the refused callbacks would have reached: nothing may connect to it.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let trap_port = trap.local_addr().unwrap().port();
+    let api = d.api;
+    for (url, rule) in [
+        (format!("http://127.0.0.1:{trap_port}/x"), "loopback"),
+        (format!("http://[::1]:{trap_port}/x"), "loopback"),
+        (
+            format!("http://[::ffff:127.0.0.1]:{trap_port}/x"),
+            "loopback",
+        ),
+        (
+            format!("http://127.0.0.1:{api}/system/functions"),
+            "synwake's own listeners",
+        ),
+        (
+            "http://169.254.169.254/latest/meta-data/".to_string(),
+            "link-local",
+        ),
+        ("http://10.1.2.3/hook".to_string(), "private"),
+        ("http://192.168.0.1/hook".to_string(), "private"),
+    ] {
+        let r = post_async_with_callback(&d, &url);
+        assert_eq!(r.status, 400, "{url}: {}", r.text());
+        assert!(r.text().contains(rule), "{url}: {}", r.text());
+    }
+    // A name is checked on the address it resolves to, when the callback is sent.
+    let r = post_async_with_callback(&d, &format!("http://localhost:{trap_port}/x"));
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert!(
+        wait_until(Duration::from_secs(20), || d
+            .log()
+            .contains("callback failed")),
+        "the callback to localhost was not refused: {}",
+        d.log()
+    );
+    assert!(d.log().contains("callback_allow"), "{}", d.log());
+    match trap.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("a refused callback connected: {other:?}"),
+    }
+
+    // Allowing loopback opens it, but never synwake's own API.
+    let d = Daemon::start_with("callback_allow = [\"127.0.0.1\"]", &function("echo", ""));
+    let r = post_async_with_callback(&d, &format!("http://127.0.0.1:{trap_port}/x"));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let r = post_async_with_callback(&d, &format!("http://127.0.0.1:{}/system/functions", d.api));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("own listeners"), "{}", r.text());
+}

@@ -21,6 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::async_store::{CallStore, StoreError, StoredCall};
+use super::callback::CallbackPolicy;
 use crate::config::AsyncSection;
 use crate::gateway::{text_response, ProxyBody};
 use crate::lifecycle::{AcquireError, Lifecycle};
@@ -46,6 +47,7 @@ struct Inner {
     lc: Lifecycle,
     client: BytesClient,
     store: CallStore,
+    callbacks: CallbackPolicy,
     cfg: AsyncSection,
     counts: Mutex<Counts>,
     /// Calls being sent at once, over all functions.
@@ -102,6 +104,7 @@ impl AsyncQueue {
         lc: Lifecycle,
         client: BytesClient,
         cfg: AsyncSection,
+        callbacks: CallbackPolicy,
     ) -> Result<AsyncQueue, StoreError> {
         let (store, pending) = CallStore::open(dir)?;
         // Unique across restarts: above every id on disk and above the clock in us.
@@ -115,6 +118,7 @@ impl AsyncQueue {
                 lc,
                 client,
                 store,
+                callbacks,
                 workers: tokio::sync::Semaphore::new(cfg.workers),
                 cfg,
                 counts: Mutex::new(Counts::default()),
@@ -191,14 +195,14 @@ impl AsyncQueue {
         let (parts, body) = req.into_parts();
         let callback = match parts.headers.get("x-callback-url").map(|v| v.to_str()) {
             None => None,
-            Some(Ok(u)) => match u.parse::<Uri>() {
-                Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {
-                    Some(u.to_string())
-                }
-                _ => {
+            // Refused before anything is queued or connected to; names are checked again
+            // on the address the callback connects to.
+            Some(Ok(u)) => match self.inner.callbacks.check_url(u) {
+                Ok(()) => Some(u.to_string()),
+                Err(e) => {
                     return text_response(
                         StatusCode::BAD_REQUEST,
-                        "invalid header `X-Callback-Url`: not an http:// URL",
+                        format!("invalid header `X-Callback-Url`: {e}"),
                     )
                 }
             },
@@ -346,7 +350,7 @@ impl AsyncQueue {
         }
         if let Some(cb) = &call.callback {
             callback(
-                &inner.client,
+                &inner.callbacks,
                 cb,
                 &id,
                 &call.function,
@@ -516,7 +520,7 @@ pub async fn deliver(
 
 /// POSTs the final response to the caller's callback URL (one attempt, bounded).
 async fn callback(
-    client: &BytesClient,
+    policy: &CallbackPolicy,
     url: &str,
     id: &str,
     function: &str,
@@ -534,11 +538,16 @@ async fn callback(
         .header("x-function-name", function)
         .body(Full::new(body));
     match req {
-        Ok(req) => match tokio::time::timeout(CALLBACK_TIMEOUT, client.request(req)).await {
+        Ok(req) => match tokio::time::timeout(
+            CALLBACK_TIMEOUT,
+            policy.send(url, req, Duration::from_secs(5)),
+        )
+        .await
+        {
             Ok(Ok(r)) => tracing::debug!("async call {id}: callback answered {}", r.status()),
             Ok(Err(e)) => tracing::warn!(
                 "async call {id}: callback failed: {}",
-                crate::error_chain(&e)
+                crate::error_chain(e.as_ref())
             ),
             Err(_) => tracing::warn!("async call {id}: callback timed out"),
         },

@@ -4,6 +4,7 @@
 pub mod async_call;
 mod async_store;
 pub mod auth;
+pub mod callback;
 pub mod deploy;
 mod logs;
 
