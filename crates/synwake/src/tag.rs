@@ -18,6 +18,7 @@ use synwake_ebpf::cgroup::{self, TagCgroup};
 use synwake_ebpf::{TagDestination, TagError, TagStats, Tagger};
 use toml::Spanned;
 
+use crate::config::ConfigError;
 use crate::spec::{function_id, validate_name};
 
 /// Errors of `synwake tag`.
@@ -29,21 +30,9 @@ pub enum TagCommandError {
     NoDestination,
     #[error("no COMMAND after `--`")]
     NoCommand,
-    #[error("cannot read tag config {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{path}:{line}: {key}: {message}")]
-    Invalid {
-        path: PathBuf,
-        line: usize,
-        key: String,
-        message: String,
-    },
+    /// The `--config` file: the same error shape as the daemon's config.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Tagger(#[from] TagError),
     #[error(transparent)]
@@ -94,21 +83,21 @@ struct RawDestination {
 impl TagConfig {
     /// Reads and checks a tag config; errors name the file, line and key.
     pub fn load(path: &Path) -> Result<Self, TagCommandError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TagCommandError::Read {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(path, &text)
+        Ok(Self::parse(path, &text)?)
     }
 
-    fn parse(path: &Path, text: &str) -> Result<Self, TagCommandError> {
-        let raw: RawTagConfig = toml::from_str(text).map_err(|e| TagCommandError::Parse {
+    fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawTagConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: crate::config::format_toml_error(&e, text),
         })?;
         let line_of = |offset: usize| text[..offset.min(text.len())].lines().count().max(1);
         let invalid =
-            |span: std::ops::Range<usize>, key: &str, message: String| TagCommandError::Invalid {
+            |span: std::ops::Range<usize>, key: &str, message: String| ConfigError::Invalid {
                 path: path.to_path_buf(),
                 line: line_of(span.start + 1),
                 key: key.to_string(),
@@ -129,7 +118,7 @@ impl TagConfig {
             None => None,
         };
         if raw.destination.is_empty() {
-            return Err(TagCommandError::Parse {
+            return Err(ConfigError::Parse {
                 path: path.to_path_buf(),
                 message: "no [[destination]]: nothing to tag".into(),
             });
@@ -412,7 +401,7 @@ pub fn doctor() -> String {
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<TagConfig, TagCommandError> {
+    fn parse(text: &str) -> Result<TagConfig, ConfigError> {
         TagConfig::parse(Path::new("tag.toml"), text)
     }
 

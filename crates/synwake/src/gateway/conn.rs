@@ -14,8 +14,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use hyper::body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -25,7 +23,7 @@ use tokio::time::Instant;
 
 use super::hosts::ConnInfo;
 use super::listeners::Handler;
-use super::ProxyBody;
+use super::GuardedBody;
 
 /// Client connection limits and timeouts (`[gateway]`), documented in the README.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,10 +111,7 @@ impl Server {
             let info = info.clone();
             async move {
                 let resp = h(req, info).await;
-                Ok::<_, std::convert::Infallible>(resp.map(|inner| TrackedBody {
-                    inner,
-                    _guard: guard,
-                }))
+                Ok::<_, std::convert::Infallible>(resp.map(|inner| GuardedBody::new(inner, guard)))
             }
         });
         let conn = self
@@ -236,32 +231,6 @@ impl Drop for InflightGuard {
         let a = &self.0;
         a.idle_since.store(a.now(), Ordering::Relaxed);
         a.inflight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A response body that keeps its request counted as in flight.
-pub struct TrackedBody {
-    inner: ProxyBody,
-    _guard: InflightGuard,
-}
-
-impl Body for TrackedBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -357,11 +357,7 @@ impl Proxy {
                     HeaderName::from_static(COLD_START_HEADER),
                     HeaderValue::from_static(if cold { "true" } else { "false" }),
                 );
-                let body = LeasedBody {
-                    inner: body,
-                    _lease: lease,
-                }
-                .boxed();
+                let body = GuardedBody::new(body, lease).boxed();
                 Response::from_parts(parts, body)
             }
             Err(e) if client_body_failed(&e) => {
@@ -540,20 +536,30 @@ pub(crate) fn strip_hop_by_hop(h: &mut http::HeaderMap) {
     }
 }
 
-/// A response body that holds the instance's lease until it is finished or dropped.
-struct LeasedBody {
-    inner: Incoming,
-    _lease: Lease,
+/// A body that holds `guard` (an instance's lease, a connection's in-flight count) until
+/// the body is finished or dropped.
+pub struct GuardedBody<B, G> {
+    inner: B,
+    _guard: G,
 }
 
-impl Body for LeasedBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
+impl<B, G> GuardedBody<B, G> {
+    pub fn new(inner: B, guard: G) -> Self {
+        GuardedBody {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<B: Body + Unpin, G: Unpin> Body for GuardedBody<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
