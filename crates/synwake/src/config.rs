@@ -32,6 +32,34 @@ pub enum ConfigError {
     },
 }
 
+/// Deserializes a TOML file's text; a syntax or type error names the file and line.
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: format_toml_error(&e, text),
+    })
+}
+
+/// A checked value that is wrong: the file, the line of `span` and the key.
+pub(crate) fn invalid_at(
+    text: &str,
+    path: &Path,
+    span: std::ops::Range<usize>,
+    key: &str,
+    message: String,
+) -> ConfigError {
+    let offset = (span.start + 1).min(text.len());
+    ConfigError::Invalid {
+        path: path.to_path_buf(),
+        line: text[..offset].lines().count().max(1),
+        key: key.to_string(),
+        message,
+    }
+}
+
 /// The resolved config the daemon runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -99,6 +127,20 @@ pub struct GatewayConfig {
     pub limits: crate::gateway::conn::Limits,
     /// Hosts and ranges async callbacks may reach although they are internal.
     pub callback_allow: Vec<crate::api::callback::AllowRule>,
+}
+
+impl GatewayConfig {
+    /// The ports of synwake's own shared listeners: gateway, API and, when on, TLS.
+    pub fn listener_ports(&self) -> Vec<u16> {
+        [
+            Some(self.listen.port()),
+            Some(self.api_listen.port()),
+            self.tls_listen.map(|a| a.port()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -354,18 +396,11 @@ impl Config {
 
     /// Parses config text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: format_toml_error(&e, text),
-        })?;
+        let raw: RawConfig = parse_toml(text, path)?;
         let line_of = |offset: usize| text[..offset.min(text.len())].lines().count().max(1);
-        let invalid =
-            |span: std::ops::Range<usize>, key: &str, message: String| ConfigError::Invalid {
-                path: path.to_path_buf(),
-                line: line_of(span.start + 1),
-                key: key.to_string(),
-                message,
-            };
+        let invalid = |span: std::ops::Range<usize>, key: &str, message: String| {
+            invalid_at(text, path, span, key, message)
+        };
 
         let parse_addr = |v: &Option<Spanned<String>>, key: &str, default: &str| match v {
             None => Ok(default.parse().expect("default address")),

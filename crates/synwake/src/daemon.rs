@@ -185,14 +185,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.async_calls.clone(),
         crate::api::callback::CallbackPolicy::new(
             config.gateway.callback_allow.clone(),
-            [
-                Some(config.gateway.listen.port()),
-                Some(config.gateway.api_listen.port()),
-                config.gateway.tls_listen.map(|a| a.port()),
-            ]
-            .into_iter()
-            .flatten()
-            .collect(),
+            config.gateway.listener_ports(),
             Some(lifecycle.clone()),
         ),
     )
@@ -202,14 +195,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ports.synced(),
         state.clone(),
         config.defaults.clone(),
-        [
-            Some(config.gateway.listen.port()),
-            Some(config.gateway.api_listen.port()),
-            config.gateway.tls_listen.map(|a| a.port()),
-        ]
-        .into_iter()
-        .flatten()
-        .collect(),
+        config.gateway.listener_ports(),
         auth.credential,
         orchestration,
         async_queue,

@@ -91,18 +91,10 @@ impl TagConfig {
     }
 
     fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: RawTagConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: crate::config::format_toml_error(&e, text),
-        })?;
-        let line_of = |offset: usize| text[..offset.min(text.len())].lines().count().max(1);
-        let invalid =
-            |span: std::ops::Range<usize>, key: &str, message: String| ConfigError::Invalid {
-                path: path.to_path_buf(),
-                line: line_of(span.start + 1),
-                key: key.to_string(),
-                message,
-            };
+        let raw: RawTagConfig = crate::config::parse_toml(text, path)?;
+        let invalid = |span: std::ops::Range<usize>, key: &str, message: String| {
+            crate::config::invalid_at(text, path, span, key, message)
+        };
         let cgroup = match raw.cgroup {
             Some(c) => {
                 let value = c.get_ref();
