@@ -232,8 +232,9 @@ impl Drop for Lease {
         let someone_waits = st.pending > 0;
         let all_done = st.slots.iter().all(|s| s.inflight == 0);
         drop(st);
-        if all_done {
-            let policy = &self.function.spec.policy;
+        // Only the adaptive policy learns from idle times; fixed ones pay no lock here.
+        let policy = &self.function.spec.policy;
+        if all_done && policy.idle_policy == IdlePolicyKind::Adaptive {
             self.function.idle.lock().unwrap().on_done(policy);
         }
         if someone_waits {
@@ -518,7 +519,9 @@ impl Lifecycle {
                 function: name.to_string(),
             })?;
         let arrived = Instant::now();
-        f.idle.lock().unwrap().on_request(&f.spec.policy);
+        if f.spec.policy.idle_policy == IdlePolicyKind::Adaptive {
+            f.idle.lock().unwrap().on_request(&f.spec.policy);
+        }
         for _ in 0..3 {
             match self.acquire_from(&f, arrived).await {
                 // An update swapped the function while we waited: wait on the new one.
