@@ -467,3 +467,41 @@ fn callbacks_to_internal_addresses_and_own_listeners_are_refused_before_connect(
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("own listeners"), "{}", r.text());
 }
+
+/// The daemon's own environment (credentials an operator exported, the service manager's
+/// variables) must not reach functions: they get their spec's env, PORT and synwake's
+/// variables, plus PATH/LANG/TZ.
+#[test]
+fn functions_do_not_inherit_the_daemons_environment() {
+    let d = Daemon::start(
+        "[[function]]\nname = \"env\"\nwatchdog = \"stdio\"\ncommand = [\"env\"]\nenv = { OWN = \"yes\" }\n",
+    );
+    // Cargo runs tests with CARGO_* set, so the daemon has some; the check below can fail.
+    let daemon_env = std::fs::read(format!("/proc/{}/environ", d.pid())).unwrap();
+    assert!(
+        daemon_env
+            .split(|b| *b == 0)
+            .any(|kv| kv.starts_with(b"CARGO")),
+        "the daemon should have CARGO_* variables under cargo test"
+    );
+    let r = d.call("env", "/");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    assert!(
+        names.contains(&"OWN"),
+        "the spec's env is passed: {names:?}"
+    );
+    assert!(names.contains(&"PATH"), "PATH is passed: {names:?}");
+    let leaked: Vec<&&str> = names
+        .iter()
+        .filter(|n| n.starts_with("CARGO") || **n == "CI" || **n == "RUST_LOG")
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "daemon variables leaked to the function: {leaked:?}"
+    );
+}

@@ -20,6 +20,11 @@ use crate::logs::OutputSink;
 use crate::spec::{FunctionSpec, RuntimeKind, Watchdog};
 
 /// Starts functions as child processes.
+/// The daemon's variables a function still sees: where programs are, and locale/time zone.
+const INHERITED_ENV: [&str; 4] = ["PATH", "LANG", "LC_ALL", "TZ"];
+/// PATH for functions when the daemon itself has none (e.g. started with `env -i`).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 pub struct ProcessRuntime {
     run_dir: PathBuf,
     /// The stdio watchdog, run in front of `watchdog = "stdio"` commands.
@@ -175,6 +180,17 @@ impl Runtime for ProcessRuntime {
             }
         }
         let mut cmd = Command::new(program);
+        // Functions get their spec's env, not the daemon's (an operator's exported
+        // credentials, the service manager's variables); only these pass through.
+        cmd.env_clear();
+        for key in INHERITED_ENV {
+            if let Some(v) = std::env::var_os(key) {
+                cmd.env(key, v);
+            }
+        }
+        if std::env::var_os("PATH").is_none() {
+            cmd.env("PATH", DEFAULT_PATH);
+        }
         if let Some(u) = &run_as {
             // std drops the supplementary groups (setgroups(0)) when root sets a uid.
             cmd.uid(u.uid).gid(u.gid);
