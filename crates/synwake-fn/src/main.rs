@@ -133,16 +133,17 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
             out.flush()?;
             continue;
         }
-        let resp: Vec<u8> = if method == "POST" || method == "PUT" {
-            body
-        } else if path == "/crash" {
-            eprintln!("synwake-fn: crashing on request as asked");
-            std::process::exit(3);
-        } else if let Some(ms) = path.strip_prefix("/sleep/") {
+        // /sleep/ and /headers answer any method (async calls are POSTs); other POSTs echo.
+        let resp: Vec<u8> = if let Some(ms) = path.strip_prefix("/sleep/") {
             std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
             b"slept\n".to_vec()
         } else if path == "/headers" {
             seen.into_bytes()
+        } else if method == "POST" || method == "PUT" {
+            body
+        } else if path == "/crash" {
+            eprintln!("synwake-fn: crashing on request as asked");
+            std::process::exit(3);
         } else if path == "/pid" {
             format!("{}\n", std::process::id()).into_bytes()
         } else if path == "/ids" {

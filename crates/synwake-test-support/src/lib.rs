@@ -25,6 +25,7 @@ pub mod oci;
 pub mod packets;
 pub mod probe;
 pub mod proc;
+pub mod receiver;
 
 pub use bins::{fn_bin, function, synwake_bin};
 pub use daemon::Daemon;
@@ -33,3 +34,4 @@ pub use metrics::metric;
 pub use proc::{
     alive, concurrently, free_port, loopback, random_bytes, signal, wait_listening, wait_until,
 };
+pub use receiver::{Received, Receiver};

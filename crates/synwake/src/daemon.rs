@@ -180,8 +180,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ports.sync().await;
     let async_queue = crate::api::async_call::AsyncQueue::start(
         &state.async_dir(),
-        lifecycle.clone(),
-        crate::api::async_call::client(),
+        proxy.clone(),
         config.async_calls.clone(),
         crate::api::callback::CallbackPolicy::new(
             config.gateway.callback_allow.clone(),

@@ -1,5 +1,6 @@
 //! The forward path against the real binary, as an attacker or a careless client would
-//! use it: upstream connection reuse, dot segments, echoed input, broken request bodies.
+//! use it: upstream connection reuse, dot segments, echoed input, broken request bodies;
+//! and async calls through the same path as sync ones.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
+use synwake_test_support::metrics::Metrics;
 
 /// A function that leaves GET bodies unread parses an attacker's body as its next request;
 /// the answer to that must never reach another client.
@@ -140,4 +142,110 @@ fn malformed_chunked_body_is_the_clients_400() {
     );
     // The instance is untouched and still answers.
     assert_eq!(d.call("f", "/pid").status, 200);
+}
+
+/// The headers a function saw, as synwake-fn's /headers lists them, sorted, without the
+/// lines in `except`.
+fn seen_headers(listing: &[u8], except: &[&str]) -> Vec<String> {
+    let mut lines: Vec<String> = String::from_utf8_lossy(listing)
+        .lines()
+        .filter(|l| !except.iter().any(|e| l.starts_with(&format!("{e}:"))))
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// An async call goes through the gateway's forward path: the function sees exactly the
+/// headers a sync call gets (forwarded headers, hop-by-hop stripped), it is counted in the
+/// same metrics, and the function's `timeout` applies to it (504, retried).
+#[test]
+fn async_calls_get_the_same_headers_and_metrics_as_sync_ones() {
+    let mut body = function("f", "idle_timeout = \"60s\"");
+    body += &function("slow", "idle_timeout = \"60s\"\ntimeout = \"300ms\"");
+    body += "[async]\nmax_retries = 1\nretry_backoff = \"20ms\"\n";
+    let d = Daemon::start_with("callback_allow = [\"127.0.0.1\"]", &body);
+    let cb = Receiver::start();
+    let cb_url = format!("http://127.0.0.1:{}/done", cb.port);
+    let sent: &[(&str, &str)] = &[
+        ("x-test", "1"),
+        ("x-forwarded-for", "203.0.113.9"),
+        ("connection", "x-private"),
+        ("x-private", "secret"),
+        ("content-type", "text/plain"),
+    ];
+    let sync = request(
+        loopback(d.api),
+        "POST",
+        "/function/f/headers",
+        sent,
+        Some(b"payload"),
+    )
+    .unwrap();
+    assert_eq!(sync.status, 200, "{}", sync.text());
+    let mut async_headers = sent.to_vec();
+    async_headers.push(("x-callback-url", &cb_url));
+    let accepted = request(
+        loopback(d.api),
+        "POST",
+        "/async-function/f/headers",
+        &async_headers,
+        Some(b"payload"),
+    )
+    .unwrap();
+    assert_eq!(accepted.status, 202, "{}", accepted.text());
+    let slow = request(
+        loopback(d.api),
+        "POST",
+        "/async-function/slow/sleep/3000",
+        &[("x-callback-url", &cb_url)],
+        Some(b"x"),
+    )
+    .unwrap();
+    assert_eq!(slow.status, 202, "{}", slow.text());
+    let got = cb.wait(2, Duration::from_secs(30));
+    assert_eq!(got.len(), 2, "callbacks: {got:?}");
+    let call_id = |r: &Resp| r.header("x-call-id").unwrap().to_string();
+    let of = |id: &str| {
+        got.iter()
+            .find(|r| r.header("x-call-id") == Some(id))
+            .unwrap_or_else(|| panic!("no callback for {id}: {got:?}"))
+    };
+    let f = of(&call_id(&accepted));
+    assert_eq!(f.header("x-function-status"), Some("200"));
+    let sync_seen = seen_headers(&sync.body, &[]);
+    assert!(
+        sync_seen.contains(&"x-forwarded-for: 203.0.113.9, 127.0.0.1".to_string())
+            && sync_seen
+                .iter()
+                .any(|l| l.starts_with("forwarded: for=127.0.0.1;proto=http"))
+            && !sync_seen.iter().any(|l| l.starts_with("x-private:")),
+        "sync call: {sync_seen:?}"
+    );
+    assert_eq!(
+        seen_headers(&f.body, &["x-call-id"]),
+        sync_seen,
+        "the async call reached the function with other headers than the sync one"
+    );
+    // The function's timeout bounds every attempt: 504, retried once, then the callback.
+    let s = of(&call_id(&slow));
+    assert_eq!(
+        s.header("x-function-status"),
+        Some("504"),
+        "{}",
+        String::from_utf8_lossy(&s.body)
+    );
+    let m = Metrics(d.metrics());
+    assert_eq!(
+        m.get("synwake_function_invocations_total{function=\"f\",code=\"200\"}"),
+        2.0
+    );
+    assert_eq!(
+        m.get("synwake_function_request_duration_seconds_count{function=\"f\"}"),
+        2.0
+    );
+    assert_eq!(
+        m.get("synwake_function_invocations_total{function=\"slow\",code=\"504\"}"),
+        2.0
+    );
 }

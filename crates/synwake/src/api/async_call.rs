@@ -13,29 +13,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 use super::async_store::{CallStore, StoreError, StoredCall};
 use super::callback::CallbackPolicy;
 use crate::config::AsyncSection;
-use crate::gateway::{text_response, ProxyBody};
+use crate::gateway::{text_response, ConnInfo, ForwardBody, Origin, Proxy, ProxyBody};
 use crate::lifecycle::{AcquireError, Lifecycle};
 
-/// Largest body of one async call.
+/// Largest body of one async call, and of a function's answer to it (kept for the callback).
 pub const MAX_ASYNC_BODY: usize = 16 << 20;
 /// How long a callback may take.
 const CALLBACK_TIMEOUT: Duration = Duration::from_secs(30);
-
-type BytesClient = Client<HttpConnector, Full<Bytes>>;
-
-pub fn client() -> BytesClient {
-    Client::builder(TokioExecutor::new()).build_http()
-}
 
 /// The queue: the log on disk, the bounds, the delivery workers and their counters.
 #[derive(Clone)]
@@ -45,7 +36,8 @@ pub struct AsyncQueue {
 
 struct Inner {
     lc: Lifecycle,
-    client: BytesClient,
+    /// Calls reach functions through the same forward path as the gateway's requests.
+    proxy: Arc<Proxy>,
     store: CallStore,
     callbacks: CallbackPolicy,
     cfg: AsyncSection,
@@ -101,8 +93,7 @@ impl AsyncQueue {
     /// not finish.
     pub fn start(
         dir: &Path,
-        lc: Lifecycle,
-        client: BytesClient,
+        proxy: Arc<Proxy>,
         cfg: AsyncSection,
         callbacks: CallbackPolicy,
     ) -> Result<AsyncQueue, StoreError> {
@@ -115,8 +106,8 @@ impl AsyncQueue {
         let next = pending.last().map_or(0, |c| c.id + 1).max(micros);
         let q = AsyncQueue {
             inner: Arc::new(Inner {
-                lc,
-                client,
+                lc: proxy.lifecycle().clone(),
+                proxy,
                 store,
                 callbacks,
                 workers: tokio::sync::Semaphore::new(cfg.workers),
@@ -178,7 +169,12 @@ impl AsyncQueue {
     }
 
     /// Accepts the call: 202 once it is on disk, 429 beyond the bounds.
-    pub async fn accept(&self, req: Request<Incoming>, rest: &str) -> Response<ProxyBody> {
+    pub async fn accept(
+        &self,
+        req: Request<Incoming>,
+        rest: &str,
+        conn: &ConnInfo,
+    ) -> Response<ProxyBody> {
         let (name, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -226,6 +222,8 @@ impl AsyncQueue {
         };
         let mut headers = parts.headers;
         crate::gateway::strip_hop_by_hop(&mut headers);
+        // Set now and kept with the call: the client's connection is gone when it runs.
+        crate::gateway::forwarded::set_forwarded(&mut headers, conn);
         // The body is re-sent whole; the callback and the call id are ours to set.
         for h in [
             "x-callback-url",
@@ -295,7 +293,7 @@ impl AsyncQueue {
         let id = format!("{:016x}", call.id);
         let mut attempt = 0u32;
         let (status, headers, body) = loop {
-            match deliver(&inner.lc, &inner.client, &call, &id).await {
+            match deliver(&inner.proxy, &call, &id).await {
                 Outcome::ShuttingDown => {
                     tracing::info!(
                         "async call {id}: synwake is stopping; it runs after the restart"
@@ -444,35 +442,18 @@ impl Drop for RunningGuard<'_> {
     }
 }
 
-/// Sends one call once: waits for an instance like any request, then forwards it with
-/// `X-Call-Id`. The one place a queued call reaches a function.
-pub async fn deliver(
-    lc: &Lifecycle,
-    client: &BytesClient,
-    call: &StoredCall,
-    call_id: &str,
-) -> Outcome {
+/// Sends one call once through the gateway's forward path (waits for an instance like any
+/// request; same headers, timeout, crash handling and metrics), with `X-Call-Id`. The one
+/// place a queued call reaches a function.
+pub async fn deliver(proxy: &Proxy, call: &StoredCall, call_id: &str) -> Outcome {
     let answered = |status, body: String| Outcome::Answered {
         status,
         headers: HeaderMap::new(),
         body: Bytes::from(body),
     };
     let name = call.function.as_str();
-    let lease = match lc.acquire(name).await {
-        Ok(l) => l,
-        Err(AcquireError::ShuttingDown { .. }) => return Outcome::ShuttingDown,
-        Err(e) => {
-            let resp = crate::gateway::acquire_error_response(&e);
-            return answered(resp.status(), e.to_string());
-        }
-    };
-    let addr = lease.instance.addr();
-    let uri: Uri = match format!("http://{addr}{}", call.path).parse() {
-        Ok(u) => u,
-        Err(_) => return answered(StatusCode::BAD_REQUEST, "invalid path".into()),
-    };
     let method = Method::from_bytes(call.method.as_bytes()).unwrap_or(Method::POST);
-    let mut req = Request::builder().method(method).uri(uri);
+    let mut req = Request::builder().method(method);
     if let Some(h) = req.headers_mut() {
         for (k, v) in &call.headers {
             if let (Ok(k), Ok(v)) = (
@@ -486,36 +467,34 @@ pub async fn deliver(
             h.insert("x-call-id", v);
         }
     }
-    let req = match req.body(Full::new(call.body.clone())) {
+    let req = match req.body(ForwardBody::Queued(Full::new(call.body.clone()))) {
         Ok(r) => r,
         Err(e) => return answered(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let m = lc.metrics();
-    let result = match client.request(req).await {
-        Ok(resp) => {
-            let (parts, body) = resp.into_parts();
-            match body.collect().await {
-                Ok(b) => Outcome::Answered {
-                    status: parts.status,
-                    headers: parts.headers,
-                    body: b.to_bytes(),
-                },
-                Err(e) => answered(StatusCode::BAD_GATEWAY, crate::error_chain(&e)),
-            }
-        }
+    let resp = match proxy
+        .invoke(req, name, call.path.clone(), Origin::Queued)
+        .await
+    {
+        Ok(resp) => resp,
+        Err(AcquireError::ShuttingDown { .. }) => return Outcome::ShuttingDown,
+        Err(e) => return answered(crate::gateway::acquire_error_status(&e), e.to_string()),
+    };
+    // The lease is held by the body until it is read to the end (or dropped).
+    let (parts, body) = resp.into_parts();
+    match Limited::new(body, MAX_ASYNC_BODY).collect().await {
+        Ok(b) => Outcome::Answered {
+            status: parts.status,
+            headers: parts.headers,
+            body: b.to_bytes(),
+        },
         Err(e) => answered(
             StatusCode::BAD_GATEWAY,
             format!(
-                "function {name}: the instance failed the request: {}",
-                crate::error_chain(&e)
+                "function {name}: its answer failed or is over {MAX_ASYNC_BODY} bytes: {}",
+                crate::error_chain(e.as_ref())
             ),
         ),
-    };
-    if let Outcome::Answered { status, .. } = &result {
-        m.invocations.inc(&[name, status.as_str()]);
     }
-    drop(lease);
-    result
 }
 
 /// POSTs the final response to the caller's callback URL (one attempt, bounded).

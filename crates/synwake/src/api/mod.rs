@@ -108,7 +108,8 @@ impl Api {
                 );
             }
             let rest = rest.to_string();
-            return self.async_queue.accept(req, &rest).await;
+            let conn = crate::gateway::ConnInfo::plain(peer);
+            return self.async_queue.accept(req, &rest, &conn).await;
         }
         match (req.method(), path.as_str()) {
             (&Method::GET, "/healthz") => return text_response(StatusCode::OK, "OK"),

@@ -166,7 +166,6 @@ impl Proxy {
         route: &Route,
         conn: &ConnInfo,
     ) -> Response<ProxyBody> {
-        let arrived = Instant::now();
         let routed = match self.route_by_host(route, &req, conn) {
             Ok(Some(f)) => route_request(&Route::Port(f), req.uri()),
             Ok(None) => route_request(route, req.uri()),
@@ -176,20 +175,51 @@ impl Proxy {
             Ok(r) => r,
             Err(resp) => return resp,
         };
-        let resp = match self.lifecycle.acquire(&function).await {
-            Ok(lease) => self.forward(req, lease, path, conn).await,
-            // No series for names that are not (or no longer) functions: any path could
-            // create one, and a removed function's series are already forgotten.
-            Err(e @ (AcquireError::UnknownFunction { .. } | AcquireError::Removed { .. })) => {
-                return acquire_error_response(&e)
-            }
+        let req = req.map(ForwardBody::Client);
+        match self
+            .invoke(req, &function, path, Origin::Client(conn))
+            .await
+        {
+            Ok(resp) => resp,
             Err(e) => acquire_error_response(&e),
+        }
+    }
+
+    /// Phases 2 and 3 for a routed request, from a client or from the async queue: the
+    /// one place a request reaches a function. Counted in the invocation and duration
+    /// metrics unless the function is unknown or removed (any path could create a series
+    /// then) or, for a queued call, synwake is stopping (the call stays queued).
+    pub async fn invoke(
+        &self,
+        req: Request<ForwardBody>,
+        function: &str,
+        path: String,
+        origin: Origin<'_>,
+    ) -> Result<Response<ProxyBody>, AcquireError> {
+        let arrived = Instant::now();
+        let counted = |status: StatusCode| {
+            let m = self.lifecycle.metrics();
+            m.invocations.inc(&[function, status.as_str()]);
+            m.request_duration
+                .observe(&[function], arrived.elapsed().as_secs_f64());
         };
-        let m = self.lifecycle.metrics();
-        m.invocations.inc(&[&function, resp.status().as_str()]);
-        m.request_duration
-            .observe(&[&function], arrived.elapsed().as_secs_f64());
-        resp
+        match self.lifecycle.acquire(function).await {
+            Ok(lease) => {
+                let resp = self.forward(req, lease, path, origin).await;
+                counted(resp.status());
+                Ok(resp)
+            }
+            Err(e @ (AcquireError::UnknownFunction { .. } | AcquireError::Removed { .. })) => {
+                Err(e)
+            }
+            Err(e @ AcquireError::ShuttingDown { .. }) if matches!(origin, Origin::Queued) => {
+                Err(e)
+            }
+            Err(e) => {
+                counted(acquire_error_status(&e));
+                Err(e)
+            }
+        }
     }
 
     /// Phase 1 on the shared ports: the function claiming the connection's SNI name (TLS)
@@ -236,10 +266,10 @@ impl Proxy {
 
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ForwardBody>,
         lease: Lease,
         path: String,
-        conn: &ConnInfo,
+        origin: Origin<'_>,
     ) -> Response<ProxyBody> {
         let spec = lease.spec().clone();
         let function = &spec.name;
@@ -283,7 +313,9 @@ impl Proxy {
             .get(http::header::TE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         strip_hop_by_hop(&mut parts.headers);
-        forwarded::set_forwarded(&mut parts.headers, conn);
+        if let Origin::Client(conn) = origin {
+            forwarded::set_forwarded(&mut parts.headers, conn);
+        }
         if te_trailers {
             parts
                 .headers
@@ -466,6 +498,51 @@ fn upgrade_asked(h: &http::HeaderMap) -> Option<HeaderValue> {
         .flatten()
 }
 
+/// Where a request to forward came from.
+#[derive(Clone, Copy)]
+pub enum Origin<'a> {
+    /// A client connection: the forwarded headers are set from it.
+    Client(&'a ConnInfo),
+    /// The async queue: the forwarded headers were set when the call was accepted (the
+    /// client's connection is gone by the time it runs).
+    Queued,
+}
+
+/// A request body to forward: a client's, streamed, or a queued call's, held whole.
+pub enum ForwardBody {
+    Client(Incoming),
+    Queued(Full<Bytes>),
+}
+
+impl Body for ForwardBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ForwardBody::Client(b) => Pin::new(b).poll_frame(cx),
+            ForwardBody::Queued(b) => Pin::new(b).poll_frame(cx).map_err(|n| match n {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ForwardBody::Client(b) => b.is_end_stream(),
+            ForwardBody::Queued(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ForwardBody::Client(b) => b.size_hint(),
+            ForwardBody::Queued(b) => b.size_hint(),
+        }
+    }
+}
+
 /// Counts a tunnel as open until it is dropped.
 struct TunnelGuard(Arc<AtomicUsize>);
 
@@ -493,7 +570,18 @@ fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Phase 2 failures as responses.
 pub fn acquire_error_response(e: &AcquireError) -> Response<ProxyBody> {
-    let status = match e {
+    let status = acquire_error_status(e);
+    let mut r = text_response(status, e.to_string());
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
+}
+
+/// The status a phase 2 failure is answered (and counted) with.
+pub fn acquire_error_status(e: &AcquireError) -> StatusCode {
+    match e {
         AcquireError::UnknownFunction { .. } => StatusCode::NOT_FOUND,
         AcquireError::StartFailed(StartError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
         AcquireError::StartFailed(_) => StatusCode::BAD_GATEWAY,
@@ -501,13 +589,7 @@ pub fn acquire_error_response(e: &AcquireError) -> Response<ProxyBody> {
         | AcquireError::ShuttingDown { .. }
         | AcquireError::Saturated { .. } => StatusCode::SERVICE_UNAVAILABLE,
         AcquireError::Removed { .. } => StatusCode::NOT_FOUND,
-    };
-    let mut r = text_response(status, e.to_string());
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        r.headers_mut()
-            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
-    r
 }
 
 pub(crate) fn strip_hop_by_hop(h: &mut http::HeaderMap) {

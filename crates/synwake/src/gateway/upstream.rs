@@ -4,14 +4,14 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::ForwardBody;
 use crate::spec::Protocol;
 
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
+pub type UpstreamClient = Client<HttpConnector, ForwardBody>;
 
 type Key = (Protocol, Duration);
 
