@@ -47,8 +47,14 @@ impl Daemon {
         let shared = free_port();
         let api = free_port();
         let config = dir.path().join("synwake.toml");
+        // 5 s unless the test sets its own.
+        let drain = if gateway.contains("drain_timeout") {
+            ""
+        } else {
+            "drain_timeout = \"5s\"\n"
+        };
         let text = format!(
-            "[gateway]\nlisten = \"127.0.0.1:{shared}\"\napi_listen = \"127.0.0.1:{api}\"\nstate_dir = {:?}\ndrain_timeout = \"5s\"\n{gateway}\n\n[probe]\nmode = \"off\"\n\n{body}",
+            "[gateway]\nlisten = \"127.0.0.1:{shared}\"\napi_listen = \"127.0.0.1:{api}\"\nstate_dir = {:?}\n{drain}{gateway}\n\n[probe]\nmode = \"off\"\n\n{body}",
             dir.path().join("state").display().to_string()
         );
         std::fs::write(&config, text).expect("write config");

@@ -1,6 +1,7 @@
 //! HTTP/2 and gRPC through the gateway, with real clients: curl with prior knowledge,
 //! h2load, and a Python grpcio client calling a cold h2c function (unary, bidi streaming,
-//! an error status carried in trailers); WebSocket with Python websockets.
+//! an error status carried in trailers); WebSocket with Python websockets (HTTP/1.1 Upgrade)
+//! and python3-h2 (RFC 8441 extended CONNECT); shutdown draining an open WebSocket.
 
 mod common;
 
@@ -235,4 +236,162 @@ fn websocket_to_a_cold_function_holds_it_past_idle_timeout_until_closed() {
         wait_until(Duration::from_secs(10), || d.available("ws") == 0),
         "still running 10 s after the WebSocket closed"
     );
+}
+
+/// The `[[function]]` of the Python WebSocket echo function.
+fn ws_function(py: &str, idle_timeout: &str) -> String {
+    format!(
+        "[[function]]\nname = \"ws\"\ncommand = [{py:?}, {:?}]\nidle_timeout = {idle_timeout:?}\n",
+        fixture("ws_echo.py").display().to_string()
+    )
+}
+
+/// RFC 8441: an HTTP/2 client's extended CONNECT reaches the (HTTP/1.1) WebSocket function
+/// as an Upgrade handshake, both directions work, and the open stream holds the instance
+/// past `idle_timeout` like an HTTP/1.1 WebSocket.
+#[test]
+fn websocket_over_http2_extended_connect_to_a_cold_function() {
+    let Some(py) = python_with("h2") else {
+        return;
+    };
+    if python_with("websockets").is_none() {
+        return;
+    }
+    let d = Daemon::start(&ws_function(py, "1s"));
+    assert_eq!(d.available("ws"), 0, "the function starts cold");
+    let port = d.shared.to_string();
+    let client = Command::new(py)
+        .arg(fixture("ws_h2_client.py"))
+        .args(["127.0.0.1", &port, "/function/ws/", "3", "hello", "again"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || d.available("ws") == 1),
+        "never started"
+    );
+    let pid = d.instance_pids();
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(
+        d.available("ws"),
+        1,
+        "stopped by idle_timeout under an open WebSocket stream"
+    );
+    let out = client.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text, "status 200\necho hello\necho again\n");
+    assert_eq!(d.instance_pids(), pid, "one instance answered throughout");
+    assert!(
+        wait_until(Duration::from_secs(10), || d.available("ws") == 0),
+        "still running 10 s after the WebSocket stream closed"
+    );
+}
+
+/// Says hello, then on "more" (a line on stdin) says again and closes; on "hold" waits
+/// until synwake closes the socket and prints "closed".
+const WS_DRAIN_CLIENT: &str = r#"
+import asyncio, sys, websockets
+async def main():
+    async with websockets.connect(sys.argv[1], open_timeout=30) as ws:
+        await ws.send("hello")
+        print(await ws.recv(), flush=True)
+        if sys.argv[2] == "more":
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            await ws.send("again")
+            print(await ws.recv(), flush=True)
+            return
+        try:
+            await ws.recv()
+        except websockets.ConnectionClosed:
+            print("closed", flush=True)
+asyncio.run(main())
+"#;
+
+fn ws_drain_client(py: &str, d: &Daemon, mode: &str) -> std::process::Child {
+    Command::new(py)
+        .args([
+            "-c",
+            WS_DRAIN_CLIENT,
+            &format!("ws://127.0.0.1:{}/function/ws/", d.shared),
+            mode,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn read_line(child: &mut std::process::Child) -> String {
+    use std::io::BufRead;
+    let mut line = String::new();
+    let out = child.stdout.as_mut().unwrap();
+    std::io::BufReader::new(out).read_line(&mut line).unwrap();
+    line
+}
+
+/// SIGTERM with a WebSocket open: synwake keeps it working while it drains, and exits as
+/// soon as it closes, well before `drain_timeout`.
+#[test]
+fn shutdown_drains_an_open_websocket_until_it_closes() {
+    let Some(py) = python_with("websockets") else {
+        return;
+    };
+    let mut d = Daemon::start_with("drain_timeout = \"60s\"", &ws_function(py, "60s"));
+    let mut client = ws_drain_client(py, &d, "more");
+    assert_eq!(read_line(&mut client), "echo hello\n");
+    let instance = d.instance_pids();
+    assert_eq!(instance.len(), 1);
+    let term = Instant::now();
+    signal(d.pid(), libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(alive(d.pid()), "synwake exited under an open WebSocket");
+    use std::io::Write;
+    client.stdin.as_mut().unwrap().write_all(b"more\n").unwrap();
+    let out = client.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "echo again\n");
+    let status = d.wait_exit(Duration::from_secs(40)).expect("synwake exits");
+    let took = term.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        took < Duration::from_secs(40),
+        "took {took:?}: waited for drain_timeout (60 s) instead of the WebSocket's close"
+    );
+    assert!(!alive(instance[0]), "the instance outlived synwake");
+}
+
+/// A WebSocket still open at `drain_timeout` is closed then: synwake waits that long for
+/// it, no longer, and stops the instance.
+#[test]
+fn shutdown_closes_a_websocket_still_open_after_drain_timeout() {
+    let Some(py) = python_with("websockets") else {
+        return;
+    };
+    let mut d = Daemon::start_with("drain_timeout = \"2s\"", &ws_function(py, "60s"));
+    let mut client = ws_drain_client(py, &d, "hold");
+    assert_eq!(read_line(&mut client), "echo hello\n");
+    let instance = d.instance_pids();
+    let term = Instant::now();
+    signal(d.pid(), libc::SIGTERM);
+    let status = d.wait_exit(Duration::from_secs(30)).expect("synwake exits");
+    let took = term.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        took >= Duration::from_millis(1900),
+        "exited after {took:?}, before drain_timeout (2 s), under an open WebSocket"
+    );
+    let out = client.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "closed\n");
+    assert!(!alive(instance[0]), "the instance outlived synwake");
 }

@@ -77,7 +77,8 @@ impl Server {
         builder
             .http2()
             .timer(TokioTimer::new())
-            // No extended CONNECT (RFC 8441) yet: WebSocket clients use HTTP/1.1 Upgrade.
+            // WebSocket over HTTP/2 (RFC 8441), sent on to the function as HTTP/1.1 Upgrade.
+            .enable_connect_protocol()
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
         Arc::new(Server { builder, limits })
     }

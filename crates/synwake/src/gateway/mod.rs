@@ -275,9 +275,19 @@ impl Proxy {
         let function = &spec.name;
         let addr = lease.instance.addr();
         // HTTP/1.1 Upgrade (WebSocket): passed through to HTTP/1.1 functions.
-        let upgrade = upgrade_asked(req.headers()).filter(|_| {
+        let mut upgrade = upgrade_asked(req.headers()).filter(|_| {
             spec.policy.protocol == Protocol::Http1 && req.version() == http::Version::HTTP_11
         });
+        // WebSocket over HTTP/2 (RFC 8441): an extended CONNECT, sent on as an HTTP/1.1
+        // WebSocket handshake; the stream is piped to the upgraded connection.
+        let extended_connect = req.method() == http::Method::CONNECT
+            && req.extensions().get::<hyper::ext::Protocol>().is_some();
+        if extended_connect {
+            if let Err(resp) = websocket_over_h2(&mut req, function, spec.policy.protocol) {
+                return resp;
+            }
+            upgrade = Some(HeaderValue::from_static("websocket"));
+        }
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let uri: Uri = match format!("http://{addr}{path}").parse() {
@@ -375,6 +385,15 @@ impl Proxy {
                 };
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 let (mut parts, _) = resp.into_parts();
+                if extended_connect {
+                    // An HTTP/2 client is answered 200; the handshake's HTTP/1.1 headers
+                    // are hop-by-hop (RFC 8441 section 5).
+                    parts.status = StatusCode::OK;
+                    parts.version = http::Version::HTTP_2;
+                    strip_hop_by_hop(&mut parts.headers);
+                    parts.headers.remove(http::header::SEC_WEBSOCKET_ACCEPT);
+                    parts.headers.remove(http::header::CONTENT_LENGTH);
+                }
                 parts.headers.insert(
                     HeaderName::from_static(COLD_START_HEADER),
                     HeaderValue::from_static(if cold { "true" } else { "false" }),
@@ -483,6 +502,55 @@ fn route_request(route: &Route, uri: &Uri) -> Result<(String, String), Response<
             Ok((name.to_string(), with_query(tail)))
         }
     }
+}
+
+/// Turns an RFC 8441 extended CONNECT into the HTTP/1.1 WebSocket handshake for the
+/// function (method GET, a fresh `Sec-WebSocket-Key`; the version, subprotocols and
+/// extensions the client asked for are kept), or the response refusing it.
+#[allow(clippy::result_large_err)] // the error is the response itself
+fn websocket_over_h2(
+    req: &mut Request<ForwardBody>,
+    function: &str,
+    protocol: Protocol,
+) -> Result<(), Response<ProxyBody>> {
+    let asked = req
+        .extensions()
+        .get::<hyper::ext::Protocol>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    if !asked.eq_ignore_ascii_case("websocket") {
+        return Err(text_response(
+            StatusCode::NOT_IMPLEMENTED,
+            format!(
+                "extended CONNECT for protocol {}: only websocket is supported",
+                path::quote(&asked)
+            ),
+        ));
+    }
+    if protocol != Protocol::Http1 {
+        return Err(text_response(
+            StatusCode::NOT_IMPLEMENTED,
+            format!("function {function}: WebSocket is passed only to HTTP/1.1 functions (protocol = \"http1\")"),
+        ));
+    }
+    let mut key = [0u8; 16];
+    if let Err(e) = getrandom::fill(&mut key) {
+        return Err(text_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("function {function}: no random WebSocket key: {e}"),
+        ));
+    }
+    use base64::Engine;
+    let key = base64::engine::general_purpose::STANDARD.encode(key);
+    *req.method_mut() = http::Method::GET;
+    let h = req.headers_mut();
+    h.insert(
+        http::header::SEC_WEBSOCKET_KEY,
+        HeaderValue::from_str(&key).expect("base64 is a header value"),
+    );
+    h.entry(http::header::SEC_WEBSOCKET_VERSION)
+        .or_insert(HeaderValue::from_static("13"));
+    Ok(())
 }
 
 /// The `Upgrade` protocol a request asks for (`Connection: upgrade` and `Upgrade: ...`).
