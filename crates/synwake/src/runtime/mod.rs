@@ -1,6 +1,7 @@
 //! How an instance runs. The lifecycle asks a [`Runtime`] to start an instance and gets an
 //! [`Instance`] back; nothing here knows why it was started.
 
+pub mod cgroup;
 pub mod image_path;
 pub mod oci;
 pub mod process;
