@@ -323,12 +323,12 @@ fn faas_cli_deploy_describe_invoke_scale_remove() {
         .filter(|l| l.contains("\"network\"") && l.contains("not used"))
         .count();
     assert_eq!(notes, 1, "notes of the unused field `network`:\n{log}");
-    // The process runtime does not enforce limits: noted as unused too.
+    // The process runtime enforces limits (in the instance's cgroup): no note.
     let limits_notes = log
         .lines()
         .filter(|l| l.contains("\"limits\"") && l.contains("not used"))
         .count();
-    assert_eq!(limits_notes, 1, "notes of `limits`:\n{log}");
+    assert_eq!(limits_notes, 0, "notes of `limits`:\n{log}");
     // Empty lists, nulls and false are not worth a note.
     for quiet in [
         "constraints",

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use crate::gateway::path::quote;
 use crate::gateway::{full, text_response, Proxy, ProxyBody, Route};
 use crate::lifecycle::{Lifecycle, ScaleError};
-use crate::spec::{self, FunctionSpec, Policy, RuntimeKind, Source};
+use crate::spec::{self, FunctionSpec, Policy, Source};
 use crate::state::StateDir;
 use deploy::{FunctionDeployment, FunctionStatusJson, NAMESPACE};
 
@@ -317,17 +317,11 @@ impl Api {
         if let Some(r) = other_namespace(d.namespace.clone()) {
             return r;
         }
-        let mut unused = d.unused_fields();
+        let unused = d.unused_fields();
         let spec = match d.into_spec(&self.defaults) {
             Ok(s) => s,
             Err(e) => return text_response(StatusCode::BAD_REQUEST, e.to_string()),
         };
-        // Only the oci runtime enforces limits.
-        if spec.runtime == RuntimeKind::Process
-            && (spec.oci.memory_bytes.is_some() || spec.oci.cpus.is_some())
-        {
-            unused.push("limits".into());
-        }
         for f in unused {
             if self.noted_fields.lock().unwrap().insert(f.clone()) {
                 tracing::info!(

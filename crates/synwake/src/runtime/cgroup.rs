@@ -198,9 +198,14 @@ impl CgroupHost {
                 && enable_controller(dir, c).is_ok()
         });
         if let (Some(m), None) = (&host.membership, &host.unavailable) {
-            // Writable? (a daemon that is not root, a read-only /sys)
-            if let Err(e) = host.group_dir(m) {
-                host.unavailable = Some(e.to_string());
+            // Writable? (a daemon that is not root, a read-only /sys). Made again on use.
+            let probe = m.path.join(&host.group);
+            match std::fs::create_dir(&probe) {
+                Ok(()) => {
+                    let _ = std::fs::remove_dir(&probe);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => host.unavailable = Some(io_err(&probe)(e).to_string()),
             }
         }
         host
@@ -228,7 +233,9 @@ impl CgroupHost {
             .find(|m| m.v2)
             .and_then(|m| Some((dir_in(m, v2_path?)?, v2_path?)));
         let v1_dir = |controller: &str| {
-            let path = own.iter().find(|(c, _)| c.iter().any(|x| x == controller))?;
+            let path = own
+                .iter()
+                .find(|(c, _)| c.iter().any(|x| x == controller))?;
             let m = mounts
                 .iter()
                 .find(|m| !m.v2 && m.controllers.iter().any(|c| c == controller))?;
@@ -278,7 +285,9 @@ impl CgroupHost {
 
     /// `/proc/<pid>/cgroup` v2 path prefix of this daemon's instances (for the reaper).
     pub fn v2_prefix(&self) -> Option<&str> {
-        self.v2_prefix.as_deref().filter(|_| self.unavailable.is_none())
+        self.v2_prefix
+            .as_deref()
+            .filter(|_| self.unavailable.is_none())
     }
 
     /// `<own>/synwake-<tag>` in the hierarchy of `own`, created (with v2 controllers
@@ -300,17 +309,26 @@ impl CgroupHost {
         Ok(Dir { path, v2: own.v2 })
     }
 
+    /// Whether `limits` can be enforced here (checked at deploy).
+    pub fn check(&self, limits: &Limits) -> Result<(), CgroupError> {
+        let needed = needed(limits);
+        if let (Some((_, key)), Some(why)) = (needed.first(), &self.unavailable) {
+            return Err(CgroupError::Unavailable {
+                key,
+                why: why.clone(),
+            });
+        }
+        for (controller, key) in needed {
+            if !self.controllers.contains_key(controller) {
+                return Err(CgroupError::NoController { controller, key });
+            }
+        }
+        Ok(())
+    }
+
     /// Creates the cgroup(s) of one instance with `limits` written.
     pub fn create(&self, name: &str, limits: &Limits) -> Result<InstanceCgroup, CgroupError> {
-        let needed: Vec<(&'static str, &'static str)> = [
-            ("memory", "memory", limits.memory_bytes.is_some()),
-            ("cpu", "cpus", limits.cpus.is_some()),
-            ("pids", "pids", limits.pids.is_some()),
-        ]
-        .into_iter()
-        .filter(|(_, _, on)| *on)
-        .map(|(c, k, _)| (c, k))
-        .collect();
+        let needed = needed(limits);
         let membership = match (&self.membership, &self.unavailable) {
             (Some(m), None) => m,
             (_, why) => {
@@ -363,10 +381,7 @@ impl CgroupHost {
                 let own = self
                     .controllers
                     .get(controller)
-                    .ok_or(CgroupError::NoController {
-                        controller,
-                        key,
-                    })?;
+                    .ok_or(CgroupError::NoController { controller, key })?;
                 let dir = place(own, &mut cg)?;
                 write_limit(&dir, controller, limits)?;
                 if *controller == "memory" {
@@ -419,6 +434,19 @@ impl CgroupHost {
             let _ = std::fs::remove_dir(own.path.join(&self.group));
         }
     }
+}
+
+/// (controller, config key) pairs `limits` needs.
+fn needed(limits: &Limits) -> Vec<(&'static str, &'static str)> {
+    [
+        ("memory", "memory", limits.memory_bytes.is_some()),
+        ("cpu", "cpus", limits.cpus.is_some()),
+        ("pids", "pids", limits.pids.is_some()),
+    ]
+    .into_iter()
+    .filter(|(_, _, on)| *on)
+    .map(|(c, k, _)| (c, k))
+    .collect()
 }
 
 fn enable_controller(dir: &Path, controller: &str) -> io::Result<()> {
@@ -649,10 +677,12 @@ impl InstanceCgroup {
     }
 
     fn try_remove(&self) -> bool {
-        self.dirs.iter().all(|d| match std::fs::remove_dir(&d.path) {
-            Ok(()) => true,
-            Err(e) => e.kind() == io::ErrorKind::NotFound,
-        })
+        self.dirs
+            .iter()
+            .all(|d| match std::fs::remove_dir(&d.path) {
+                Ok(()) => true,
+                Err(e) => e.kind() == io::ErrorKind::NotFound,
+            })
     }
 }
 
@@ -793,7 +823,10 @@ mod tests {
         assert_eq!(m[1].controllers, ["cpu", "cpuacct"]);
         assert_eq!(m[4].controllers, Vec::<String>::new(), "name=systemd");
         let own = parse_proc_cgroup(OWN);
-        assert_eq!(own[1], (vec!["memory".to_string()], "/process_api/abc".into()));
+        assert_eq!(
+            own[1],
+            (vec!["memory".to_string()], "/process_api/abc".into())
+        );
         assert_eq!(own[5], (vec![], "/".to_string()));
     }
 
@@ -839,7 +872,11 @@ mod tests {
 
     #[test]
     fn a_v1_only_host_uses_the_freezer_for_membership() {
-        let mounts: String = HYBRID.lines().filter(|l| !l.contains("cgroup2")).collect::<Vec<_>>().join("\n");
+        let mounts: String = HYBRID
+            .lines()
+            .filter(|l| !l.contains("cgroup2"))
+            .collect::<Vec<_>>()
+            .join("\n");
         let host = CgroupHost::from_parts(
             "synwake-1".into(),
             &parse_mountinfo(&mounts),
@@ -866,6 +903,33 @@ mod tests {
         );
         assert_eq!(dir_in(&m, "/kubepods/pod10"), None);
         assert_eq!(dir_in(&m, "/other"), None);
+    }
+
+    #[test]
+    fn limits_without_a_controller_or_without_cgroups_are_refused() {
+        let mut host = CgroupHost::from_parts(
+            "synwake-3".into(),
+            &parse_mountinfo(HYBRID),
+            &parse_proc_cgroup("0::/\n1:freezer:/\n"),
+            &|_, _| false,
+        );
+        let mem = Limits {
+            memory_bytes: Some(1 << 26),
+            ..Limits::default()
+        };
+        assert!(host.check(&Limits::default()).is_ok());
+        let e = host.check(&mem).unwrap_err().to_string();
+        assert!(
+            e.contains("memory controller") && e.contains("`memory`"),
+            "{e}"
+        );
+        host.unavailable = Some("not root".into());
+        assert!(
+            host.check(&Limits::default()).is_ok(),
+            "no limits: runs anyway"
+        );
+        let e = host.check(&mem).unwrap_err().to_string();
+        assert!(e.contains("not root") && e.contains("`memory`"), "{e}");
     }
 
     #[test]

@@ -109,7 +109,11 @@ impl ProcessRuntime {
     pub fn cleanup_orphans(&self) -> usize {
         let mut killed = 0;
         let mut cgroup_paths = Vec::new();
-        for e in std::fs::read_dir(&self.run_dir).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(&self.run_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let path = e.path();
             if path.extension().and_then(|x| x.to_str()) != Some("pid") {
                 continue;
@@ -154,11 +158,21 @@ impl ProcessRuntime {
             cg.kill();
             cg.remove_blocking(Duration::from_secs(5));
         }
+        self.cgroups.remove_group_dirs();
         killed
     }
 }
 
-/// [`cgroup::reap_orphans`] without holding the leaders' lock during the /proc scan.
+/// The `memory`, `cpus` and `pids` of a function.
+fn limits_of(spec: &FunctionSpec) -> Limits {
+    Limits {
+        memory_bytes: spec.oci.memory_bytes,
+        cpus: spec.oci.cpus,
+        pids: spec.oci.pids,
+    }
+}
+
+/// [`cgroup::orphan_zombies`] + [`cgroup::reap_zombies`] without holding the leaders' lock during the /proc scan.
 fn reap_orphans(prefix: &str, leaders: &Mutex<HashSet<i32>>) -> usize {
     let candidates = cgroup::orphan_zombies(prefix);
     if candidates.is_empty() {
@@ -217,6 +231,15 @@ impl Runtime for ProcessRuntime {
         let _ = std::fs::remove_dir_all(self.secrets_dir(&spec.name));
     }
 
+    async fn prepare(&self, spec: &FunctionSpec) -> Result<(), StartError> {
+        self.cgroups
+            .check(&limits_of(spec))
+            .map_err(|e| StartError::Invalid {
+                function: spec.name.clone(),
+                message: e.to_string(),
+            })
+    }
+
     async fn shutdown(&self) {
         self.cgroups.remove_group_dirs();
     }
@@ -235,20 +258,6 @@ impl Runtime for ProcessRuntime {
             return Err(spawn_err("no command configured".into()));
         }
         self.ensure_reaper();
-        let limits = Limits {
-            memory_bytes: spec.oci.memory_bytes,
-            cpus: spec.oci.cpus,
-            pids: spec.oci.pids,
-        };
-        let mut cgroup = if self.cgroups.unavailable().is_none() || limits != Limits::default() {
-            Some(
-                self.cgroups
-                    .create(&format!("{}.{instance}", spec.name), &limits)
-                    .map_err(|e| spawn_err(e.to_string()))?,
-            )
-        } else {
-            None
-        };
         let run_as = super::user::resolve(spec.policy.user.as_deref())
             .map_err(|e| spawn_err(e.to_string()))?;
         let port = free_port().map_err(|e| spawn_err(format!("no free loopback port: {e}")))?;
@@ -281,6 +290,17 @@ impl Runtime for ProcessRuntime {
                 })?;
             }
         }
+        let limits = limits_of(spec);
+        // Last before the spawn: nothing after it can fail and leave the cgroup behind.
+        let mut cgroup = if self.cgroups.unavailable().is_none() || limits != Limits::default() {
+            Some(
+                self.cgroups
+                    .create(&format!("{}.{instance}", spec.name), &limits)
+                    .map_err(|e| spawn_err(e.to_string()))?,
+            )
+        } else {
+            None
+        };
         let mut cmd = Command::new(program);
         // Functions get their spec's env, not the daemon's (an operator's exported
         // credentials, the service manager's variables); only these pass through.
@@ -482,7 +502,14 @@ impl ProcessInstance {
     /// Reaps what the kill left as zombies of this daemon, then removes the cgroup.
     async fn clean_up(&self, killed: Vec<(i32, OwnedFd)>) {
         if let Some(cg) = &self.cgroup {
-            clean_up(cg, killed, self.pid, self.v2_prefix.as_deref(), &self.leaders).await;
+            clean_up(
+                cg,
+                killed,
+                self.pid,
+                self.v2_prefix.as_deref(),
+                &self.leaders,
+            )
+            .await;
         }
         self.cleaned.store(true, Ordering::Release);
     }

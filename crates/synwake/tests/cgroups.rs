@@ -1,0 +1,285 @@
+//! Process instances in cgroups: a stop (and a restart after kill -9) kills what left the
+//! process group, orphaned grandchildren are reaped instead of staying zombies, and
+//! `memory`, `cpus` and `pids` are enforced. Privileged (root, writable cgroups): runs
+//! under CI=true, skips loudly otherwise.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::gate::{can_run, is_root};
+use common::*;
+
+fn can_run_here(test: &str) -> bool {
+    let missing = if !is_root() {
+        Some("not root (cgroups are created by a root synwake)".to_string())
+    } else if !Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists()
+        && !Path::new("/sys/fs/cgroup/cgroup.procs").exists()
+        && !Path::new("/sys/fs/cgroup/freezer").is_dir()
+    {
+        Some("no cgroup2 or v1 freezer hierarchy mounted".to_string())
+    } else {
+        None
+    };
+    can_run(test, missing)
+}
+
+/// A directory any user may write (process functions run as `nobody`), removed on drop.
+struct Scratch(tempfile::TempDir);
+
+impl Scratch {
+    fn new() -> Scratch {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(
+            d.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        Scratch(d)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.path().join(name)
+    }
+
+    /// Waits (bounded) for `name` to hold a complete line and returns it trimmed.
+    fn read_line(&self, name: &str) -> String {
+        let path = self.path(name);
+        let mut text = String::new();
+        wait_until(Duration::from_secs(20), || {
+            text = std::fs::read_to_string(&path).unwrap_or_default();
+            text.ends_with('\n')
+        });
+        assert!(text.ends_with('\n'), "{} never written", path.display());
+        text.trim().to_string()
+    }
+}
+
+/// A `[[function]]` running `script` in `sh -c` and then exec'ing the test function.
+fn sh_function(name: &str, script: &str, extra: &str) -> String {
+    let fn_bin = fn_bin().display().to_string();
+    format!(
+        "[[function]]\nname = {name:?}\ncommand = [\"sh\", \"-c\", {:?}]\nstop_grace = \"200ms\"\n{extra}\n",
+        format!("{script}; exec {fn_bin}")
+    )
+}
+
+/// Fields of /proc/<pid>/stat after the command: (state, ppid, pgrp).
+fn stat(pid: i32) -> Option<(String, i32, i32)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<&str> = s[s.rfind(')')? + 2..].split_whitespace().collect();
+    Some((f[0].to_string(), f[1].parse().ok()?, f[2].parse().ok()?))
+}
+
+/// Zombie children of `parent`.
+fn zombies_of(parent: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| stat(*pid).is_some_and(|(s, pp, _)| s == "Z" && pp == parent))
+        .collect()
+}
+
+/// The v2 (or membership) cgroup directory of `pid`, if it is in one below the root.
+fn cgroup_dir_of(pid: i32) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let root = if Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
+        "/sys/fs/cgroup/unified"
+    } else {
+        "/sys/fs/cgroup"
+    };
+    (rel != "/").then(|| Path::new(root).join(rel.trim_start_matches('/')))
+}
+
+fn scale_to_zero(d: &Daemon, name: &str) {
+    let r = d.api_json(
+        "POST",
+        &format!("/system/scale-function/{name}"),
+        &format!(r#"{{"serviceName":"{name}","replicas":0}}"#),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+}
+
+/// Calls `/pid` and returns the leader's pid.
+fn leader_pid(d: &Daemon, name: &str) -> i32 {
+    let r = d.call(name, "/pid");
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), d.log());
+    r.text().trim().parse().expect("pid")
+}
+
+#[test]
+fn a_stop_kills_a_grandchild_that_left_the_process_group_and_removes_the_cgroup() {
+    let test = "a_stop_kills_a_grandchild_that_left_the_process_group_and_removes_the_cgroup";
+    if !can_run_here(test) {
+        return;
+    }
+    let s = Scratch::new();
+    let name = format!("cgstop{}", std::process::id());
+    let script = format!("setsid sleep 600 & echo $! > {}", s.path("gc").display());
+    let d = Daemon::start(&sh_function(&name, &script, ""));
+    let leader = leader_pid(&d, &name);
+    let gc: i32 = s.read_line("gc").parse().unwrap();
+    let (_, _, pgrp) = stat(gc).expect("grandchild runs");
+    assert_eq!(pgrp, gc, "setsid: the grandchild leads a group of its own");
+    let cgroup = cgroup_dir_of(leader);
+    assert_eq!(
+        cgroup_dir_of(gc),
+        cgroup,
+        "grandchild shares the leader's cgroup"
+    );
+
+    scale_to_zero(&d, &name);
+    assert!(
+        wait_until(Duration::from_secs(10), || !alive(gc)),
+        "the grandchild outside the process group survived the stop"
+    );
+    let cgroup = cgroup.expect("the instance ran in a cgroup of its own");
+    assert!(
+        wait_until(Duration::from_secs(5), || !cgroup.exists()),
+        "{} left behind",
+        cgroup.display()
+    );
+    assert_eq!(zombies_of(d.pid()), Vec::<i32>::new(), "zombies left");
+    // And the function still starts afterwards.
+    assert_ne!(leader_pid(&d, &name), leader);
+}
+
+#[test]
+fn after_kill_9_of_synwake_the_restart_kills_a_grandchild_that_left_the_process_group() {
+    let test = "after_kill_9_of_synwake_the_restart_kills_a_grandchild_that_left_the_process_group";
+    if !can_run_here(test) {
+        return;
+    }
+    let s = Scratch::new();
+    let name = format!("cgcrash{}", std::process::id());
+    let script = format!("setsid sleep 600 & echo $! > {}", s.path("gc").display());
+    let mut d = Daemon::start(&sh_function(&name, &script, ""));
+    leader_pid(&d, &name);
+    let gc: i32 = s.read_line("gc").parse().unwrap();
+    d.stop_with(libc::SIGKILL, Duration::from_secs(5))
+        .expect("SIGKILL ends synwake");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(alive(gc), "precondition: the crash leaves the grandchild");
+    d.spawn();
+    assert!(
+        wait_until(Duration::from_secs(10), || !alive(gc)),
+        "the restarted synwake left the grandchild running"
+    );
+    assert!(
+        d.log().contains("left by an earlier synwake"),
+        "cleanup not logged"
+    );
+}
+
+#[test]
+fn orphaned_grandchildren_are_reaped_while_the_instance_runs() {
+    let test = "orphaned_grandchildren_are_reaped_while_the_instance_runs";
+    if !can_run_here(test) {
+        return;
+    }
+    let s = Scratch::new();
+    let name = format!("cgorphan{}", std::process::id());
+    // The inner shell exits at once: its sleep is orphaned and reparented to synwake.
+    let script = format!(
+        "sh -c 'sleep 1.5 & echo $! > {}'",
+        s.path("orphan").display()
+    );
+    let d = Daemon::start(&sh_function(&name, &script, ""));
+    leader_pid(&d, &name);
+    let orphan: i32 = s.read_line("orphan").parse().unwrap();
+    let parent = stat(orphan).map(|(_, pp, _)| pp);
+    assert_eq!(
+        parent,
+        Some(d.pid()),
+        "precondition: synwake (a child subreaper as root) adopted the orphan"
+    );
+    // It exits after 1.5 s; a zombie would keep its /proc entry.
+    assert!(
+        wait_until(Duration::from_secs(10), || stat(orphan).is_none()),
+        "orphan left as {:?}",
+        stat(orphan)
+    );
+    assert_eq!(zombies_of(d.pid()), Vec::<i32>::new());
+    // The instance itself is untouched.
+    assert_eq!(d.call(&name, "/pid").status, 200);
+}
+
+#[test]
+fn memory_cpus_and_pids_are_enforced_for_process_functions() {
+    let test = "memory_cpus_and_pids_are_enforced_for_process_functions";
+    if !can_run_here(test) {
+        return;
+    }
+    let s = Scratch::new();
+    let py = "/usr/bin/python3";
+    // 40 forks against pids = 16; 200 MiB against memory = 64Mi; 1 s busy against 0.05 CPU.
+    std::fs::write(
+        s.path("forks.py"),
+        "import os, signal, time\nkids = []\nfor i in range(40):\n    try:\n        pid = os.fork()\n    except OSError:\n        continue\n    if pid == 0:\n        time.sleep(60)\n        os._exit(0)\n    kids.append(pid)\nfor k in kids:\n    os.kill(k, signal.SIGKILL)\n    os.waitpid(k, 0)\nprint(len(kids))\n",
+    )
+    .unwrap();
+    std::fs::write(
+        s.path("alloc.py"),
+        "b = bytearray(200 << 20)\nprint('allocated')\n",
+    )
+    .unwrap();
+    std::fs::write(
+        s.path("spin.py"),
+        "import time\nc, w = time.process_time(), time.time()\nwhile time.time() - w < 1.5:\n    pass\nprint((time.process_time() - c) / (time.time() - w))\n",
+    )
+    .unwrap();
+    let p = |f: &str| s.path(f).display().to_string();
+    let script = format!(
+        "{py} {} > {}; {py} {} > {} 2>/dev/null; echo rc=$? >> {}; {py} {} > {}",
+        p("forks.py"),
+        p("forks"),
+        p("alloc.py"),
+        p("alloc"),
+        p("alloc"),
+        p("spin.py"),
+        p("spin"),
+    );
+    let name = format!("cglimits{}", std::process::id());
+    // The leader itself over the memory limit: killed by the OOM killer, and said so.
+    let hog = format!("oom{}", std::process::id());
+    let hog_fn = format!(
+        "[[function]]\nname = {hog:?}\ncommand = [{py:?}, {:?}]\nmemory = \"32Mi\"\n",
+        p("alloc.py")
+    );
+    let d = Daemon::start(&format!(
+        "{}{hog_fn}",
+        sh_function(
+            &name,
+            &script,
+            "memory = \"64Mi\"\ncpus = 0.05\npids = 16\nstart_timeout = \"60s\""
+        )
+    ));
+    leader_pid(&d, &name);
+
+    let forks: u32 = s.read_line("forks").parse().unwrap();
+    let alloc = std::fs::read_to_string(s.path("alloc")).unwrap();
+    let spin: f64 = s.read_line("spin").parse().unwrap();
+    let seen = format!(
+        "{forks} of 40 forks under pids = 16; 200 MiB under memory = 64Mi: {alloc:?}; \
+         a busy loop used {spin:.3} of a CPU under cpus = 0.05"
+    );
+    assert!((1..=16).contains(&forks), "{seen}");
+    assert!(
+        !alloc.contains("allocated") && alloc.contains("rc=137"),
+        "{seen}"
+    );
+    // Twice the quota: a loaded machine only lowers the share, never raises it.
+    assert!(spin < 0.1, "{seen}");
+
+    let r = d.call(&hog, "/");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        d.log().contains("killed: out of memory"),
+        "OOM kill not reported: {}",
+        r.text()
+    );
+}
