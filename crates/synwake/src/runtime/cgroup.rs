@@ -932,6 +932,79 @@ mod tests {
         assert!(e.contains("not root") && e.contains("`memory`"), "{e}");
     }
 
+    /// This host seen as v1-only (its cgroup2 mount hidden): membership in the freezer.
+    fn v1_only_host(group: &str) -> CgroupHost {
+        let mounts: Vec<Mount> =
+            parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").unwrap())
+                .into_iter()
+                .filter(|m| !m.v2)
+                .collect();
+        let own = parse_proc_cgroup(&std::fs::read_to_string("/proc/self/cgroup").unwrap());
+        CgroupHost::from_parts(group.into(), &mounts, &own, &|_, _| false)
+    }
+
+    #[tokio::test]
+    async fn on_a_v1_only_host_the_freezer_cgroup_is_killed_whole_and_limits_apply() {
+        let test = "on_a_v1_only_host_the_freezer_cgroup_is_killed_whole_and_limits_apply";
+        let missing = if !synwake_test_support::gate::is_root() {
+            Some("not root".to_string())
+        } else if !Path::new("/sys/fs/cgroup/freezer/cgroup.procs").exists()
+            || !Path::new("/sys/fs/cgroup/pids/cgroup.procs").exists()
+        {
+            Some("no v1 freezer and pids hierarchies".to_string())
+        } else {
+            None
+        };
+        if !synwake_test_support::gate::can_run(test, missing) {
+            return;
+        }
+        let host = v1_only_host(&format!("synwake-cgtest{}", std::process::id()));
+        assert!(host.unavailable().is_none(), "{:?}", host.unavailable());
+        assert!(!host.membership.as_ref().unwrap().v2);
+        let limits = Limits {
+            pids: Some(50),
+            ..Limits::default()
+        };
+        let mut cg = host.create("f.1", &limits).expect("create");
+        let fds = cg.procs_fds();
+        let mut cmd = std::process::Command::new("sh");
+        // A background child, one in a session of its own, and the leader.
+        cmd.args(["-c", "sleep 600 & setsid sleep 600 & exec sleep 600"]);
+        // SAFETY: join_from_child only calls write(2).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                join_from_child(&fds)
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn");
+        cg.close_procs();
+        assert!(
+            synwake_test_support::wait_until(Duration::from_secs(5), || cg.pids().len() == 3),
+            "members: {:?}",
+            cg.pids()
+        );
+        let pids_dir = &cg.dirs[1].path;
+        assert!(pids_dir.starts_with("/sys/fs/cgroup/pids"), "{pids_dir:?}");
+        assert_eq!(
+            std::fs::read_to_string(pids_dir.join("pids.max")).unwrap().trim(),
+            "50"
+        );
+        let members = cg.pids();
+        cg.kill();
+        let _ = child.wait();
+        assert!(cg.wait_empty(Duration::from_secs(5)).await, "{:?}", cg.pids());
+        for pid in members {
+            let gone = synwake_test_support::wait_until(Duration::from_secs(5), || {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map_or(true, |s| s.contains(") Z "))
+            });
+            assert!(gone, "pid {pid} survived the kill");
+        }
+        cg.remove().await;
+        assert!(cg.dirs.iter().all(|d| !d.path.exists()));
+        host.remove_group_dirs();
+    }
+
     #[test]
     fn cpu_quota_keeps_the_kernels_minimum() {
         assert_eq!(cpu_quota(0.5), (50_000, 100_000));
