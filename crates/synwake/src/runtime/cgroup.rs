@@ -972,9 +972,7 @@ mod tests {
         cmd.args(["-c", "sleep 600 & setsid sleep 600 & exec sleep 600"]);
         // SAFETY: join_from_child only calls write(2).
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                join_from_child(&fds)
-            });
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || join_from_child(&fds));
         }
         let mut child = cmd.spawn().expect("spawn");
         cg.close_procs();
@@ -986,13 +984,19 @@ mod tests {
         let pids_dir = &cg.dirs[1].path;
         assert!(pids_dir.starts_with("/sys/fs/cgroup/pids"), "{pids_dir:?}");
         assert_eq!(
-            std::fs::read_to_string(pids_dir.join("pids.max")).unwrap().trim(),
+            std::fs::read_to_string(pids_dir.join("pids.max"))
+                .unwrap()
+                .trim(),
             "50"
         );
         let members = cg.pids();
         cg.kill();
         let _ = child.wait();
-        assert!(cg.wait_empty(Duration::from_secs(5)).await, "{:?}", cg.pids());
+        assert!(
+            cg.wait_empty(Duration::from_secs(5)).await,
+            "{:?}",
+            cg.pids()
+        );
         for pid in members {
             let gone = synwake_test_support::wait_until(Duration::from_secs(5), || {
                 std::fs::read_to_string(format!("/proc/{pid}/stat"))
