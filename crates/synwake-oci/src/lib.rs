@@ -1,6 +1,7 @@
 //! synwake's OCI runtime: functions as real runc containers.
 //!
-//! - [`image`]: oci-archive / docker-archive import into a rootfs cache keyed by digest.
+//! - [`image`]: oci-archive / docker-archive import and registry pulls into a shared,
+//!   content-addressed store of unpacked layers, with garbage collection.
 //! - [`net`]: bridge `synwake0`, one netns + veth + address per container, isolation.
 //! - [`runtime`]: [`OciRuntime`] creates (`runc create`), starts, watches and stops
 //!   containers, and removes a crashed run's leftovers at startup.
@@ -78,8 +79,8 @@ mod sys;
 pub mod tools;
 
 pub use image::{
-    is_registry_reference, Image, ImageConfig, ImageError, ImageStore, Progress, PullError,
-    PullReport, RegistryConfig,
+    is_registry_reference, Image, ImageConfig, ImageError, ImageStore, Progress, PruneReport,
+    PullError, PullReport, RegistryConfig, StoreUsage,
 };
 pub use pool::Pool;
 pub use runtime::{

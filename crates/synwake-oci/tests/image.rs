@@ -108,13 +108,21 @@ fn oci_and_docker_archives_unpack_with_layer_semantics_and_cache() {
     check_rootfs(&dimg.rootfs);
     assert_eq!(dimg.config, img.config);
 
-    // Exactly the two images, no temporary directories left.
+    // The docker-archive has the same layers (same diff ids): its chain is the oci one's,
+    // nothing unpacked twice.
+    assert_eq!(dimg.layers, img.layers);
+    assert_eq!(dimg.rootfs, img.rootfs);
+    assert_eq!(img.layers.len(), layers.len());
+
+    // Exactly the two images and their layer chains, no temporary directories left.
+    assert_eq!(store.images().len(), 2);
+    assert_eq!(store.usage().layers, layers.len() as u64);
     let mut names: Vec<String> = std::fs::read_dir(store.dir())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(names, ["images", "layers"]);
 }
 
 #[test]
@@ -165,11 +173,26 @@ fn refused(
         msg.contains(entry_part),
         "error does not name the entry {entry_part:?}: {msg}"
     );
-    let left: Vec<_> = std::fs::read_dir(store.dir())
-        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "cache not clean after refusal: {left:?}");
+    assert!(
+        leftovers(store).is_empty(),
+        "cache not clean after refusal: {:?}",
+        leftovers(store)
+    );
     err
+}
+
+/// What the store holds besides its (empty) `images/` and `layers/` directories.
+fn leftovers(store: &ImageStore) -> Vec<PathBuf> {
+    let mut left = Vec::new();
+    for e in std::fs::read_dir(store.dir()).into_iter().flatten().flatten() {
+        let name = e.file_name();
+        if name == "images" || name == "layers" {
+            left.extend(std::fs::read_dir(e.path()).unwrap().flatten().map(|e| e.path()));
+        } else {
+            left.push(e.path());
+        }
+    }
+    left
 }
 
 fn single_layer_oci(dir: &Path, name: &str, tar: Vec<u8>) -> (PathBuf, String) {
@@ -370,4 +393,80 @@ fn rootfs_directory_is_used_in_place() {
     assert_eq!(img.rootfs, dir.path().join("real").canonicalize().unwrap());
     assert!(img.digest.is_none());
     assert!(ImageStore::from_rootfs(&dir.path().join("nope")).is_err());
+}
+
+/// Ten images on one busybox base layer: the base is unpacked once (every image's
+/// `bin/busybox` is the same inode) and its data is on disk once; a prune keeping some
+/// of them removes exactly the others' records and top layers, and the kept ones still
+/// import from the store.
+#[test]
+fn images_sharing_a_base_layer_store_it_once_and_prune_removes_only_unused_layers() {
+    if !busybox_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::new(dir.path().join("store"));
+    let base = Layer::new(fixture::busybox_layer().unwrap(), true);
+    let mut archives = Vec::new();
+    let mut images = Vec::new();
+    for i in 0..10 {
+        let mut t = TarBuilder::new();
+        t.dir("www")
+            .file("www/index.html", 0o644, format!("function {i}").as_bytes());
+        let layers = vec![base.clone(), Layer::new(t.finish(), true)];
+        let archive = dir.path().join(format!("fn{i}.tar"));
+        fixture::write_oci_archive(&archive, &layers, &fixture::function_config(&layers))
+            .unwrap();
+        let img = store.import(&archive).unwrap();
+        assert_eq!(
+            std::fs::read(img.rootfs.join("www/index.html")).unwrap(),
+            format!("function {i}").as_bytes()
+        );
+        archives.push(archive);
+        images.push(img);
+    }
+    let base_chain = &images[0].layers[0];
+    let base_ino = std::fs::metadata(store.dir().join("layers").join(base_chain).join("bin/busybox"))
+        .unwrap()
+        .ino();
+    for img in &images {
+        assert_eq!(&img.layers[0], base_chain, "one chain for the shared base");
+        let ino = std::fs::metadata(img.rootfs.join("bin/busybox")).unwrap().ino();
+        assert_eq!(ino, base_ino, "{}: base unpacked again", img.rootfs.display());
+    }
+    let usage = store.usage();
+    assert_eq!((usage.images, usage.layers), (10, 11), "{usage:?}");
+    let busybox_bytes = std::fs::metadata(fixture::BUSYBOX).unwrap().len();
+    assert!(
+        usage.bytes < 2 * busybox_bytes,
+        "ten images on one base take {} bytes; busybox alone is {busybox_bytes}",
+        usage.bytes
+    );
+
+    // Keep images 0..3: the other seven records and top chains go, the base stays.
+    let report = store.prune(&images[..3]).unwrap();
+    assert_eq!(report.images.len(), 7, "{report:?}");
+    assert_eq!(report.layers, 7, "{report:?}");
+    assert!(report.freed_bytes > 0, "{report:?}");
+    let usage = store.usage();
+    assert_eq!((usage.images, usage.layers), (3, 4), "{usage:?}");
+    for img in &images[3..] {
+        assert!(!img.rootfs.exists(), "{} not removed", img.rootfs.display());
+    }
+    for (img, archive) in images[..3].iter().zip(&archives) {
+        let again = store.import(archive).unwrap();
+        assert_eq!(&again, img);
+        assert!(again.rootfs.join("bin/busybox").is_file());
+    }
+    // A removed image imports again, reusing the kept base.
+    let back = store.import(&archives[5]).unwrap();
+    assert_eq!(back.layers[0], *base_chain);
+    assert_eq!(store.usage().layers, 5);
+
+    // Nothing kept: the store is empty (besides its directories), leftovers of the old
+    // cache layout and crashed imports included.
+    std::fs::create_dir_all(store.dir().join(format!("{:064x}", 7)).join("rootfs")).unwrap();
+    std::fs::create_dir_all(store.dir().join(".tmp-layer-crashed")).unwrap();
+    store.prune(&[]).unwrap();
+    assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
 }

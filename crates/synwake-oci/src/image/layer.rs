@@ -101,6 +101,7 @@ impl Ctx<'_> {
 }
 
 /// Unpacks one layer onto `root`, verifying the blob digest and the diff id when given.
+/// Returns the diff id (`sha256:` of the uncompressed tar) it computed.
 pub(super) fn unpack(
     root: &Path,
     blob: impl Read,
@@ -109,10 +110,10 @@ pub(super) fn unpack(
     diff_id: Option<&str>,
     archive: &Path,
     layer: &str,
-) -> Result<(), ImageError> {
+) -> Result<String, ImageError> {
     let ctx = Ctx { archive, layer };
     let mut blob = HashingReader::new(blob);
-    apply_layer(root, &mut blob, compression, diff_id, &ctx)?;
+    let diff = apply_layer(root, &mut blob, compression, diff_id, &ctx)?;
     io::copy(&mut blob, &mut io::sink()).map_err(|e| ctx.read("<end of blob>", e))?;
     let blob_hash = format!("sha256:{}", hex::encode(blob.hasher.finalize()));
     if let Some(expected) = blob_digest {
@@ -125,7 +126,7 @@ pub(super) fn unpack(
             });
         }
     }
-    Ok(())
+    Ok(diff)
 }
 
 /// Decompresses and applies the layer, checking the uncompressed digest.
@@ -135,7 +136,7 @@ fn apply_layer<R: Read>(
     compression: Compression,
     diff_id: Option<&str>,
     ctx: &Ctx,
-) -> Result<(), ImageError> {
+) -> Result<String, ImageError> {
     let decompressed: Box<dyn Read + '_> = match compression {
         Compression::None => Box::new(blob),
         Compression::Gzip => Box::new(flate2::read::GzDecoder::new(blob)),
@@ -156,7 +157,7 @@ fn apply_layer<R: Read>(
             expected: expected.to_string(),
             actual: diff,
         }),
-        _ => Ok(()),
+        _ => Ok(diff),
     }
 }
 
@@ -400,7 +401,7 @@ fn remove_any(p: &Path) -> io::Result<()> {
     }
 }
 
-fn lchown(p: &Path, uid: libc::uid_t, gid: libc::gid_t) -> io::Result<()> {
+pub(super) fn lchown(p: &Path, uid: libc::uid_t, gid: libc::gid_t) -> io::Result<()> {
     let c = std::ffi::CString::new(p.as_os_str().as_bytes().to_vec())
         .map_err(|_| io::Error::other("NUL in path"))?;
     // SAFETY: c is a valid NUL-terminated path.

@@ -1,13 +1,15 @@
-//! Image import: oci-archive and docker-archive tars unpacked into a rootfs cache keyed by
-//! the image digest, shared read-only by every instance of the image.
+//! Image import: oci-archive and docker-archive tars (and pulled images) unpacked into a
+//! store of layer chains shared by every image and instance (see the `store` module).
 //!
-//! Everything is written into a temporary directory inside the cache directory and renamed
-//! into place only when the whole image unpacked and verified, so a refused archive leaves
-//! nothing behind and nothing is ever written outside the cache directory.
+//! Every layer is unpacked into a temporary directory inside the store and renamed into
+//! place only when it unpacked and verified; the image record is written last. So a
+//! refused archive leaves no layer or image behind and nothing is ever written outside the
+//! store directory.
 
 mod archive;
 mod layer;
 mod registry;
+mod store;
 
 use std::fs;
 use std::io::{self, Read};
@@ -19,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use archive::ArchiveIndex;
 use layer::Compression;
+pub use store::{PruneReport, StoreUsage};
 pub use registry::{
     is_registry_reference, parse_reference, Progress, PullError, PullReport, RegistryConfig,
 };
@@ -140,9 +143,17 @@ pub struct Image {
     pub rootfs: PathBuf,
     /// Entrypoint, Cmd, Env, WorkingDir, User.
     pub config: ImageConfig,
+    /// Layer chain ids (hex) in the store, bottom first; `rootfs` is the last one's
+    /// directory. Empty for a plain directory.
+    #[serde(default)]
+    pub layers: Vec<String>,
+    /// Digests of the stored blobs (manifest, config, layers) the image was pulled as.
+    #[serde(default)]
+    pub blobs: Vec<String>,
 }
 
-/// The on-disk rootfs cache: `<dir>/<hex digest>/{rootfs/, image.json}`.
+/// The on-disk image store: unpacked layer chains shared by all images, image records and
+/// pulled blobs (layout in the `store` module docs).
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     dir: PathBuf,
@@ -153,7 +164,6 @@ pub struct ImageStore {
 type PullLock = std::sync::Arc<tokio::sync::Mutex<()>>;
 
 const TMP_PREFIX: &str = ".tmp-";
-const IMAGE_META: &str = "image.json";
 
 /// A layer to unpack, resolved from either archive format.
 struct LayerRef {
@@ -180,6 +190,8 @@ struct Resolved {
     digest: String,
     config: ImageConfig,
     layers: Vec<LayerRef>,
+    /// Digests of the manifest, config and layer blobs (what a pulled image keeps).
+    blobs: Vec<String>,
 }
 
 impl ImageStore {
@@ -204,7 +216,8 @@ impl ImageStore {
         };
         for e in rd.flatten() {
             if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
-                let _ = fs::remove_dir_all(e.path());
+                let p = e.path();
+                let _ = fs::remove_dir_all(&p).or_else(|_| fs::remove_file(&p));
             }
         }
     }
@@ -225,94 +238,136 @@ impl ImageStore {
         self.unpack_resolved(&mut idx, &resolved)
     }
 
-    /// Unpacks a resolved image into the cache unless it is there already.
+    /// Unpacks a resolved image into the layer store unless it is there already: layer
+    /// chains already stored are reused, the others are unpacked (each on a hard-link
+    /// clone of its parent chain) and renamed into place when complete.
     fn unpack_resolved(
         &self,
         blobs: &mut dyn Blobs,
         resolved: &Resolved,
     ) -> Result<Image, ImageError> {
-        let hex = resolved
-            .digest
-            .strip_prefix("sha256:")
-            .unwrap_or(&resolved.digest)
-            .to_string();
-        let final_dir = self.dir.join(&hex);
-        if let Some(img) = self.cached(&final_dir) {
+        let meta = self.image_meta(&resolved.digest);
+        if let Some(img) = self.cached(&meta) {
             tracing::debug!(source = %blobs.path().display(), digest = %resolved.digest, "image cache hit");
             return Ok(img);
         }
-        fs::create_dir_all(&self.dir).map_err(|source| ImageError::Cache {
-            path: self.dir.clone(),
-            source,
-        })?;
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let tmp = self.dir.join(format!(
-            "{TMP_PREFIX}{}-{}-{nanos}",
-            &hex[..12.min(hex.len())],
-            std::process::id()
-        ));
-        let result = self.unpack_into(blobs, resolved, &tmp, &final_dir);
-        if result.is_err() {
-            let _ = fs::remove_dir_all(&tmp);
-        }
-        result
-    }
-
-    fn unpack_into(
-        &self,
-        idx: &mut dyn Blobs,
-        resolved: &Resolved,
-        tmp: &Path,
-        final_dir: &Path,
-    ) -> Result<Image, ImageError> {
         let cache_err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| ImageError::Cache { path, source }
         };
-        let rootfs_tmp = tmp.join("rootfs");
-        fs::create_dir_all(&rootfs_tmp).map_err(cache_err(&rootfs_tmp))?;
-        for l in &resolved.layers {
-            let reader = idx.reader(&l.entry)?;
-            layer::unpack(
-                &rootfs_tmp,
-                reader,
-                l.compression,
-                l.blob_digest.as_deref(),
-                l.diff_id.as_deref(),
-                idx.path(),
-                &l.entry,
-            )?;
+        for d in [self.layers_dir(), self.dir.join(store::IMAGES_DIR)] {
+            fs::create_dir_all(&d).map_err(cache_err(&d))?;
         }
-        let rootfs = final_dir.join("rootfs");
+        let mut chain: Vec<String> = Vec::new();
+        for l in &resolved.layers {
+            let parent = chain.last().map(String::as_str);
+            // Keyed up front when the image says what the layer is (verified on unpack).
+            let known = l
+                .diff_id
+                .as_deref()
+                .or(l.blob_digest.as_deref())
+                .map(|id| store::chain_id(parent, id));
+            if let Some(c) = known.as_ref().filter(|c| self.layer_dir(c).is_dir()) {
+                chain.push(c.clone());
+                continue;
+            }
+            let tmp = self.tmp_dir("layer");
+            let unpacked = self.unpack_layer(blobs, l, parent, &tmp);
+            let diff = match unpacked {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = fs::remove_dir_all(&tmp);
+                    return Err(e);
+                }
+            };
+            let c = known.unwrap_or_else(|| store::chain_id(parent, &diff));
+            let dest = self.layer_dir(&c);
+            if let Err(source) = fs::rename(&tmp, &dest) {
+                let _ = fs::remove_dir_all(&tmp);
+                // A concurrent import of the same chain won the race: use its result.
+                if !dest.is_dir() {
+                    return Err(ImageError::Cache { path: dest, source });
+                }
+            }
+            chain.push(c);
+        }
+        if chain.is_empty() {
+            // No layers: an empty root filesystem, stored like any chain.
+            let c = store::chain_id(None, &format!("sha256:{}", sha256_hex(b"")));
+            let dest = self.layer_dir(&c);
+            if !dest.is_dir() {
+                fs::create_dir(&dest).map_err(cache_err(&dest))?;
+            }
+            chain.push(c);
+        }
         let image = Image {
             digest: Some(resolved.digest.clone()),
-            rootfs,
+            rootfs: self.layer_dir(chain.last().expect("at least one chain")),
             config: resolved.config.clone(),
+            layers: chain,
+            blobs: resolved.blobs.clone(),
         };
-        let meta = tmp.join(IMAGE_META);
         let json = serde_json::to_vec_pretty(&image).expect("image metadata serializes");
-        fs::write(&meta, json).map_err(cache_err(&meta))?;
-        match fs::rename(tmp, final_dir) {
-            Ok(()) => Ok(image),
-            // A concurrent import of the same image won the race: use its result.
-            Err(_) if self.cached(final_dir).is_some() => {
-                let _ = fs::remove_dir_all(tmp);
-                Ok(self.cached(final_dir).expect("checked above"))
-            }
-            Err(source) => Err(ImageError::Cache {
-                path: final_dir.to_path_buf(),
+        let tmp = self.tmp_dir("image");
+        fs::write(&tmp, json).map_err(cache_err(&tmp))?;
+        fs::rename(&tmp, &meta).map_err(|source| {
+            let _ = fs::remove_file(&tmp);
+            ImageError::Cache {
+                path: meta.clone(),
                 source,
-            }),
-        }
+            }
+        })?;
+        Ok(image)
     }
 
-    fn cached(&self, final_dir: &Path) -> Option<Image> {
-        let bytes = fs::read(final_dir.join(IMAGE_META)).ok()?;
+    /// Applies one layer onto a clone of `parent` (or an empty tree) at `tmp`; returns the
+    /// layer's diff id.
+    fn unpack_layer(
+        &self,
+        blobs: &mut dyn Blobs,
+        l: &LayerRef,
+        parent: Option<&str>,
+        tmp: &Path,
+    ) -> Result<String, ImageError> {
+        let made = match parent {
+            Some(p) => store::clone_tree(&self.layer_dir(p), tmp),
+            None => fs::create_dir(tmp),
+        };
+        made.map_err(|source| ImageError::Cache {
+            path: tmp.to_path_buf(),
+            source,
+        })?;
+        let reader = blobs.reader(&l.entry)?;
+        layer::unpack(
+            tmp,
+            reader,
+            l.compression,
+            l.blob_digest.as_deref(),
+            l.diff_id.as_deref(),
+            blobs.path(),
+            &l.entry,
+        )
+    }
+
+    /// A fresh temporary path in the store (removed at startup if a crash leaves it).
+    fn tmp_dir(&self, what: &str) -> PathBuf {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.dir.join(format!(
+            "{TMP_PREFIX}{what}-{}-{nanos}-{seq}",
+            std::process::id()
+        ))
+    }
+
+    fn cached(&self, meta: &Path) -> Option<Image> {
+        let bytes = fs::read(meta).ok()?;
         let img: Image = serde_json::from_slice(&bytes).ok()?;
-        img.rootfs.is_dir().then_some(img)
+        // Every chain must still be there (a chain is only ever removed by a prune).
+        (img.rootfs.is_dir() && !img.layers.is_empty()).then_some(img)
     }
 
     /// An image from an already unpacked root filesystem; nothing is copied or written.
@@ -331,6 +386,8 @@ impl ImageStore {
             digest: None,
             rootfs,
             config: ImageConfig::default(),
+            layers: Vec::new(),
+            blobs: Vec::new(),
         })
     }
 }
@@ -646,10 +703,13 @@ fn resolve_oci_manifest(
             diff_id: diff_ids.get(i).cloned(),
         });
     }
+    let mut blobs = vec![desc.digest.clone(), config_desc.digest.clone()];
+    blobs.extend(layers.iter().filter_map(|l| l.blob_digest.clone()));
     Ok(Resolved {
         digest: desc.digest.clone(),
         config,
         layers,
+        blobs,
     })
 }
 
@@ -700,5 +760,7 @@ fn resolve_docker(idx: &mut dyn Blobs) -> Result<Resolved, ImageError> {
         digest: format!("sha256:{}", sha256_hex(&config_bytes)),
         config,
         layers,
+        // A docker-archive's files are not kept in the store.
+        blobs: Vec::new(),
     })
 }
