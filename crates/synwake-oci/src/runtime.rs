@@ -219,6 +219,42 @@ struct ContainerInner {
     started: AtomicBool,
     /// Set by the first `stop`: resources are released exactly once.
     removed: AtomicBool,
+    /// Keeps the image out of a prune while the overlay mounts it; released by `stop`.
+    image_use: Mutex<Option<ImageUse>>,
+}
+
+/// Images mounted by containers, by rootfs, with a count.
+type ImagesInUse = Arc<Mutex<HashMap<PathBuf, (Image, usize)>>>;
+
+/// One container's hold on its image (see [`OciRuntime::images_in_use`]).
+struct ImageUse {
+    map: ImagesInUse,
+    rootfs: PathBuf,
+}
+
+impl ImageUse {
+    fn new(map: &ImagesInUse, image: &Image) -> Self {
+        let mut m = map.lock().expect("images lock");
+        m.entry(image.rootfs.clone())
+            .or_insert_with(|| (image.clone(), 0))
+            .1 += 1;
+        ImageUse {
+            map: map.clone(),
+            rootfs: image.rootfs.clone(),
+        }
+    }
+}
+
+impl Drop for ImageUse {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().expect("images lock");
+        if let Some(e) = m.get_mut(&self.rootfs) {
+            e.1 -= 1;
+            if e.1 == 0 {
+                m.remove(&self.rootfs);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Container {
@@ -334,6 +370,7 @@ struct RuntimeInner {
     name_prefix: String,
     live: Mutex<HashMap<String, Container>>,
     seq: AtomicU64,
+    in_use: ImagesInUse,
 }
 
 /// What a startup cleanup removed (a crashed earlier run's leftovers).
@@ -425,6 +462,7 @@ impl OciRuntime {
                 tag,
                 live: Mutex::new(HashMap::new()),
                 seq: AtomicU64::new(1),
+                in_use: Default::default(),
             }),
         })
     }
@@ -475,6 +513,13 @@ impl OciRuntime {
             .await
     }
 
+    /// Images some container of this runtime mounts (pooled, running or stopping): a
+    /// prune must keep them.
+    pub fn images_in_use(&self) -> Vec<Image> {
+        let m = self.inner.in_use.lock().expect("images lock");
+        m.values().map(|(img, _)| img.clone()).collect()
+    }
+
     /// The image store.
     pub fn image_store(&self) -> &ImageStore {
         &self.inner.images
@@ -514,6 +559,8 @@ impl OciRuntime {
         )
         .map_err(cfg_err)?;
         let t0 = std::time::Instant::now();
+        // Held from before the overlay mount, so a prune never removes a mounted lowerdir.
+        let image_use = ImageUse::new(&rt.in_use, &spec.image);
         let lease = rt.net.attach().await.map_err(|source| OciError::Network {
             container: id.clone(),
             source,
@@ -540,6 +587,7 @@ impl OciRuntime {
                     runc_create_us = (t0.elapsed() - t_bundle).as_micros() as u64,
                     "created"
                 );
+                *c.inner.image_use.lock().expect("image use lock") = Some(image_use);
                 rt.live.lock().expect("live lock").insert(id, c.clone());
                 Ok(c)
             }
@@ -718,6 +766,7 @@ impl OciRuntime {
                 hook,
                 started: AtomicBool::new(false),
                 removed: AtomicBool::new(false),
+                image_use: Mutex::new(None),
             }),
         })
     }
@@ -844,6 +893,7 @@ impl OciRuntime {
         let _ = std::fs::remove_file(self.inner.logs.join(format!("{id}.log")));
         self.discard(&c.inner.bundle, &c.inner.rootfs, c.inner.lease.clone())
             .await;
+        c.inner.image_use.lock().expect("image use lock").take();
         deleted
     }
 

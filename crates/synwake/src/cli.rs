@@ -248,6 +248,53 @@ impl ApiClient {
         Ok(String::from_utf8_lossy(&out).trim().to_string())
     }
 
+    /// `synwake images list`: one line per stored image, then the store's disk use.
+    pub async fn images_list(&self) -> anyhow::Result<()> {
+        let body = self.expect_ok(Method::GET, "/system/images", None).await?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).context("parsing the image list")?;
+        println!("{:<71} {:>6}  FUNCTIONS", "DIGEST", "LAYERS");
+        for img in v["images"].as_array().into_iter().flatten() {
+            let functions: Vec<&str> = img["functions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f.as_str())
+                .collect();
+            println!(
+                "{:<71} {:>6}  {}",
+                img["digest"].as_str().unwrap_or("-"),
+                img["layers"],
+                if functions.is_empty() {
+                    "(unused)".to_string()
+                } else {
+                    functions.join(",")
+                }
+            );
+        }
+        print_usage(&v["usage"]);
+        Ok(())
+    }
+
+    /// `synwake images prune`: what was removed and what is left.
+    pub async fn images_prune(&self) -> anyhow::Result<()> {
+        let body = self
+            .expect_ok(Method::POST, "/system/images/prune", None)
+            .await?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).context("parsing the prune report")?;
+        let r = &v["removed"];
+        println!(
+            "removed {} images, {} layer chains, {} blobs: {} bytes freed",
+            r["images"].as_array().map_or(0, |a| a.len()),
+            r["layers"],
+            r["blobs"],
+            r["freed_bytes"]
+        );
+        print_usage(&v["usage"]);
+        Ok(())
+    }
+
     pub async fn remove(&self, name: &str) -> anyhow::Result<String> {
         let body = serde_json::to_vec(&serde_json::json!({ "functionName": name }))?;
         let out = self
@@ -378,4 +425,11 @@ pub fn describe_text(f: &FunctionStatusJson) -> String {
         ));
     }
     out
+}
+
+fn print_usage(u: &serde_json::Value) {
+    println!(
+        "store: {} bytes, {} images, {} layer chains, {} blobs",
+        u["bytes"], u["images"], u["layers"], u["blobs"]
+    );
 }

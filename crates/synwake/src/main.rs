@@ -97,6 +97,12 @@ enum Command {
         #[arg(long)]
         tail: Option<usize>,
     },
+    /// The oci runtime's image store: what it holds and its disk use (`images list`), or
+    /// remove every image, layer and blob no function and no container uses (`images prune`).
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
+    },
     /// What this machine supports and what `up` would enable. Attach modes are tried on
     /// the config's `[probe] interfaces` when --config is given (attaching for real, then
     /// detaching), else on every interface that is up.
@@ -119,6 +125,14 @@ enum Command {
         #[arg(last = true, value_name = "COMMAND")]
         command: Vec<std::ffi::OsString>,
     },
+}
+
+#[derive(Subcommand)]
+enum ImagesCommand {
+    /// Stored images, the functions using each, and the store's disk use.
+    List,
+    /// Remove what no deployed function and no container uses.
+    Prune,
 }
 
 #[derive(clap::Args)]
@@ -326,6 +340,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             client.invoke(&name, &path, body, verbose).await
         }
         Command::Logs { name, follow, tail } => client.logs(&name, follow, tail).await,
+        Command::Images { command } => match command {
+            ImagesCommand::List => client.images_list().await,
+            ImagesCommand::Prune => client.images_prune().await,
+        },
         Command::Doctor => {
             let interfaces = match cli.config {
                 Some(path) => synwake::config::Config::load(&path)?.probe.interfaces,

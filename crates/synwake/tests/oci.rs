@@ -1159,3 +1159,159 @@ fn runc_failing_at_create_or_start_answers_502_and_leaves_nothing() {
     let left = d.host_objects();
     assert!(left.is_empty(), "{left:#?}");
 }
+
+/// An oci-archive in `dir`: the fixture busybox function with `www/index.html` = `page`.
+fn page_image(dir: &Path, name: &str, page: &str) -> PathBuf {
+    let base = fixture::busybox_layer().expect("busybox layer");
+    let top = fixture::TarBuilder::new()
+        .dir("www")
+        .file("www/index.html", 0o644, page.as_bytes())
+        .finish();
+    let layers = vec![Layer::new(base, true), Layer::new(top, true)];
+    let path = dir.join(name);
+    fixture::write_oci_archive(&path, &layers, &fixture::function_config(&layers))
+        .expect("write oci-archive");
+    path
+}
+
+/// `GET /system/images` as (usage, digest -> functions).
+fn stored_images(d: &OciDaemon) -> (Value, Vec<(String, Vec<String>)>) {
+    let r = d.d.api_get("/system/images");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: Value = serde_json::from_str(&r.text()).unwrap();
+    let images = v["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let f = i["functions"].as_array().unwrap();
+            (
+                i["digest"].as_str().unwrap().to_string(),
+                f.iter().map(|s| s.as_str().unwrap().to_string()).collect(),
+            )
+        })
+        .collect();
+    (v["usage"].clone(), images)
+}
+
+/// Two functions on one base layer store it once; an update collects the old image once
+/// its running container has stopped, a remove collects at once; `/system/info` and
+/// /metrics show the disk use; `synwake images prune` removes leftovers only.
+#[test]
+fn functions_sharing_a_base_layer_store_it_once_and_unused_images_are_collected() {
+    if !can_run("functions_sharing_a_base_layer") {
+        return;
+    }
+    let _serial = serial();
+    let d = OciDaemon::start_in("10.6.2.0/24", |_| String::new());
+    let dir = d.images.dir.path();
+    let deploy = |method: &str, name: &str, image: &Path| {
+        let body = json!({
+            "service": name,
+            "image": image.display().to_string(),
+            "annotations": { "com.synwake.runtime": "oci", "com.synwake.stop-grace": "100ms" },
+        });
+        let r = d.d.api_json(method, "/system/functions", &body.to_string());
+        assert!(matches!(r.status, 200..=202), "{method} {name}: {}", r.text());
+    };
+    deploy("POST", "pa", &page_image(dir, "a.tar", "page a\n"));
+    deploy("POST", "pb", &page_image(dir, "b.tar", "page b\n"));
+    assert_eq!(d.call_ok("pa", "/").text(), "page a\n");
+    assert_eq!(d.call_ok("pb", "/").text(), "page b\n");
+
+    let (usage, images) = stored_images(&d);
+    assert_eq!(images.len(), 2, "{images:?}");
+    assert_eq!(usage["layers"], 3, "one base chain + two tops: {usage}");
+    let old_b = images
+        .iter()
+        .find(|(_, f)| f == &["pb"])
+        .expect("pb's image")
+        .0
+        .clone();
+    // The base's busybox is one inode in both functions' root filesystems.
+    let store = d.oci_state().join("images");
+    let inode = |digest: &str| {
+        let rec: Value = serde_json::from_slice(
+            &std::fs::read(
+                store
+                    .join("images")
+                    .join(format!("{}.json", &digest["sha256:".len()..])),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let rootfs = PathBuf::from(rec["rootfs"].as_str().unwrap());
+        std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(rootfs.join("bin/busybox")).unwrap(),
+        )
+    };
+    assert_eq!(inode(&images[0].0), inode(&images[1].0));
+    let bytes = usage["bytes"].as_u64().unwrap();
+    let info: Value = serde_json::from_str(&d.d.api_get("/system/info").text()).unwrap();
+    assert_eq!(info["imageStore"]["layers"], 3, "{info}");
+    assert!(d.metric("synwake_image_store_bytes") > 0.0);
+    assert_eq!(d.metric("synwake_image_store_layers"), 3.0);
+
+    // Update pb while its container runs: the old image goes once that container stopped
+    // (at most image_gc::RETRY = 10 s later).
+    deploy("PUT", "pb", &page_image(dir, "b2.tar", "page b2\n"));
+    assert!(
+        wait_until(Duration::from_secs(25), || {
+            let (usage, images) = stored_images(&d);
+            images.len() == 2
+                && images.iter().all(|(digest, _)| *digest != old_b)
+                && usage["layers"] == 3
+        }),
+        "old image of pb not collected: {:?}\n{}",
+        stored_images(&d),
+        d.d.log()
+    );
+    assert_eq!(d.call_ok("pb", "/").text(), "page b2\n");
+
+    // Remove pa: its image and top chain go right away, the shared base stays.
+    let r = d.d.api_json(
+        "DELETE",
+        "/system/functions",
+        &json!({ "functionName": "pa" }).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let (usage, images) = stored_images(&d);
+            images.len() == 1 && usage["layers"] == 2
+        }),
+        "pa's image not collected: {:?}",
+        stored_images(&d)
+    );
+    let (usage, images) = stored_images(&d);
+    assert_eq!(images[0].1, ["pb"]);
+    assert_eq!(usage["layers"], 2, "{usage}");
+    assert!(usage["bytes"].as_u64().unwrap() < bytes, "{usage}");
+    assert_eq!(d.call_ok("pb", "/").text(), "page b2\n");
+
+    // Prune (the CLI) removes a stray chain and the pre-layer-store cache layout only.
+    std::fs::create_dir_all(store.join("layers").join(format!("{:064x}", 1)).join("etc")).unwrap();
+    std::fs::create_dir_all(store.join(format!("{:064x}", 2)).join("rootfs")).unwrap();
+    let out = Command::new(common::synwake_bin())
+        .args(["images", "prune"])
+        .env("SYNWAKE_URL", format!("http://127.0.0.1:{}", d.d.api))
+        .env("SYNWAKE_STATE_DIR", d.d.state_dir())
+        .env_remove("SYNWAKE_PASSWORD")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("removed 0 images, 1 layer chains"), "{stdout}");
+    assert!(!store.join(format!("{:064x}", 2)).exists());
+    let (usage, images) = stored_images(&d);
+    assert_eq!((images.len(), usage["layers"].as_u64()), (1, Some(2)));
+    assert_eq!(d.call_ok("pb", "/").text(), "page b2\n");
+    let out = Command::new(common::synwake_bin())
+        .args(["images", "list"])
+        .env("SYNWAKE_URL", format!("http://127.0.0.1:{}", d.d.api))
+        .env("SYNWAKE_STATE_DIR", d.d.state_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(" pb") && stdout.contains("2 layer chains"), "{stdout}");
+}

@@ -117,7 +117,9 @@ impl Api {
                 return Response::builder()
                     .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
                     .body(full(
-                        self.lc().metrics().render() + &self.async_queue.render_metrics(),
+                        self.lc().metrics().render()
+                            + &self.async_queue.render_metrics()
+                            + &self.image_metrics(),
                     ))
                     .unwrap()
             }
@@ -143,6 +145,8 @@ impl Api {
             (Method::DELETE, "/system/functions") => self.remove(req).await,
             (Method::GET, "/system/info") => json(StatusCode::OK, &self.info()),
             (Method::GET, "/system/namespaces") => json(StatusCode::OK, &[NAMESPACE]),
+            (Method::GET, "/system/images") => self.images_list(),
+            (Method::POST, "/system/images/prune") => self.images_prune().await,
             (Method::GET, "/system/logs") => logs::serve(self.lc(), req.uri().query()),
             (Method::GET, "/system/secrets") => match self.state.secrets().list() {
                 Ok(names) => {
@@ -293,11 +297,82 @@ impl Api {
             "release": env!("CARGO_PKG_VERSION"),
             "sha": option_env!("SYNWAKE_GIT_SHA").unwrap_or("unknown"),
         });
-        serde_json::json!({
+        let mut info = serde_json::json!({
             "provider": {"provider": "synwake", "orchestration": self.orchestration, "version": version},
             "version": version,
             "arch": std::env::consts::ARCH,
-        })
+        });
+        if let Some(rt) = self.lc().runtime(RuntimeKind::Oci) {
+            if let Some(store) = rt.images() {
+                info["imageStore"] = serde_json::json!(store.usage());
+            }
+        }
+        info
+    }
+
+    /// `GET /system/images`: the oci image store's images, who uses them, and disk use.
+    fn images_list(&self) -> Response<ProxyBody> {
+        let Some(rt) = self.lc().runtime(RuntimeKind::Oci) else {
+            return no_image_store();
+        };
+        let Some(store) = rt.images() else {
+            return no_image_store();
+        };
+        let images: Vec<serde_json::Value> = store
+            .list()
+            .into_iter()
+            .map(|(img, functions)| {
+                serde_json::json!({
+                    "digest": img.digest,
+                    "layers": img.layers.len(),
+                    "functions": functions,
+                })
+            })
+            .collect();
+        json(
+            StatusCode::OK,
+            &serde_json::json!({ "usage": store.usage(), "images": images }),
+        )
+    }
+
+    /// `POST /system/images/prune`: removes what no function and no container uses.
+    async fn images_prune(&self) -> Response<ProxyBody> {
+        let Some(rt) = self.lc().runtime(RuntimeKind::Oci) else {
+            return no_image_store();
+        };
+        let Some(store) = rt.images() else {
+            return no_image_store();
+        };
+        match store.prune().await {
+            Ok(report) => json(
+                StatusCode::OK,
+                &serde_json::json!({ "removed": report, "usage": store.usage() }),
+            ),
+            Err(e) => text_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("image prune: {e}"),
+            ),
+        }
+    }
+
+    /// The image store gauges for /metrics (nothing without the oci runtime).
+    fn image_metrics(&self) -> String {
+        let Some(rt) = self.lc().runtime(RuntimeKind::Oci) else {
+            return String::new();
+        };
+        let Some(store) = rt.images() else {
+            return String::new();
+        };
+        let u = store.usage();
+        format!(
+            "# HELP synwake_image_store_bytes Disk bytes used by the oci image store (layers, images, blobs; a hard-linked file once).\n\
+             # TYPE synwake_image_store_bytes gauge\nsynwake_image_store_bytes {}\n\
+             # HELP synwake_image_store_images Images in the oci image store.\n\
+             # TYPE synwake_image_store_images gauge\nsynwake_image_store_images {}\n\
+             # HELP synwake_image_store_layers Unpacked layer chains in the oci image store.\n\
+             # TYPE synwake_image_store_layers gauge\nsynwake_image_store_layers {}\n",
+            u.bytes, u.images, u.layers
+        )
     }
 
     async fn deploy(self: &Arc<Self>, req: Request<Incoming>, update: bool) -> Response<ProxyBody> {
@@ -655,6 +730,13 @@ impl Api {
 }
 
 /// 404 for a namespace other than synwake's one (none or empty means that one).
+fn no_image_store() -> Response<ProxyBody> {
+    text_response(
+        StatusCode::NOT_FOUND,
+        "no image store: the oci runtime is not set up on this daemon",
+    )
+}
+
 fn other_namespace(ns: Option<String>) -> Option<Response<ProxyBody>> {
     let ns = ns.filter(|ns| !ns.is_empty() && ns != NAMESPACE)?;
     Some(text_response(

@@ -388,6 +388,11 @@ impl Lifecycle {
             .collect()
     }
 
+    /// The runtime of a kind, when it is set up.
+    pub fn runtime(&self, kind: RuntimeKind) -> Option<Arc<dyn Runtime>> {
+        self.inner.runtimes.get(&kind).cloned()
+    }
+
     fn runtime_for(&self, spec: &FunctionSpec) -> Result<Arc<dyn Runtime>, StartError> {
         match self.inner.runtimes.get(&spec.runtime) {
             Some(r) => Ok(r.clone()),

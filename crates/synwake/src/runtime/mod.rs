@@ -2,6 +2,7 @@
 //! [`Instance`] back; nothing here knows why it was started.
 
 pub mod cgroup;
+pub mod image_gc;
 pub mod image_path;
 pub mod oci;
 pub mod process;
@@ -99,6 +100,21 @@ pub trait Runtime: Send + Sync + 'static {
     }
     /// Daemon shutdown: release everything.
     async fn shutdown(&self) {}
+    /// The image store this runtime keeps, if any.
+    fn images(&self) -> Option<&dyn ImageStoreView> {
+        None
+    }
+}
+
+/// What the API shows of, and does to, a runtime's image store.
+#[async_trait]
+pub trait ImageStoreView: Send + Sync {
+    /// Disk use as of the last import, pull or prune.
+    fn usage(&self) -> synwake_oci::StoreUsage;
+    /// Stored images, each with the functions whose deployed version uses it.
+    fn list(&self) -> Vec<(synwake_oci::Image, Vec<String>)>;
+    /// Removes what no deployed function and no container uses.
+    async fn prune(&self) -> Result<synwake_oci::PruneReport, String>;
 }
 
 /// Polls the instance until it accepts a TCP connection (or answers `readiness_path` with

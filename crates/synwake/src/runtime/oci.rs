@@ -12,6 +12,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use synwake_oci::{BindMount, Container, ContainerSpec, Image, OciConfig, OciRuntime, Pool};
 
+use super::image_gc::{Deployed, ImageGc};
 use super::{image_path, watchdog, ExitInfo, Instance, Runtime, StartError};
 use crate::config::Config;
 use crate::logs::{LogStore, OutputSink};
@@ -68,14 +69,16 @@ pub async fn setup(
             vec![dir]
         }
     };
+    let images: Deployed = Arc::new(Mutex::new(HashMap::new()));
     Ok(Some(Arc::new(OciFunctions {
         image_dirs,
         watchdog,
         secrets: state.secrets(),
         secrets_dir: state.oci_dir().join("secrets"),
         pool: Pool::new(rt.clone()),
+        gc: ImageGc::new(rt.clone(), images.clone()),
         rt,
-        images: Mutex::new(HashMap::new()),
+        images,
         logs,
     })))
 }
@@ -89,7 +92,9 @@ pub struct OciFunctions {
     /// Imported image per function name, with what it was imported from; reused while
     /// the source is unchanged (reading and hashing an archive on every scale to zero
     /// would be work done again for nothing).
-    images: Mutex<HashMap<String, (ImageSource, Image)>>,
+    images: Deployed,
+    /// Removes from the image store what no function uses.
+    gc: Arc<ImageGc>,
     /// Pull progress goes into the function's log (`instance` "pull").
     logs: Arc<LogStore>,
     /// Host path of the stdio watchdog, bind-mounted into `watchdog = "stdio"` containers.
@@ -103,7 +108,7 @@ pub struct OciFunctions {
 /// Where an image came from: the path and, for an archive, its size and mtime, so a
 /// redeploy of a rebuilt archive at the same path imports it again.
 #[derive(Clone, PartialEq, Eq)]
-struct ImageSource {
+pub(super) struct ImageSource {
     path: String,
     stamp: Option<(u64, std::time::SystemTime)>,
 }
@@ -141,6 +146,8 @@ impl OciFunctions {
                 return Ok(img.clone());
             }
         }
+        // Until the image is recorded below, a prune must not run.
+        let _no_prune = self.gc.lock.read().await;
         let img = match (&spec.oci.image, &spec.oci.rootfs) {
             (Some(reference), _) if synwake_oci::is_registry_reference(reference) => {
                 if !may_pull {
@@ -189,6 +196,11 @@ impl OciFunctions {
                 .lock()
                 .unwrap()
                 .insert(spec.name.clone(), (source, img.clone()));
+        }
+        drop(_no_prune);
+        if img.digest.is_some() {
+            let gc = self.gc.clone();
+            tokio::spawn(async move { gc.refresh_usage().await });
         }
         Ok(img)
     }
@@ -269,6 +281,7 @@ impl Runtime for OciFunctions {
             // An update to another image: containers pooled from the old one must not
             // serve the new version's cold starts.
             self.pool.drain(&spec.name).await;
+            self.gc.collect_soon();
         }
         if spec.oci.pool > 0 {
             self.pool
@@ -327,6 +340,7 @@ impl Runtime for OciFunctions {
         let _ = std::fs::remove_dir_all(self.secrets_dir.join(&spec.name));
         self.pool.drain(&spec.name).await;
         self.images.lock().unwrap().remove(&spec.name);
+        self.gc.collect_soon();
     }
 
     async fn shutdown(&self) {
@@ -335,6 +349,10 @@ impl Runtime for OciFunctions {
             self.pool.drain(&n).await;
         }
         self.rt.cleanup_all().await;
+    }
+
+    fn images(&self) -> Option<&dyn super::ImageStoreView> {
+        Some(&*self.gc)
     }
 }
 
