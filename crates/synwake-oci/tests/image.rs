@@ -184,10 +184,19 @@ fn refused(
 /// What the store holds besides its (empty) `images/` and `layers/` directories.
 fn leftovers(store: &ImageStore) -> Vec<PathBuf> {
     let mut left = Vec::new();
-    for e in std::fs::read_dir(store.dir()).into_iter().flatten().flatten() {
+    for e in std::fs::read_dir(store.dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = e.file_name();
         if name == "images" || name == "layers" {
-            left.extend(std::fs::read_dir(e.path()).unwrap().flatten().map(|e| e.path()));
+            left.extend(
+                std::fs::read_dir(e.path())
+                    .unwrap()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
         } else {
             left.push(e.path());
         }
@@ -415,8 +424,7 @@ fn images_sharing_a_base_layer_store_it_once_and_prune_removes_only_unused_layer
             .file("www/index.html", 0o644, format!("function {i}").as_bytes());
         let layers = vec![base.clone(), Layer::new(t.finish(), true)];
         let archive = dir.path().join(format!("fn{i}.tar"));
-        fixture::write_oci_archive(&archive, &layers, &fixture::function_config(&layers))
-            .unwrap();
+        fixture::write_oci_archive(&archive, &layers, &fixture::function_config(&layers)).unwrap();
         let img = store.import(&archive).unwrap();
         assert_eq!(
             std::fs::read(img.rootfs.join("www/index.html")).unwrap(),
@@ -426,13 +434,26 @@ fn images_sharing_a_base_layer_store_it_once_and_prune_removes_only_unused_layer
         images.push(img);
     }
     let base_chain = &images[0].layers[0];
-    let base_ino = std::fs::metadata(store.dir().join("layers").join(base_chain).join("bin/busybox"))
-        .unwrap()
-        .ino();
+    let base_ino = std::fs::metadata(
+        store
+            .dir()
+            .join("layers")
+            .join(base_chain)
+            .join("bin/busybox"),
+    )
+    .unwrap()
+    .ino();
     for img in &images {
         assert_eq!(&img.layers[0], base_chain, "one chain for the shared base");
-        let ino = std::fs::metadata(img.rootfs.join("bin/busybox")).unwrap().ino();
-        assert_eq!(ino, base_ino, "{}: base unpacked again", img.rootfs.display());
+        let ino = std::fs::metadata(img.rootfs.join("bin/busybox"))
+            .unwrap()
+            .ino();
+        assert_eq!(
+            ino,
+            base_ino,
+            "{}: base unpacked again",
+            img.rootfs.display()
+        );
     }
     let usage = store.usage();
     assert_eq!((usage.images, usage.layers), (10, 11), "{usage:?}");

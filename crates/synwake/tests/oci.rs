@@ -1212,7 +1212,11 @@ fn functions_sharing_a_base_layer_store_it_once_and_unused_images_are_collected(
             "annotations": { "com.synwake.runtime": "oci", "com.synwake.stop-grace": "100ms" },
         });
         let r = d.d.api_json(method, "/system/functions", &body.to_string());
-        assert!(matches!(r.status, 200..=202), "{method} {name}: {}", r.text());
+        assert!(
+            matches!(r.status, 200..=202),
+            "{method} {name}: {}",
+            r.text()
+        );
     };
     deploy("POST", "pa", &page_image(dir, "a.tar", "page a\n"));
     deploy("POST", "pb", &page_image(dir, "b.tar", "page b\n"));
@@ -1241,9 +1245,7 @@ fn functions_sharing_a_base_layer_store_it_once_and_unused_images_are_collected(
         )
         .unwrap();
         let rootfs = PathBuf::from(rec["rootfs"].as_str().unwrap());
-        std::os::unix::fs::MetadataExt::ino(
-            &std::fs::metadata(rootfs.join("bin/busybox")).unwrap(),
-        )
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(rootfs.join("bin/busybox")).unwrap())
     };
     assert_eq!(inode(&images[0].0), inode(&images[1].0));
     let bytes = usage["bytes"].as_u64().unwrap();
@@ -1300,8 +1302,15 @@ fn functions_sharing_a_base_layer_store_it_once_and_unused_images_are_collected(
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("removed 0 images, 1 layer chains"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("removed 0 images, 1 layer chains"),
+        "{stdout}"
+    );
     assert!(!store.join(format!("{:064x}", 2)).exists());
     let (usage, images) = stored_images(&d);
     assert_eq!((images.len(), usage["layers"].as_u64()), (1, Some(2)));
@@ -1313,5 +1322,8 @@ fn functions_sharing_a_base_layer_store_it_once_and_unused_images_are_collected(
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains(" pb") && stdout.contains("2 layer chains"), "{stdout}");
+    assert!(
+        stdout.contains(" pb") && stdout.contains("2 layer chains"),
+        "{stdout}"
+    );
 }

@@ -21,10 +21,10 @@ use sha2::{Digest, Sha256};
 
 use archive::ArchiveIndex;
 use layer::Compression;
-pub use store::{PruneReport, StoreUsage};
 pub use registry::{
     is_registry_reference, parse_reference, Progress, PullError, PullReport, RegistryConfig,
 };
+pub use store::{PruneReport, StoreUsage};
 
 /// Why an image could not be imported. Every variant about an archive names the archive
 /// and the entry (a path inside the archive, or inside one of its layers) at fault.
