@@ -302,7 +302,7 @@ impl Api {
             "version": version,
             "arch": std::env::consts::ARCH,
         });
-        if let Some(rt) = self.lc().runtime(RuntimeKind::Oci) {
+        if let Some(rt) = self.lc().runtime(crate::spec::RuntimeKind::Oci) {
             if let Some(store) = rt.images() {
                 info["imageStore"] = serde_json::json!(store.usage());
             }
@@ -312,7 +312,7 @@ impl Api {
 
     /// `GET /system/images`: the oci image store's images, who uses them, and disk use.
     fn images_list(&self) -> Response<ProxyBody> {
-        let Some(rt) = self.lc().runtime(RuntimeKind::Oci) else {
+        let Some(rt) = self.lc().runtime(crate::spec::RuntimeKind::Oci) else {
             return no_image_store();
         };
         let Some(store) = rt.images() else {
@@ -337,7 +337,7 @@ impl Api {
 
     /// `POST /system/images/prune`: removes what no function and no container uses.
     async fn images_prune(&self) -> Response<ProxyBody> {
-        let Some(rt) = self.lc().runtime(RuntimeKind::Oci) else {
+        let Some(rt) = self.lc().runtime(crate::spec::RuntimeKind::Oci) else {
             return no_image_store();
         };
         let Some(store) = rt.images() else {
@@ -357,7 +357,7 @@ impl Api {
 
     /// The image store gauges for /metrics (nothing without the oci runtime).
     fn image_metrics(&self) -> String {
-        let Some(rt) = self.lc().runtime(RuntimeKind::Oci) else {
+        let Some(rt) = self.lc().runtime(crate::spec::RuntimeKind::Oci) else {
             return String::new();
         };
         let Some(store) = rt.images() else {
