@@ -88,6 +88,13 @@ pub fn report(interfaces: Option<&[String]>) -> String {
     out.push_str(&crate::tag::doctor());
     let _ = writeln!(out, "\nfeatures `synwake up` would enable:");
     check(&mut out, true, "process runtime", "always");
+    let cgroups = crate::runtime::cgroup::CgroupHost::detect(Path::new("/var/lib/synwake/run"));
+    check(
+        &mut out,
+        cgroups.unavailable().is_none(),
+        "process instances in cgroups (stop kills the cgroup; memory, cpus, pids)",
+        &cgroups.describe(),
+    );
     check(
         &mut out,
         root && runc.is_some() && ip.is_some(),

@@ -278,6 +278,25 @@ impl CgroupHost {
         host
     }
 
+    /// One line for `synwake doctor`: where membership and each limit controller live.
+    pub fn describe(&self) -> String {
+        if let Some(why) = &self.unavailable {
+            return format!("no: {why}");
+        }
+        let v = |v2: bool| if v2 { "cgroup2" } else { "v1" };
+        let mut parts = vec![format!(
+            "membership in {}",
+            self.membership.as_ref().map_or("?", |m| v(m.v2))
+        )];
+        for c in LIMIT_CONTROLLERS {
+            parts.push(match self.controllers.get(c) {
+                Some(d) => format!("{c} from {}", v(d.v2)),
+                None => format!("{c} missing"),
+            });
+        }
+        parts.join(", ")
+    }
+
     /// Why instances run without cgroups (stop then kills the process group only).
     pub fn unavailable(&self) -> Option<&str> {
         self.unavailable.as_deref()
@@ -852,6 +871,10 @@ mod tests {
             Path::new("/sys/fs/cgroup/cpu,cpuacct/")
         );
         assert!(!host.controllers["pids"].v2);
+        assert_eq!(
+            host.describe(),
+            "membership in cgroup2, memory from v1, cpu from v1, pids from v1"
+        );
     }
 
     #[test]
