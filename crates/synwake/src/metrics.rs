@@ -284,6 +284,7 @@ pub struct Metrics {
     pub wake_lead: HistogramFamily,
     pub pool_starts: Family,
     pub wake_to_start: HistogramFamily,
+    pub idle_instance_seconds: Family,
     /// Reads the probe's kernel counters (events, lost) when /metrics is rendered.
     probe_counters: std::sync::Mutex<Option<ProbeCounters>>,
 }
@@ -396,6 +397,12 @@ impl Metrics {
                 &["function", "trigger"],
                 &[0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.1],
             ),
+            idle_instance_seconds: Family::new(
+                "synwake_idle_instance_seconds_total",
+                "Seconds instances were ready with no request in flight (the memory an idle policy costs), counted when an instance stops.",
+                "counter",
+                &["function"],
+            ),
             probe_counters: std::sync::Mutex::new(None),
         }
     }
@@ -414,6 +421,7 @@ impl Metrics {
             &self.predicted_hits,
             &self.predicted_wasted,
             &self.pool_starts,
+            &self.idle_instance_seconds,
         ] {
             f.forget_function(function);
         }
@@ -458,6 +466,7 @@ impl Metrics {
         self.predicted_hits.render(&mut out);
         self.predicted_wasted.render(&mut out);
         self.wake_lead.render(&mut out);
+        self.idle_instance_seconds.render(&mut out);
         self.pool_starts.render(&mut out);
         self.wake_to_start.render(&mut out);
         for (name, help, v) in [

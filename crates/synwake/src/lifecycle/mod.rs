@@ -136,6 +136,10 @@ struct Slot {
     woke_at: Instant,
     ready_at: Option<Instant>,
     served: u64,
+    /// Since when a request has been in flight (None while idle).
+    busy_since: Option<Instant>,
+    /// Time with a request in flight, over finished busy periods.
+    busy: Duration,
 }
 
 impl Slot {
@@ -144,6 +148,35 @@ impl Slot {
             Phase::Ready(i) => Some(i),
             _ => None,
         }
+    }
+
+    fn lease_taken(&mut self, now: Instant) {
+        if self.inflight == 0 {
+            self.busy_since = Some(now);
+        }
+        self.inflight += 1;
+        self.last_used = now;
+    }
+
+    fn lease_dropped(&mut self, now: Instant) {
+        self.inflight -= 1;
+        self.last_used = now;
+        if self.inflight == 0 {
+            if let Some(b) = self.busy_since.take() {
+                self.busy += now.saturating_duration_since(b);
+            }
+        }
+    }
+
+    /// Seconds it was ready with nothing in flight, up to `now`.
+    fn idle_seconds(&self, now: Instant) -> f64 {
+        let Some(ready_at) = self.ready_at else {
+            return 0.0;
+        };
+        let busy = self.busy + self.busy_since.map_or(Duration::ZERO, |b| now - b);
+        now.saturating_duration_since(ready_at)
+            .saturating_sub(busy)
+            .as_secs_f64()
     }
 }
 
@@ -226,8 +259,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let mut st = self.function.state.lock().unwrap();
         if let Some(s) = st.slots.iter_mut().find(|s| s.id == self.slot) {
-            s.inflight -= 1;
-            s.last_used = Instant::now();
+            s.lease_dropped(Instant::now());
         }
         let someone_waits = st.pending > 0;
         let all_done = st.slots.iter().all(|s| s.inflight == 0);
@@ -571,8 +603,7 @@ impl Lifecycle {
                     .min_by_key(|s| s.inflight);
                 if let Some(slot) = best {
                     let now = Instant::now();
-                    slot.inflight += 1;
-                    slot.last_used = now;
+                    slot.lease_taken(now);
                     slot.served += 1;
                     let waited = now - arrived;
                     // Cold only if this instance became ready after the request came: a
@@ -710,6 +741,8 @@ impl Lifecycle {
             woke_at: at.min(now),
             ready_at: None,
             served: 0,
+            busy_since: None,
+            busy: Duration::ZERO,
         });
         self.live_changed(f, st.live());
         let lc = self.clone();
@@ -856,6 +889,7 @@ impl Lifecycle {
             return; // an intended stop; stop_slot cleans up
         }
         let slot = st.slots.remove(pos);
+        self.count_idle(f, &slot);
         tracing::warn!(
             "{} instance {id} exited unexpectedly ({}) with {} request(s) in flight",
             f.spec.name,
@@ -868,6 +902,16 @@ impl Lifecycle {
         f.notify();
         if now_cold {
             self.after_scale_to_zero(f);
+        }
+    }
+
+    /// Adds a ready slot's idle time to the metric, once: when it stops being ready.
+    fn count_idle(&self, f: &Function, slot: &Slot) {
+        if slot.ready().is_some() {
+            self.inner
+                .metrics
+                .idle_instance_seconds
+                .add(&[&f.spec.name], slot.idle_seconds(Instant::now()));
         }
     }
 
@@ -902,6 +946,9 @@ impl Lifecycle {
         let slot = st.slots.iter_mut().find(|s| s.id == id)?;
         if only_idle && (slot.inflight > 0 || slot.ready().is_none()) {
             return None;
+        }
+        if slot.ready().is_some() {
+            self.count_idle(f, slot);
         }
         let prev = std::mem::replace(&mut slot.phase, Phase::Stopping);
         let live = st.live();

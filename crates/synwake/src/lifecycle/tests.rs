@@ -302,6 +302,26 @@ async fn idle_instances_stop_and_prewarms_are_wasted() {
 }
 
 #[tokio::test]
+async fn idle_instance_seconds_count_ready_time_without_requests() {
+    let (lc, _) = lifecycle();
+    let mut s = spec("f", &[]);
+    s.policy.idle_timeout = Duration::from_millis(300);
+    lc.deploy(s).await.unwrap();
+    let t0 = Instant::now();
+    let lease = lc.acquire("f").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    drop(lease);
+    assert!(wait_until(|| lc.status("f").unwrap().replicas == 0, Duration::from_secs(5)).await);
+    let up = t0.elapsed().as_secs_f64();
+    let idle = lc.metrics().idle_instance_seconds.get(&["f"]);
+    // Busy for 400 ms, then idle until the 300 ms idle_timeout stopped it.
+    assert!(idle >= 0.3, "idle {idle}");
+    assert!(idle <= up - 0.4 + 0.01, "idle {idle} up {up}: the busy time was counted");
+    let text = lc.metrics().render();
+    assert!(text.contains("synwake_idle_instance_seconds_total{function=\"f\"}"));
+}
+
+#[tokio::test]
 async fn busy_instance_is_not_reaped() {
     let (lc, _) = lifecycle();
     let mut s = spec("f", &[]);
