@@ -91,6 +91,8 @@ pub struct FunctionSpec {
     pub name: String,
     pub port: u16,
     pub init_ms: u64,
+    /// More keys of its `[[function]]` table (the trace replay's idle policy per copy).
+    pub settings: toml::Table,
 }
 
 /// Everything needed to render a daemon config.
@@ -177,6 +179,8 @@ struct FunctionSection {
     #[serde(skip_serializing_if = "Option::is_none")]
     pool: Option<u32>,
     env: BTreeMap<String, String>,
+    #[serde(flatten)]
+    settings: toml::Table,
 }
 
 impl DaemonSetup {
@@ -216,6 +220,7 @@ impl DaemonSetup {
                         RuntimeKind::Oci | RuntimeKind::Process => None,
                     },
                     env,
+                    settings: f.settings.clone(),
                 }
             })
             .collect();
@@ -486,6 +491,11 @@ impl Api {
 
     /// Value of an unlabelled metric from `GET /metrics`; `None` if it is not exported.
     pub fn metric(&self, name: &str) -> Result<Option<f64>, DaemonError> {
+        Ok(parse_metric(&self.metrics_text()?, name))
+    }
+
+    /// `GET /metrics` as text.
+    pub fn metrics_text(&self) -> Result<String, DaemonError> {
         let (status, text) = self.call("GET", "/metrics".to_string(), None)?;
         if status != 200 {
             return Err(DaemonError::ApiStatus {
@@ -494,7 +504,7 @@ impl Api {
                 body: text,
             });
         }
-        Ok(parse_metric(&text, name))
+        Ok(text)
     }
 
     /// `availableReplicas` from `GET /system/function/<name>`.
@@ -551,6 +561,25 @@ pub fn parse_metric(text: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// Sum of every sample of `name` whose `function` label is `function` (all other labels
+/// summed over), 0 when there is none.
+pub fn function_metric(text: &str, name: &str, function: &str) -> f64 {
+    let label = format!("function=\"{function}\"");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            let labels = series.strip_prefix(name)?.strip_prefix('{')?;
+            let labels = labels.strip_suffix('}')?;
+            labels
+                .split(',')
+                .any(|kv| kv == label)
+                .then(|| v.trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
 /// Environment variable set on every instance so the harness can tell, from /proc, whether
 /// an instance of a given function still exists (`<topology prefix>/<function name>`).
 pub const INSTANCE_MARKER_ENV: &str = "SYNWAKE_BENCH_FUNCTION";
@@ -601,6 +630,7 @@ mod tests {
                 name: "init-50".into(),
                 port: 9101,
                 init_ms: 50,
+                settings: toml::Table::new(),
             }],
         }
     }
@@ -665,6 +695,19 @@ mod tests {
         assert_eq!(parse_metric(text, "synwake_probe_events_total"), Some(42.0));
         assert_eq!(parse_metric(text, "synwake_wakes_total"), None);
         assert_eq!(parse_metric(text, "synwake_probe"), None);
+    }
+
+    #[test]
+    fn sums_one_functions_labelled_samples() {
+        let text = "# TYPE x counter\nsynwake_cold_starts_total{function=\"f\",trigger=\"request\"} 2\nsynwake_cold_starts_total{function=\"f\",trigger=\"predicted\"} 3\nsynwake_cold_starts_total{function=\"f2\",trigger=\"request\"} 7\nsynwake_cold_start_wait_seconds_count{function=\"f\"} 4\n";
+        assert_eq!(function_metric(text, "synwake_cold_starts_total", "f"), 5.0);
+        assert_eq!(function_metric(text, "synwake_cold_starts_total", "f2"), 7.0);
+        assert_eq!(
+            function_metric(text, "synwake_cold_start_wait_seconds_count", "f"),
+            4.0
+        );
+        assert_eq!(function_metric(text, "synwake_cold_start_wait_seconds", "f"), 0.0);
+        assert_eq!(function_metric(text, "synwake_cold_starts_total", "g"), 0.0);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod delay;
 pub mod interrupt;
 pub mod netns;
+pub mod replay;
 pub mod report;
 pub mod stats;
 mod sweep;
@@ -23,7 +24,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use sweep::{check_emulation, EmulationCheck, EmulationError};
+pub use sweep::{
+    check_emulation, resolve_function, resolve_synwake, EmulationCheck, EmulationError,
+};
 
 /// How the function is woken (what is measured).
 #[derive(

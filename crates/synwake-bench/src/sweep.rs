@@ -141,8 +141,19 @@ pub fn check_emulation(
 }
 
 fn resolve_bins(args: &BenchArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
-    let synwake = match &args.synwake_bin {
-        Some(p) => p.clone(),
+    let synwake = resolve_synwake(args.synwake_bin.as_deref())?;
+    let function = match args.runtime {
+        RuntimeKind::Process => Some(resolve_function(&synwake, args.function_bin.as_deref())?),
+        RuntimeKind::Oci | RuntimeKind::OciPool => None,
+    };
+    Ok((synwake, function))
+}
+
+/// The synwake binary: `given`, else this executable if it is `synwake`, else `synwake`
+/// next to it.
+pub fn resolve_synwake(given: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    let synwake = match given {
+        Some(p) => p.to_path_buf(),
         None => {
             let me = std::env::current_exe().context("current_exe")?;
             if me.file_name().is_some_and(|n| n == "synwake") {
@@ -152,28 +163,28 @@ fn resolve_bins(args: &BenchArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> 
             }
         }
     };
-    let synwake = std::fs::canonicalize(&synwake).with_context(|| {
+    std::fs::canonicalize(&synwake).with_context(|| {
         format!(
             "synwake binary {} not found (use --synwake-bin)",
             synwake.display()
         )
-    })?;
-    let function = match args.runtime {
-        RuntimeKind::Process => {
-            let f = args
-                .function_bin
-                .clone()
-                .unwrap_or_else(|| synwake.with_file_name("synwake-fn"));
-            Some(std::fs::canonicalize(&f).with_context(|| {
-                format!(
-                    "test function {} not found (use --function-bin)",
-                    f.display()
-                )
-            })?)
-        }
-        RuntimeKind::Oci | RuntimeKind::OciPool => None,
-    };
-    Ok((synwake, function))
+    })
+}
+
+/// The test function: `given`, else `synwake-fn` next to the synwake binary.
+pub fn resolve_function(
+    synwake: &std::path::Path,
+    given: Option<&std::path::Path>,
+) -> anyhow::Result<PathBuf> {
+    let f = given
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| synwake.with_file_name("synwake-fn"));
+    std::fs::canonicalize(&f).with_context(|| {
+        format!(
+            "test function {} not found (use --function-bin)",
+            f.display()
+        )
+    })
 }
 
 /// The bench process (the client) moved into a fresh cgroup with the tagger attached,
@@ -327,7 +338,7 @@ struct CellNotes {
 }
 
 /// 1-minute load average, to report how busy the machine was around the sweep.
-fn load_average() -> Option<f64> {
+pub(crate) fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg")
         .ok()?
         .split_whitespace()
@@ -339,7 +350,7 @@ fn load_average() -> Option<f64> {
 /// Nice value of the harness, the daemon and its instances (inherited by every thread and
 /// child created afterwards): unrelated load on a shared 2-core machine should not be
 /// what is measured.
-const BENCH_NICE: libc::c_int = -10;
+pub(crate) const BENCH_NICE: libc::c_int = -10;
 
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -387,6 +398,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             name: format!("init-{init_ms}"),
             port: FUNCTION_PORT_BASE + i as u16,
             init_ms,
+            settings: toml::Table::new(),
         })
         .collect();
 

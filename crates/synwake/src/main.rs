@@ -155,10 +155,11 @@ fn run_bench(bench: BenchCli) -> anyhow::Result<()> {
     match bench.command {
         None => synwake_bench::run(bench.args),
         Some(BenchCommand::Trace(args)) => {
-            anyhow::ensure!(
-                !args.replay,
-                "--replay (the real-time replay against the daemon) is not available in this build"
-            );
+            if args.replay {
+                let records = synwake::policy::bench::replay(&args)?;
+                print!("{}", synwake::policy::replay::table(&records));
+                return Ok(());
+            }
             let records = synwake::policy::bench::simulate(&args)?;
             print!("{}", synwake::policy::bench::table(&records));
             Ok(())

@@ -36,9 +36,25 @@ pub struct TraceArgs {
     /// Write the records as a JSON list here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Replay the trace in real time against the daemon instead of simulating (root).
+    /// Replay the trace in real time against the daemon in the bench's namespaces (root),
+    /// compressed into --replay-duration, and compare it with the simulation.
     #[arg(long)]
     pub replay: bool,
+    /// Wall time the replay compresses the trace into.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub replay_duration: Duration,
+    /// Init time of the replay's test function (ms).
+    #[arg(long, default_value_t = 20)]
+    pub replay_init_ms: u64,
+    /// Replay: the synwake binary to run (default: this one).
+    #[arg(long)]
+    pub synwake_bin: Option<PathBuf>,
+    /// Replay: the test function binary (default: synwake-fn next to synwake).
+    #[arg(long)]
+    pub function_bin: Option<PathBuf>,
+    /// Replay: directory for the daemon's config, log and state.
+    #[arg(long, default_value = "bench-results/replay")]
+    pub out: PathBuf,
     /// Round trip between a client's SYN and its request (what an affinity wake hides).
     #[arg(long, default_value_t = 20.0)]
     pub rtt_ms: f64,
@@ -152,6 +168,27 @@ pub fn write_json(args: &TraceArgs, records: &[Record]) -> Result<(), TraceCmdEr
         })?;
     }
     Ok(())
+}
+
+/// `--replay`: runs it, prints the comparison table, writes `--json`.
+pub fn replay(args: &TraceArgs) -> anyhow::Result<Vec<super::replay::ReplayRecord>> {
+    if !(0..=60_000).contains(&args.replay_init_ms) {
+        return Err(TraceCmdError::Range {
+            flag: "replay-init-ms",
+            value: args.replay_init_ms.to_string(),
+            range: "0 to 60000",
+        }
+        .into());
+    }
+    let records = super::replay::run(args)?;
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&records).expect("records serialize");
+        std::fs::write(path, text + "\n").map_err(|source| TraceCmdError::Write {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(records)
 }
 
 /// The table printed by `synwake bench trace`.

@@ -21,6 +21,7 @@
 
 pub mod affinity;
 pub mod bench;
+pub mod replay;
 pub mod sim;
 
 use std::collections::VecDeque;
