@@ -303,3 +303,149 @@ fn small_sweep_against_the_real_daemon_writes_consistent_results() {
         assert_eq!(svg.matches("<polyline").count(), 4);
     }
 }
+
+/// Processes whose command line mentions `needle` (the replay's out dir): the daemon.
+fn processes_mentioning(needle: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != std::process::id())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .count()
+}
+
+fn replay_function(name: &str, idle_timeout: &str) -> synwake_bench::daemon::FunctionSpec {
+    let mut settings = toml::Table::new();
+    settings.insert("idle_timeout".into(), idle_timeout.into());
+    synwake_bench::daemon::FunctionSpec {
+        name: name.into(),
+        port: 9100,
+        init_ms: 10,
+        settings,
+    }
+}
+
+#[test]
+fn replay_measures_cold_starts_and_idle_seconds_and_cleans_up() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !privileged() {
+        return;
+    }
+    use synwake_bench::replay::{replay, ReplayOptions, ReplayPlan};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("replay");
+    let mut b = replay_function("b", "20s");
+    b.port = 9101;
+    // a: cold at 0, warm at 2 (idle 3 s keeps it; a start on a loaded machine can take
+    // ~1 s), cold again at 7 (it stopped at ~5). b: cold once, then kept until the replay
+    // ends at 9 s and stops it.
+    let plan = ReplayPlan {
+        functions: vec![replay_function("a", "3s"), b],
+        calls: vec![(0.0, 0), (0.2, 1), (2.0, 0), (7.0, 0)],
+        duration: Duration::from_secs(9),
+    };
+    let opts = ReplayOptions {
+        synwake_bin: Some(synwake_bin()),
+        function_bin: Some(fn_bin().to_path_buf()),
+        out: out.clone(),
+        workers: 4,
+    };
+    let prefix = format!("swb-{}-", std::process::id());
+    let o = replay(&plan, &opts, &|m| eprintln!("{m}")).expect("replay");
+    assert!(ours(&prefix).is_empty(), "left behind: {:?}", ours(&prefix));
+    assert_eq!(processes_mentioning(&out.display().to_string()), 0);
+    let (a, b) = (&o.functions[0], &o.functions[1]);
+    assert_eq!((a.calls, a.ok, b.calls, b.ok), (3, 3, 1, 1));
+    assert_eq!(a.cold_starts, 2, "{a:?}");
+    assert_eq!(a.cold_by_client, 2);
+    assert_eq!(b.cold_starts, 1);
+    // a: up to 2 s before the call at 2 (less its start), 3 s after it, up to 2 s after 7.
+    assert!(
+        (3.0..=7.5).contains(&a.idle_instance_seconds),
+        "{}",
+        a.idle_instance_seconds
+    );
+    // b: from its start after 0.2 until the end at 9 s.
+    assert!(
+        (6.0..=9.5).contains(&b.idle_instance_seconds),
+        "{}",
+        b.idle_instance_seconds
+    );
+}
+
+#[test]
+fn replay_cleans_up_after_a_failed_start_and_after_sigint() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !privileged() {
+        return;
+    }
+    use synwake_bench::replay::{replay, ReplayOptions, ReplayPlan};
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("swb-{}-", std::process::id());
+    let plan = ReplayPlan {
+        functions: vec![replay_function("a", "1s")],
+        calls: vec![(0.0, 0)],
+        duration: Duration::from_secs(1),
+    };
+    let opts = ReplayOptions {
+        synwake_bin: Some("/bin/false".into()),
+        function_bin: Some("/bin/true".into()),
+        out: dir.path().join("failed"),
+        workers: 1,
+    };
+    let err = replay(&plan, &opts, &|_| {}).expect_err("a daemon that exits must fail the replay");
+    assert!(format!("{err:#}").contains("exited before it was healthy"), "{err:#}");
+    assert!(ours(&prefix).is_empty(), "left behind: {:?}", ours(&prefix));
+
+    // The CLI, interrupted in the middle of a replay.
+    let out = dir.path().join("interrupted");
+    let mut child = Command::new(synwake_bin())
+        .args(["bench", "trace", "--replay", "--generate", "periodic"])
+        .args(["--functions", "3", "--hours", "1", "--seed", "2"])
+        .args(["--policies", "fixed-60s", "--replay-duration", "60s", "--out"])
+        .arg(&out)
+        .arg("--function-bin")
+        .arg(fn_bin())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !line.contains("replaying") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "replay did not start");
+        assert!(Instant::now() < deadline);
+    }
+    let theirs = format!("swb-{pid}-");
+    assert_eq!(ours(&theirs).len(), 3);
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no exit on SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    assert!(ours(&theirs).is_empty(), "left behind: {:?}", ours(&theirs));
+    assert_eq!(processes_mentioning(&out.display().to_string()), 0);
+    let instances = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/environ")).is_ok_and(|e| {
+                String::from_utf8_lossy(&e).contains(&format!("SYNWAKE_BENCH_FUNCTION={theirs}"))
+            })
+        })
+        .count();
+    assert_eq!(instances, 0, "instances left behind");
+}
