@@ -14,7 +14,7 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
 
-/* Indexed by destination port (host order): non-zero if the port belongs to a function.
+/* Indexed by destination port (host order): SYNWAKE_PORT_* (0: not watched).
  * An array, not a hash: its lookup is inlined, which matters on every SYN. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -122,10 +122,11 @@ static __always_inline int find_synwake_option(void *opts, void *end, __u32 len,
 	return 1;
 }
 
-static __always_inline int port_watched(__u32 port)
+/* SYNWAKE_PORT_* of the port, 0 if not watched. */
+static __always_inline __u8 port_kind(__u32 port)
 {
-	__u8 *watched = bpf_map_lookup_elem(&watched_ports, &port);
-	return watched && *watched;
+	__u8 *kind = bpf_map_lookup_elem(&watched_ports, &port);
+	return kind ? *kind : 0;
 }
 
 static __always_inline void count(__u32 which)
@@ -165,12 +166,15 @@ static __always_inline void inspect_packet(void *data, void *data_end, __u32 ifi
 	__u8 trigger;
 	__u32 function_id = 0;
 	__u32 id;
+	__u8 kind;
 	if (find_synwake_option(c.pos, c.end, opt_len, &id) &&
 	    bpf_map_lookup_elem(&watched_ids, &id)) {
 		trigger = SYNWAKE_TRIGGER_TCP_OPTION;
 		function_id = id;
-	} else if (port_watched(dst_port)) {
+	} else if ((kind = port_kind(dst_port)) == SYNWAKE_PORT_FUNCTION) {
 		trigger = SYNWAKE_TRIGGER_SYN;
+	} else if (kind == SYNWAKE_PORT_SHARED) {
+		trigger = SYNWAKE_TRIGGER_SHARED_PORT;
 	} else {
 		return;
 	}

@@ -7,6 +7,11 @@
 /* Why an event was emitted. */
 #define SYNWAKE_TRIGGER_SYN 1        /* SYN to a port in watched_ports */
 #define SYNWAKE_TRIGGER_TCP_OPTION 2 /* SYN carrying the synwake option with an id in watched_ids */
+#define SYNWAKE_TRIGGER_SHARED_PORT 3 /* SYN to a shared port: the client address may name the function (affinity) */
+
+/* Values in the map `watched_ports`. */
+#define SYNWAKE_PORT_FUNCTION 1 /* a function's own port: trigger syn */
+#define SYNWAKE_PORT_SHARED 2   /* a shared gateway port: trigger shared_port */
 
 /* The synwake TCP option (RFC 6994 experimental): kind, length, ExID, 4-byte id. */
 #define SYNWAKE_OPT_KIND 253

@@ -11,8 +11,8 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::{unix::AsyncFd, Interest};
 
 use crate::header::{
-    SYNWAKE_EVENT_SIZE, SYNWAKE_FAMILY_IPV4, SYNWAKE_FAMILY_IPV6, SYNWAKE_TRIGGER_SYN,
-    SYNWAKE_TRIGGER_TCP_OPTION,
+    SYNWAKE_EVENT_SIZE, SYNWAKE_FAMILY_IPV4, SYNWAKE_FAMILY_IPV6, SYNWAKE_TRIGGER_SHARED_PORT,
+    SYNWAKE_TRIGGER_SYN, SYNWAKE_TRIGGER_TCP_OPTION,
 };
 
 /// Errors turning ring-buffer records into events.
@@ -76,14 +76,19 @@ pub enum ProbeTrigger {
     Syn,
     /// The SYN carries the synwake TCP option with a watched function id.
     TcpOption,
+    /// The SYN's destination port is a watched shared port: no function is named, the
+    /// client address may be (affinity).
+    SharedPort,
 }
 
 impl ProbeTrigger {
-    /// The name used in config, logs and metric labels: `syn` or `tcp_option`.
+    /// The name used in config, logs and metric labels: `syn`, `tcp_option` or
+    /// `shared_port`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Syn => "syn",
             Self::TcpOption => "tcp_option",
+            Self::SharedPort => "shared_port",
         }
     }
 }
@@ -111,6 +116,7 @@ impl TryFrom<RawEvent> for ProbeEvent {
         let (trigger, function_id) = match u64::from(raw.trigger) {
             SYNWAKE_TRIGGER_SYN => (ProbeTrigger::Syn, None),
             SYNWAKE_TRIGGER_TCP_OPTION => (ProbeTrigger::TcpOption, Some(raw.function_id)),
+            SYNWAKE_TRIGGER_SHARED_PORT => (ProbeTrigger::SharedPort, None),
             _ => {
                 return Err(EventError::Trigger {
                     trigger: raw.trigger,

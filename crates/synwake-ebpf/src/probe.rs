@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::{
     config::{AttachMode, ProbeConfig},
     event::{EventError, ProbeEvents},
-    header::{SYNWAKE_STAT_EVENTS, SYNWAKE_STAT_LOST},
+    header::{SYNWAKE_PORT_FUNCTION, SYNWAKE_PORT_SHARED, SYNWAKE_STAT_EVENTS, SYNWAKE_STAT_LOST},
     sys,
 };
 
@@ -210,11 +210,23 @@ struct Attachment {
 }
 
 struct WatchMaps {
-    /// Indexed by port: 1 = watched.
+    /// Indexed by port: SYNWAKE_PORT_FUNCTION or SYNWAKE_PORT_SHARED, 0 = not watched.
     ports: Array<MapData, u8>,
     ids: HashMap<MapData, u32, u8>,
     /// What `ports` holds, so listing needs no 65536 lookups.
     port_set: BTreeSet<u16>,
+    shared_set: BTreeSet<u16>,
+}
+
+impl WatchMaps {
+    fn set_port(&mut self, port: u16, kind: u8) -> Result<(), ProbeError> {
+        self.ports
+            .set(u32::from(port), kind, 0)
+            .map_err(|source| ProbeError::MapUpdate {
+                map: PORTS_MAP,
+                source,
+            })
+    }
 }
 
 /// A cloneable handle on the probe's watch lists; updates apply to the running program at
@@ -246,27 +258,34 @@ impl ProbeMaps {
     /// SYNs to `port` (host order, any address) emit trigger `syn` events.
     pub fn watch_port(&self, port: u16) -> Result<(), ProbeError> {
         let mut maps = self.lock();
-        maps.ports
-            .set(u32::from(port), 1, 0)
-            .map_err(|source| ProbeError::MapUpdate {
-                map: PORTS_MAP,
-                source,
-            })?;
+        maps.set_port(port, SYNWAKE_PORT_FUNCTION as u8)?;
+        maps.shared_set.remove(&port);
         maps.port_set.insert(port);
         Ok(())
     }
 
-    /// Stops `syn` events for `port`.
+    /// SYNs to the shared gateway port `port` emit trigger `shared_port` events (the
+    /// daemon picks the function from the client address: affinity).
+    pub fn watch_shared_port(&self, port: u16) -> Result<(), ProbeError> {
+        let mut maps = self.lock();
+        maps.set_port(port, SYNWAKE_PORT_SHARED as u8)?;
+        maps.port_set.remove(&port);
+        maps.shared_set.insert(port);
+        Ok(())
+    }
+
+    /// Stops `syn` or `shared_port` events for `port`.
     pub fn unwatch_port(&self, port: u16) -> Result<(), ProbeError> {
         let mut maps = self.lock();
-        maps.ports
-            .set(u32::from(port), 0, 0)
-            .map_err(|source| ProbeError::MapUpdate {
-                map: PORTS_MAP,
-                source,
-            })?;
+        maps.set_port(port, 0)?;
         maps.port_set.remove(&port);
+        maps.shared_set.remove(&port);
         Ok(())
+    }
+
+    /// The watched shared ports, sorted.
+    pub fn watched_shared_ports(&self) -> Vec<u16> {
+        self.lock().shared_set.iter().copied().collect()
     }
 
     /// SYNs carrying the synwake option with `id` (see [`crate::function_id`]) emit
@@ -423,6 +442,7 @@ impl Probe {
                     ports,
                     ids,
                     port_set: BTreeSet::new(),
+                    shared_set: BTreeSet::new(),
                 })),
             },
             stats,
@@ -576,6 +596,11 @@ impl Probe {
     /// Same as [`ProbeMaps::unwatch_port`].
     pub fn unwatch_port(&self, port: u16) -> Result<(), ProbeError> {
         self.maps.unwatch_port(port)
+    }
+
+    /// Same as [`ProbeMaps::watch_shared_port`].
+    pub fn watch_shared_port(&self, port: u16) -> Result<(), ProbeError> {
+        self.maps.watch_shared_port(port)
     }
 
     /// Same as [`ProbeMaps::watch_id`].

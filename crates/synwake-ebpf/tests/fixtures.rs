@@ -118,6 +118,39 @@ fn ipv4_syn_to_watched_port_emits_one_syn_event() {
 }
 
 #[test]
+fn syn_to_a_shared_port_emits_a_shared_port_event_with_the_client_address() {
+    let mut f = fixture!("syn_to_a_shared_port_emits_a_shared_port_event_with_the_client_address");
+    f.probe.watch_shared_port(OTHER_PORT).unwrap();
+    let event = f.one_event(&v4_packet(OTHER_PORT, SYN, &linux_syn_options(), &[]));
+    assert_eq!(event.trigger, ProbeTrigger::SharedPort);
+    assert_eq!(event.dst_port, OTHER_PORT);
+    assert_eq!(event.function_id, None);
+    assert_eq!(event.src, SocketAddr::from((CLIENT_V4, 40000)));
+    let event = f.one_event(&v6_packet(OTHER_PORT, SYN, &linux_syn_options(), &[]));
+    assert_eq!(event.trigger, ProbeTrigger::SharedPort);
+    assert_eq!(event.src, SocketAddr::from((CLIENT_V6, 40001)));
+    assert_eq!(f.probe.maps().watched_shared_ports(), vec![OTHER_PORT]);
+    // The function's own port keeps its trigger; the option still names the function.
+    assert_eq!(
+        f.one_event(&v4_packet(WATCHED_PORT, SYN, &[], &[])).trigger,
+        ProbeTrigger::Syn
+    );
+    let tagged = f.one_event(&v4_packet(
+        OTHER_PORT,
+        SYN,
+        &synwake_option(function_id("hello")),
+        &[],
+    ));
+    assert_eq!(tagged.trigger, ProbeTrigger::TcpOption);
+    f.probe.unwatch_port(OTHER_PORT).unwrap();
+    f.no_event(
+        &v4_packet(OTHER_PORT, SYN, &linux_syn_options(), &[]),
+        "shared port unwatched",
+    );
+    assert!(f.probe.maps().watched_shared_ports().is_empty());
+}
+
+#[test]
 fn ipv6_syn_to_watched_port_emits_one_syn_event() {
     let mut f = fixture!("ipv6_syn_to_watched_port_emits_one_syn_event");
     let event = f.one_event(&v6_packet(WATCHED_PORT, SYN, &linux_syn_options(), &[]));
