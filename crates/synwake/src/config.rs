@@ -157,6 +157,9 @@ pub struct ProbeSection {
     pub mode: ProbeMode,
     /// `None`: every interface that is up, lo included.
     pub interfaces: Option<Vec<String>>,
+    /// Affinity wakes on the shared ports (trigger `affinity`): a SYN from a client that
+    /// called exactly one function within this window wakes it. `None`: off.
+    pub affinity_window: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -296,6 +299,8 @@ struct RawProbe {
     #[serde(default = "default_probe_mode")]
     mode: ProbeMode,
     interfaces: Option<Vec<String>>,
+    #[serde(default, with = "opt_duration")]
+    affinity_window: Option<Duration>,
 }
 
 impl Default for RawProbe {
@@ -303,6 +308,7 @@ impl Default for RawProbe {
         RawProbe {
             mode: default_probe_mode(),
             interfaces: None,
+            affinity_window: None,
         }
     }
 }
@@ -517,6 +523,22 @@ impl Config {
             key: "gateway.tls_handshake_timeout".into(),
             message: e.message,
         })?;
+        if let Some(w) = raw.probe.affinity_window {
+            spec::check_duration("affinity_window", w, &spec::limits::AFFINITY_WINDOW).map_err(
+                |e| ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    line: line_of(
+                        key_offset(
+                            text,
+                            text.find("[probe]").unwrap_or(0),
+                            "affinity_window",
+                        ) + 1,
+                    ),
+                    key: "probe.affinity_window".into(),
+                    message: e.message,
+                },
+            )?;
+        }
         let mut certificates = Vec::new();
         let mut default_line: Option<usize> = None;
         for c in &raw.certificate {
@@ -844,6 +866,7 @@ impl Config {
             probe: ProbeSection {
                 mode: raw.probe.mode,
                 interfaces: raw.probe.interfaces,
+                affinity_window: raw.probe.affinity_window,
             },
             oci: OciSection {
                 runtime_binary: raw.oci.runtime_binary.unwrap_or_else(|| "runc".into()),

@@ -285,6 +285,7 @@ pub struct Metrics {
     pub pool_starts: Family,
     pub wake_to_start: HistogramFamily,
     pub idle_instance_seconds: Family,
+    pub affinity_syns: Family,
     /// Reads the probe's kernel counters (events, lost) when /metrics is rendered.
     probe_counters: std::sync::Mutex<Option<ProbeCounters>>,
 }
@@ -403,6 +404,12 @@ impl Metrics {
                 "counter",
                 &["function"],
             ),
+            affinity_syns: Family::new(
+                "synwake_affinity_syns_total",
+                "SYNs to a shared port seen with affinity on, by outcome: woke (the client's only recent function was cold), warm, suppressed (rate limit), no_single_function.",
+                "counter",
+                &["outcome"],
+            ),
             probe_counters: std::sync::Mutex::new(None),
         }
     }
@@ -467,6 +474,7 @@ impl Metrics {
         self.predicted_wasted.render(&mut out);
         self.wake_lead.render(&mut out);
         self.idle_instance_seconds.render(&mut out);
+        self.affinity_syns.render(&mut out);
         self.pool_starts.render(&mut out);
         self.wake_to_start.render(&mut out);
         for (name, help, v) in [

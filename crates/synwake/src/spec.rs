@@ -235,6 +235,7 @@ pub mod limits {
     pub const START_TIMEOUT: RangeInclusive<Duration> = ms(1)..=secs(3600);
     pub const STOP_GRACE: RangeInclusive<Duration> = ms(0)..=secs(3600);
     pub const PREWARM_TTL: RangeInclusive<Duration> = ms(0)..=secs(DAY);
+    pub const AFFINITY_WINDOW: RangeInclusive<Duration> = ms(1)..=secs(DAY);
     pub const DRAIN_TIMEOUT: RangeInclusive<Duration> = ms(0)..=secs(3600);
     pub const TLS_HANDSHAKE_TIMEOUT: RangeInclusive<Duration> = ms(1)..=secs(600);
     /// Host names one function may claim.

@@ -254,6 +254,73 @@ fn syn_with_synwake_option_on_shared_port_wakes_named_function() {
     assert_eq!(m.get("synwake_probe_events_total"), 1.0);
 }
 
+/// Affinity (`[probe] affinity_window`): a SYN to the shared port from a client whose only
+/// recent function is g wakes g (trigger affinity), is undone after prewarm_ttl when no
+/// request follows, and wakes nothing once the client called two functions.
+#[test]
+fn affinity_syn_to_the_shared_port_wakes_the_clients_only_recent_function() {
+    const TEST: &str = "affinity_syn_to_the_shared_port_wakes_the_clients_only_recent_function";
+    let Some(net) = Net::create_or_skip(TEST) else {
+        return;
+    };
+    let body = "env = { INIT_MS = \"50\" }\nprewarm_ttl = \"400ms\"\nidle_timeout = \"60s\"";
+    let d = NsDaemon::start_custom(
+        &net,
+        &format!("mode = \"auto\"\ninterfaces = [\"{SERVER_IF}\"]\naffinity_window = \"60s\""),
+        "",
+        &format!("{}{}", function("g", body), function("h", body)),
+        "info",
+    );
+    if !d.probe_or_skip(TEST) {
+        return;
+    }
+    let shared = f_addr(SHARED_PORT);
+    let affinity = |outcome: &str| {
+        d.metrics()
+            .get(&format!("synwake_affinity_syns_total{{outcome=\"{outcome}\"}}"))
+    };
+    // The first call's own SYN finds no history.
+    assert_eq!(client_get(&net, shared, "/function/g/").expect("g").status, 200);
+    assert_eq!(affinity("no_single_function"), 1.0);
+    d.scale("g", 0);
+    assert!(wait_until(Duration::from_secs(5), || d.replicas("g") == 0));
+
+    net.client_raw_socket()
+        .syn(43000, SHARED_PORT, &[])
+        .expect("SYN");
+    assert!(
+        wait_until(Duration::from_secs(5), || d.available("g") == 1),
+        "the shared-port SYN did not wake g:\n{}",
+        d.log()
+    );
+    assert_eq!(d.replicas("h"), 0, "h has no affinity with this client");
+    assert_eq!(affinity("woke"), 1.0);
+    // No request follows: undone after prewarm_ttl, counted as wasted.
+    assert!(
+        wait_until(Duration::from_secs(5), || d.replicas("g") == 0),
+        "the affinity wake was not undone"
+    );
+    let m = d.metrics();
+    assert_eq!(m.get(&series("synwake_cold_starts_total", "g", "affinity")), 1.0);
+    assert_eq!(m.get("synwake_prewarms_wasted_total{function=\"g\"}"), 1.0);
+
+    // Calling h too makes the client ambiguous (its SYN still had only g: a second wake).
+    assert_eq!(client_get(&net, shared, "/function/h/").expect("h").status, 200);
+    assert_eq!(affinity("woke"), 2.0);
+    d.scale("g", 0);
+    d.scale("h", 0);
+    assert!(wait_until(Duration::from_secs(5), || d.replicas("g")
+        + d.replicas("h")
+        == 0));
+    net.client_raw_socket()
+        .syn(43001, SHARED_PORT, &[])
+        .expect("SYN");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(d.replicas("g") + d.replicas("h"), 0, "an ambiguous client woke a function");
+    assert_eq!(affinity("no_single_function"), 2.0);
+    assert_eq!(affinity("woke"), 2.0);
+}
+
 /// Scenario 3: 1000 SYNs from 1000 source ports within a second start at most the burst,
 /// and a warm function on another port keeps answering meanwhile. A function that fails
 /// every start shows the rate limit itself: only the burst (plus the refill while the

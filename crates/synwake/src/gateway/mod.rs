@@ -180,7 +180,13 @@ impl Proxy {
             .invoke(req, &function, path, Origin::Client(conn))
             .await
         {
-            Ok(resp) => resp,
+            Ok(resp) => {
+                // Affinity learns which function a client calls on the shared ports.
+                if matches!(route, Route::Shared) {
+                    self.lifecycle.record_client(conn.peer.ip(), &function);
+                }
+                resp
+            }
             Err(e) => acquire_error_response(&e),
         }
     }

@@ -10,6 +10,7 @@ mod idle;
 mod limiter;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -19,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::logs::{LogStore, OutputSink};
 use crate::metrics::Metrics;
+use crate::policy::affinity::Affinity;
 use crate::policy::{IdleHistory, IdlePolicyKind};
 use crate::runtime::{self, Instance, Runtime, StartError};
 use crate::spec::{FunctionSpec, RuntimeKind};
@@ -37,6 +39,8 @@ pub enum Trigger {
     Api,
     /// The adaptive idle policy's pre-warm point (no packet yet).
     Predicted,
+    /// A SYN to a shared port from a client whose only recent function this is.
+    Affinity,
 }
 
 impl Trigger {
@@ -49,6 +53,7 @@ impl Trigger {
             Trigger::Request => "request",
             Trigger::Api => "api",
             Trigger::Predicted => "predicted",
+            Trigger::Affinity => "affinity",
         }
     }
 
@@ -56,7 +61,7 @@ impl Trigger {
     pub fn is_speculative(self) -> bool {
         matches!(
             self,
-            Trigger::Syn | Trigger::TcpOption | Trigger::Sni | Trigger::Accept
+            Trigger::Syn | Trigger::TcpOption | Trigger::Sni | Trigger::Accept | Trigger::Affinity
         )
     }
 }
@@ -303,7 +308,15 @@ struct Inner {
     warmth_changed: watch::Sender<u64>,
     /// Idle histories loaded from the state dir, taken by each function's first deploy.
     restored: Mutex<HashMap<String, IdleHistory>>,
+    /// Which functions each client called on the shared ports (`[probe] affinity_window`);
+    /// `None` while affinity is off. Times are seconds since `origin`.
+    affinity: Mutex<Option<Affinity<IpAddr, Arc<str>>>>,
+    affinity_on: AtomicBool,
+    origin: Instant,
 }
+
+/// Clients remembered for affinity wakes; beyond it the least recently seen are forgotten.
+pub const AFFINITY_MAX_CLIENTS: usize = 65_536;
 
 impl Lifecycle {
     /// `unavailable` names runtimes that could not be set up and why (their starts fail with that reason).
@@ -326,6 +339,9 @@ impl Lifecycle {
                 set_changed: watch::channel(0).0,
                 warmth_changed: watch::channel(0).0,
                 restored: Mutex::new(HashMap::new()),
+                affinity: Mutex::new(None),
+                affinity_on: AtomicBool::new(false),
+                origin: Instant::now(),
             }),
         };
         let weak = Arc::downgrade(&lc.inner);
@@ -339,6 +355,58 @@ impl Lifecycle {
             }
         });
         lc
+    }
+
+    /// Turns affinity wakes on (`Some(window)`) or off.
+    pub fn set_affinity(&self, window: Option<Duration>) {
+        *self.inner.affinity.lock().unwrap() =
+            window.map(|w| Affinity::new(w.as_secs_f64(), AFFINITY_MAX_CLIENTS));
+        self.inner
+            .affinity_on
+            .store(window.is_some(), Ordering::Relaxed);
+    }
+
+    pub fn affinity_enabled(&self) -> bool {
+        self.inner.affinity_on.load(Ordering::Relaxed)
+    }
+
+    fn affinity_now(&self) -> f64 {
+        self.inner.origin.elapsed().as_secs_f64()
+    }
+
+    /// `client` called `function` on a shared port (a no-op while affinity is off).
+    pub fn record_client(&self, client: IpAddr, function: &str) {
+        if !self.affinity_enabled() {
+            return;
+        }
+        let now = self.affinity_now();
+        if let Some(a) = self.inner.affinity.lock().unwrap().as_mut() {
+            a.record(client.to_canonical(), Arc::from(function), now);
+        }
+    }
+
+    /// A SYN from `client` reached a shared port at `at`: wake the one function it called
+    /// within the window, if exactly one (rate limited and undone after prewarm_ttl like
+    /// every packet wake). `None` when no single function matches.
+    pub fn wake_by_affinity(&self, client: IpAddr, at: Instant) -> Option<(Arc<str>, WakeOutcome)> {
+        let now = self.affinity_now();
+        let function = {
+            let a = self.inner.affinity.lock().unwrap();
+            a.as_ref()?.sole_function(&client.to_canonical(), now)
+        };
+        let outcome = match &function {
+            Some(f) => self.wake(f, Trigger::Affinity, at),
+            None => WakeOutcome::UnknownFunction,
+        };
+        let label = match (&function, outcome) {
+            (None, _) => "no_single_function",
+            (_, WakeOutcome::Started) => "woke",
+            (_, WakeOutcome::AlreadyUp) => "warm",
+            (_, WakeOutcome::Suppressed) => "suppressed",
+            (_, WakeOutcome::UnknownFunction | WakeOutcome::AtCapacity) => "no_single_function",
+        };
+        self.inner.metrics.affinity_syns.inc(&[label]);
+        function.map(|f| (f, outcome))
     }
 
     /// Whether the eBPF probe is attached (then accept wakes defer to it).

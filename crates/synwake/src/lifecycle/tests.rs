@@ -1,7 +1,7 @@
 //! State machine tests with a runtime whose instances are real loopback listeners started
 //! in-process, so timing and failures can be set exactly.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -319,6 +319,57 @@ async fn idle_instance_seconds_count_ready_time_without_requests() {
     assert!(idle <= up - 0.4 + 0.01, "idle {idle} up {up}: the busy time was counted");
     let text = lc.metrics().render();
     assert!(text.contains("synwake_idle_instance_seconds_total{function=\"f\"}"));
+}
+
+#[tokio::test]
+async fn affinity_wakes_only_a_sole_recent_function_within_the_rate_limit() {
+    let (lc, rt) = lifecycle();
+    for name in ["a", "b"] {
+        let mut s = spec(name, &[]);
+        s.policy.prewarm_ttl = Duration::from_millis(100);
+        s.policy.max_wakes_per_second = 1;
+        lc.deploy(s).await.unwrap();
+    }
+    let (one, two): (IpAddr, IpAddr) = ("10.7.0.1".parse().unwrap(), "10.7.0.2".parse().unwrap());
+    // Off by default: nothing recorded, nothing woken.
+    lc.record_client(one, "a");
+    assert!(lc.wake_by_affinity(one, Instant::now()).is_none());
+    lc.set_affinity(Some(Duration::from_secs(60)));
+    lc.record_client(one, "a");
+    lc.record_client(two, "a");
+    lc.record_client(two, "b");
+    // An IPv4-mapped IPv6 peer is the same client as the probe's IPv4 source.
+    let mapped: IpAddr = "::ffff:10.7.0.1".parse().unwrap();
+    assert_eq!(
+        lc.wake_by_affinity(mapped, Instant::now()),
+        Some((Arc::from("a"), WakeOutcome::Started))
+    );
+    assert!(lc.wake_by_affinity(two, Instant::now()).is_none(), "two functions: ambiguous");
+    assert!(lc.wake_by_affinity("10.7.0.3".parse().unwrap(), Instant::now()).is_none());
+    assert!(wait_until(|| lc.status("a").unwrap().available == 1, Duration::from_secs(5)).await);
+    assert_eq!(lc.status("b").unwrap().replicas, 0);
+    assert_eq!(
+        lc.wake_by_affinity(one, Instant::now()).map(|w| w.1),
+        Some(WakeOutcome::AlreadyUp)
+    );
+    // Unused: undone after prewarm_ttl and counted as wasted.
+    assert!(wait_until(|| lc.status("a").unwrap().replicas == 0, Duration::from_secs(5)).await);
+    assert_eq!(lc.metrics().prewarms_wasted.get(&["a"]), 1.0);
+    assert_eq!(lc.metrics().cold_starts.get(&["a", "affinity"]), 1.0);
+    // The bucket (1 per second) is empty right after the first wake, so a SYN flood from
+    // that client starts nothing more.
+    let mut started = 0;
+    for _ in 0..50 {
+        if lc.wake_by_affinity(one, Instant::now()).map(|w| w.1) == Some(WakeOutcome::Started) {
+            started += 1;
+        }
+    }
+    assert!(started <= 1, "{started} starts past the rate limit");
+    let m = lc.metrics();
+    assert_eq!(m.affinity_syns.get(&["woke"]), 1.0 + started as f64);
+    assert!(m.affinity_syns.get(&["suppressed"]) >= 49.0 - started as f64);
+    assert_eq!(m.affinity_syns.get(&["no_single_function"]), 2.0);
+    drop(rt);
 }
 
 #[tokio::test]

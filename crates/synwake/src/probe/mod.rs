@@ -6,7 +6,9 @@
 //!
 //! Only cold functions are watched: a SYN for a warm function needs no wake, and each
 //! event costs the host a reader wake-up (~5 us of softirq time on these VMs), so warm
-//! traffic never pays for the probe beyond the ~25 ns parse.
+//! traffic never pays for the probe beyond the ~25 ns parse. The exception is affinity
+//! (`[probe] affinity_window`): then the shared ports are watched always, and their SYNs
+//! wake the one function the client called within the window (`Trigger::Affinity`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -92,6 +94,22 @@ pub fn start(config: &Config, lifecycle: Lifecycle, metrics: Arc<Metrics>) -> Op
     for (iface, mode) in &attachments {
         tracing::info!("probe attached to {iface} ({mode})");
     }
+    if let Some(window) = config.probe.affinity_window {
+        let shared = [
+            Some(config.gateway.listen.port()),
+            config.gateway.tls_listen.map(|a| a.port()),
+        ];
+        for port in shared.into_iter().flatten() {
+            if let Err(e) = probe.watch_shared_port(port) {
+                tracing::warn!(
+                    "probe: watching shared port {port} for affinity: {}",
+                    crate::error_chain(&e)
+                );
+            }
+        }
+        lifecycle.set_affinity(Some(window));
+        tracing::info!("affinity wakes on the shared ports (window {window:?})");
+    }
     let probe = Arc::new(probe);
     let dir = Arc::new(RwLock::new(Directory::default()));
 
@@ -141,6 +159,8 @@ pub fn start(config: &Config, lifecycle: Lifecycle, metrics: Arc<Metrics>) -> Op
 /// SYN -> wake. The wake's time is the SYN's arrival, so the lifecycle can tell how much
 /// head start the packet bought.
 fn on_event(ev: &ProbeEvent, dir: &RwLock<Directory>, lc: &Lifecycle) {
+    let age = Duration::from_nanos(synwake_ebpf::ktime_now_ns().saturating_sub(ev.ktime_ns));
+    let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
     let (name, trigger) = {
         let d = dir.read().unwrap();
         match ev.trigger {
@@ -149,14 +169,19 @@ fn on_event(ev: &ProbeEvent, dir: &RwLock<Directory>, lc: &Lifecycle) {
                 ev.function_id.and_then(|id| d.ids.get(&id).cloned()),
                 Trigger::TcpOption,
             ),
+            ProbeTrigger::SharedPort => (None, Trigger::Affinity),
         }
     };
+    if trigger == Trigger::Affinity {
+        if let Some((name, WakeOutcome::Started)) = lc.wake_by_affinity(ev.src.ip(), at) {
+            tracing::debug!("affinity: SYN from {} woke {name}", ev.src);
+        }
+        return;
+    }
     let Some(name) = name else {
         // Raced with a removal; the map update follows.
         return;
     };
-    let age = Duration::from_nanos(synwake_ebpf::ktime_now_ns().saturating_sub(ev.ktime_ns));
-    let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
     let outcome = lc.wake(&name, trigger, at);
     if outcome == WakeOutcome::Started {
         tracing::debug!(
