@@ -1184,6 +1184,21 @@ mod tests {
     }
 
     #[test]
+    fn affinity_window_is_off_by_default_and_checked() {
+        assert_eq!(parse("").unwrap().probe.affinity_window, None);
+        let c = parse("[probe]\naffinity_window = \"30s\"\n").unwrap();
+        assert_eq!(c.probe.affinity_window, Some(Duration::from_secs(30)));
+        let e = parse("[gateway]\n\n[probe]\nmode = \"auto\"\naffinity_window = \"0s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":5: probe.affinity_window"), "{e}");
+        let e = parse("[probe]\naffinity_window = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("affinity_window"), "{e}");
+    }
+
+    #[test]
     fn idle_policy_and_adaptive_knobs() {
         let c = parse(
             "[defaults]\nidle_policy = \"adaptive\"\n[defaults.adaptive]\nbins = 60\nkeepalive_percentile = 95.0\n[[function]]\nname = \"a\"\ncommand = [\"x\"]\n[[function]]\nname = \"b\"\ncommand = [\"x\"]\nidle_policy = \"fixed\"\n",
