@@ -701,12 +701,18 @@ mod tests {
     fn sums_one_functions_labelled_samples() {
         let text = "# TYPE x counter\nsynwake_cold_starts_total{function=\"f\",trigger=\"request\"} 2\nsynwake_cold_starts_total{function=\"f\",trigger=\"predicted\"} 3\nsynwake_cold_starts_total{function=\"f2\",trigger=\"request\"} 7\nsynwake_cold_start_wait_seconds_count{function=\"f\"} 4\n";
         assert_eq!(function_metric(text, "synwake_cold_starts_total", "f"), 5.0);
-        assert_eq!(function_metric(text, "synwake_cold_starts_total", "f2"), 7.0);
+        assert_eq!(
+            function_metric(text, "synwake_cold_starts_total", "f2"),
+            7.0
+        );
         assert_eq!(
             function_metric(text, "synwake_cold_start_wait_seconds_count", "f"),
             4.0
         );
-        assert_eq!(function_metric(text, "synwake_cold_start_wait_seconds", "f"), 0.0);
+        assert_eq!(
+            function_metric(text, "synwake_cold_start_wait_seconds", "f"),
+            0.0
+        );
         assert_eq!(function_metric(text, "synwake_cold_starts_total", "g"), 0.0);
     }
 

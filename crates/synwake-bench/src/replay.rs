@@ -173,7 +173,12 @@ pub fn replay(
     let target = SocketAddr::V4(SocketAddrV4::new(netns::SERVER_ADDR, GATEWAY_PORT));
     let mut workers = Vec::new();
     for w in 0..opts.workers.max(1) {
-        let (rx, results, names, ns) = (rx.clone(), results.clone(), names.clone(), topo.client.clone());
+        let (rx, results, names, ns) = (
+            rx.clone(),
+            results.clone(),
+            names.clone(),
+            topo.client.clone(),
+        );
         workers.push(
             std::thread::Builder::new()
                 .name(format!("replay-{w}"))

@@ -397,7 +397,10 @@ fn replay_cleans_up_after_a_failed_start_and_after_sigint() {
         workers: 1,
     };
     let err = replay(&plan, &opts, &|_| {}).expect_err("a daemon that exits must fail the replay");
-    assert!(format!("{err:#}").contains("exited before it was healthy"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("exited before it was healthy"),
+        "{err:#}"
+    );
     assert!(ours(&prefix).is_empty(), "left behind: {:?}", ours(&prefix));
 
     // The CLI, interrupted in the middle of a replay.
@@ -405,7 +408,13 @@ fn replay_cleans_up_after_a_failed_start_and_after_sigint() {
     let mut child = Command::new(synwake_bin())
         .args(["bench", "trace", "--replay", "--generate", "periodic"])
         .args(["--functions", "3", "--hours", "1", "--seed", "2"])
-        .args(["--policies", "fixed-60s", "--replay-duration", "60s", "--out"])
+        .args([
+            "--policies",
+            "fixed-60s",
+            "--replay-duration",
+            "60s",
+            "--out",
+        ])
         .arg(&out)
         .arg("--function-bin")
         .arg(fn_bin())
@@ -419,7 +428,10 @@ fn replay_cleans_up_after_a_failed_start_and_after_sigint() {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !line.contains("replaying") {
         line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "replay did not start");
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "replay did not start"
+        );
         assert!(Instant::now() < deadline);
     }
     let theirs = format!("swb-{pid}-");
@@ -432,7 +444,10 @@ fn replay_cleans_up_after_a_failed_start_and_after_sigint() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "no exit on SIGINT");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no exit on SIGINT"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(!status.success());

@@ -528,11 +528,7 @@ impl Config {
                 |e| ConfigError::Invalid {
                     path: path.to_path_buf(),
                     line: line_of(
-                        key_offset(
-                            text,
-                            text.find("[probe]").unwrap_or(0),
-                            "affinity_window",
-                        ) + 1,
+                        key_offset(text, text.find("[probe]").unwrap_or(0), "affinity_window") + 1,
                     ),
                     key: "probe.affinity_window".into(),
                     message: e.message,

@@ -276,11 +276,15 @@ fn affinity_syn_to_the_shared_port_wakes_the_clients_only_recent_function() {
     }
     let shared = f_addr(SHARED_PORT);
     let affinity = |outcome: &str| {
-        d.metrics()
-            .get(&format!("synwake_affinity_syns_total{{outcome=\"{outcome}\"}}"))
+        d.metrics().get(&format!(
+            "synwake_affinity_syns_total{{outcome=\"{outcome}\"}}"
+        ))
     };
     // The first call's own SYN finds no history.
-    assert_eq!(client_get(&net, shared, "/function/g/").expect("g").status, 200);
+    assert_eq!(
+        client_get(&net, shared, "/function/g/").expect("g").status,
+        200
+    );
     assert_eq!(affinity("no_single_function"), 1.0);
     d.scale("g", 0);
     assert!(wait_until(Duration::from_secs(5), || d.replicas("g") == 0));
@@ -301,11 +305,17 @@ fn affinity_syn_to_the_shared_port_wakes_the_clients_only_recent_function() {
         "the affinity wake was not undone"
     );
     let m = d.metrics();
-    assert_eq!(m.get(&series("synwake_cold_starts_total", "g", "affinity")), 1.0);
+    assert_eq!(
+        m.get(&series("synwake_cold_starts_total", "g", "affinity")),
+        1.0
+    );
     assert_eq!(m.get("synwake_prewarms_wasted_total{function=\"g\"}"), 1.0);
 
     // Calling h too makes the client ambiguous (its SYN still had only g: a second wake).
-    assert_eq!(client_get(&net, shared, "/function/h/").expect("h").status, 200);
+    assert_eq!(
+        client_get(&net, shared, "/function/h/").expect("h").status,
+        200
+    );
     assert_eq!(affinity("woke"), 2.0);
     d.scale("g", 0);
     d.scale("h", 0);
@@ -316,7 +326,11 @@ fn affinity_syn_to_the_shared_port_wakes_the_clients_only_recent_function() {
         .syn(43001, SHARED_PORT, &[])
         .expect("SYN");
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(d.replicas("g") + d.replicas("h"), 0, "an ambiguous client woke a function");
+    assert_eq!(
+        d.replicas("g") + d.replicas("h"),
+        0,
+        "an ambiguous client woke a function"
+    );
     assert_eq!(affinity("no_single_function"), 2.0);
     assert_eq!(affinity("woke"), 2.0);
 }

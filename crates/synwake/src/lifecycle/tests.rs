@@ -311,12 +311,21 @@ async fn idle_instance_seconds_count_ready_time_without_requests() {
     let lease = lc.acquire("f").await.unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     drop(lease);
-    assert!(wait_until(|| lc.status("f").unwrap().replicas == 0, Duration::from_secs(5)).await);
+    assert!(
+        wait_until(
+            || lc.status("f").unwrap().replicas == 0,
+            Duration::from_secs(5)
+        )
+        .await
+    );
     let up = t0.elapsed().as_secs_f64();
     let idle = lc.metrics().idle_instance_seconds.get(&["f"]);
     // Busy for 400 ms, then idle until the 300 ms idle_timeout stopped it.
     assert!(idle >= 0.3, "idle {idle}");
-    assert!(idle <= up - 0.4 + 0.01, "idle {idle} up {up}: the busy time was counted");
+    assert!(
+        idle <= up - 0.4 + 0.01,
+        "idle {idle} up {up}: the busy time was counted"
+    );
     let text = lc.metrics().render();
     assert!(text.contains("synwake_idle_instance_seconds_total{function=\"f\"}"));
 }
@@ -344,16 +353,33 @@ async fn affinity_wakes_only_a_sole_recent_function_within_the_rate_limit() {
         lc.wake_by_affinity(mapped, Instant::now()),
         Some((Arc::from("a"), WakeOutcome::Started))
     );
-    assert!(lc.wake_by_affinity(two, Instant::now()).is_none(), "two functions: ambiguous");
-    assert!(lc.wake_by_affinity("10.7.0.3".parse().unwrap(), Instant::now()).is_none());
-    assert!(wait_until(|| lc.status("a").unwrap().available == 1, Duration::from_secs(5)).await);
+    assert!(
+        lc.wake_by_affinity(two, Instant::now()).is_none(),
+        "two functions: ambiguous"
+    );
+    assert!(lc
+        .wake_by_affinity("10.7.0.3".parse().unwrap(), Instant::now())
+        .is_none());
+    assert!(
+        wait_until(
+            || lc.status("a").unwrap().available == 1,
+            Duration::from_secs(5)
+        )
+        .await
+    );
     assert_eq!(lc.status("b").unwrap().replicas, 0);
     assert_eq!(
         lc.wake_by_affinity(one, Instant::now()).map(|w| w.1),
         Some(WakeOutcome::AlreadyUp)
     );
     // Unused: undone after prewarm_ttl and counted as wasted.
-    assert!(wait_until(|| lc.status("a").unwrap().replicas == 0, Duration::from_secs(5)).await);
+    assert!(
+        wait_until(
+            || lc.status("a").unwrap().replicas == 0,
+            Duration::from_secs(5)
+        )
+        .await
+    );
     assert_eq!(lc.metrics().prewarms_wasted.get(&["a"]), 1.0);
     assert_eq!(lc.metrics().cold_starts.get(&["a", "affinity"]), 1.0);
     // The bucket (1 per second) is empty right after the first wake, so a SYN flood from

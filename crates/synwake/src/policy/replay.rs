@@ -346,7 +346,10 @@ mod tests {
         assert_eq!(a.min_unload, Duration::from_millis(1250));
         assert_eq!(a.histogram_range, Duration::from_secs(600));
         assert!(a.validate().is_ok());
-        assert_eq!(scaled(Duration::from_millis(10), 100.0), Duration::from_millis(1));
+        assert_eq!(
+            scaled(Duration::from_millis(10), 100.0),
+            Duration::from_millis(1)
+        );
         // The same decisions in compressed time: a fixed 60 s keep-alive at 24x is 2.5 s.
         let fixed = PolicySpec::parse("fixed-60s").unwrap();
         let t = policy_settings(
