@@ -289,6 +289,7 @@ impl RawPolicy {
                 .clone()
                 .unwrap_or_else(|| base.adaptive.clone()),
             user: self.user.clone().or_else(|| base.user.clone()),
+            max_queued: base.max_queued,
         }
     }
 }
@@ -371,6 +372,8 @@ struct RawFunction {
     cpus: Option<f64>,
     pids: Option<u64>,
     pool: Option<u32>,
+    /// Async calls queued for this function before 429 (`[async] max_queued` otherwise).
+    max_queued: Option<u64>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
     #[serde(default)]
@@ -750,7 +753,7 @@ impl Config {
                 ),
             };
             let max_instances = f.max_instances.unwrap_or(1);
-            let policy = RawPolicy {
+            let mut policy = RawPolicy {
                 idle_timeout: f.idle_timeout,
                 start_timeout: f.start_timeout,
                 stop_grace: f.stop_grace,
@@ -765,6 +768,7 @@ impl Config {
                 user: f.user,
             }
             .apply(&defaults);
+            policy.max_queued = f.max_queued;
             let spec = FunctionSpec {
                 name: name.clone(),
                 port,

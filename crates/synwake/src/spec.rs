@@ -91,6 +91,9 @@ pub struct Policy {
     /// `nobody`. Root only when named.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Async calls queued for this function before 429; `None`: `[async] max_queued`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queued: Option<u64>,
 }
 
 fn default_timeout() -> Duration {
@@ -116,6 +119,7 @@ impl Default for Policy {
             idle_policy: crate::policy::IdlePolicyKind::Fixed,
             adaptive: crate::policy::AdaptiveConfig::default(),
             user: None,
+            max_queued: None,
         }
     }
 }
@@ -333,6 +337,9 @@ impl Policy {
         )?;
         if let Some(u) = &self.user {
             crate::runtime::user::validate(u).map_err(|e| SpecError::new("user", e.to_string()))?;
+        }
+        if let Some(n) = self.max_queued {
+            check_count("max_queued", n, &limits::ASYNC_MAX_QUEUED)?;
         }
         Ok(())
     }

@@ -148,6 +148,12 @@ type Received = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
 
 /// A callback receiver on a free loopback port; answers 200 to each POST.
 fn callback_server() -> (u16, Received) {
+    callback_server_failing(0)
+}
+
+/// A callback receiver that answers the first `fail_first` POSTs with 503, then 200;
+/// every POST is recorded.
+fn callback_server_failing(fail_first: usize) -> (u16, Received) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let got: Received = Arc::default();
@@ -178,15 +184,22 @@ fn callback_server() -> (u16, Received) {
                     .unwrap_or(0);
                 let mut body = vec![0; n];
                 let _ = r.read_exact(&mut body);
-                g.lock().unwrap().push((
-                    h.get("x-call-id").cloned().unwrap_or_default(),
-                    h.get("x-function-status").cloned().unwrap_or_default(),
-                    body,
-                ));
+                let seen = {
+                    let mut g = g.lock().unwrap();
+                    g.push((
+                        h.get("x-call-id").cloned().unwrap_or_default(),
+                        h.get("x-function-status").cloned().unwrap_or_default(),
+                        body,
+                    ));
+                    g.len()
+                };
+                let answer: &[u8] = if seen <= fail_first {
+                    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                };
                 let mut s = s;
-                let _ = s.write_all(
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-                );
+                let _ = s.write_all(answer);
             });
         }
     });
@@ -259,4 +272,173 @@ fn bad_gateway_is_retried_then_the_callback_gets_the_final_status() {
         m.get("synwake_async_failed_total{function=\"broken\"}"),
         1.0
     );
+}
+
+#[test]
+fn max_queued_is_per_function_from_config_and_annotation() {
+    let mut body = function_env("own", &[("INIT_MS", "10000".into())], "max_queued = 2");
+    body += &function_env("global", &[("INIT_MS", "10000".into())], "");
+    body += "[async]\nmax_queued = 4\n";
+    let d = Daemon::start(&body);
+    let accepted = |name: &str, n: usize| -> usize {
+        (0..n)
+            .map(|_| post_async(&d, name, &[], b"x"))
+            .take_while(|r| r.status == 202)
+            .count()
+    };
+    assert_eq!(accepted("own", 10), 2, "config max_queued = 2");
+    assert_eq!(accepted("global", 10), 4, "[async] max_queued = 4");
+    let r = post_async(&d, "own", &[], b"x");
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert!(r.text().contains("max_queued 2"), "{}", r.text());
+    // Through the API: the annotation, range-checked at deploy.
+    let deploy = |max_queued: &str| {
+        d.api_json(
+            "POST",
+            "/system/functions",
+            &serde_json::json!({
+                "service": "api",
+                "envProcess": fn_bin().display().to_string(),
+                "envVars": { "INIT_MS": "10000" },
+                "annotations": { "com.synwake.max-queued": max_queued },
+            })
+            .to_string(),
+        )
+    };
+    for bad in ["0", "1000001", "-1", "lots"] {
+        let r = deploy(bad);
+        assert_eq!(r.status, 400, "max-queued {bad}: {}", r.text());
+        assert!(
+            r.text().contains("annotations.com.synwake.max-queued"),
+            "{bad}: {}",
+            r.text()
+        );
+    }
+    let r = deploy("3");
+    assert!(matches!(r.status, 200..=202), "{} {}", r.status, r.text());
+    assert_eq!(accepted("api", 10), 3, "annotation max-queued = 3");
+    let m = Metrics(d.metrics());
+    assert_eq!(m.get("synwake_async_queued{function=\"own\"}"), 2.0);
+    assert_eq!(m.get("synwake_async_queued{function=\"global\"}"), 4.0);
+    assert_eq!(m.get("synwake_async_queued{function=\"api\"}"), 3.0);
+}
+
+#[test]
+fn retry_counts_and_backoff_survive_kill_9_and_restart() {
+    let dir = call_log_dir();
+    let log = dir.path().join("broken.txt");
+    let body = function_env(
+        "broken",
+        &[
+            ("FAIL_FIRST", "1000".into()),
+            ("CALL_LOG", log.display().to_string()),
+        ],
+        "",
+    )
+        + "[async]\nmax_retries = 3\nretry_backoff = \"1500ms\"\nretry_backoff_max = \"1500ms\"\n";
+    let mut d = Daemon::start_with("callback_allow = [\"127.0.0.1\"]", &body);
+    let (port, got) = callback_server();
+    let cb = format!("http://127.0.0.1:{port}/done");
+    let r = post_async(&d, "broken", &[("x-callback-url", &cb)], b"payload");
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.header("x-call-id").unwrap().to_string();
+    // Two failed attempts, both counted (and so recorded) before the kill.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            Metrics(d.metrics()).get("synwake_async_retried_total{function=\"broken\"}") >= 2.0
+        }),
+        "two retries never happened: {:?}",
+        logged(&log)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    d.stop_with(libc::SIGKILL, Duration::from_secs(10))
+        .expect("SIGKILL ends synwake");
+    let before = logged(&log).len();
+    assert_eq!(before, 2, "attempts before the kill: {:?}", logged(&log));
+    d.spawn();
+    assert!(
+        wait_until(Duration::from_secs(30), || !got.lock().unwrap().is_empty()),
+        "no callback after the restart"
+    );
+    // 1 + max_retries attempts in all, not 2 + 1 + max_retries: the count was kept.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(logged(&log), vec![id.clone(); 4]);
+    let got = got.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].0.as_str(), got[0].1.as_str()), (id.as_str(), "502"));
+    let m = Metrics(d.metrics());
+    assert_eq!(
+        m.get("synwake_async_retried_total{function=\"broken\"}"),
+        1.0
+    );
+    assert_eq!(m.get("synwake_async_queued{function=\"broken\"}"), 0.0);
+}
+
+#[test]
+fn a_failing_callback_is_retried_with_backoff() {
+    let body =
+        function_env("echo", &[], "") + "[async]\nmax_retries = 3\nretry_backoff = \"20ms\"\n";
+    let d = Daemon::start_with("callback_allow = [\"127.0.0.1\"]", &body);
+    // 503 twice, then 200: three POSTs of the same result.
+    let (port, got) = callback_server_failing(2);
+    let cb = format!("http://127.0.0.1:{port}/done");
+    let r = post_async(&d, "echo", &[("x-callback-url", &cb)], b"payload");
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.header("x-call-id").unwrap().to_string();
+    assert!(
+        wait_until(Duration::from_secs(30), || got.lock().unwrap().len() >= 3),
+        "callbacks: {:?}",
+        got.lock().unwrap()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let got = got.lock().unwrap().clone();
+    assert_eq!(got.len(), 3, "a 200 ends the retries: {got:?}");
+    for (i, s, b) in &got {
+        assert_eq!(
+            (i.as_str(), s.as_str(), b.as_slice()),
+            (id.as_str(), "200", &b"payload"[..])
+        );
+    }
+    // A callback that is down (nothing listens) is tried 1 + max_retries times, then the
+    // call is finished anyway.
+    let dead = format!("http://127.0.0.1:{}/done", free_port());
+    let r = post_async(&d, "echo", &[("x-callback-url", &dead)], b"x");
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert!(wait_until(Duration::from_secs(30), || {
+        Metrics(d.metrics()).get("synwake_async_queued{function=\"echo\"}") == 0.0
+    }));
+    assert!(
+        d.log().contains("callback failed after 4 attempt(s)"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn running_calls_are_counted_per_function() {
+    let body = function_env("busy", &[], "") + &function_env("idle", &[], "");
+    let d = Daemon::start(&body);
+    for _ in 0..3 {
+        let r = request(
+            loopback(d.api),
+            "POST",
+            "/async-function/busy/sleep/3000",
+            &[],
+            Some(b"x"),
+        )
+        .unwrap();
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            Metrics(d.metrics()).get("synwake_async_running{function=\"busy\"}") == 3.0
+        }),
+        "{}",
+        d.metrics()
+    );
+    let m = Metrics(d.metrics());
+    assert_eq!(m.get("synwake_async_running{function=\"idle\"}"), 0.0);
+    assert!(wait_until(Duration::from_secs(20), || {
+        Metrics(d.metrics()).get("synwake_async_running{function=\"busy\"}") == 0.0
+    }));
 }

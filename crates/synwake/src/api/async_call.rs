@@ -3,8 +3,11 @@
 //! answered 202 with `X-Call-Id`; it runs in the background, at least once, also across a
 //! crash and restart of synwake. The function gets `X-Call-Id` (to deduplicate); 502, 503,
 //! 504 and connection failures are retried with backoff up to `max_retries`, then an
-//! `X-Callback-Url` gets the final response with `X-Call-Id` and `X-Function-Status`.
-//! Bounded: `max_queued` calls per function and `max_queued_bytes` in all, beyond that 429.
+//! `X-Callback-Url` gets the final response with `X-Call-Id` and `X-Function-Status`
+//! (the callback itself is retried with the same backoff). Retry counts are on disk, so a
+//! restart neither resets them nor the backoff. Bounded: `max_queued` calls per function
+//! (the function's own `max_queued` or `[async] max_queued`) and `max_queued_bytes` in
+//! all, beyond that 429.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -45,7 +48,6 @@ struct Inner {
     /// Calls being sent at once, over all functions.
     workers: tokio::sync::Semaphore,
     next_id: AtomicU64,
-    running: AtomicU64,
 }
 
 #[derive(Default)]
@@ -58,6 +60,8 @@ struct Counts {
     accepted: BTreeMap<u64, u64>,
     retried: HashMap<String, u64>,
     failed: HashMap<String, u64>,
+    /// Calls being sent now (or their callback), per function.
+    running: HashMap<String, u64>,
 }
 
 /// What sending a call once came to.
@@ -114,7 +118,6 @@ impl AsyncQueue {
                 cfg,
                 counts: Mutex::new(Counts::default()),
                 next_id: AtomicU64::new(next),
-                running: AtomicU64::new(0),
             }),
         };
         if !pending.is_empty() {
@@ -124,22 +127,22 @@ impl AsyncQueue {
             );
         }
         for call in pending {
-            let _ = q.reserve(&call, false); // not enforced: never refused
+            let _ = q.reserve(&call, None); // not enforced: never refused
             q.spawn(call);
         }
         Ok(q)
     }
 
     /// Counts a call against the bounds; an error (and nothing counted) when it does not
-    /// fit and `enforce` is set.
-    fn reserve(&self, call: &StoredCall, enforce: bool) -> Result<(), String> {
+    /// fit and `max_queued` (the function's bound) is given.
+    fn reserve(&self, call: &StoredCall, max_queued: Option<usize>) -> Result<(), String> {
         let size = call_bytes(call);
         let mut c = self.inner.counts.lock().unwrap();
         let queued = c.queued.get(&call.function).copied().unwrap_or(0);
-        if enforce {
-            if queued >= self.inner.cfg.max_queued {
+        if let Some(max_queued) = max_queued {
+            if queued >= max_queued {
                 return Err(format!(
-                    "function {} already has {queued} queued async calls (max_queued)",
+                    "function {} already has {queued} queued async calls (max_queued {max_queued})",
                     call.function
                 ));
             }
@@ -179,9 +182,15 @@ impl AsyncQueue {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
-        if self.inner.lc.get(name).is_none() {
+        let Some(function) = self.inner.lc.get(name) else {
             return text_response(StatusCode::NOT_FOUND, format!("function {name} not found"));
-        }
+        };
+        let max_queued = function
+            .spec()
+            .policy
+            .max_queued
+            .map_or(self.inner.cfg.max_queued, |n| n as usize);
+        drop(function);
         let query = req
             .uri()
             .query()
@@ -245,8 +254,10 @@ impl AsyncQueue {
                 .map(|(k, v)| (k.as_str().to_string(), Bytes::copy_from_slice(v.as_bytes())))
                 .collect(),
             body,
+            attempts: 0,
+            retry_at_ms: 0,
         };
-        if let Err(why) = self.reserve(&call, true) {
+        if let Err(why) = self.reserve(&call, Some(max_queued)) {
             let mut r = text_response(StatusCode::TOO_MANY_REQUESTS, why);
             r.headers_mut()
                 .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -285,13 +296,18 @@ impl AsyncQueue {
     /// Sends a call with retries, then its callback, then marks it done.
     async fn run_call(&self, call: StoredCall) {
         let inner = &self.inner;
+        // A call that failed before a restart waits out the rest of its backoff first.
+        let wait_ms = call.retry_at_ms.saturating_sub(now_ms());
+        if wait_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(wait_ms).min(inner.cfg.retry_backoff_max))
+                .await;
+        }
         let Ok(_permit) = inner.workers.acquire().await else {
             return;
         };
-        inner.running.fetch_add(1, Ordering::Relaxed);
-        let _running = RunningGuard(&inner.running);
+        let _running = RunningGuard::new(self, &call.function);
         let id = format!("{:016x}", call.id);
-        let mut attempt = 0u32;
+        let mut attempt = call.attempts;
         let (status, headers, body) = loop {
             match deliver(&inner.proxy, &call, &id).await {
                 Outcome::ShuttingDown => {
@@ -324,11 +340,10 @@ impl AsyncQueue {
                 .retried
                 .entry(call.function.clone())
                 .or_default() += 1;
-            let backoff = inner
-                .cfg
-                .retry_backoff
-                .saturating_mul(1u32 << (attempt - 1).min(20))
-                .min(inner.cfg.retry_backoff_max);
+            let backoff = backoff(&inner.cfg, attempt);
+            inner
+                .store
+                .attempt(call.id, attempt, now_ms() + backoff.as_millis() as u64);
             tracing::debug!("async call {id}: attempt {attempt} failed; retrying in {backoff:?}");
             tokio::time::sleep(backoff).await;
         };
@@ -349,6 +364,7 @@ impl AsyncQueue {
         if let Some(cb) = &call.callback {
             callback(
                 &inner.callbacks,
+                &inner.cfg,
                 cb,
                 &id,
                 &call.function,
@@ -395,6 +411,13 @@ impl AsyncQueue {
         );
         family(
             &mut out,
+            "synwake_async_running",
+            "gauge",
+            "Async calls being sent now (or their callback).",
+            &mut c.running.iter().map(|(k, v)| (k, *v as f64)),
+        );
+        family(
+            &mut out,
             "synwake_async_failed_total",
             "counter",
             "Async calls whose final status (after retries) was not 2xx.",
@@ -406,12 +429,6 @@ impl AsyncQueue {
             .next()
             .map_or(0.0, |ms| now_ms().saturating_sub(*ms) as f64 / 1000.0);
         for (name, kind, help, v) in [
-            (
-                "synwake_async_running",
-                "gauge",
-                "Async calls being sent now.",
-                self.inner.running.load(Ordering::Relaxed) as f64,
-            ),
             (
                 "synwake_async_queued_bytes",
                 "gauge",
@@ -434,11 +451,41 @@ impl AsyncQueue {
     }
 }
 
-struct RunningGuard<'a>(&'a AtomicU64);
+/// The delay before retry number `attempt` (1-based): doubling, capped.
+fn backoff(cfg: &AsyncSection, attempt: u32) -> Duration {
+    cfg.retry_backoff
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+        .min(cfg.retry_backoff_max)
+}
+
+/// Counts one call in `synwake_async_running{function}` while it lives.
+struct RunningGuard<'a> {
+    q: &'a AsyncQueue,
+    function: &'a str,
+}
+
+impl<'a> RunningGuard<'a> {
+    fn new(q: &'a AsyncQueue, function: &'a str) -> Self {
+        *q.inner
+            .counts
+            .lock()
+            .unwrap()
+            .running
+            .entry(function.to_string())
+            .or_default() += 1;
+        RunningGuard { q, function }
+    }
+}
 
 impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let mut c = self.q.inner.counts.lock().unwrap();
+        if let Some(n) = c.running.get_mut(self.function) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.running.remove(self.function);
+            }
+        }
     }
 }
 
@@ -497,9 +544,13 @@ pub async fn deliver(proxy: &Proxy, call: &StoredCall, call_id: &str) -> Outcome
     }
 }
 
-/// POSTs the final response to the caller's callback URL (one attempt, bounded).
+/// POSTs the final response to the caller's callback URL; a connection failure, a
+/// timeout or 429/502/503/504 is retried like the call (`max_retries`, the same backoff),
+/// a URL the callback rules refuse is not.
+#[allow(clippy::too_many_arguments)]
 async fn callback(
     policy: &CallbackPolicy,
+    cfg: &AsyncSection,
     url: &str,
     id: &str,
     function: &str,
@@ -507,29 +558,67 @@ async fn callback(
     headers: &HeaderMap,
     body: Bytes,
 ) {
-    let mut req = Request::builder().method(Method::POST).uri(url);
-    if let Some(ct) = headers.get(http::header::CONTENT_TYPE) {
-        req = req.header(http::header::CONTENT_TYPE, ct);
-    }
-    let req = req
-        .header("x-call-id", id)
-        .header("x-function-status", status.as_u16().to_string())
-        .header("x-function-name", function)
-        .body(Full::new(body));
-    match req {
-        Ok(req) => match tokio::time::timeout(
+    let mut attempt = 0u32;
+    loop {
+        let mut req = Request::builder().method(Method::POST).uri(url);
+        if let Some(ct) = headers.get(http::header::CONTENT_TYPE) {
+            req = req.header(http::header::CONTENT_TYPE, ct);
+        }
+        let req = match req
+            .header("x-call-id", id)
+            .header("x-function-status", status.as_u16().to_string())
+            .header("x-function-name", function)
+            .body(Full::new(body.clone()))
+        {
+            Ok(req) => req,
+            Err(e) => {
+                tracing::warn!("async call {id}: callback request: {e}");
+                return;
+            }
+        };
+        let failure = match tokio::time::timeout(
             CALLBACK_TIMEOUT,
             policy.send(url, req, Duration::from_secs(5)),
         )
         .await
         {
-            Ok(Ok(r)) => tracing::debug!("async call {id}: callback answered {}", r.status()),
-            Ok(Err(e)) => tracing::warn!(
-                "async call {id}: callback failed: {}",
+            Ok(Ok(r)) if !retryable_callback_status(r.status()) => {
+                tracing::debug!("async call {id}: callback answered {}", r.status());
+                return;
+            }
+            Ok(Ok(r)) => format!("answered {}", r.status()),
+            Ok(Err(e)) => {
+                let refused = e
+                    .downcast_ref::<super::callback::CallbackError>()
+                    .is_some_and(|e| !matches!(e, super::callback::CallbackError::Resolve { .. }));
+                if refused {
+                    tracing::warn!("async call {id}: callback refused: {e}");
+                    return;
+                }
                 crate::error_chain(e.as_ref())
-            ),
-            Err(_) => tracing::warn!("async call {id}: callback timed out"),
-        },
-        Err(e) => tracing::warn!("async call {id}: callback request: {e}"),
+            }
+            Err(_) => "timed out".to_string(),
+        };
+        if attempt >= cfg.max_retries {
+            tracing::warn!(
+                "async call {id}: callback failed after {} attempt(s): {failure}",
+                attempt + 1
+            );
+            return;
+        }
+        attempt += 1;
+        let wait = backoff(cfg, attempt);
+        tracing::debug!("async call {id}: callback {failure}; retrying in {wait:?}");
+        tokio::time::sleep(wait).await;
     }
+}
+
+fn retryable_callback_status(s: StatusCode) -> bool {
+    matches!(
+        s,
+        StatusCode::TOO_MANY_REQUESTS
+            | StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT
+    )
 }

@@ -1,6 +1,8 @@
 //! The durable async-call queue on disk: an append-only log, `<state_dir>/async/calls.log`.
 //!
-//! Every accepted call is one `accept` record, every finished call one `done` record. A
+//! Every accepted call is one `accept` record, every failed attempt that will be retried
+//! one `attempt` record (so the retry count and backoff survive a restart), every
+//! finished call one `done` record. A
 //! record is `len: u32 LE | crc32: u32 LE | payload`, so a torn tail (a crash mid-write) is
 //! found and cut at the next start. Appends are written and fsync'd by one writer thread
 //! in groups: every caller waiting at the same time shares one `fdatasync`, which is what
@@ -40,10 +42,15 @@ pub struct StoredCall {
     pub callback: Option<String>,
     pub headers: Vec<(String, Bytes)>,
     pub body: Bytes,
+    /// Failed attempts so far and when the next may start (ms since the epoch); kept in
+    /// `attempt` records, not in the `accept` record.
+    pub attempts: u32,
+    pub retry_at_ms: u64,
 }
 
 const ACCEPT: u8 = 1;
 const DONE: u8 = 2;
+const ATTEMPT: u8 = 3;
 /// Log size past which a mostly-dead log is rewritten with its live calls only.
 const COMPACT_AT: u64 = 64 << 20;
 /// Bytes per group write; more waiting appends go in the next group.
@@ -101,6 +108,8 @@ impl StoredCall {
             callback,
             headers,
             body,
+            attempts: 0,
+            retry_at_ms: 0,
         })
     }
 }
@@ -122,6 +131,15 @@ fn done_record(id: u64) -> Bytes {
     let mut p = BytesMut::with_capacity(9);
     p.put_u8(DONE);
     p.put_u64_le(id);
+    frame(&p)
+}
+
+fn attempt_record(id: u64, attempts: u32, retry_at_ms: u64) -> Bytes {
+    let mut p = BytesMut::with_capacity(21);
+    p.put_u8(ATTEMPT);
+    p.put_u64_le(id);
+    p.put_u32_le(attempts);
+    p.put_u64_le(retry_at_ms);
     frame(&p)
 }
 
@@ -162,6 +180,11 @@ enum Op {
         done: tokio::sync::oneshot::Sender<io::Result<()>>,
     },
     Done(u64),
+    Attempt {
+        id: u64,
+        attempts: u32,
+        retry_at_ms: u64,
+    },
 }
 
 /// The queue's log; cheap to clone. Dropping the last clone stops the writer thread.
@@ -190,11 +213,27 @@ impl CallStore {
             );
         }
         let live: HashMap<u64, Bytes> = pending.iter().map(|c| (c.id, c.encode())).collect();
-        let file = rewrite(&path, pending.iter().map(|c| &live[&c.id])).map_err(io_err)?;
+        let retries: HashMap<u64, Bytes> = pending
+            .iter()
+            .filter(|c| c.attempts > 0)
+            .map(|c| (c.id, attempt_record(c.id, c.attempts, c.retry_at_ms)))
+            .collect();
+        let file = rewrite(
+            &path,
+            pending
+                .iter()
+                .flat_map(|c| std::iter::once(&live[&c.id]).chain(retries.get(&c.id))),
+        )
+        .map_err(io_err)?;
         // Held from the live records, not from the whole old log (dead records included).
         let pending: Vec<StoredCall> = pending
             .iter()
-            .filter_map(|c| StoredCall::from_record(&live[&c.id]))
+            .filter_map(|c| {
+                let mut shared = StoredCall::from_record(&live[&c.id])?;
+                shared.attempts = c.attempts;
+                shared.retry_at_ms = c.retry_at_ms;
+                Some(shared)
+            })
             .collect();
         let size = file.metadata().map_err(io_err)?.len();
         let (tx, rx) = mpsc::channel();
@@ -205,6 +244,7 @@ impl CallStore {
             torn: false,
             live_bytes: live.values().map(|r| r.len() as u64).sum(),
             live,
+            retries,
             len: 0,
         };
         std::thread::Builder::new()
@@ -242,6 +282,16 @@ impl CallStore {
     pub fn done(&self, id: u64) {
         let _ = self.tx.send(Op::Done(id));
     }
+
+    /// Records that the call failed `attempts` times and is retried at `retry_at_ms`;
+    /// written at once (not waited for: a crash before it repeats one attempt's backoff).
+    pub fn attempt(&self, id: u64, attempts: u32, retry_at_ms: u64) {
+        let _ = self.tx.send(Op::Attempt {
+            id,
+            attempts,
+            retry_at_ms,
+        });
+    }
 }
 
 struct Writer {
@@ -249,6 +299,8 @@ struct Writer {
     file: File,
     /// Encoded `accept` records of the calls not done, for rewriting the log.
     live: HashMap<u64, Bytes>,
+    /// The latest `attempt` record of the live calls that failed at least once.
+    retries: HashMap<u64, Bytes>,
     /// Bytes appended since the last rewrite (the rewritten part is live data).
     len: u64,
     /// Bytes of the records in `live`.
@@ -278,6 +330,18 @@ impl Writer {
                         if let Some(r) = self.live.remove(&id) {
                             self.live_bytes -= r.len() as u64;
                             buf.extend_from_slice(&done_record(id));
+                        }
+                        self.retries.remove(&id);
+                    }
+                    Op::Attempt {
+                        id,
+                        attempts,
+                        retry_at_ms,
+                    } => {
+                        if self.live.contains_key(&id) {
+                            let r = attempt_record(id, attempts, retry_at_ms);
+                            buf.extend_from_slice(&r);
+                            self.retries.insert(id, r);
                         }
                     }
                 }
@@ -330,7 +394,10 @@ impl Writer {
     fn compact(&mut self) {
         let mut ids: Vec<u64> = self.live.keys().copied().collect();
         ids.sort_unstable();
-        match rewrite(&self.path, ids.iter().map(|id| &self.live[id])) {
+        let records = ids
+            .iter()
+            .flat_map(|id| std::iter::once(&self.live[id]).chain(self.retries.get(id)));
+        match rewrite(&self.path, records) {
             Ok(f) => {
                 self.size = f.metadata().map(|m| m.len()).unwrap_or(0);
                 self.file = f;
@@ -401,6 +468,13 @@ fn read_log(path: &Path) -> io::Result<(Vec<StoredCall>, usize)> {
                 let id = u64::from_le_bytes(payload[1..9].try_into().unwrap());
                 calls.remove(&id);
             }
+            ATTEMPT if payload.len() == 21 => {
+                let id = u64::from_le_bytes(payload[1..9].try_into().unwrap());
+                if let Some(c) = calls.get_mut(&id) {
+                    c.attempts = u32::from_le_bytes(payload[9..13].try_into().unwrap());
+                    c.retry_at_ms = u64::from_le_bytes(payload[13..21].try_into().unwrap());
+                }
+            }
             _ => {}
         }
         at = end;
@@ -424,6 +498,8 @@ mod tests {
             callback: id.is_multiple_of(2).then(|| "http://127.0.0.1:9/cb".into()),
             headers: vec![("content-type".into(), Bytes::from_static(b"text/plain"))],
             body: Bytes::from(vec![id as u8; 1024]),
+            attempts: 0,
+            retry_at_ms: 0,
         }
     }
 
@@ -443,6 +519,30 @@ mod tests {
         let ids: Vec<u64> = pending.iter().map(|c| c.id).collect();
         assert_eq!(ids, [1, 3, 5, 6]);
         assert_eq!(pending[1], call(3));
+    }
+
+    #[tokio::test]
+    async fn attempt_counts_survive_a_restart_and_a_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = CallStore::open(dir.path()).unwrap();
+        for id in 1..=3 {
+            store.append(&call(id)).await.unwrap();
+        }
+        store.attempt(1, 1, 111);
+        store.attempt(1, 2, 222);
+        store.attempt(3, 1, 333);
+        store.done(3);
+        store.append(&call(4)).await.unwrap(); // the records before it are on disk
+        drop(store);
+        // The first open rewrites the log (a compaction); the second reads that rewrite.
+        for _ in 0..2 {
+            let (_s, pending) = CallStore::open(dir.path()).unwrap();
+            let got: Vec<(u64, u32, u64)> = pending
+                .iter()
+                .map(|c| (c.id, c.attempts, c.retry_at_ms))
+                .collect();
+            assert_eq!(got, [(1, 2, 222), (2, 0, 0), (4, 0, 0)]);
+        }
     }
 
     #[tokio::test]

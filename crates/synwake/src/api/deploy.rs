@@ -223,6 +223,7 @@ impl FunctionDeployment {
             user: ann("user")
                 .map(str::to_string)
                 .or_else(|| defaults.user.clone()),
+            max_queued: parse_num("max-queued")?,
             ..defaults.clone()
         };
         let spec = FunctionSpec {
