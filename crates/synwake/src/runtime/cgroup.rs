@@ -800,6 +800,14 @@ pub fn reap_zombies(zombies: &[i32], leaders: &HashSet<i32>) -> usize {
         .count()
 }
 
+/// Whether this process is a child subreaper (orphans below it are reparented to it).
+pub fn is_child_subreaper() -> bool {
+    let mut flag: libc::c_int = 0;
+    // SAFETY: PR_GET_CHILD_SUBREAPER writes one int through the pointer.
+    let rc = unsafe { libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut flag as *mut libc::c_int) };
+    rc == 0 && flag != 0
+}
+
 /// State `Z` and parent `ppid` in /proc/<pid>/stat.
 fn is_zombie_child_of(pid: i32, ppid: i32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {

@@ -80,7 +80,10 @@ impl ProcessRuntime {
                 Ok(mut sigchld) => {
                     tokio::spawn(async move {
                         while sigchld.recv().await.is_some() {
-                            reap_orphans(&prefix, &leaders);
+                            // Orphans come to us only if we are a subreaper (the oci runtime).
+                            if cgroup::is_child_subreaper() {
+                                reap_orphans(&prefix, &leaders);
+                            }
                             // At most ~100 /proc scans a second, whatever the SIGCHLD rate.
                             tokio::time::sleep(Duration::from_millis(10)).await;
                         }
