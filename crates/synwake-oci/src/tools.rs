@@ -57,8 +57,12 @@ pub struct BuildSpec<'a> {
     pub from: Option<&'a str>,
     /// Files added in a layer of their own: (path in the image, mode, content).
     pub files: Vec<(&'a str, u32, &'a [u8])>,
-    /// `Cmd`; the entrypoint is `/bin/busybox`. Default: `httpd -f -p 8080 -h /www`.
+    /// `Cmd`. Default: `httpd -f -p 8080 -h /www`.
     pub cmd: Option<Vec<&'a str>>,
+    /// `Entrypoint`. Default: `/bin/busybox`.
+    pub entrypoint: Option<Vec<&'a str>>,
+    /// `Env` entries (`KEY`, `value`).
+    pub env: Vec<(&'a str, &'a str)>,
     /// `OS/arch` to record in the config (default: this host's).
     pub arch: Option<&'a str>,
 }
@@ -157,16 +161,24 @@ impl ToolStore {
                 .clone()
                 .unwrap_or_else(|| vec!["httpd", "-f", "-p", "8080", "-h", "/www"]);
             let cmd_json = serde_json::to_string(&cmd).expect("strings serialize");
+            let entrypoint = spec
+                .entrypoint
+                .clone()
+                .unwrap_or_else(|| vec!["/bin/busybox"]);
+            let entrypoint_json = serde_json::to_string(&entrypoint).expect("strings serialize");
             let mut config = self.buildah();
             config.args([
                 "config",
                 "--entrypoint",
-                r#"["/bin/busybox"]"#,
+                &entrypoint_json,
                 "--cmd",
                 &cmd_json,
                 "--port",
                 "8080",
             ]);
+            for (k, v) in &spec.env {
+                config.arg("--env").arg(format!("{k}={v}"));
+            }
             if let Some(arch) = spec.arch {
                 config.args(["--arch", arch]);
             }

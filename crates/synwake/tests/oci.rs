@@ -1327,3 +1327,67 @@ fn functions_sharing_a_base_layer_store_it_once_and_unused_images_are_collected(
         "{stdout}"
     );
 }
+
+/// A stand-in for OpenFaaS's of-watchdog, as faas-cli templates run it: listens on 8080 at
+/// once, but `/` and `/_/health` answer only after the function behind it started (1 s).
+const FAKE_FWATCHDOG: &str = "#!/bin/busybox sh\n\
+B=/bin/busybox\n\
+$B mkdir -p /tmp/www/_\n\
+$B httpd -f -p 8080 -h /tmp/www &\n\
+$B sleep 1\n\
+echo \"function ready: $fprocess\" > /tmp/www/index.html\n\
+echo OK > /tmp/www/_/health\n\
+wait\n";
+
+/// An OpenFaaS-style image built by buildah (`fwatchdog` entrypoint, `fprocess` env, port
+/// 8080), deployed with no synwake annotation: readiness waits for `/_/health`, so the
+/// cold request gets the function, not the watchdog's 404 from before it was ready.
+#[test]
+fn openfaas_watchdog_image_is_ready_on_its_health_endpoint_with_no_annotations() {
+    if !can_run("openfaas_watchdog_image") {
+        return;
+    }
+    if let Some(t) = synwake_oci::tools::missing_tool() {
+        let msg = format!("!!! SKIPPING openfaas_watchdog_image: {t} missing !!!");
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
+        eprintln!("{msg}");
+        return;
+    }
+    let _serial = serial();
+    let tools = synwake_oci::tools::ToolStore::new().unwrap();
+    let spec = synwake_oci::tools::BuildSpec {
+        files: vec![("usr/bin/fwatchdog", 0o755, FAKE_FWATCHDOG.as_bytes())],
+        entrypoint: Some(vec!["/usr/bin/fwatchdog"]),
+        cmd: Some(vec![]),
+        env: vec![("fprocess", "cat")],
+        ..Default::default()
+    };
+    tools.build("localhost/swk-images2-ofw:1", &spec).unwrap();
+    let d = OciDaemon::start_in("10.6.3.0/24", |_| String::new());
+    let archive = d.images.dir.path().join("ofw.tar");
+    tools
+        .buildah_push(
+            "localhost/swk-images2-ofw:1",
+            &format!("oci-archive:{}", archive.display()),
+        )
+        .unwrap();
+    let body = json!({ "service": "ofw", "image": archive.display().to_string() });
+    let r = d.d.api_json("POST", "/system/functions", &body.to_string());
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(
+        d.d.status("ofw")["annotations"]["com.synwake.runtime"],
+        "oci",
+        "{}",
+        d.d.status("ofw")
+    );
+    let t0 = Instant::now();
+    let r = d.d.call("ofw", "/");
+    assert_eq!(r.status, 200, "cold request: {}\n{}", r.text(), d.d.log());
+    assert_eq!(r.text(), "function ready: cat\n");
+    assert_eq!(r.header("x-synwake-cold-start"), Some("true"));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "served before the watchdog was healthy ({:?})",
+        t0.elapsed()
+    );
+}

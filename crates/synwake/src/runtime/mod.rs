@@ -72,6 +72,11 @@ pub trait Instance: Send + Sync + 'static {
     async fn wait_exit(&self) -> ExitInfo;
     /// SIGTERM, then SIGKILL after `grace`; returns once it is gone and its resources freed.
     async fn stop(&self, grace: Duration);
+    /// The HTTP path readiness probes when the function sets none (`None`: a TCP
+    /// connect is enough).
+    fn readiness_path(&self) -> Option<&str> {
+        None
+    }
     /// True when this start was served from pre-created state (an OCI pool).
     fn pooled(&self) -> bool {
         false
@@ -117,8 +122,8 @@ pub trait ImageStoreView: Send + Sync {
     async fn prune(&self) -> Result<synwake_oci::PruneReport, String>;
 }
 
-/// Polls the instance until it accepts a TCP connection (or answers `readiness_path` with
-/// 2xx). Probes every 1 ms for the first 500 ms (a refused loopback connect costs ~20 us),
+/// Polls the instance until it accepts a TCP connection (or answers `readiness_path`, else
+/// the instance's own [`Instance::readiness_path`], with 2xx). Probes every 1 ms for the first 500 ms (a refused loopback connect costs ~20 us),
 /// then backs off by 1.25x to at most 20 ms.
 pub async fn wait_ready(
     spec: &FunctionSpec,
@@ -127,11 +132,12 @@ pub async fn wait_ready(
     deadline: Instant,
 ) -> Result<(), StartError> {
     let addr = instance.addr();
+    let readiness_path = spec.readiness_path.as_deref().or(instance.readiness_path());
     let started = Instant::now();
     let probe = async {
         let mut interval = Duration::from_millis(1);
         loop {
-            if probe_once(addr, spec.readiness_path.as_deref()).await {
+            if probe_once(addr, readiness_path).await {
                 return;
             }
             if started.elapsed() > Duration::from_millis(500) {

@@ -299,6 +299,7 @@ impl Runtime for OciFunctions {
         output: OutputSink,
     ) -> Result<Arc<dyn Instance>, StartError> {
         let image = self.image(spec, false).await?;
+        let readiness_path = openfaas_readiness(spec, &image);
         let cspec = self.container_spec(spec, image, instance);
         let (container, pooled) = match self.pool.take(&cspec) {
             Some(c) => (c, true),
@@ -332,6 +333,7 @@ impl Runtime for OciFunctions {
             rt: self.rt.clone(),
             container,
             pooled,
+            readiness_path,
         });
         Ok(inst)
     }
@@ -356,11 +358,34 @@ impl Runtime for OciFunctions {
     }
 }
 
+/// OpenFaaS watchdog images (`fwatchdog` as the command, or `fprocess` in the image's
+/// env when the function keeps the image's command) listen on their port at once but
+/// answer `/_/health` with 200 only once the function behind them is ready.
+fn openfaas_readiness(spec: &FunctionSpec, image: &Image) -> Option<&'static str> {
+    if spec.watchdog != Watchdog::Http {
+        return None;
+    }
+    let own_command = !spec.command.is_empty();
+    let argv0 = if own_command {
+        spec.command.first()
+    } else {
+        image.config.entrypoint.first().or(image.config.cmd.first())
+    };
+    let fwatchdog = argv0.is_some_and(|a| a.rsplit('/').next() == Some("fwatchdog"));
+    let fprocess = !own_command && image.config.env.iter().any(|e| e.starts_with("fprocess="));
+    (fwatchdog || fprocess).then_some(OPENFAAS_HEALTH)
+}
+
+/// The OpenFaaS watchdogs' readiness endpoint.
+pub const OPENFAAS_HEALTH: &str = "/_/health";
+
 /// One container.
 pub struct OciInstance {
     rt: OciRuntime,
     container: Container,
     pooled: bool,
+    /// `/_/health` for OpenFaaS watchdog images, else none (TCP readiness).
+    readiness_path: Option<&'static str>,
 }
 
 #[async_trait]
@@ -391,5 +416,9 @@ impl Instance for OciInstance {
 
     fn pooled(&self) -> bool {
         self.pooled
+    }
+
+    fn readiness_path(&self) -> Option<&str> {
+        self.readiness_path
     }
 }
