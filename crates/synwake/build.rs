@@ -1,12 +1,18 @@
-//! Builds the stdio watchdog (watchdog/main.rs) as a static, std-only binary that the
-//! daemon embeds and bind-mounts into containers (images need no libc for it).
+//! Builds the stdio watchdog (watchdog/main.rs) and the process launcher (launcher/main.rs)
+//! as static, std-only binaries that the daemon embeds (the watchdog is bind-mounted into
+//! containers: images need no libc for it).
 
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    println!("cargo:rerun-if-changed=watchdog/main.rs");
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("synwake-watchdog");
+    build_static("watchdog/main.rs", "synwake_watchdog", "synwake-watchdog");
+    build_static("launcher/main.rs", "synwake_launcher", "synwake-launcher");
+}
+
+fn build_static(source: &str, crate_name: &str, output: &str) {
+    println!("cargo:rerun-if-changed={source}");
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join(output);
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let target = std::env::var("TARGET").expect("TARGET");
     let status = Command::new(rustc)
@@ -16,7 +22,7 @@ fn main() {
             "--crate-type",
             "bin",
             "--crate-name",
-            "synwake_watchdog",
+            crate_name,
         ])
         .args([
             "-C",
@@ -29,8 +35,8 @@ fn main() {
         .args(["--target", &target])
         .arg("-o")
         .arg(&out)
-        .arg("watchdog/main.rs")
+        .arg(source)
         .status()
-        .expect("running rustc for the watchdog");
-    assert!(status.success(), "building watchdog/main.rs failed");
+        .unwrap_or_else(|e| panic!("running rustc for {source}: {e}"));
+    assert!(status.success(), "building {source} failed");
 }

@@ -835,6 +835,13 @@ impl Lifecycle {
         let result = async {
             let rt = self.runtime_for(&spec)?;
             let inst = rt.start(&spec, id, output.clone()).await?;
+            tracing::debug!(
+                "{} instance {id} ({}): start call {:.0} us after the wake, spawned in {:.2} ms",
+                spec.name,
+                trigger.as_str(),
+                t0.saturating_duration_since(woke_at).as_secs_f64() * 1e6,
+                t0.elapsed().as_secs_f64() * 1e3
+            );
             let ready = tokio::select! {
                 r = runtime::wait_ready(&spec, inst.as_ref(), &output, deadline) => r,
                 _ = Self::stop_requested(&f, id) => Err(StartError::Cancelled {

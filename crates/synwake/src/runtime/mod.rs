@@ -136,10 +136,20 @@ pub async fn wait_ready(
     let started = Instant::now();
     let probe = async {
         let mut interval = Duration::from_millis(1);
+        let mut refused: (u32, Option<Instant>) = (0, None);
         loop {
+            let at = Instant::now();
             if probe_once(addr, readiness_path).await {
+                tracing::debug!(
+                    "{} at {addr}: ready on probe {} after {:.2} ms; the last refused probe was {:.0} us before this one",
+                    spec.name,
+                    refused.0 + 1,
+                    started.elapsed().as_secs_f64() * 1e3,
+                    refused.1.map_or(0.0, |r| (at - r).as_secs_f64() * 1e6)
+                );
                 return;
             }
+            refused = (refused.0 + 1, Some(at));
             if started.elapsed() > Duration::from_millis(500) {
                 interval = (interval * 5 / 4).min(Duration::from_millis(20));
             }

@@ -7,10 +7,16 @@
 //! file in the run directory (leader and cgroup paths) lets the next start clean up after
 //! `kill -9`. Without a writable cgroup hierarchy (synwake not root) instances run in
 //! their process group only and limits are refused.
+//!
+//! Instances are spawned with posix_spawn (no fork of the daemon, whose page tables a fork
+//! copies on the worker that handles the wake) through a small static launcher that joins
+//! the cgroup, switches the account, arms PR_SET_PDEATHSIG and execs the command in place.
 
 use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -28,16 +34,21 @@ use super::{ExitInfo, Instance, Runtime, StartError};
 use crate::logs::OutputSink;
 use crate::spec::{FunctionSpec, RuntimeKind, Watchdog};
 
-/// Starts functions as child processes.
+/// The launcher binary built by build.rs from launcher/main.rs.
+const LAUNCHER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/synwake-launcher"));
+
 /// The daemon's variables a function still sees: where programs are, and locale/time zone.
 const INHERITED_ENV: [&str; 4] = ["PATH", "LANG", "LC_ALL", "TZ"];
 /// PATH for functions when the daemon itself has none (e.g. started with `env -i`).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Starts functions as child processes.
 pub struct ProcessRuntime {
     run_dir: PathBuf,
     /// The stdio watchdog, run in front of `watchdog = "stdio"` commands.
     watchdog: PathBuf,
+    /// launcher/main.rs: arms PR_SET_PDEATHSIG and execs the command.
+    launcher: PathBuf,
     /// Where functions' `secrets` are read from.
     secrets: Option<crate::secrets::SecretStore>,
     cgroups: Arc<CgroupHost>,
@@ -58,9 +69,11 @@ impl ProcessRuntime {
                  group only, and functions with memory, cpus or pids do not start"
             );
         }
+        let launcher = super::watchdog::install_binary(&run_dir, "synwake-launcher", LAUNCHER)?;
         Ok(ProcessRuntime {
             run_dir,
             watchdog,
+            launcher,
             secrets: None,
             cgroups: Arc::new(cgroups),
             leaders: Arc::default(),
@@ -293,6 +306,16 @@ impl Runtime for ProcessRuntime {
                 })?;
             }
         }
+        // The lookup execvp would do, in the PATH the function gets: posix_spawn (no fork)
+        // needs the program as a path, and a missing one is a clear start error.
+        let search_path = spec
+            .env
+            .get("PATH")
+            .map(std::ffi::OsString::from)
+            .or_else(|| std::env::var_os("PATH"))
+            .unwrap_or_else(|| DEFAULT_PATH.into());
+        let resolved = resolve_program(program, &search_path)
+            .map_err(|e| spawn_err(format!("cannot run {program:?}: {e}")))?;
         let limits = limits_of(spec);
         // Last before the spawn: nothing after it can fail and leave the cgroup behind.
         let mut cgroup = if self.cgroups.unavailable().is_none() || limits != Limits::default() {
@@ -304,7 +327,17 @@ impl Runtime for ProcessRuntime {
         } else {
             None
         };
-        let mut cmd = Command::new(program);
+        // The launcher joins the cgroup and switches the account (std would fork to do either).
+        let mut cmd = Command::new(&self.launcher);
+        cmd.arg(std::process::id().to_string())
+            .arg(
+                run_as
+                    .as_ref()
+                    .map_or("-".into(), |u| format!("{}:{}", u.uid, u.gid)),
+            )
+            .args(cgroup.iter().flat_map(|c| c.paths()))
+            .arg("--")
+            .arg(&resolved);
         // Functions get their spec's env, not the daemon's (an operator's exported
         // credentials, the service manager's variables); only these pass through.
         cmd.env_clear();
@@ -334,31 +367,7 @@ impl Runtime for ProcessRuntime {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let procs_fds = cgroup.as_ref().map(|c| c.procs_fds()).unwrap_or_default();
-        let ids = run_as.as_ref().map(|u| (u.uid, u.gid));
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Into the cgroup first, while still root (before anything can fork).
-                cgroup::join_from_child(&procs_fds)?;
-                if let Some((uid, gid)) = ids {
-                    // What std's uid()/gid() do, after the cgroup move: no supplementary groups.
-                    if libc::setgroups(0, std::ptr::null()) != 0
-                        || libc::setgid(gid) != 0
-                        || libc::setuid(uid) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                libc::setpgid(0, 0);
-                // After setuid: a credential change clears the parent-death signal.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                if libc::getppid() == 1 {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
+        cmd.process_group(0);
         let spawned = {
             // Held across spawn: the reaper cannot take a just-exited leader for an orphan.
             let mut leaders = self.leaders.lock().unwrap();
@@ -614,6 +623,197 @@ fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `program` as a path: as given when it names a directory, else the first executable
+/// file called that in `search_path` (execvp's lookup).
+fn resolve_program(program: &str, search_path: &OsStr) -> std::io::Result<PathBuf> {
+    let executable = |p: &Path| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        p.metadata()?;
+        return Ok(p);
+    }
+    std::env::split_paths(search_path)
+        .map(|dir| dir.join(program))
+        .find(|p| !program.is_empty() && executable(p))
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "not found in PATH"))
+}
+
 fn remove_quietly(p: &Path) {
     let _ = std::fs::remove_file(p);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logs::LogStore;
+    use crate::spec::{OciSpec, Policy, Source};
+
+    fn sleeper() -> FunctionSpec {
+        FunctionSpec {
+            name: "sleeper".into(),
+            port: None,
+            runtime: RuntimeKind::Process,
+            // A bare name: found through PATH as execvp would.
+            command: vec!["sleep".into(), "30".into()],
+            env: Default::default(),
+            readiness_path: None,
+            max_instances: 1,
+            max_concurrency: 0,
+            policy: Policy::default(),
+            oci: OciSpec::default(),
+            labels: Default::default(),
+            annotations: Default::default(),
+            source: Source::Config,
+            hosts: Vec::new(),
+            tls_port: None,
+            watchdog: Watchdog::Http,
+            secrets: Vec::new(),
+        }
+    }
+
+    fn output() -> OutputSink {
+        OutputSink {
+            store: Arc::new(LogStore::new()),
+            function: "sleeper".into(),
+            instance: "sleeper-1".into(),
+        }
+    }
+
+    fn minor_faults_of_this_thread() -> i64 {
+        // SAFETY: getrusage fills the zeroed struct it is given.
+        unsafe {
+            let mut u: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_THREAD, &mut u);
+            u.ru_minflt
+        }
+    }
+
+    /// Alive and not a zombie.
+    fn running(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            let state = s[s.rfind(')').unwrap() + 2..].chars().next();
+            !matches!(state, Some('Z' | 'X'))
+        })
+    }
+
+    /// A fork write-protects every private page of the daemon (the child shares them until
+    /// it execs), so each page the daemon writes afterwards faults once: with a large
+    /// daemon that is milliseconds of page-table copying on the worker that handles the
+    /// wake, plus a fault storm after it. posix_spawn shares the address space instead.
+    #[tokio::test(flavor = "current_thread")]
+    async fn starting_an_instance_does_not_fork_the_daemon() {
+        const LEN: usize = 64 << 20;
+        let page = 4096;
+        // SAFETY: a private anonymous mapping, unmapped at the end of the test.
+        let mem = unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            // Small pages, so a fork's write protection shows up as one fault per page.
+            libc::madvise(p, LEN, libc::MADV_NOHUGEPAGE);
+            std::slice::from_raw_parts_mut(p as *mut u8, LEN)
+        };
+        let touch = |mem: &mut [u8], v: u8| {
+            for i in (0..LEN).step_by(page) {
+                mem[i] = v;
+            }
+        };
+        touch(mem, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let rt = ProcessRuntime::new(dir.path().to_path_buf()).unwrap();
+        let inst = rt
+            .start(&sleeper(), 1, output())
+            .await
+            .expect("sleep starts");
+        let before = minor_faults_of_this_thread();
+        touch(mem, 2);
+        let faults = minor_faults_of_this_thread() - before;
+        inst.stop(Duration::from_secs(1)).await;
+        // SAFETY: the mapping made above; `mem` is not used after this.
+        unsafe { libc::munmap(mem.as_mut_ptr() as *mut libc::c_void, LEN) };
+        let pages = (LEN / page) as i64;
+        assert!(
+            faults < pages / 10,
+            "{faults} page faults rewriting {pages} pages after a start: the start forked the daemon"
+        );
+    }
+
+    /// The launcher arms PR_SET_PDEATHSIG: the instance dies with the thread that spawned
+    /// it (for the daemon: a runtime worker, which lives as long as synwake).
+    #[test]
+    fn an_instance_dies_with_the_thread_that_started_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let run_dir = dir.path().to_path_buf();
+        let pid = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let pid = rt.block_on(async {
+                let prt = ProcessRuntime::new(run_dir).unwrap();
+                let inst = prt
+                    .start(&sleeper(), 1, output())
+                    .await
+                    .expect("sleep starts");
+                let pid: i32 = inst.describe()[4..].parse().unwrap();
+                // Neither stop nor drop it: only the parent's death may end it.
+                std::mem::forget(inst);
+                pid
+            });
+            // Leaked too: dropping the runtime would drop the child with kill_on_drop.
+            std::mem::forget(rt);
+            pid
+        })
+        .join()
+        .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while running(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let survived = running(pid);
+        // SAFETY: kill and reap of this test's own child (group), whatever its state.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        assert!(
+            !survived,
+            "instance {pid} outlived the thread that started it"
+        );
+    }
+
+    #[test]
+    fn programs_are_found_as_execvp_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let exe = bin.join("tool");
+        std::fs::write(&exe, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(bin.join("data"), "").unwrap();
+        let path = std::env::join_paths([dir.path().join("missing"), bin.clone()]).unwrap();
+        assert_eq!(resolve_program("tool", &path).unwrap(), exe);
+        assert_eq!(
+            resolve_program("data", &path).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound,
+            "a file without x bits is not a program"
+        );
+        assert!(resolve_program("nope", &path).is_err());
+        assert!(resolve_program("", &path).is_err());
+        assert_eq!(
+            resolve_program("./rel/x", &path).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
+        let abs = exe.to_str().unwrap();
+        assert_eq!(resolve_program(abs, OsStr::new("")).unwrap(), exe);
+    }
 }

@@ -16,13 +16,19 @@ pub const CONTAINER_PATH: &str = "/.synwake-watchdog";
 /// Writes the watchdog to `<dir>/synwake-watchdog` (mode 0755) unless an identical copy is
 /// there; returns its path.
 pub fn install(dir: &Path) -> io::Result<PathBuf> {
-    let path = dir.join("synwake-watchdog");
-    if std::fs::read(&path).is_ok_and(|b| b == BINARY) {
+    install_binary(dir, "synwake-watchdog", BINARY)
+}
+
+/// Writes `bytes` to `<dir>/<name>` (mode 0755, atomically) unless an identical copy is
+/// there; returns its path.
+pub(crate) fn install_binary(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<PathBuf> {
+    let path = dir.join(name);
+    if std::fs::read(&path).is_ok_and(|b| b == bytes) {
         return Ok(path);
     }
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".synwake-watchdog.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, BINARY)?;
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
     std::fs::rename(&tmp, &path)?;
     Ok(path)
