@@ -765,6 +765,14 @@ mod tests {
                     .await
                     .expect("sleep starts");
                 let pid: i32 = inst.describe()[4..].parse().unwrap();
+                // The launcher arms the signal after the spawn returns: wait for its exec.
+                for _ in 0..500 {
+                    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"));
+                    if comm.is_ok_and(|c| c.trim() == "sleep") {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 // Neither stop nor drop it: only the parent's death may end it.
                 std::mem::forget(inst);
                 pid
