@@ -787,6 +787,8 @@ impl Config {
                     cpus: f.cpus,
                     pids: f.pids,
                     pool: f.pool.unwrap_or(0),
+                    memory_text: f.memory.as_ref().map(|m| m.get_ref().clone()),
+                    cpu_text: None,
                 },
                 labels: f.labels,
                 annotations: BTreeMap::new(),

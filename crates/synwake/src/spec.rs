@@ -137,6 +137,12 @@ pub struct OciSpec {
     pub pids: Option<u64>,
     /// Created-but-not-started containers kept ready.
     pub pool: u32,
+    /// `memory` / `limits.memory` as written ("128Mi"), shown back by the API.
+    #[serde(default)]
+    pub memory_text: Option<String>,
+    /// `limits.cpu` as written ("500m"), shown back by the API.
+    #[serde(default)]
+    pub cpu_text: Option<String>,
 }
 
 /// A deployed function. Immutable once built; an update replaces the whole spec.

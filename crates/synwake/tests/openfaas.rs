@@ -1038,3 +1038,69 @@ fn async_function_calls_back_with_the_response() {
     assert_eq!(r.status, 400);
     assert!(r.text().contains("X-Callback-Url"), "{}", r.text());
 }
+
+/// What faas-cli 0.16 shows: `createdAt` is set and kept by an update, the invocation
+/// count survives an update, limits come back in the units they were given, and a
+/// process function's `image` is its command.
+#[test]
+fn faas_cli_fields_survive_an_update_and_limits_keep_their_units() {
+    let d = Daemon::start("");
+    let name = "countme";
+    let r = d.api_json(
+        "POST",
+        "/system/functions",
+        &faas_cli_deployment(name, None),
+    );
+    assert!(matches!(r.status, 200..=202), "{}", r.text());
+    for i in 0..3 {
+        let r = api_req(&d, "POST", &format!("/function/{name}"), &[], "x");
+        assert_eq!(r.status, 200, "call {i}: {}", r.text());
+    }
+    let st = d.status(name);
+    assert_eq!(st["invocationCount"], 3, "{st}");
+    assert_eq!(st["image"], fn_bin().display().to_string(), "{st}");
+    let created = st["createdAt"].as_str().expect("createdAt").to_string();
+    let t = humantime::parse_rfc3339(&created).expect("createdAt is RFC 3339");
+    let age = std::time::SystemTime::now().duration_since(t).unwrap();
+    assert!(
+        age < Duration::from_secs(120),
+        "createdAt {created} is {age:?} old"
+    );
+
+    std::thread::sleep(Duration::from_millis(1100)); // a later second for a new createdAt
+    let r = d.api_json(
+        "PUT",
+        "/system/functions",
+        &faas_cli_deployment(name, Some("updated")),
+    );
+    assert!(matches!(r.status, 200..=202), "{}", r.text());
+    let st = d.status(name);
+    assert_eq!(st["envVars"]["GREETING"], "updated", "{st}");
+    assert_eq!(st["invocationCount"], 3, "count lost by the update: {st}");
+    assert_eq!(st["createdAt"], created.as_str(), "{st}");
+    let r = api_req(&d, "POST", &format!("/function/{name}"), &[], "y");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(d.status(name)["invocationCount"], 4);
+
+    // Limits as given (never started: limits need cgroups, not this test's subject).
+    let mut body: Value = serde_json::from_str(&faas_cli_deployment("limited", None)).unwrap();
+    body["limits"] = json!({ "memory": "64Mi", "cpu": "500m" });
+    let r = d.api_json("POST", "/system/functions", &body.to_string());
+    assert!(matches!(r.status, 200..=202), "{}", r.text());
+    let st = d.status("limited");
+    assert_eq!(
+        st["limits"],
+        json!({ "memory": "64Mi", "cpu": "500m" }),
+        "{st}"
+    );
+    let r = d.api_get("/system/functions");
+    let listed = json_of(&r);
+    let limited = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "limited")
+        .unwrap();
+    assert_eq!(limited["limits"]["memory"], "64Mi");
+    assert!(limited["createdAt"].is_string());
+}

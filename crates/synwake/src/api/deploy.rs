@@ -244,6 +244,8 @@ impl FunctionDeployment {
                 cpus,
                 pids: parse_num("pids")?,
                 pool: count("pool", 0, &limits::POOL)? as u32,
+                memory_text: limits.memory.clone().filter(|_| memory_bytes.is_some()),
+                cpu_text: limits.cpu.clone().filter(|_| cpus.is_some()),
             },
             labels: self.labels.clone().unwrap_or_default(),
             annotations,
@@ -326,6 +328,9 @@ pub struct FunctionStatusJson {
     pub replicas: u64,
     pub available_replicas: u64,
     pub invocation_count: u64,
+    /// First deploy (RFC 3339, UTC); an update keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
     /// synwake's idle policy decision: current pre-warm and keep-alive windows and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_policy: Option<crate::lifecycle::IdleView>,
@@ -353,10 +358,19 @@ impl From<&FunctionStatus> for FunctionStatusJson {
                 Source::Api => "api".into(),
             },
         );
+        // In the units they were given ("128Mi", "500m"), as faas-cli shows them.
         let limits =
             (spec.oci.memory_bytes.is_some() || spec.oci.cpus.is_some()).then(|| Resources {
-                memory: spec.oci.memory_bytes.map(|b| b.to_string()),
-                cpu: spec.oci.cpus.map(|c| c.to_string()),
+                memory: spec
+                    .oci
+                    .memory_text
+                    .clone()
+                    .or_else(|| spec.oci.memory_bytes.map(|b| b.to_string())),
+                cpu: spec
+                    .oci
+                    .cpu_text
+                    .clone()
+                    .or_else(|| spec.oci.cpus.map(|c| c.to_string())),
             });
         FunctionStatusJson {
             name: spec.name.clone(),
@@ -380,6 +394,7 @@ impl From<&FunctionStatus> for FunctionStatusJson {
             replicas: s.replicas as u64,
             available_replicas: s.available as u64,
             invocation_count: s.invocations,
+            created_at: Some(humantime::format_rfc3339_seconds(s.created_at).to_string()),
             idle_policy: Some(s.idle.clone()),
         }
     }

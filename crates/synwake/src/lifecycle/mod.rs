@@ -121,6 +121,8 @@ pub struct FunctionStatus {
     pub replicas: usize,
     pub available: usize,
     pub invocations: u64,
+    /// When the function was first deployed (kept across updates).
+    pub created_at: std::time::SystemTime,
     /// The idle policy's current windows and why.
     pub idle: IdleView,
 }
@@ -209,14 +211,21 @@ pub struct Function {
     state: Mutex<FnState>,
     changed: watch::Sender<u64>,
     limiter: Mutex<TokenBucket>,
+    /// Requests served, over every version of the function (an update carries it on).
     invocations: AtomicU64,
+    /// First deploy of this name (an update carries it on).
+    created_at: std::time::SystemTime,
     /// Whether it had a starting or ready instance at the last change.
     was_live: AtomicBool,
     idle: Mutex<IdleState>,
 }
 
 impl Function {
-    fn new(spec: FunctionSpec, history: Option<IdleHistory>) -> Arc<Self> {
+    fn new(
+        spec: FunctionSpec,
+        history: Option<IdleHistory>,
+        created_at: std::time::SystemTime,
+    ) -> Arc<Self> {
         let rate = spec.policy.max_wakes_per_second;
         Arc::new(Function {
             idle: Mutex::new(IdleState::new(&spec.policy, history)),
@@ -225,6 +234,7 @@ impl Function {
             changed: watch::channel(0).0,
             limiter: Mutex::new(TokenBucket::new(rate)),
             invocations: AtomicU64::new(0),
+            created_at,
             was_live: AtomicBool::new(false),
         })
     }
@@ -477,6 +487,7 @@ impl Lifecycle {
             replicas: st.live(),
             available: st.count(|p| matches!(p, Phase::Ready(_))),
             invocations: f.invocations.load(Ordering::Relaxed),
+            created_at: f.created_at,
             idle,
         })
     }
@@ -526,7 +537,10 @@ impl Lifecycle {
             Some(old) => Some(old.idle.lock().unwrap().history.clone()),
             None => self.inner.restored.lock().unwrap().remove(&name),
         };
-        let new = Function::new(spec, history);
+        let created_at = self
+            .get(&name)
+            .map_or_else(std::time::SystemTime::now, |old| old.created_at);
+        let new = Function::new(spec, history, created_at);
         let old = self
             .inner
             .functions
@@ -537,6 +551,9 @@ impl Lifecycle {
         if let Some(old) = old {
             let live = old.state.lock().unwrap().live();
             self.retire(&old).await;
+            // After retire nothing counts on the old version any more: carry its total on.
+            new.invocations
+                .fetch_add(old.invocations.load(Ordering::Relaxed), Ordering::Relaxed);
             // The same runtime already replaced what it held for the old spec in prepare.
             if old.spec.runtime != new.spec.runtime {
                 if let Ok(old_rt) = self.runtime_for(&old.spec) {
