@@ -257,9 +257,23 @@ fn websocket_over_http2_extended_connect_to_a_cold_function() {
     if python_with("websockets").is_none() {
         return;
     }
-    let d = Daemon::start(&ws_function(py, "1s"));
+    let h2c = function("h2cfn", "protocol = \"h2c\"");
+    let d = Daemon::start(&(ws_function(py, "1s") + &h2c));
     assert_eq!(d.available("ws"), 0, "the function starts cold");
     let port = d.shared.to_string();
+    // Only HTTP/1.1 functions get WebSockets: refused, not sent on as a broken handshake.
+    let refused = Command::new(py)
+        .arg(fixture("ws_h2_client.py"))
+        .args(["127.0.0.1", &port, "/function/h2cfn/", "0", "hello"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&refused.stdout),
+        "status 501\n",
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!refused.status.success());
     let client = Command::new(py)
         .arg(fixture("ws_h2_client.py"))
         .args(["127.0.0.1", &port, "/function/ws/", "3", "hello", "again"])
