@@ -16,6 +16,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// An empty instance cgroup this old has no owner using it (see [`CgroupHost::sweep_stale`]).
+const STALE_AFTER: Duration = Duration::from_secs(60);
+
 /// Controllers a process function's limits need.
 const LIMIT_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 
@@ -371,7 +374,16 @@ impl CgroupHost {
             if let Some(d) = cg.dirs.iter().find(|d| d.path == dir.path) {
                 return Ok(d.clone());
             }
-            match std::fs::create_dir(&dir.path) {
+            let mut made = std::fs::create_dir(&dir.path);
+            if made
+                .as_ref()
+                .is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
+            {
+                // Another daemon's sweep removed the (then empty) group dir: once more.
+                self.group_dir(own)?;
+                made = std::fs::create_dir(&dir.path);
+            }
+            match made {
                 Ok(()) => {}
                 // A leftover of the same instance number (a crash): reuse it, emptied.
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -443,6 +455,53 @@ impl CgroupHost {
             }
         }
         out
+    }
+
+    /// Removes empty instance cgroups (and then empty group dirs) of any synwake below
+    /// this daemon's own cgroups that are older than [`STALE_AFTER`]: what daemons killed
+    /// with -9 and never restarted on their state dir left. A live instance's cgroup is
+    /// never empty for that long, so nothing in use is touched; nothing is killed.
+    pub fn sweep_stale(&self) -> usize {
+        self.sweep_older_than(STALE_AFTER)
+    }
+
+    fn sweep_older_than(&self, age: Duration) -> usize {
+        let mut removed = 0;
+        let mut owns: Vec<&Dir> = self.membership.iter().collect();
+        owns.extend(self.controllers.values());
+        let old = |p: &Path| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() >= age)
+        };
+        for own in owns {
+            for group in std::fs::read_dir(&own.path).into_iter().flatten().flatten() {
+                let gpath = group.path();
+                let ours = group
+                    .file_name()
+                    .to_str()
+                    // Not the tagger's cgroups (`synwake-tag-*`), which hold processes.
+                    .is_some_and(|n| n.starts_with("synwake-") && !n.starts_with("synwake-tag-"));
+                if !ours || !gpath.is_dir() {
+                    continue;
+                }
+                for inst in std::fs::read_dir(&gpath).into_iter().flatten().flatten() {
+                    let ipath = inst.path();
+                    if ipath.is_dir()
+                        && read_pids(&ipath).is_empty()
+                        && old(&ipath)
+                        && std::fs::remove_dir(&ipath).is_ok()
+                    {
+                        removed += 1;
+                    }
+                }
+                if old(&gpath) {
+                    // Fails (ENOTEMPTY/EBUSY) while it still holds an instance cgroup.
+                    let _ = std::fs::remove_dir(&gpath);
+                }
+            }
+        }
+        removed
     }
 
     /// Removes this daemon's (empty) group directories.
@@ -1038,6 +1097,84 @@ mod tests {
         cg.remove().await;
         assert!(cg.dirs.iter().all(|d| !d.path.exists()));
         host.remove_group_dirs();
+    }
+
+    #[test]
+    fn the_sweep_removes_empty_instance_cgroups_and_keeps_populated_ones() {
+        let test = "the_sweep_removes_empty_instance_cgroups_and_keeps_populated_ones";
+        let missing = if !synwake_test_support::gate::is_root() {
+            Some("not root".to_string())
+        } else if !Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
+            Some("no cgroup2 at /sys/fs/cgroup/unified".to_string())
+        } else {
+            None
+        };
+        if !synwake_test_support::gate::can_run(test, missing) {
+            return;
+        }
+        // A cgroup standing in for "the daemon's own", so nothing else is swept.
+        let rel = format!("/cgroup-sweeptest-{}", std::process::id());
+        let own = PathBuf::from(format!("/sys/fs/cgroup/unified{rel}"));
+        std::fs::create_dir(&own).unwrap();
+        let mounts: Vec<Mount> =
+            parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").unwrap())
+                .into_iter()
+                .filter(|m| m.v2)
+                .collect();
+        let host = CgroupHost::from_parts(
+            "synwake-00000001".into(),
+            &mounts,
+            &[(vec![], rel)],
+            &|_, _| false,
+        );
+        for d in [
+            "synwake-aa/f.1",
+            "synwake-bb/g.1",
+            "synwake-cc",
+            "other/h.1",
+            "synwake-tag-1/x",
+        ] {
+            std::fs::create_dir_all(own.join(d)).unwrap();
+        }
+        let busy = InstanceCgroup::at(own.join("synwake-bb/g.1"), true);
+        let mut sleep = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        std::fs::write(
+            own.join("synwake-bb/g.1/cgroup.procs"),
+            sleep.id().to_string(),
+        )
+        .unwrap();
+
+        let removed = host.sweep_older_than(Duration::ZERO);
+        let left = |d: &str| own.join(d).exists();
+        let state = (
+            removed,
+            left("synwake-aa"),
+            left("synwake-bb/g.1"),
+            left("synwake-cc"),
+            left("other/h.1"),
+            left("synwake-tag-1/x"),
+        );
+        busy.kill();
+        let _ = sleep.wait();
+        busy.remove_blocking(Duration::from_secs(5));
+        for d in [
+            "synwake-bb",
+            "other/h.1",
+            "other",
+            "synwake-tag-1/x",
+            "synwake-tag-1",
+            "",
+        ] {
+            let _ = std::fs::remove_dir(own.join(d));
+        }
+        assert_eq!(
+            state,
+            (1, false, true, false, true, true),
+            "(removed, aa, bb/g.1, cc, other/h.1, synwake-tag-1/x)"
+        );
     }
 
     #[test]

@@ -175,6 +175,10 @@ impl ProcessRuntime {
             cg.remove_blocking(Duration::from_secs(5));
         }
         self.cgroups.remove_group_dirs();
+        let swept = self.cgroups.sweep_stale();
+        if swept > 0 {
+            tracing::info!("removed {swept} empty instance cgroup(s) of synwakes long gone");
+        }
         killed
     }
 }
@@ -539,7 +543,19 @@ async fn clean_up(
     if !cg.wait_empty(Duration::from_secs(5)).await {
         tracing::warn!("pid {leader}: processes of the instance outlive SIGKILL for 5 s");
     }
-    for (pid, fd) in &killed {
+    reap_killed(&killed, leader, v2_prefix, leaders);
+    cg.remove().await;
+}
+
+/// Reaps the killed members (and, with cgroup2, any orphan of ours in an instance
+/// cgroup) that became this daemon's zombies; never the leader: its waiter does.
+fn reap_killed(
+    killed: &[(i32, OwnedFd)],
+    leader: i32,
+    v2_prefix: Option<&str>,
+    leaders: &Mutex<HashSet<i32>>,
+) {
+    for (pid, fd) in killed {
         if *pid != leader && !leaders.lock().unwrap().contains(pid) {
             cgroup::reap_pidfd(fd);
         }
@@ -547,7 +563,6 @@ async fn clean_up(
     if let Some(prefix) = v2_prefix {
         reap_orphans(prefix, leaders);
     }
-    cg.remove().await;
 }
 
 #[async_trait]
@@ -602,15 +617,19 @@ impl Drop for ProcessInstance {
         let Some(cg) = self.cgroup.take() else {
             return;
         };
-        // Removing the cgroup waits for the killed processes: off the dropping thread.
+        // Removing the cgroup waits for the killed processes: off the dropping thread, and
+        // on a thread of its own so it finishes even if the async runtime is going away.
         let (v2_prefix, leaders, pid) = (self.v2_prefix.take(), self.leaders.clone(), self.pid);
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                clean_up(&cg, killed, pid, v2_prefix.as_deref(), &leaders).await;
+        let _ = std::thread::Builder::new()
+            .name("cgroup-cleanup".into())
+            .spawn(move || {
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while !cg.is_empty() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                reap_killed(&killed, pid, v2_prefix.as_deref(), &leaders);
+                cg.remove_blocking(Duration::from_secs(1));
             });
-        } else {
-            cg.remove_blocking(Duration::from_secs(1));
-        }
     }
 }
 
