@@ -231,21 +231,46 @@ impl ApiClient {
     }
 
     /// Deploys like faas-cli: PUT (update) first, POST (create) when the function is new.
+    /// Deploys like faas-cli (PUT, then POST when the function is new), printing the pull's
+    /// progress lines as they happen; returns the deploy's answer.
     pub async fn deploy(&self, deployment: &serde_json::Value) -> anyhow::Result<String> {
         let body = serde_json::to_vec(deployment)?;
-        let (status, _, out) = self
-            .call(Method::PUT, "/system/functions", Some(body.clone()), None)
-            .await?;
-        if status == StatusCode::NOT_FOUND {
-            let out = self
-                .expect_ok(Method::POST, "/system/functions", Some(body))
-                .await?;
-            return Ok(String::from_utf8_lossy(&out).trim().to_string());
-        }
+        let (status, message) = self.deploy_streamed(Method::PUT, body.clone()).await?;
+        let (status, message) = if status == StatusCode::NOT_FOUND {
+            self.deploy_streamed(Method::POST, body).await?
+        } else {
+            (status, message)
+        };
         if !status.is_success() {
-            bail!("deploy: {status}: {}", String::from_utf8_lossy(&out).trim());
+            bail!("deploy: {status}: {message}");
         }
-        Ok(String::from_utf8_lossy(&out).trim().to_string())
+        Ok(message)
+    }
+
+    async fn deploy_streamed(
+        &self,
+        method: Method,
+        body: Vec<u8>,
+    ) -> anyhow::Result<(StatusCode, String)> {
+        let mut printer = DeployPrinter::default();
+        let (status, _, out) = self
+            .call(
+                method.clone(),
+                "/system/functions?progress=true",
+                Some(body),
+                Some(&mut printer),
+            )
+            .await?;
+        if !status.is_success() {
+            return Ok((status, String::from_utf8_lossy(&out).trim().to_string()));
+        }
+        match printer.outcome {
+            Some((code, message)) => Ok((
+                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                message,
+            )),
+            None => bail!("{method} /system/functions: the answer ended before the deploy's outcome"),
+        }
     }
 
     /// `synwake images list`: one line per stored image, then the store's disk use.
@@ -364,6 +389,35 @@ impl ApiClient {
             );
         }
         Ok(())
+    }
+}
+
+/// Prints a streamed deploy's progress lines as they come; keeps its outcome.
+#[derive(Default)]
+struct DeployPrinter {
+    partial: Vec<u8>,
+    outcome: Option<(u16, String)>,
+}
+
+impl Write for DeployPrinter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.partial.extend_from_slice(buf);
+        while let Some(i) = self.partial.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if let Some(p) = v["progress"].as_str() {
+                println!("{p}");
+            } else if let Some(code) = v["status"].as_u64() {
+                let message = v["message"].as_str().unwrap_or("").to_string();
+                self.outcome = Some((code as u16, message));
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
     }
 }
 

@@ -841,7 +841,7 @@ fn cold_start_benchmark() {
     let reg = synwake_oci::tools::missing_tool()
         .is_none()
         .then(|| synwake_oci::tools::Registry::start(false).expect("registry"));
-    let d = OciDaemon::start(9, |img| {
+    let d = OciDaemon::start_in("10.6.9.0/24", |img| {
         let mut body = String::new();
         if let Some(reg) = &reg {
             reg.push(

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod callback;
 pub mod deploy;
 mod logs;
+mod progress;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -376,6 +377,7 @@ impl Api {
     }
 
     async fn deploy(self: &Arc<Self>, req: Request<Incoming>, update: bool) -> Response<ProxyBody> {
+        let live_progress = query_param(req.uri().query(), "progress").as_deref() == Some("true");
         let body = match read_body(req).await {
             Ok(b) => b,
             Err(r) => return r,
@@ -407,7 +409,14 @@ impl Api {
         }
         // A client that hangs up must not cancel a change half-way (saved, not applied).
         let api = self.clone();
-        tokio::spawn(async move { api.apply_deploy(spec, update).await })
+        if live_progress {
+            // Subscribed before the deploy starts, so no line of its pull is missed.
+            let logs = self.lc().logs().subscribe();
+            let name = spec.name.clone();
+            let task = tokio::spawn(async move { api.apply_deploy(spec, update, false).await });
+            return progress::stream(name, logs, task);
+        }
+        tokio::spawn(async move { api.apply_deploy(spec, update, true).await })
             .await
             .unwrap_or_else(|e| {
                 text_response(
@@ -418,7 +427,13 @@ impl Api {
     }
 
     /// Saves, then applies; a failed save changes nothing, a failed apply undoes the save.
-    async fn apply_deploy(&self, spec: FunctionSpec, update: bool) -> Response<ProxyBody> {
+    /// `echo_pull`: start the answer with the lines this deploy's pull logged.
+    async fn apply_deploy(
+        &self,
+        spec: FunctionSpec,
+        update: bool,
+        echo_pull: bool,
+    ) -> Response<ProxyBody> {
         let _w = self.write_lock.lock().await;
         let existing = self.lc().get(&spec.name).map(|f| f.spec().clone());
         match (&existing, update) {
@@ -517,7 +532,7 @@ impl Api {
         // What this deploy pulled, so `synwake deploy` shows it.
         let mut pulled = String::new();
         for l in self.lc().logs().recent(&name) {
-            if l.instance == "pull" && l.time >= deploy_started {
+            if echo_pull && l.instance == "pull" && l.time >= deploy_started {
                 pulled.push_str(&l.text);
                 pulled.push('\n');
             }
