@@ -269,7 +269,9 @@ impl ApiClient {
                 StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 message,
             )),
-            None => bail!("{method} /system/functions: the answer ended before the deploy's outcome"),
+            None => {
+                bail!("{method} /system/functions: the answer ended before the deploy's outcome")
+            }
         }
     }
 

@@ -1391,3 +1391,174 @@ fn openfaas_watchdog_image_is_ready_on_its_health_endpoint_with_no_annotations()
         t0.elapsed()
     );
 }
+
+/// A TCP proxy in front of a registry that holds every blob request until `open` is set
+/// (manifests pass), so a test can look at a deploy while its pull is in flight.
+struct GatedRegistry {
+    addr: String,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl GatedRegistry {
+    fn start(upstream: &str) -> GatedRegistry {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let open = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (o, s, up) = (open.clone(), stop.clone(), upstream.to_string());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let server = std::net::TcpStream::connect(&up).unwrap();
+                let (mut c_read, mut s_write) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut s_read, mut c_write) = (server, client);
+                let (o, s) = (o.clone(), s.clone());
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n) = c_read.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if String::from_utf8_lossy(&buf[..n]).contains("/blobs/") {
+                            // Bounded: at most 30 s, or until the test opens the gate.
+                            for _ in 0..3000 {
+                                if o.load(Ordering::Relaxed) || s.load(Ordering::Relaxed) {
+                                    break;
+                                }
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                        }
+                        if s_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s_write.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_read, &mut c_write);
+                    let _ = c_write.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        GatedRegistry { addr, open, stop }
+    }
+}
+
+impl Drop for GatedRegistry {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// `?progress=true` streams a deploy's pull progress while the pull runs: the first line
+/// arrives while the blobs are still held back (the function is not deployed yet), the
+/// outcome comes last; `synwake deploy` prints the same lines and the outcome.
+#[test]
+fn deploy_progress_is_streamed_while_the_pull_runs() {
+    if !can_run("deploy_progress_is_streamed") {
+        return;
+    }
+    if let Some(t) = synwake_oci::tools::missing_tool() {
+        let msg = format!("!!! SKIPPING deploy_progress_is_streamed: {t} missing !!!");
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
+        eprintln!("{msg}");
+        return;
+    }
+    use std::io::{Read, Write};
+    let _serial = serial();
+    let reg = synwake_oci::tools::Registry::start(false).expect("registry");
+    let tools = synwake_oci::tools::ToolStore::new().unwrap();
+    tools
+        .build("localhost/swk-images2-live:1", &Default::default())
+        .unwrap();
+    let archive = tools.path("live.tar");
+    tools
+        .buildah_push(
+            "localhost/swk-images2-live:1",
+            &format!("oci-archive:{}", archive.display()),
+        )
+        .unwrap();
+    reg.push(
+        &format!("oci-archive:{}", archive.display()),
+        "team/live:1",
+        &[],
+    )
+    .unwrap();
+    let gate = GatedRegistry::start(&reg.addr);
+    let insecure = format!("insecure_registries = [\"{}\"]\n\n", gate.addr);
+    let d = OciDaemon::start_in("10.6.4.0/24", |_| insecure);
+    let body = json!({
+        "service": "live",
+        "image": format!("{}/team/live:1", gate.addr),
+        "annotations": { "com.synwake.stop-grace": "100ms" },
+    })
+    .to_string();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", d.d.api)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "POST /system/functions?progress=true HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        d.d.auth(),
+        body.len()
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\"progress\"") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&got).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("pulling"), "{head}");
+    // Blobs are held: the deploy has not happened, and the outcome is not sent yet.
+    assert_eq!(d.d.api_get("/system/function/live").status, 404);
+    assert!(!head.contains("\"status\""), "{head}");
+    gate.open.store(true, std::sync::atomic::Ordering::Relaxed);
+    s.read_to_end(&mut got).unwrap();
+    let all = String::from_utf8_lossy(&got).to_string();
+    assert!(all.contains("pulled"), "{all}");
+    assert!(
+        all.contains(r#""status":202"#) && all.contains("function live deployed"),
+        "{all}"
+    );
+    let (p_pulled, p_outcome) = (
+        all.find("pulled ").unwrap(),
+        all.find(r#""status":"#).unwrap(),
+    );
+    assert!(p_pulled < p_outcome, "outcome before the progress: {all}");
+    assert_eq!(d.call_ok("live", "/").status, 200);
+
+    // `synwake deploy` (PUT, 404, then POST) prints the progress and the outcome.
+    let out = Command::new(common::synwake_bin())
+        .args(["deploy", "--name", "live2", "--image"])
+        .arg(format!("{}/team/live:1", gate.addr))
+        .args(["--annotation", "com.synwake.stop-grace=100ms"])
+        .env("SYNWAKE_URL", format!("http://127.0.0.1:{}", d.d.api))
+        .env("SYNWAKE_STATE_DIR", d.d.state_dir())
+        .env_remove("SYNWAKE_PASSWORD")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("pulling") && stdout.contains("function live2 deployed"),
+        "{stdout}"
+    );
+}
