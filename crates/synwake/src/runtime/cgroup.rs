@@ -10,7 +10,6 @@
 //! other's instances and a restart on the same state dir finds what a crash left.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -363,7 +362,6 @@ impl CgroupHost {
         let mut cg = InstanceCgroup {
             dirs: Vec::new(),
             memory: None,
-            procs: Vec::new(),
         };
         let place = |own: &Dir, cg: &mut InstanceCgroup| -> Result<Dir, CgroupError> {
             let parent = self.group_dir(own)?;
@@ -390,19 +388,11 @@ impl CgroupHost {
                     let stale = InstanceCgroup {
                         dirs: vec![dir.clone()],
                         memory: None,
-                        procs: Vec::new(),
                     };
                     stale.kill();
                 }
                 Err(e) => return Err(io_err(&dir.path)(e)),
             }
-            let procs = dir.path.join("cgroup.procs");
-            cg.procs.push(
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&procs)
-                    .map_err(io_err(&procs))?,
-            );
             cg.dirs.push(dir.clone());
             Ok(dir)
         };
@@ -592,9 +582,6 @@ fn write_limit(dir: &Dir, controller: &str, limits: &Limits) -> Result<(), Cgrou
 pub struct InstanceCgroup {
     dirs: Vec<Dir>,
     memory: Option<Dir>,
-    /// `cgroup.procs` of each directory, open for writing: the forked child writes "0"
-    /// to each before exec (no allocation after fork).
-    procs: Vec<File>,
 }
 
 impl InstanceCgroup {
@@ -602,23 +589,12 @@ impl InstanceCgroup {
         InstanceCgroup {
             dirs: vec![Dir { path, v2 }],
             memory: None,
-            procs: Vec::new(),
         }
     }
 
     /// The directories, for the pid file (so a restart finds them even from elsewhere).
     pub fn paths(&self) -> impl Iterator<Item = &Path> {
         self.dirs.iter().map(|d| d.path.as_path())
-    }
-
-    /// Closes the `cgroup.procs` files once the child has joined (or failed to).
-    pub fn close_procs(&mut self) {
-        self.procs.clear();
-    }
-
-    /// Raw fds of the `cgroup.procs` files, for [`join_from_child`].
-    pub fn procs_fds(&self) -> Vec<RawFd> {
-        self.procs.iter().map(|f| f.as_raw_fd()).collect()
     }
 
     fn membership(&self) -> &Dir {
@@ -768,17 +744,6 @@ fn read_pids(dir: &Path) -> Vec<i32> {
     std::fs::read_to_string(dir.join("cgroup.procs"))
         .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
         .unwrap_or_default()
-}
-
-/// In the forked child, before exec: moves the child into each cgroup. Only write(2).
-pub fn join_from_child(fds: &[RawFd]) -> io::Result<()> {
-    for fd in fds {
-        // SAFETY: write(2) on an fd the parent opened; async-signal-safe.
-        if unsafe { libc::write(*fd, b"0".as_ptr().cast(), 1) } != 1 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 /// A pidfd for `pid`: it keeps naming that process even after its pid is reused.
@@ -1055,17 +1020,34 @@ mod tests {
             pids: Some(50),
             ..Limits::default()
         };
-        let mut cg = host.create("f.1", &limits).expect("create");
-        let fds = cg.procs_fds();
+        let cg = host.create("f.1", &limits).expect("create");
+        // Opened here, written by the child before exec (as the launcher joins).
+        let procs: Vec<std::fs::File> = cg
+            .paths()
+            .map(|p| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p.join("cgroup.procs"))
+                    .unwrap()
+            })
+            .collect();
+        let fds: Vec<RawFd> = procs.iter().map(|f| f.as_raw_fd()).collect();
         let mut cmd = std::process::Command::new("sh");
         // A background child, one in a session of its own, and the leader.
         cmd.args(["-c", "sleep 600 & setsid sleep 600 & exec sleep 600"]);
-        // SAFETY: join_from_child only calls write(2).
+        // SAFETY: only write(2) between fork and exec.
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || join_from_child(&fds));
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                for fd in &fds {
+                    if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
         }
         let mut child = cmd.spawn().expect("spawn");
-        cg.close_procs();
+        drop(procs);
         assert!(
             synwake_test_support::wait_until(Duration::from_secs(5), || cg.pids().len() == 3),
             "members: {:?}",

@@ -322,7 +322,7 @@ impl Runtime for ProcessRuntime {
             .map_err(|e| spawn_err(format!("cannot run {program:?}: {e}")))?;
         let limits = limits_of(spec);
         // Last before the spawn: nothing after it can fail and leave the cgroup behind.
-        let mut cgroup = if self.cgroups.unavailable().is_none() || limits != Limits::default() {
+        let cgroup = if self.cgroups.unavailable().is_none() || limits != Limits::default() {
             Some(
                 self.cgroups
                     .create(&format!("{}.{instance}", spec.name), &limits)
@@ -381,9 +381,6 @@ impl Runtime for ProcessRuntime {
                 }
             })
         };
-        if let Some(cg) = &mut cgroup {
-            cg.close_procs();
-        }
         let cgroup = cgroup.map(Arc::new);
         let mut child = match spawned {
             Ok(c) => c,
