@@ -434,8 +434,11 @@ impl IdleHistory {
             }
         }
         if prewarm < cfg.min_unload.as_secs_f64() {
+            // Staying warm: a stop sooner than min_unload after the last request would not
+            // pay off either, and a short p99 (a hot function's) would make its rare long
+            // gaps cold (fixed 10 min keeps those warm).
             prewarm = 0.0;
-            keep = keep.min(cap);
+            keep = keep.max(cfg.min_unload.as_secs_f64()).min(cap);
         }
         Window {
             prewarm_after: Duration::from_secs_f64(prewarm.max(0.0)),
