@@ -83,7 +83,13 @@ pub struct WakeSetup {
     pub probe: bool,
     /// Wake when the function's own port accepts a connection (`accept` mode).
     pub wake_on_accept: bool,
+    /// `[probe] affinity_window` (`affinity` mode).
+    pub affinity: bool,
 }
+
+/// The daemon's affinity window in the `affinity` mode. The harness waits this long
+/// before a cell, so the function of the previous cell is no longer in the window.
+pub const AFFINITY_WINDOW: Duration = Duration::from_secs(3);
 
 /// One function in the generated config.
 #[derive(Debug, Clone)]
@@ -158,6 +164,8 @@ struct OciSection {
 struct ProbeSection {
     mode: String,
     interfaces: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    affinity_window: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -246,6 +254,10 @@ impl DaemonSetup {
             probe: ProbeSection {
                 mode: if self.wake.probe { "auto" } else { "off" }.into(),
                 interfaces: vec![self.probe_iface.clone()],
+                affinity_window: self
+                    .wake
+                    .affinity
+                    .then(|| format!("{}ms", AFFINITY_WINDOW.as_millis())),
             },
             oci: self.image.as_ref().map(|image| {
                 let abs = std::fs::canonicalize(image)
@@ -618,6 +630,7 @@ mod tests {
             wake: WakeSetup {
                 probe,
                 wake_on_accept: !probe,
+                affinity: false,
             },
             runtime,
             function_bin: "/bin/fn".into(),
@@ -644,6 +657,11 @@ mod tests {
         assert_eq!(v["gateway"]["wake_on_accept"].as_bool(), Some(false));
         assert_eq!(v["probe"]["mode"].as_str(), Some("auto"));
         assert_eq!(v["probe"]["interfaces"][0].as_str(), Some("swb0"));
+        assert!(v["probe"].get("affinity_window").is_none(), "affinity off by default");
+        let mut st = setup(RuntimeKind::Process, true);
+        st.wake.affinity = true;
+        let v: toml::Value = toml::from_str(&st.render().unwrap()).unwrap();
+        assert_eq!(v["probe"]["affinity_window"].as_str(), Some("3000ms"));
         let f = &v["function"][0];
         assert_eq!(f["name"].as_str(), Some("init-50"));
         assert_eq!(f["port"].as_integer(), Some(9101));

@@ -59,6 +59,9 @@ pub enum Mode {
     /// eBPF probe, shared port: the client runs under the sockops tagger (what
     /// `synwake tag` attaches), so its SYN carries the function's id (`tcp_option`).
     Tagged,
+    /// eBPF probe with `[probe] affinity_window`, shared port: the client called this
+    /// function (and no other) just before, so its untagged SYN wakes it (`affinity`).
+    Affinity,
 }
 
 impl fmt::Display for Mode {
@@ -70,6 +73,7 @@ impl fmt::Display for Mode {
             Mode::Sni => "sni",
             Mode::Warm => "warm",
             Mode::Tagged => "tagged",
+            Mode::Affinity => "affinity",
         })
     }
 }

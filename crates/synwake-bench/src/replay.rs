@@ -139,6 +139,7 @@ pub fn replay(
         wake: WakeSetup {
             probe: false,
             wake_on_accept: false,
+            affinity: false,
         },
         runtime: RuntimeKind::Process,
         function_bin,

@@ -106,6 +106,7 @@ fn mode_style(mode: Mode) -> (&'static str, &'static str) {
         Mode::Sni => ("#1f77b4", ""),
         Mode::Warm => ("#555555", " stroke-dasharray=\"6 4\""),
         Mode::Tagged => ("#9467bd", ""),
+        Mode::Affinity => ("#8c564b", "4,2"),
     }
 }
 

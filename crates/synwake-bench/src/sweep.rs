@@ -263,6 +263,7 @@ fn plan_phases(modes: &[Mode]) -> Vec<Phase> {
             wake: WakeSetup {
                 probe: false,
                 wake_on_accept: false,
+                affinity: false,
             },
             modes: vec![Mode::Request],
         });
@@ -273,6 +274,7 @@ fn plan_phases(modes: &[Mode]) -> Vec<Phase> {
             wake: WakeSetup {
                 probe: false,
                 wake_on_accept: true,
+                affinity: false,
             },
             modes: vec![Mode::Accept],
         });
@@ -285,6 +287,7 @@ fn plan_phases(modes: &[Mode]) -> Vec<Phase> {
             wake: WakeSetup {
                 probe: true,
                 wake_on_accept: false,
+                affinity: false,
             },
             modes: vec![Mode::Syn],
         });
@@ -296,6 +299,7 @@ fn plan_phases(modes: &[Mode]) -> Vec<Phase> {
             wake: WakeSetup {
                 probe: false,
                 wake_on_accept: false,
+                affinity: false,
             },
             modes: vec![Mode::Sni],
         });
@@ -308,8 +312,22 @@ fn plan_phases(modes: &[Mode]) -> Vec<Phase> {
             wake: WakeSetup {
                 probe: true,
                 wake_on_accept: false,
+                affinity: false,
             },
             modes: vec![Mode::Tagged],
+        });
+    }
+    // affinity: the probe watches the shared port; the client's SYN names no function,
+    // its address does (it called only this function within the window).
+    if has(Mode::Affinity) {
+        phases.push(Phase {
+            name: "affinity",
+            wake: WakeSetup {
+                probe: true,
+                wake_on_accept: false,
+                affinity: true,
+            },
+            modes: vec![Mode::Affinity],
         });
     }
     // warm is the reference for syn, so it runs with the same daemon (probe attached).
@@ -321,6 +339,7 @@ fn plan_phases(modes: &[Mode]) -> Vec<Phase> {
                 wake: WakeSetup {
                     probe: false,
                     wake_on_accept: true,
+                    affinity: false,
                 },
                 modes: vec![Mode::Warm],
             }),
@@ -545,7 +564,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                     let expected = match mode {
                         Mode::Request | Mode::Accept => Some(cell.runs),
                         Mode::Warm => Some(0),
-                        Mode::Syn | Mode::Sni | Mode::Tagged => None,
+                        Mode::Syn | Mode::Sni | Mode::Tagged | Mode::Affinity => None,
                     };
                     if let Some(want) = expected.filter(|&w| w != cell.cold_header_true) {
                         notes.push(format!(
@@ -559,7 +578,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                             f.init_ms
                         ));
                     }
-                    if matches!(mode, Mode::Syn | Mode::Sni) {
+                    if matches!(mode, Mode::Syn | Mode::Sni | Mode::Affinity) {
                         hidden_counts.push(format!(
                             "{mode} init {} RTT {rtt}: {}/{}",
                             f.init_ms,
@@ -734,7 +753,7 @@ fn measure_cell(
     // option names f there), every other mode to the function's own port.
     let (port, path) = match mode {
         Mode::Sni => (crate::daemon::TLS_GATEWAY_PORT, "/".to_string()),
-        Mode::Tagged => (
+        Mode::Tagged | Mode::Affinity => (
             crate::daemon::GATEWAY_PORT,
             format!("/function/{}/", f.name),
         ),
@@ -760,6 +779,11 @@ fn measure_cell(
     if mode == Mode::Warm {
         // Make sure an instance is up; this request is not measured.
         timed(topo).context("warm-up request")?;
+    }
+    if mode == Mode::Affinity {
+        // The previous cell's function leaves the window; then this client calls only f.
+        interrupt::sleep(crate::daemon::AFFINITY_WINDOW + Duration::from_millis(200));
+        timed(topo).context("affinity warm-up request")?;
     }
     let mut samples = Vec::with_capacity(runs);
     let mut cold_true = 0;
@@ -922,5 +946,10 @@ mod tests {
             ("tagged", &[Mode::Tagged][..])
         );
         assert!(t[1].wake.probe && !t[1].wake.wake_on_accept);
+        // affinity: its own daemon, probe on with the affinity window, no accept fallback.
+        let a = plan_phases(&[Mode::Affinity, Mode::Warm]);
+        assert_eq!(a[0].name, "affinity");
+        assert!(a[0].wake.probe && a[0].wake.affinity && !a[0].wake.wake_on_accept);
+        assert!(!t[1].wake.affinity && !p[2].wake.affinity);
     }
 }
