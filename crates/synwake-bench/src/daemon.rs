@@ -657,7 +657,10 @@ mod tests {
         assert_eq!(v["gateway"]["wake_on_accept"].as_bool(), Some(false));
         assert_eq!(v["probe"]["mode"].as_str(), Some("auto"));
         assert_eq!(v["probe"]["interfaces"][0].as_str(), Some("swb0"));
-        assert!(v["probe"].get("affinity_window").is_none(), "affinity off by default");
+        assert!(
+            v["probe"].get("affinity_window").is_none(),
+            "affinity off by default"
+        );
         let mut st = setup(RuntimeKind::Process, true);
         st.wake.affinity = true;
         let v: toml::Value = toml::from_str(&st.render().unwrap()).unwrap();
