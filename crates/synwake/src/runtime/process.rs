@@ -161,15 +161,20 @@ impl ProcessRuntime {
             }
             let _ = std::fs::remove_file(&path);
         }
+        // One instance has a directory per hierarchy: count it once, by its name.
+        let mut instances = HashSet::new();
         for cg in self.cgroups.leftovers(&cgroup_paths) {
             let pids = cg.pids();
+            let path = cg.paths().next().unwrap_or(Path::new("?"));
             if !pids.is_empty() {
                 tracing::warn!(
                     "killing {} process(es) in cgroup {} left by an earlier synwake",
                     pids.len(),
-                    cg.paths().next().unwrap_or(Path::new("?")).display()
+                    path.display()
                 );
-                killed += 1;
+                if instances.insert(path.file_name().map(|n| n.to_owned())) {
+                    killed += 1;
+                }
             }
             cg.kill();
             cg.remove_blocking(Duration::from_secs(5));
