@@ -449,7 +449,7 @@ fn callbacks_to_internal_addresses_and_own_listeners_are_refused_before_connect(
     assert!(
         wait_until(Duration::from_secs(20), || d
             .log()
-            .contains("callback failed")),
+            .contains("callback refused")),
         "the callback to localhost was not refused: {}",
         d.log()
     );
