@@ -389,6 +389,61 @@ fn pooled_cold_starts_use_the_pool_and_are_faster_than_create_and_start() {
     );
 }
 
+/// The adaptive idle policy's pre-warm of an oci function with `pool` is a pooled start
+/// (`runc start` of a created container), and the call it was made for finds it ready.
+#[test]
+fn predicted_prewarm_of_a_pooled_function_starts_from_the_pool() {
+    if !can_run("predicted_prewarm_pooled") {
+        return;
+    }
+    let _serial = serial();
+    // Calls every 3 s: after three idle times the window is ~2.7 s (pre-warm) to ~3.3 s.
+    let knobs = "idle_policy = \"adaptive\"\nidle_timeout = \"1s\"\npool = 1\n\
+        adaptive = { histogram_min = \"10ms\", histogram_range = \"60s\", min_samples = 3, min_unload = \"500ms\" }";
+    let d = OciDaemon::start_in(
+        &format!("10.7.{}.0/24", 1 + std::process::id() % 200),
+        |img| oci_function("timer", &img.oci, knobs),
+    );
+    d.wait_pooled("timer");
+    let series = |m: &str| d.metric(&format!("{m}{{function=\"timer\"}}"));
+    let t0 = Instant::now();
+    let mut warm_calls = 0;
+    for k in 0..7u32 {
+        let due = t0 + Duration::from_secs(3 * k as u64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let r = d.call_ok("timer", "/");
+        // Calls 0-3 teach the histogram (fallback: stopped 1 s after each call).
+        if k >= 4 && r.header("x-synwake-cold-start") == Some("false") {
+            warm_calls += 1;
+        }
+    }
+    let prewarms = series("synwake_predicted_prewarms_total");
+    let hits = series("synwake_predicted_prewarm_hits_total");
+    let predicted_starts =
+        d.metric("synwake_cold_starts_total{function=\"timer\",trigger=\"predicted\"}");
+    eprintln!("prewarms {prewarms}, hits {hits}, warm calls {warm_calls} of 3");
+    assert!(
+        prewarms >= 2.0,
+        "{prewarms} predicted pre-warms for calls 4-6"
+    );
+    assert!(
+        hits >= 2.0 && warm_calls >= 2,
+        "hits {hits}, warm calls {warm_calls}"
+    );
+    assert_eq!(predicted_starts, prewarms);
+    // Every start here came from the pool: the cold ones of calls 0-3 and the pre-warms.
+    let pool = series("synwake_pool_starts_total");
+    let starts =
+        d.metric("synwake_instance_start_seconds_count{function=\"timer\",runtime=\"oci\"}");
+    assert!(
+        pool >= prewarms + 1.0,
+        "pool starts {pool}, prewarms {prewarms}"
+    );
+    assert!(pool <= starts, "pool starts {pool}, starts {starts}");
+}
+
 #[test]
 fn after_an_update_a_pooled_cold_start_runs_the_new_spec() {
     if !can_run("pool_after_update") {
