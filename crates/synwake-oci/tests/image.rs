@@ -491,3 +491,89 @@ fn images_sharing_a_base_layer_store_it_once_and_prune_removes_only_unused_layer
     store.prune(&[]).unwrap();
     assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
 }
+
+/// Import cost and disk use of ten images on one base layer (busybox plus 16 MiB in 256
+/// files), into one shared store vs each into a store of its own (what the pre-layer-store
+/// cache did: every image unpacked whole). Run with `--ignored --nocapture`.
+#[test]
+#[ignore = "benchmark"]
+fn layer_store_import_benchmark() {
+    if !busybox_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut base = tar::Builder::new(Vec::new());
+    {
+        let bb = fixture::busybox_layer().unwrap();
+        let mut a = tar::Archive::new(&bb[..]);
+        for e in a.entries().unwrap() {
+            let mut e = e.unwrap();
+            let h = e.header().clone();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+            base.append(&h, &data[..]).unwrap();
+        }
+    }
+    let mut seed = 0x9e3779b97f4a7c15u64;
+    for i in 0..256 {
+        let data: Vec<u8> = (0..65536)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        base.append_data(&mut h, format!("usr/lib/data/f{i}"), &data[..])
+            .unwrap();
+    }
+    let base = Layer::new(base.into_inner().unwrap(), true);
+    let archives: Vec<PathBuf> = (0..10)
+        .map(|i| {
+            let mut t = TarBuilder::new();
+            t.dir("www")
+                .file("www/index.html", 0o644, format!("fn {i}").as_bytes());
+            let layers = vec![base.clone(), Layer::new(t.finish(), true)];
+            let a = dir.path().join(format!("fn{i}.tar"));
+            fixture::write_oci_archive(&a, &layers, &fixture::function_config(&layers)).unwrap();
+            a
+        })
+        .collect();
+    let shared = ImageStore::new(dir.path().join("shared"));
+    let mut shared_ms = Vec::new();
+    for a in &archives {
+        let t = std::time::Instant::now();
+        shared.import(a).unwrap();
+        shared_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut own_ms = Vec::new();
+    let mut own_bytes = 0;
+    for (i, a) in archives.iter().enumerate() {
+        let s = ImageStore::new(dir.path().join(format!("own{i}")));
+        let t = std::time::Instant::now();
+        s.import(a).unwrap();
+        own_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        own_bytes += s.usage().bytes;
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut later = shared_ms[1..].to_vec();
+    later.sort_by(f64::total_cmp);
+    let mut own = own_ms.clone();
+    own.sort_by(f64::total_cmp);
+    println!("load average: {}", load.trim());
+    println!(
+        "shared store: first import {:.1} ms, next nine median {:.1} ms; disk {} KiB",
+        shared_ms[0],
+        later[later.len() / 2],
+        shared.usage().bytes / 1024
+    );
+    println!(
+        "a store per image: import median {:.1} ms; disk {} KiB in total",
+        own[own.len() / 2],
+        own_bytes / 1024
+    );
+}

@@ -422,3 +422,48 @@ impl Instance for OciInstance {
         self.readiness_path
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(entrypoint: &[&str], env: &[&str]) -> Image {
+        Image {
+            digest: None,
+            rootfs: PathBuf::from("/nonexistent"),
+            config: synwake_oci::ImageConfig {
+                entrypoint: entrypoint.iter().map(|s| s.to_string()).collect(),
+                env: env.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+            layers: Vec::new(),
+            blobs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn openfaas_watchdog_images_get_the_health_endpoint() {
+        let mut spec = crate::api::deploy::FunctionDeployment {
+            service: Some("f".into()),
+            image: Some("/images/f.tar".into()),
+            ..Default::default()
+        }
+        .into_spec(&crate::spec::Policy::default())
+        .unwrap();
+        assert!(spec.command.is_empty());
+        let of = image(&["fwatchdog"], &[]);
+        assert_eq!(openfaas_readiness(&spec, &of), Some("/_/health"));
+        let classic = image(&["/bin/sh"], &["fprocess=cat"]);
+        assert_eq!(openfaas_readiness(&spec, &classic), Some("/_/health"));
+        let plain = image(&["/bin/busybox", "httpd"], &["PATH=/bin"]);
+        assert_eq!(openfaas_readiness(&spec, &plain), None);
+        // The function's own command replaces the image's: fprocess alone says nothing.
+        spec.command = vec!["/bin/busybox".into(), "httpd".into()];
+        assert_eq!(openfaas_readiness(&spec, &classic), None);
+        spec.command = vec!["/usr/bin/fwatchdog".into()];
+        assert_eq!(openfaas_readiness(&spec, &plain), Some("/_/health"));
+        // Our stdio watchdog is ready on TCP.
+        spec.watchdog = Watchdog::Stdio;
+        assert_eq!(openfaas_readiness(&spec, &of), None);
+    }
+}
