@@ -2,30 +2,46 @@
 # Warm-path cost of the synwake proxy: the same fast function (synwake-fn, release build)
 # called directly, through synwake (its own port and the shared port) and through nginx as
 # a plain reverse proxy with upstream keepalive. Same load generator (wrk), same machine,
-# one run. Prints a markdown table; raw wrk output stays in $OUT (default: a temp dir).
+# one run, INTERLEAVED: every round measures every target once, in an order rotated per
+# round, so load from other jobs on a shared machine hits all targets alike. Prints a
+# markdown table of medians over the rounds and the per-round ratios against nginx, with
+# the load average next to every figure; raw wrk output stays in $OUT (default: a temp dir).
 #
-#   scripts/bench-proxy.sh                  # 10 s per measurement
-#   DURATION=30s scripts/bench-proxy.sh
+#   scripts/bench-proxy.sh                        # 3 rounds of 5 s per target and load
+#   ROUNDS=5 DURATION=10s scripts/bench-proxy.sh
+#   SYNWAKE_BIN_BEFORE=/path/to/old/synwake scripts/bench-proxy.sh
+#       # also a second daemon from another build (before/after), interleaved the same way
+#   BODY_BYTES=1024 scripts/bench-proxy.sh        # POST rows: size of the request body
+#   LOADS="-t2 -c64" scripts/bench-proxy.sh       # wrk loads (default: "-t1 -c1" and "-t2 -c64")
 #
 # Needs: cargo, wrk, nginx (Debian: nginx-light), curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=${DURATION:-10s}
+DURATION=${DURATION:-5s}
+ROUNDS=${ROUNDS:-3}
+BODY_BYTES=${BODY_BYTES:-1024}
 BASE_PORT=${BASE_PORT:-18480}
 FN_PORT=$BASE_PORT                  # synwake-fn, called directly and by nginx
 SHARED_PORT=$((BASE_PORT + 1))      # synwake shared port: /function/bench/
 API_PORT=$((BASE_PORT + 2))         # synwake management API
 OWN_PORT=$((BASE_PORT + 3))         # synwake: the function's own port
 NGINX_PORT=$((BASE_PORT + 4))       # nginx in front of FN_PORT
+B_SHARED_PORT=$((BASE_PORT + 5))    # the "before" daemon, same layout
+B_API_PORT=$((BASE_PORT + 6))
+B_OWN_PORT=$((BASE_PORT + 7))
 
 for tool in cargo wrk nginx curl; do
     command -v "$tool" >/dev/null || { echo "bench-proxy: $tool not found" >&2; exit 1; }
 done
 
-echo "building release binaries..." >&2
-cargo build --release -q -p synwake -p synwake-fn
+if [ -z "${NO_BUILD:-}" ]; then
+    echo "building release binaries..." >&2
+    cargo build --release -q -p synwake -p synwake-fn
+fi
 BIN=${CARGO_TARGET_DIR:-target}/release
+SYNWAKE_BIN=${SYNWAKE_BIN:-$BIN/synwake}
+SYNWAKE_BIN_BEFORE=${SYNWAKE_BIN_BEFORE:-}
 
 WORK=$(mktemp -d /tmp/synwake-bench-proxy.XXXXXX)
 OUT=${OUT:-$WORK}
@@ -52,23 +68,27 @@ PORT=$FN_PORT SYNWAKE_FUNCTION=bench "$BIN/synwake-fn" >"$WORK/fn.log" 2>&1 &
 PIDS+=($!)
 
 # 2. synwake with its own instance of the same binary; kept warm for the whole run.
-cat >"$WORK/synwake.toml" <<EOF
+start_synwake() { # binary, dir, shared port, api port, own port
+    mkdir -p "$2"
+    cat >"$2/synwake.toml" <<EOF
 [gateway]
-listen = "127.0.0.1:$SHARED_PORT"
-api_listen = "127.0.0.1:$API_PORT"
-state_dir = "$WORK/state"
+listen = "127.0.0.1:$3"
+api_listen = "127.0.0.1:$4"
+state_dir = "$2/state"
 
 [probe]
 mode = "off"
 
 [[function]]
 name = "bench"
-port = $OWN_PORT
+port = $5
 command = ["$(realpath "$BIN/synwake-fn")"]
 idle_timeout = "1h"
 EOF
-SYNWAKE_LOG=warn "$BIN/synwake" up --config "$WORK/synwake.toml" >"$WORK/synwake.log" 2>&1 &
-PIDS+=($!)
+    SYNWAKE_LOG=warn "$1" up --config "$2/synwake.toml" >"$2/synwake.log" 2>&1 &
+    PIDS+=($!)
+}
+start_synwake "$SYNWAKE_BIN" "$WORK/synwake" "$SHARED_PORT" "$API_PORT" "$OWN_PORT"
 
 # 3. nginx as a plain reverse proxy with upstream keepalive to the direct function.
 mkdir -p "$WORK/nginx"
@@ -108,12 +128,27 @@ declare -A URL=(
     [nginx]="http://127.0.0.1:$NGINX_PORT/"
 )
 TARGETS=(direct synwake-own-port synwake-shared-port nginx)
+SYNWAKE_TARGETS=(synwake-own-port synwake-shared-port)
+if [ -n "$SYNWAKE_BIN_BEFORE" ]; then
+    start_synwake "$SYNWAKE_BIN_BEFORE" "$WORK/before" "$B_SHARED_PORT" "$B_API_PORT" "$B_OWN_PORT"
+    URL[before-own-port]="http://127.0.0.1:$B_OWN_PORT/"
+    URL[before-shared-port]="http://127.0.0.1:$B_SHARED_PORT/function/bench/"
+    TARGETS+=(before-own-port before-shared-port)
+    SYNWAKE_TARGETS+=(before-own-port before-shared-port)
+fi
 for t in "${TARGETS[@]}"; do wait_http "${URL[$t]}"; done
-# The first synwake request above was the cold start; check both routes are warm now.
-for t in synwake-own-port synwake-shared-port; do
+# The first synwake request above was the cold start; check every route is warm now.
+for t in "${SYNWAKE_TARGETS[@]}"; do
     cold=$(curl -fsS -D - -o /dev/null "${URL[$t]}" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-synwake-cold-start"{print $2}')
     [ "$cold" = "false" ] || { echo "bench-proxy: $t not warm (cold-start: $cold)" >&2; exit 1; }
 done
+
+# POST with a body: the function echoes it back.
+cat >"$WORK/post.lua" <<EOF
+wrk.method = "POST"
+wrk.body = string.rep("x", $BODY_BYTES)
+wrk.headers["Content-Type"] = "application/octet-stream"
+EOF
 
 # wrk latency figures to microseconds: "85.00us", "1.20ms", "1.01s".
 to_us() {
@@ -122,50 +157,78 @@ to_us() {
         if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000;
         else if (v ~ /s$/) print n * 1000000; else print n }'
 }
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR] = $1} END {
+    if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2];
+    else printf "%.2f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-declare -A RPS P50 P99 LOAD
-LOADS=("-t1 -c1" "-t2 -c64")
-for load in "${LOADS[@]}"; do
-    for t in "${TARGETS[@]}"; do
-        key="$t|$load"
-        file="$OUT/wrk-${t}-$(echo "$load" | tr -d ' -').txt"
-        LOAD[$key]=$(cut -d' ' -f1 /proc/loadavg)
-        # shellcheck disable=SC2086
-        wrk $load -d"$DURATION" --latency "${URL[$t]}" >"$file"
-        RPS[$key]=$(awk '/^Requests\/sec:/ {print $2}' "$file")
-        P50[$key]=$(to_us "$(awk '$1 == "50%" {print $2}' "$file")")
-        P99[$key]=$(to_us "$(awk '$1 == "99%" {print $2}' "$file")")
-        errors=$(grep -E "Non-2xx|Socket errors" "$file" || true)
-        [ -z "$errors" ] || echo "bench-proxy: $t ($load): $errors" >&2
-        echo "  $t ($load): ${RPS[$key]} req/s, p50 ${P50[$key]} us, p99 ${P99[$key]} us" >&2
+IFS=';' read -r -a LOADS <<<"${LOADS:-GET -t1 -c1;GET -t2 -c64;POST -t2 -c64}"
+declare -A RPS P50 P99 LOAD     # space-separated values, one per round
+n=${#TARGETS[@]}
+for round in $(seq 1 "$ROUNDS"); do
+    for load in "${LOADS[@]}"; do
+        method=${load%% *}
+        args=${load#* }
+        script=()
+        [ "$method" = POST ] && script=(-s "$WORK/post.lua")
+        for i in $(seq 0 $((n - 1))); do
+            t=${TARGETS[$(((i + round - 1) % n))]}   # rotated: no target always goes first
+            key="$t|$load"
+            file="$OUT/wrk-${t}-${method}$(echo "$args" | tr -d ' -')-r$round.txt"
+            l=$(cut -d' ' -f1 /proc/loadavg)
+            # shellcheck disable=SC2086
+            wrk $args -d"$DURATION" --latency "${script[@]}" "${URL[$t]}" >"$file"
+            r=$(awk '/^Requests\/sec:/ {print $2}' "$file")
+            p50=$(to_us "$(awk '$1 == "50%" {print $2}' "$file")")
+            p99=$(to_us "$(awk '$1 == "99%" {print $2}' "$file")")
+            RPS[$key]+="$r "; P50[$key]+="$p50 "; P99[$key]+="$p99 "; LOAD[$key]+="$l "
+            errors=$(grep -E "Non-2xx|Socket errors" "$file" || true)
+            [ -z "$errors" ] || echo "bench-proxy: $t ($load): $errors" >&2
+            echo "  round $round $t ($load): $r req/s, p50 $p50 us, p99 $p99 us, load $l" >&2
+        done
     done
 done
 
 echo
-# The last column shows how busy the machine was (1-min load average at the start).
-echo "| target | wrk load | requests/s | p50 (us) | p99 (us) | loadavg |"
-echo "|---|---|---:|---:|---:|---:|"
+echo "Medians over $ROUNDS interleaved rounds of $DURATION; loadavg = 1-min load average at the"
+echo "start of each round's measurement (it counts the benchmark's own threads too)."
+echo
+echo "| target | load | requests/s | p50 (us) | p99 (us) | requests/s per round | loadavg per round |"
+echo "|---|---|---:|---:|---:|---|---|"
 for load in "${LOADS[@]}"; do
     for t in "${TARGETS[@]}"; do
         key="$t|$load"
-        echo "| $t | \`$load\` | ${RPS[$key]} | ${P50[$key]} | ${P99[$key]} | ${LOAD[$key]} |"
+        echo "| $t | \`$load\` | $(median <<<"${RPS[$key]}") | $(median <<<"${P50[$key]}") |" \
+            "$(median <<<"${P99[$key]}") | ${RPS[$key]% } | ${LOAD[$key]% } |"
     done
 done
 
-low="-t1 -c1"
-high="-t2 -c64"
 echo
-for t in synwake-own-port synwake-shared-port; do
-    added=$(awk -v a="${P50[$t|$low]}" -v b="${P50[direct|$low]}" 'BEGIN {printf "%.0f", a - b}')
-    share=$(awk -v a="${RPS[$t|$high]}" -v b="${RPS[nginx|$high]}" 'BEGIN {printf "%.0f", 100 * a / b}')
-    p50_ok=$([ "$added" -le 100 ] && echo met || echo missed)
-    rps_ok=$([ "$share" -ge 80 ] && echo met || echo missed)
-    echo "- $t: adds ${added} us at p50 at low load (target <= 100 us: $p50_ok);" \
-        "${share}% of nginx's requests/s at -c64 (target >= 80%: $rps_ok)"
+first() { awk -v i="$2" '{print $i}' <<<"$1"; }
+for load in "${LOADS[@]}"; do
+    [[ "$load" == *c1 ]] && continue
+    for t in "${SYNWAKE_TARGETS[@]}"; do
+        ratios=""
+        for r in $(seq 1 "$ROUNDS"); do
+            ratios+="$(awk -v a="$(first "${RPS[$t|$load]}" "$r")" -v b="$(first "${RPS[nginx|$load]}" "$r")" \
+                'BEGIN {printf "%.2f", a / b}') "
+        done
+        echo "- $t \`$load\`: requests/s / nginx's, per round: ${ratios% }" \
+            "(median $(median <<<"$ratios"); target >= 1.0)"
+    done
 done
-nginx_added=$(awk -v a="${P50[nginx|$low]}" -v b="${P50[direct|$low]}" 'BEGIN {printf "%.0f", a - b}')
-echo "- nginx: adds ${nginx_added} us at p50 at low load"
+low="GET -t1 -c1"
+if [ -n "${P50[nginx|$low]:-}" ]; then
+    for t in "${SYNWAKE_TARGETS[@]}" nginx; do
+        added=""
+        for r in $(seq 1 "$ROUNDS"); do
+            added+="$(awk -v a="$(first "${P50[$t|$low]}" "$r")" -v b="$(first "${P50[direct|$low]}" "$r")" \
+                'BEGIN {printf "%.0f", a - b}') "
+        done
+        echo "- $t: p50 added over direct at one connection, per round: ${added% } us" \
+            "(median $(median <<<"$added"))"
+    done
+fi
 echo
 echo "machine: $(nproc) cores, $(uname -sr), $(. /etc/os-release && echo "$PRETTY_NAME");" \
     "load average before/after: $LOAD_BEFORE / $(cut -d' ' -f1-3 /proc/loadavg)"
