@@ -15,6 +15,7 @@
 //! - `GET /crash`: the process exits mid-request (the client sees a closed connection).
 //! - `GET /sleep/<ms>`: answers after `<ms>` milliseconds.
 //! - `GET /pid`: answers with the process id.
+//! - `GET /connections`: answers with the number of connections this process accepted.
 //! - `GET /headers`: answers with the request headers it got, one `name: value` a line.
 //! - `GET /ids`: the process's `Uid:`, `Gid:` and `Groups:` lines from /proc/self/status.
 //! - anything else: `hello from <SYNWAKE_FUNCTION>`.
@@ -26,6 +27,8 @@ use std::time::Duration;
 
 /// Requests served by this process (for `FAIL_FIRST`).
 static SERVED: AtomicU64 = AtomicU64::new(0);
+/// Connections accepted by this process (for `GET /connections`).
+static ACCEPTED: AtomicU64 = AtomicU64::new(0);
 
 fn main() {
     if let Ok(code) = std::env::var("EXIT_AT_START") {
@@ -56,6 +59,7 @@ fn main() {
     };
     println!("synwake-fn: listening on {addr} after {init_ms} ms init");
     for stream in listener.incoming().flatten() {
+        ACCEPTED.fetch_add(1, Ordering::SeqCst);
         std::thread::spawn(move || {
             let _ = serve(stream);
         });
@@ -146,6 +150,8 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
             std::process::exit(3);
         } else if path == "/pid" {
             format!("{}\n", std::process::id()).into_bytes()
+        } else if path == "/connections" {
+            format!("{}\n", ACCEPTED.load(Ordering::SeqCst)).into_bytes()
         } else if path == "/ids" {
             std::fs::read_to_string("/proc/self/status")
                 .unwrap_or_default()

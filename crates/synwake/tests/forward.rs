@@ -249,3 +249,122 @@ fn async_calls_get_the_same_headers_and_metrics_as_sync_ones() {
         2.0
     );
 }
+
+/// Sends one keep-alive request on `s` and reads the response (content-length framed).
+fn exchange(s: &mut TcpStream, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(&[head.as_bytes(), body].concat()).unwrap();
+    let mut buf = Vec::new();
+    let mut b = [0u8; 8192];
+    loop {
+        let n = s.read(&mut b).unwrap();
+        assert!(
+            n > 0,
+            "connection closed after {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&b[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if buf.len() >= end + 4 + len {
+            let status = head[9..12].parse().unwrap_or(0);
+            return (status, buf[end + 4..end + 4 + len].to_vec());
+        }
+    }
+}
+
+fn accepted_connections(s: &mut TcpStream) -> u64 {
+    let (status, body) = exchange(s, "GET", "/function/f/connections", b"");
+    assert_eq!(status, 200);
+    String::from_utf8_lossy(&body).trim().parse().unwrap()
+}
+
+/// Requests with a body go on an upstream connection private to their client connection,
+/// which stays open for that client's next requests (it used to be closed after each).
+#[test]
+fn requests_with_a_body_keep_their_upstream_connection() {
+    let d = Daemon::start(&function("f", "idle_timeout = \"60s\""));
+    let mut s = TcpStream::connect(loopback(d.shared)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let before = accepted_connections(&mut s);
+    for i in 0..20 {
+        let body = format!("upload {i} {}", "x".repeat(1000));
+        let (status, echoed) = exchange(&mut s, "POST", "/function/f/", body.as_bytes());
+        assert_eq!(status, 200);
+        assert_eq!(echoed, body.as_bytes(), "request {i} got another answer");
+    }
+    let after = accepted_connections(&mut s);
+    assert!(
+        after <= before + 2,
+        "20 uploads on one client connection opened {} upstream connections",
+        after - before
+    );
+}
+
+/// The same attack as above from ONE keep-alive client connection: the unread bodies stay
+/// on that client's private upstream connection, so other clients never see their answers.
+#[test]
+fn body_smuggled_on_a_kept_connection_reaches_only_its_sender() {
+    let d = Daemon::start(&function(
+        "f",
+        "env = { IGNORE_BODY = \"1\" }\nidle_timeout = \"60s\"",
+    ));
+    assert_eq!(d.call("f", "/pid").status, 200);
+    let smuggled = b"GET /sleep/0 HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (victims, poisoned) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    concurrently(8, |i| {
+        if i % 2 == 0 {
+            let Ok(mut s) = TcpStream::connect(loopback(d.shared)) else {
+                return;
+            };
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            for _ in 0..400 {
+                if Instant::now() > deadline {
+                    break;
+                }
+                // The answers to the smuggled requests may come back here: the sender's own.
+                let head = format!(
+                    "GET /function/f/ HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                    smuggled.len()
+                );
+                if s.write_all(&[head.as_bytes(), smuggled].concat()).is_err() {
+                    break;
+                }
+                let mut b = [0u8; 4096];
+                if !matches!(s.read(&mut b), Ok(n) if n > 0) {
+                    break;
+                }
+            }
+        } else {
+            for _ in 0..400 {
+                if Instant::now() > deadline {
+                    break;
+                }
+                let r = d.call("f", "/pid");
+                victims.fetch_add(1, Ordering::Relaxed);
+                if r.status != 200 || r.text().trim().parse::<i32>().is_err() {
+                    poisoned.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("victim got {} {:?}", r.status, r.text());
+                }
+            }
+        }
+    });
+    let (victims, poisoned) = (victims.into_inner(), poisoned.into_inner());
+    eprintln!("{victims} victim requests, {poisoned} poisoned");
+    assert!(victims >= 50, "only {victims} victim requests ran");
+    assert_eq!(
+        poisoned, 0,
+        "{poisoned} of {victims} victims got a wrong answer"
+    );
+}

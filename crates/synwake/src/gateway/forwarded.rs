@@ -70,11 +70,10 @@ mod tests {
         h.insert("host", HeaderValue::from_static("a.example.com:8443"));
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.9"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("gopher"));
-        let conn = ConnInfo {
-            peer: "192.0.2.7:5555".parse().unwrap(),
-            tls: true,
-            server_name: Some(Arc::from("a.example.com")),
-        };
+        let conn = ConnInfo::tls(
+            "192.0.2.7:5555".parse().unwrap(),
+            Some(Arc::from("a.example.com")),
+        );
         set_forwarded(&mut h, &conn);
         assert_eq!(h["x-forwarded-for"], "10.0.0.9, 192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "https");

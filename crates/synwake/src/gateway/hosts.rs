@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use super::upstream::PrivateConns;
 use crate::spec::FunctionSpec;
 
 /// What the listener knows about a connection; handed to every request on it.
@@ -15,6 +16,8 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The TLS SNI server name, lowercase.
     pub server_name: Option<Arc<str>>,
+    /// Upstream connections only this connection's requests use (requests with a body).
+    pub private: Arc<PrivateConns>,
 }
 
 impl ConnInfo {
@@ -23,6 +26,16 @@ impl ConnInfo {
             peer,
             tls: false,
             server_name: None,
+            private: Arc::default(),
+        }
+    }
+
+    pub fn tls(peer: SocketAddr, server_name: Option<Arc<str>>) -> ConnInfo {
+        ConnInfo {
+            peer,
+            tls: true,
+            server_name,
+            private: Arc::default(),
         }
     }
 

@@ -193,11 +193,7 @@ pub async fn serve_transport(
                     };
                     match edge.handshake(stream, accepted, hello).await {
                         Ok(h) => {
-                            let info = ConnInfo {
-                                peer,
-                                tls: true,
-                                server_name: h.server_name,
-                            };
+                            let info = ConnInfo::tls(peer, h.server_name);
                             server.serve(h.stream, info, handler, shutdown).await
                         }
                         Err(e @ HandshakeError::UnknownName(_)) => {

@@ -348,20 +348,43 @@ impl Proxy {
         }
         // A function may answer without reading the body; what it left unread would be
         // parsed as the next request on a pooled connection and its answer handed to
-        // another client. So a connection that carried a body is not reused.
-        if !h2c && !body.is_end_stream() {
+        // another client. So a client's body goes on a connection private to its client
+        // connection (kept for its later requests), and a queued call's body on a
+        // connection closed after it; never on a pooled one.
+        let with_body = !h2c && !body.is_end_stream();
+        let private = match origin {
+            Origin::Client(conn) if !h2c && upgrade.is_none() => {
+                (with_body || conn.private.holds(&lease.instance)).then_some(&conn.private)
+            }
+            _ => None,
+        };
+        if with_body && private.is_none() {
             parts
                 .headers
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         let cold = lease.cold;
-        let client = self
-            .upstream
-            .client(policy.protocol, policy.connect_timeout);
-        let sent = tokio::time::timeout(
-            policy.timeout,
-            client.request(Request::from_parts(parts, body)),
-        )
+        let req = Request::from_parts(parts, body);
+        let sent = tokio::time::timeout(policy.timeout, async {
+            if let Some(private) = private {
+                let (resp, back) = upstream::send_private(
+                    private,
+                    &lease.instance,
+                    policy.connect_timeout,
+                    self.upstream.idle_timeout(),
+                    req,
+                )
+                .await?;
+                Ok::<_, upstream::SendError>(
+                    resp.map(|b| upstream::PrivateBody::new(b, back).boxed()),
+                )
+            } else {
+                let client = self
+                    .upstream
+                    .client(policy.protocol, policy.connect_timeout);
+                Ok(client.request(req).await?.map(|b| b.boxed()))
+            }
+        })
         .await;
         let Ok(sent) = sent else {
             tracing::info!(
@@ -631,10 +654,11 @@ impl Drop for TunnelGuard {
 fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
-        if err
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(|h| h.is_user())
-        {
+        let hyper_err = match err.downcast_ref::<upstream::SendError>() {
+            Some(upstream::SendError::Http(h)) => Some(h),
+            _ => err.downcast_ref::<hyper::Error>(),
+        };
+        if hyper_err.is_some_and(|h| h.is_user()) {
             return true;
         }
         cur = err.source();
