@@ -702,15 +702,17 @@ pub(crate) fn strip_hop_by_hop(h: &mut http::HeaderMap) {
     for n in named {
         h.remove(n);
     }
+    // Named constants: removing by a string would parse the name each time (twice per
+    // request).
     for n in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
+        http::header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        http::header::TE,
+        http::header::TRAILER,
+        http::header::UPGRADE,
+        http::header::PROXY_AUTHORIZATION,
+        http::header::PROXY_AUTHENTICATE,
     ] {
         h.remove(n);
     }
