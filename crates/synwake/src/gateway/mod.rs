@@ -349,14 +349,20 @@ impl Proxy {
         // A function may answer without reading the body; what it left unread would be
         // parsed as the next request on a pooled connection and its answer handed to
         // another client. So a client's body goes on a connection private to its client
-        // connection (kept for its later requests), and a queued call's body on a
-        // connection closed after it; never on a pooled one.
+        // connection (kept for its later requests), and a queued call's body on one of its
+        // own (closed after it); never on a pooled one.
         let with_body = !h2c && !body.is_end_stream();
+        let own_private: Arc<upstream::PrivateConns>;
         let private = match origin {
-            Origin::Client(conn) if !h2c && upgrade.is_none() => {
+            _ if h2c || upgrade.is_some() => None,
+            Origin::Client(conn) => {
                 (with_body || conn.private.holds(&lease.instance)).then_some(&conn.private)
             }
-            _ => None,
+            Origin::Queued if with_body => {
+                own_private = Arc::default();
+                Some(&own_private)
+            }
+            Origin::Queued => None,
         };
         if with_body && private.is_none() {
             parts
