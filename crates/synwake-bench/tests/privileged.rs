@@ -26,6 +26,23 @@ fn privileged() -> bool {
     can_run("synwake-bench privileged test", missing)
 }
 
+/// SIGINT to `child`, then its exit status (fails the test after `limit`).
+fn interrupt_and_wait(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> std::process::ExitStatus {
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(start.elapsed() < limit, "child did not exit on SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn ours(prefix: &str) -> Vec<String> {
     netns::list_bench_netns()
         .into_iter()
@@ -188,19 +205,7 @@ fn namespaces_are_removed_after_sigint() {
     let prefix = line.trim().strip_prefix("READY ").expect(&line).to_string();
     assert!(prefix.starts_with(&format!("swb-{pid}-")));
     assert_eq!(ours(&prefix).len(), 3);
-    // SAFETY: signalling the child we spawned.
-    unsafe { libc::kill(pid as i32, libc::SIGINT) };
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "child did not exit on SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = interrupt_and_wait(&mut child, Duration::from_secs(10));
     assert!(!status.success(), "interrupted run must not report success");
     assert!(ours(&prefix).is_empty(), "left behind: {:?}", ours(&prefix));
 }
@@ -437,19 +442,7 @@ fn replay_cleans_up_after_a_failed_start_and_after_sigint() {
     let theirs = format!("swb-{pid}-");
     assert_eq!(ours(&theirs).len(), 3);
     std::thread::sleep(Duration::from_secs(2));
-    // SAFETY: signalling the child we spawned.
-    unsafe { libc::kill(pid as i32, libc::SIGINT) };
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no exit on SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = interrupt_and_wait(&mut child, Duration::from_secs(30));
     assert!(!status.success());
     assert!(ours(&theirs).is_empty(), "left behind: {:?}", ours(&theirs));
     assert_eq!(processes_mentioning(&out.display().to_string()), 0);
