@@ -1,7 +1,8 @@
 //! Registry pull against a real registry (Debian's docker-registry, started here on
 //! loopback): plain HTTP for an insecure registry, TLS with a test CA and htpasswd auth,
 //! multi-platform indexes, a corrupted blob refused by digest, layers shared between
-//! images fetched once. Images are built by buildah and pushed by skopeo.
+//! images fetched once, an interrupted layer download resumed with a ranged request.
+//! Images are built by buildah and pushed by skopeo.
 //! With CI=true a missing tool fails the tests, otherwise they are skipped loudly.
 
 use std::path::Path;
@@ -371,4 +372,158 @@ async fn a_corrupted_blob_in_the_registry_is_refused_by_digest_and_not_kept() {
     assert!(store.images().is_empty());
     let usage = store.usage();
     assert_eq!((usage.images, usage.layers), (0, 0), "{usage:?}");
+}
+
+/// A TCP proxy in front of a registry that cuts the first blob response larger than
+/// `cut_after` bytes at that point (the connection closes mid-body), and records the
+/// requests it forwarded.
+struct CuttingProxy {
+    addr: String,
+    requests: Arc<Mutex<Vec<String>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CuttingProxy {
+    fn start(upstream: &str, cut_after: u64) -> CuttingProxy {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let cut_done = Arc::new(AtomicBool::new(false));
+        let (reqs, s, up) = (requests.clone(), stop.clone(), upstream.to_string());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let server = std::net::TcpStream::connect(&up).unwrap();
+                // Bytes of the current response so far, or u64::MAX when no blob GET is
+                // in flight on this connection.
+                let since_blob = Arc::new(AtomicU64::new(u64::MAX));
+                let (mut c_read, mut s_write) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut s_read, mut c_write) = (server, client);
+                let (reqs, armed) = (reqs.clone(), since_blob.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n) = c_read.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                        if text.contains("/blobs/") {
+                            armed.store(0, Ordering::SeqCst);
+                        }
+                        reqs.lock().unwrap().push(text);
+                        if s_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s_write.shutdown(std::net::Shutdown::Write);
+                });
+                let cut = cut_done.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 16 << 10];
+                    while let Ok(n) = s_read.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let so_far = since_blob.load(Ordering::SeqCst);
+                        let mut end = n;
+                        let mut cutting = false;
+                        if so_far != u64::MAX && !cut.load(Ordering::SeqCst) {
+                            if so_far + n as u64 > cut_after {
+                                end = (cut_after - so_far) as usize;
+                                cutting = true;
+                                cut.store(true, Ordering::SeqCst);
+                            } else {
+                                since_blob.store(so_far + n as u64, Ordering::SeqCst);
+                            }
+                        }
+                        if c_write.write_all(&buf[..end]).is_err() {
+                            break;
+                        }
+                        if cutting {
+                            let _ = c_write.shutdown(std::net::Shutdown::Both);
+                            let _ = s_read.shutdown(std::net::Shutdown::Both);
+                            break;
+                        }
+                    }
+                    let _ = c_write.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        CuttingProxy {
+            addr,
+            requests,
+            stop,
+        }
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A layer download cut mid-way is resumed with a ranged request (not fetched again
+/// from the start), reported in the progress, and the image is complete and verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_layer_download_resumes_with_a_range_request() {
+    if !can_run("an_interrupted_layer_download_resumes_with_a_range_request") {
+        return;
+    }
+    let reg = Registry::start(false).unwrap();
+    let t = ToolStore::new().unwrap();
+    build_and_push(
+        &t,
+        &reg,
+        "localhost/swk-images2-resume:1",
+        &BuildSpec::default(),
+        "fn/resume:1",
+    );
+    const CUT: u64 = 256 << 10;
+    let proxy = CuttingProxy::start(&reg.addr, CUT);
+    let dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::new(dir.path().join("images"));
+    let (progress, lines) = collect();
+    let cfg = RegistryConfig {
+        insecure_registries: vec![proxy.addr.clone()],
+        ..RegistryConfig::default()
+    };
+    let (img, report) = store
+        .pull(&format!("{}/fn/resume:1", proxy.addr), &cfg, progress)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{:?}", lines.lock().unwrap()));
+    assert!(img.rootfs.join("bin/busybox").is_file());
+    let lines = lines.lock().unwrap().clone();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("interrupted at") && l.contains("resuming")),
+        "no resume in the progress: {lines:?}"
+    );
+    let requests = proxy.requests.lock().unwrap().clone();
+    let ranged: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.to_ascii_lowercase().contains("range: bytes="))
+        .collect();
+    assert_eq!(ranged.len(), 1, "one ranged blob request: {requests:?}");
+    // The cut part was not fetched twice: the bytes written are the blobs' sizes.
+    let layer_and_config: u64 = std::fs::read_dir(store.blobs_dir().join("sha256"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert!(
+        report.fetched_bytes <= layer_and_config,
+        "fetched {} bytes for {layer_and_config} stored",
+        report.fetched_bytes
+    );
 }
