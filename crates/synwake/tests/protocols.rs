@@ -409,3 +409,60 @@ fn shutdown_closes_a_websocket_still_open_after_drain_timeout() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "closed\n");
     assert!(!alive(instance[0]), "the instance outlived synwake");
 }
+
+/// RFC 8441 the way browsers use it: `h2` by ALPN on the TLS port, then an extended
+/// CONNECT to the WebSocket function.
+#[test]
+fn websocket_over_http2_over_tls() {
+    let Some(py) = python_with("h2") else {
+        return;
+    };
+    if python_with("websockets").is_none() || !tool("openssl") {
+        return;
+    }
+    let pki = tempfile::tempdir().unwrap();
+    let (cert, key) = (pki.path().join("cert.pem"), pki.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+        .args([
+            "-subj",
+            "/CN=ws.test",
+            "-addext",
+            "subjectAltName=DNS:ws.test",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let tls_port = free_port();
+    let d = Daemon::start_with(
+        &format!("tls_listen = \"127.0.0.1:{tls_port}\""),
+        &format!(
+            "[[certificate]]\ncert = {:?}\nkey = {:?}\n\n{}",
+            cert.display().to_string(),
+            key.display().to_string(),
+            ws_function(py, "60s")
+        ),
+    );
+    let out = Command::new(py)
+        .arg(fixture("ws_h2_client.py"))
+        .args(["127.0.0.1", &tls_port.to_string(), "/function/ws/", "0"])
+        .args(["hello", "again"])
+        .env("WS_TLS_CA", &cert)
+        .env("WS_TLS_NAME", "ws.test")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text, "status 200\necho hello\necho again\n");
+    assert_eq!(d.available("ws"), 1);
+}
