@@ -218,6 +218,9 @@ pub struct Function {
     /// Whether it had a starting or ready instance at the last change.
     was_live: AtomicBool,
     idle: Mutex<IdleState>,
+    /// Spawn -> ready of the last successful start in us (0: none yet): where the
+    /// readiness probe steps finely.
+    last_ready_us: AtomicU64,
 }
 
 impl Function {
@@ -236,6 +239,7 @@ impl Function {
             invocations: AtomicU64::new(0),
             created_at,
             was_live: AtomicBool::new(false),
+            last_ready_us: AtomicU64::new(0),
         })
     }
 
@@ -852,6 +856,7 @@ impl Lifecycle {
         let result = async {
             let rt = self.runtime_for(&spec)?;
             let inst = rt.start(&spec, id, output.clone()).await?;
+            let spawned = Instant::now();
             tracing::debug!(
                 "{} instance {id} ({}): start call {:.0} us after the wake, spawned in {:.2} ms",
                 spec.name,
@@ -859,14 +864,22 @@ impl Lifecycle {
                 t0.saturating_duration_since(woke_at).as_secs_f64() * 1e6,
                 t0.elapsed().as_secs_f64() * 1e3
             );
+            let expected = match f.last_ready_us.load(Ordering::Relaxed) {
+                0 => None,
+                us => Some(Duration::from_micros(us)),
+            };
             let ready = tokio::select! {
-                r = runtime::wait_ready(&spec, inst.as_ref(), &output, deadline) => r,
+                r = runtime::wait_ready(&spec, inst.as_ref(), &output, deadline, expected) => r,
                 _ = Self::stop_requested(&f, id) => Err(StartError::Cancelled {
                     function: spec.name.clone(),
                 }),
             };
             match ready {
-                Ok(()) => Ok(inst),
+                Ok(()) => {
+                    let took = spawned.elapsed().as_micros().clamp(1, u64::MAX as u128) as u64;
+                    f.last_ready_us.store(took, Ordering::Relaxed);
+                    Ok(inst)
+                }
                 Err(e) => {
                     inst.stop(spec.policy.stop_grace).await;
                     Err(e)

@@ -122,36 +122,63 @@ pub trait ImageStoreView: Send + Sync {
     async fn prune(&self) -> Result<synwake_oci::PruneReport, String>;
 }
 
+/// Step of the readiness probe around the expected ready time.
+const FINE_STEP: Duration = Duration::from_micros(200);
+/// How far either side of the expected ready time the fine steps go.
+const FINE_WINDOW: Duration = Duration::from_millis(2);
+
 /// Polls the instance until it accepts a TCP connection (or answers `readiness_path`, else
-/// the instance's own [`Instance::readiness_path`], with 2xx). Probes every 1 ms for the first 500 ms (a refused loopback connect costs ~20 us),
-/// then backs off by 1.25x to at most 20 ms.
+/// the instance's own [`Instance::readiness_path`], with 2xx). While connects are refused it probes every 200 us for the first 2 ms and within
+/// 2 ms of `expected` (how long the function's last start took from spawn to ready),
+/// elsewhere every 1 ms for the first 500 ms, then backs off by 1.25x to at most 20 ms.
+/// A refused loopback connect costs ~20 us. tokio's timers round up to whole
+/// milliseconds (a 1 ms sleep took 2 ms), so the fine steps sleep on a timerfd.
 pub async fn wait_ready(
     spec: &FunctionSpec,
     instance: &dyn Instance,
     output: &OutputSink,
     deadline: Instant,
+    expected: Option<Duration>,
 ) -> Result<(), StartError> {
     let addr = instance.addr();
     let readiness_path = spec.readiness_path.as_deref().or(instance.readiness_path());
     let started = Instant::now();
     let probe = async {
         let mut interval = Duration::from_millis(1);
-        let mut refused: (u32, Option<Instant>) = (0, None);
+        let mut fine: Option<FineTimer> = None;
+        let mut probes = 0u32;
+        let mut last_refused: Option<Instant> = None;
         loop {
             let at = Instant::now();
-            if probe_once(addr, readiness_path).await {
+            probes += 1;
+            let state = probe_once(addr, readiness_path).await;
+            if state == Probe::Ready {
                 tracing::debug!(
-                    "{} at {addr}: ready on probe {} after {:.2} ms; the last refused probe was {:.0} us before this one",
+                    "{} at {addr}: ready on probe {probes} after {:.2} ms; the last refused probe was {:.0} us before this one",
                     spec.name,
-                    refused.0 + 1,
                     started.elapsed().as_secs_f64() * 1e3,
-                    refused.1.map_or(0.0, |r| (at - r).as_secs_f64() * 1e6)
+                    last_refused.map_or(0.0, |r| (at - r).as_secs_f64() * 1e6)
                 );
                 return;
             }
-            refused = (refused.0 + 1, Some(at));
-            if started.elapsed() > Duration::from_millis(500) {
+            let elapsed = started.elapsed();
+            if elapsed > Duration::from_millis(500) {
                 interval = (interval * 5 / 4).min(Duration::from_millis(20));
+            }
+            // Fine steps only while nothing listens: an app that answers HTTP is not
+            // probed faster than before.
+            if state == Probe::Refused {
+                last_refused = Some(at);
+                if in_fine_window(elapsed, expected) {
+                    if fine.is_none() {
+                        fine = FineTimer::new().ok();
+                    }
+                    if let Some(timer) = &fine {
+                        if timer.sleep(FINE_STEP).await.is_ok() {
+                            continue;
+                        }
+                    }
+                }
             }
             tokio::time::sleep(interval).await;
         }
@@ -174,26 +201,161 @@ pub async fn wait_ready(
     }
 }
 
-async fn probe_once(addr: SocketAddr, path: Option<&str>) -> bool {
+/// Whether a probe `elapsed` after the spawn is close enough to the expected ready time
+/// (or to the spawn: many functions listen within a few ms) for a fine step.
+fn in_fine_window(elapsed: Duration, expected: Option<Duration>) -> bool {
+    elapsed < FINE_WINDOW
+        || expected
+            .is_some_and(|e| elapsed + FINE_WINDOW >= e && elapsed <= e.saturating_add(FINE_WINDOW))
+}
+
+/// A one-shot timer with microsecond resolution on the runtime's reactor.
+struct FineTimer(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>);
+
+impl FineTimer {
+    fn new() -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: timerfd_create returns a new fd (or -1), owned from here on.
+        let fd = unsafe {
+            let fd = libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            );
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            std::os::fd::OwnedFd::from_raw_fd(fd)
+        };
+        // SAFETY: the AsyncFd owns the timerfd, which stays open as long as it lives.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)?;
+        Ok(FineTimer(fd))
+    }
+
+    async fn sleep(&self, d: Duration) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: d.as_secs() as libc::time_t,
+                tv_nsec: d.subsec_nanos().max(1) as libc::c_long,
+            },
+        };
+        let raw = self.0.get_ref().as_raw_fd();
+        // SAFETY: arms the timerfd this struct owns with a valid itimerspec.
+        if unsafe { libc::timerfd_settime(raw, 0, &spec, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        loop {
+            let mut guard = self.0.readable().await?;
+            let mut expirations = [0u8; 8];
+            // SAFETY: reads 8 bytes into a local buffer from the owned timerfd.
+            let read = guard.try_io(|fd| {
+                let n = unsafe {
+                    libc::read(fd.get_ref().as_raw_fd(), expirations.as_mut_ptr().cast(), 8)
+                };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            });
+            match read {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+/// What one readiness probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// Nothing listens yet.
+    Refused,
+    /// It accepts connections but did not answer `readiness_path` with 2xx.
+    NotReady,
+    Ready,
+}
+
+async fn probe_once(addr: SocketAddr, path: Option<&str>) -> Probe {
     let Ok(mut stream) = TcpStream::connect(addr).await else {
-        return false;
+        return Probe::Refused;
     };
     let Some(path) = path else {
-        return true;
+        return Probe::Ready;
     };
     let _ = stream.set_nodelay(true);
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: synwake-readiness\r\nConnection: close\r\n\r\n");
     if stream.write_all(req.as_bytes()).await.is_err() {
-        return false;
+        return Probe::NotReady;
     }
     let mut buf = [0u8; 16];
     let mut n = 0;
     while n < 12 {
         match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf[n..])).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Probe::NotReady,
             Ok(Ok(k)) => n += k,
         }
     }
     // "HTTP/1.1 2xx"
-    buf.starts_with(b"HTTP/1.") && buf[9] == b'2'
+    if buf.starts_with(b"HTTP/1.") && buf[9] == b'2' {
+        Probe::Ready
+    } else {
+        Probe::NotReady
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fine_steps_near_the_spawn_and_the_expected_ready_time_only() {
+        let ms = Duration::from_millis;
+        assert!(in_fine_window(ms(1), None));
+        assert!(!in_fine_window(ms(10), None));
+        let expected = Some(ms(50));
+        for (at, fine) in [
+            (ms(1), true),
+            (ms(30), false),
+            (ms(48), true),
+            (ms(51), true),
+        ] {
+            assert_eq!(in_fine_window(at, expected), fine, "{at:?}");
+        }
+        assert!(!in_fine_window(ms(53), expected));
+    }
+
+    /// The cause of up to 2 ms of readiness lag: tokio's timers round up to the next whole
+    /// millisecond, so a 200 us sleep takes at least 1 ms; the timerfd steps do not.
+    #[tokio::test(flavor = "current_thread")]
+    async fn fine_steps_are_shorter_than_tokio_timer_ticks() {
+        const STEPS: u32 = 20;
+        let t = Instant::now();
+        for _ in 0..STEPS {
+            tokio::time::sleep(FINE_STEP).await;
+        }
+        let tokio_took = t.elapsed();
+        let timer = FineTimer::new().unwrap();
+        let t = Instant::now();
+        for _ in 0..STEPS {
+            timer.sleep(FINE_STEP).await.unwrap();
+        }
+        let fine_took = t.elapsed();
+        assert!(
+            tokio_took >= Duration::from_millis(STEPS as u64 - 1),
+            "tokio slept {tokio_took:?} for {STEPS} x {FINE_STEP:?}"
+        );
+        assert!(fine_took >= FINE_STEP * STEPS, "{fine_took:?}");
+        assert!(
+            fine_took * 2 < tokio_took,
+            "{STEPS} fine steps took {fine_took:?}, tokio's timer {tokio_took:?}"
+        );
+    }
 }
