@@ -406,7 +406,8 @@ impl Runtime for ProcessRuntime {
             for p in cgroup.iter().flat_map(|c| c.paths()) {
                 text.push_str(&format!("cgroup {}\n", p.display()));
             }
-            let _ = crate::state::write_atomic(&pid_file, text.as_bytes());
+            // Not fsynced: it only matters until a reboot, and fsyncs on a busy disk took ms here.
+            let _ = crate::state::write_replace(&pid_file, text.as_bytes());
         }
         for (stream, reader) in [
             (
