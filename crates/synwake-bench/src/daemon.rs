@@ -329,8 +329,9 @@ impl Daemon {
             .arg("up")
             .arg("--config")
             .arg(config_path)
+            // The daemon reads its filter from SYNWAKE_LOG (RUST_LOG was ignored).
             .env(
-                "RUST_LOG",
+                "SYNWAKE_LOG",
                 std::env::var("SYNWAKE_BENCH_DAEMON_LOG").unwrap_or("info".into()),
             )
             .stdin(Stdio::null())
