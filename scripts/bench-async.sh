@@ -64,18 +64,21 @@ CFG
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$api/healthz" >/dev/null && break; sleep 0.1; done
     h2load --h1 -n "$N" -c "$C" -d "$WORK/body" -H 'content-type: application/octet-stream' \
         "http://127.0.0.1:$api/async-function/f" > "$WORK/h2load-$tag.txt"
-    local took rps codes
-    took=$(awk '/^finished in/ {print $3}' "$WORK/h2load-$tag.txt" | tr -d 's,')
-    rps=$(awk '/^finished in/ {print $4}' "$WORK/h2load-$tag.txt")
+    local took rps codes syncs
+    # h2load prints "finished in 383.69ms," or "1.18s,": normalised to seconds.
+    took=$(awk '/^finished in/ {t=$3; sub(",", "", t); if (t ~ /ms$/) {sub("ms", "", t); t=t/1000} else if (t ~ /us$/) {sub("us", "", t); t=t/1000000} else {sub("s", "", t)}; printf "%.3f", t}' "$WORK/h2load-$tag.txt")
+    rps=$(awk '/^finished in/ {printf "%d", $4}' "$WORK/h2load-$tag.txt")
     codes=$(grep '^status codes' "$WORK/h2load-$tag.txt" | sed 's/status codes: //')
-    echo "| $label | $N | $C | $took s | $rps | $codes |"
+    # Group commits: how many fdatasyncs the accepted calls shared.
+    syncs=$(curl -sf "http://127.0.0.1:$api/metrics" | awk '$1 == "synwake_async_log_syncs_total" {print $2}')
+    echo "| $label | $N | $C | $took s | $rps | $syncs | $codes |"
     # SIGTERM: synwake stops its instance; the queued calls stay in the (deleted) log.
     kill -TERM "$PID"; wait "$PID" 2>/dev/null || true; PID=
 }
 
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "| state dir | calls | connections | accepted in | calls/s | status codes |"
-echo "|---|---:|---:|---:|---:|---|"
+echo "| state dir | calls | connections | accepted in | calls/s | fdatasyncs | status codes |"
+echo "|---|---:|---:|---:|---:|---:|---|"
 run disk "disk (ext4, fsync)" "$DISK_DIR"
 run tmpfs "tmpfs (/dev/shm)" "/dev/shm/synwake-bench-async.$$"
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -441,6 +441,12 @@ impl AsyncQueue {
                 "Age of the oldest async call not finished; 0 when none.",
                 oldest,
             ),
+            (
+                "synwake_async_log_syncs_total",
+                "counter",
+                "Group writes of the queue file (one fdatasync each, shared by the calls waiting).",
+                self.inner.store.syncs() as f64,
+            ),
         ] {
             let _ = writeln!(
                 out,

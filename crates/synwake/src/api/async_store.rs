@@ -13,7 +13,8 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -192,6 +193,8 @@ enum Op {
 pub struct CallStore {
     tx: mpsc::Sender<Op>,
     path: PathBuf,
+    /// Group writes made (each one write + one fdatasync), for the syncs metric.
+    syncs: Arc<AtomicU64>,
 }
 
 impl CallStore {
@@ -237,7 +240,9 @@ impl CallStore {
             .collect();
         let size = file.metadata().map_err(io_err)?.len();
         let (tx, rx) = mpsc::channel();
+        let syncs = Arc::new(AtomicU64::new(0));
         let writer = Writer {
+            syncs: syncs.clone(),
             path: path.clone(),
             file,
             size,
@@ -251,7 +256,7 @@ impl CallStore {
             .name("synwake-async-log".into())
             .spawn(move || writer.run(rx))
             .map_err(io_err)?;
-        Ok((CallStore { tx, path }, pending))
+        Ok((CallStore { tx, path, syncs }, pending))
     }
 
     /// Appends the call and returns once it is on disk (fsync'd), as a call whose body
@@ -277,6 +282,11 @@ impl CallStore {
         }
     }
 
+    /// Group writes (one fdatasync each) since the start.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
     /// Marks a call finished; written with the next group (a crash before that runs the
     /// call again: at least once).
     pub fn done(&self, id: u64) {
@@ -295,6 +305,7 @@ impl CallStore {
 }
 
 struct Writer {
+    syncs: Arc<AtomicU64>,
     path: PathBuf,
     file: File,
     /// Encoded `accept` records of the calls not done, for rewriting the log.
@@ -363,6 +374,7 @@ impl Writer {
             };
             match &written {
                 Ok(()) => {
+                    self.syncs.fetch_add(1, Ordering::Relaxed);
                     self.size += buf.len() as u64;
                     self.len += buf.len() as u64;
                 }
