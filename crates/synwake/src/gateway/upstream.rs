@@ -122,13 +122,14 @@ fn same_instance(w: &Weak<dyn Instance>, a: &Arc<dyn Instance>) -> bool {
 }
 
 impl PrivateConns {
-    /// An idle connection to `instance` is kept here.
+    /// An idle connection to `instance` that can take a request now is kept here (so an
+    /// HTTP/2 client's concurrent body-less streams use the pool, not new connections).
     pub fn holds(&self, instance: &Arc<dyn Instance>) -> bool {
         self.idle
             .lock()
             .unwrap()
             .iter()
-            .any(|c| same_instance(&c.instance, instance))
+            .any(|c| same_instance(&c.instance, instance) && c.sender.is_ready())
     }
 
     /// An idle connection to `instance` that can take a request now; connections to other
