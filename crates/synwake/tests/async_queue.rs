@@ -442,3 +442,48 @@ fn running_calls_are_counted_per_function() {
         Metrics(d.metrics()).get("synwake_async_running{function=\"busy\"}") == 0.0
     }));
 }
+
+#[test]
+fn a_hanging_callback_or_a_retry_wait_holds_no_worker() {
+    let dir = call_log_dir();
+    let (log, broken_log) = (dir.path().join("echo.txt"), dir.path().join("broken.txt"));
+    let body = function_env("echo", &[("CALL_LOG", log.display().to_string())], "")
+        + &function_env(
+            "broken",
+            &[
+                ("FAIL_FIRST", "1000".into()),
+                ("CALL_LOG", broken_log.display().to_string()),
+            ],
+            "",
+        )
+        + "[async]\nworkers = 1\nmax_retries = 3\nretry_backoff = \"20s\"\n";
+    let d = Daemon::start_with("callback_allow = [\"127.0.0.1\"]", &body);
+    // Accepts and never answers: each callback attempt waits its full 30 s timeout.
+    let hang = TcpListener::bind("127.0.0.1:0").unwrap();
+    let cb = format!(
+        "http://127.0.0.1:{}/done",
+        hang.local_addr().unwrap().port()
+    );
+    let first = post_async(&d, "echo", &[("x-callback-url", &cb)], b"1");
+    assert_eq!(first.status, 202, "{}", first.text());
+    assert!(wait_until(Duration::from_secs(20), || logged(&log).len() == 1));
+    // A call whose function fails waits 20 s before its retry.
+    let r = post_async(&d, "broken", &[], b"2");
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert!(wait_until(Duration::from_secs(20), || logged(&broken_log)
+        .len()
+        == 1));
+    // With the one worker held by neither, the next call runs at once.
+    let second = post_async(&d, "echo", &[], b"3");
+    assert_eq!(second.status, 202, "{}", second.text());
+    let id = second.header("x-call-id").unwrap().to_string();
+    assert!(
+        wait_until(Duration::from_secs(10), || logged(&log).contains(&id)),
+        "the second call waited behind a callback or a retry: {:?}",
+        logged(&log)
+    );
+    // The first call is still finishing its callback, counted as running.
+    let m = Metrics(d.metrics());
+    assert!(m.get("synwake_async_running{function=\"echo\"}") >= 1.0);
+    drop(hang);
+}

@@ -302,14 +302,19 @@ impl AsyncQueue {
             tokio::time::sleep(Duration::from_millis(wait_ms).min(inner.cfg.retry_backoff_max))
                 .await;
         }
-        let Ok(_permit) = inner.workers.acquire().await else {
-            return;
-        };
-        let _running = RunningGuard::new(self, &call.function);
         let id = format!("{:016x}", call.id);
         let mut attempt = call.attempts;
         let (status, headers, body) = loop {
-            match deliver(&inner.proxy, &call, &id).await {
+            // A worker per attempt: backoff waits and callbacks hold none, so a failing
+            // function or a slow callback URL cannot stall other functions' calls.
+            let outcome = {
+                let Ok(_permit) = inner.workers.acquire().await else {
+                    return;
+                };
+                let _running = RunningGuard::new(self, &call.function);
+                deliver(&inner.proxy, &call, &id).await
+            };
+            match outcome {
                 Outcome::ShuttingDown => {
                     tracing::info!(
                         "async call {id}: synwake is stopping; it runs after the restart"
@@ -362,6 +367,7 @@ impl AsyncQueue {
                 .or_default() += 1;
         }
         if let Some(cb) = &call.callback {
+            let _running = RunningGuard::new(self, &call.function);
             callback(
                 &inner.callbacks,
                 &inner.cfg,
