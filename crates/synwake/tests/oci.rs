@@ -1749,3 +1749,98 @@ fn kill_9_during_container_start_delivery_and_stop_leaves_nothing_and_loses_no_c
         "every call had ended before each kill: the rounds tested nothing"
     );
 }
+
+/// Fault tier, runc failing: async calls accepted while `runc create` (then `runc
+/// start`) fails are retried, survive a kill -9 in the middle of those failures, and all
+/// end with a 200 callback once runc works again; no container of the failed starts is
+/// left. Subnet 10.4.2.0/24 (helper 4).
+#[test]
+fn async_calls_accepted_while_runc_fails_all_run_once_it_works_again() {
+    if !can_run("runc_faults_async") {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = failing_runc(dir.path());
+    let receiver = synwake_test_support::Receiver::start();
+    let cb = format!("http://127.0.0.1:{}/done", receiver.port);
+    let mut d = OciDaemon::start_full("10.4.2.0/24", "callback_allow = [\"127.0.0.1\"]", |img| {
+        format!("runtime_binary = {:?}\n\n", wrapper.display().to_string())
+                + &oci_function("rfault", &img.oci, "")
+                + "[async]\nmax_retries = 100\nretry_backoff = \"100ms\"\nretry_backoff_max = \"300ms\"\n"
+    });
+    let mut accepted = Vec::new();
+    for mode in ["create", "start"] {
+        std::fs::write(dir.path().join("fail"), mode).unwrap();
+        let retried_before = d.metric("synwake_async_retried_total{function=\"rfault\"}");
+        for _ in 0..3 {
+            let r = common::request(
+                common::loopback(d.d.api),
+                "POST",
+                "/async-function/rfault/cgi-bin/ns",
+                &[("x-callback-url", cb.as_str())],
+                Some(b"x"),
+            )
+            .expect("POST /async-function/rfault");
+            assert_eq!(r.status, 202, "{}", r.text());
+            accepted.push(r.header("x-call-id").unwrap().to_string());
+        }
+        assert!(
+            wait_until(Duration::from_secs(30), || d
+                .metric("synwake_async_retried_total{function=\"rfault\"}")
+                >= retried_before + 2.0),
+            "runc {mode} failing: no retries\n{}",
+            d.d.log()
+        );
+        assert!(
+            receiver.wait(0, Duration::ZERO).is_empty(),
+            "a call ended while runc {mode} fails"
+        );
+        // Killed while the starts fail; the restart retries from the queue file.
+        d.kill_9();
+        d.respawn();
+        assert!(
+            wait_until(Duration::from_secs(30), || d
+                .metric("synwake_async_retried_total{function=\"rfault\"}")
+                >= 1.0),
+            "runc {mode} failing: no retries after the restart"
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || d
+                .containers_of("rfault")
+                .iter()
+                .all(|c| c.status == "created" || c.status == "creating")),
+            "runc {mode} failing, yet containers run: {:?}",
+            d.containers_of("rfault")
+        );
+    }
+    std::fs::write(dir.path().join("fail"), "").unwrap();
+    let got = receiver.wait(accepted.len(), Duration::from_secs(60));
+    let ended: std::collections::BTreeMap<String, String> = got
+        .iter()
+        .map(|r| {
+            (
+                r.header("x-call-id").unwrap_or_default().to_string(),
+                r.header("x-function-status")
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    for id in &accepted {
+        assert_eq!(
+            ended.get(id).map(String::as_str),
+            Some("200"),
+            "call {id}: {ended:?}\n{}",
+            d.d.log()
+        );
+    }
+    let log = d.d.log();
+    for mode in ["create", "start"] {
+        assert!(
+            log.contains(&format!("injected {mode} failure")),
+            "runc {mode} never failed:\n{log}"
+        );
+    }
+    // Drop: SIGTERM, exit 0, and no container, netns, veth or cgroup left.
+}
