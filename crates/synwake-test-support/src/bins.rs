@@ -18,21 +18,25 @@ pub fn profile_dir() -> PathBuf {
     }
 }
 
-/// The `synwake` daemon binary (`SYNWAKE_BIN` overrides), brought up to date once.
+/// The `synwake` daemon binary (`SYNWAKE_BIN` overrides), built if missing. Not rebuilt
+/// when present: `cargo build -p synwake` unifies features differently from a workspace
+/// build and would relink it (~30 s) in every test process; `cargo test` builds it.
 pub fn synwake_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| workspace_bin("SYNWAKE_BIN", "synwake", "synwake"))
+    BIN.get_or_init(|| workspace_bin("SYNWAKE_BIN", "synwake", "synwake", false))
         .clone()
 }
 
-/// The `synwake-fn` test function (`SYNWAKE_FN_BIN` overrides), brought up to date once.
+/// The `synwake-fn` test function (`SYNWAKE_FN_BIN` overrides), brought up to date with
+/// cargo once per test process (it has no dependencies: a no-op build is a quick
+/// fingerprint check), so a binary from an older checkout never tests old code.
 /// Process functions run as `nobody` when the daemon is root: when the build's path is
 /// not open to others (a checkout under /root), a copy in a world-readable temp dir is
 /// returned instead.
 pub fn fn_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let bin = workspace_bin("SYNWAKE_FN_BIN", "synwake-fn", "synwake-fn");
+        let bin = workspace_bin("SYNWAKE_FN_BIN", "synwake-fn", "synwake-fn", true);
         if open_to_others(&bin) {
             return bin;
         }
@@ -53,16 +57,18 @@ fn open_to_others(path: &Path) -> bool {
     ok(path, 0o005) && path.ancestors().skip(1).all(|a| ok(a, 0o001))
 }
 
-/// A binary of package `package` in this run's target dir and profile, brought up to date
-/// with cargo once per test process (another package gives a test no CARGO_BIN_EXE for it,
-/// and a binary left from an older checkout would test old code). Cargo has released the
-/// build lock while tests run, and a no-op build is a fingerprint check.
-fn workspace_bin(env: &str, package: &str, bin: &str) -> PathBuf {
+/// A binary of package `package` in this run's target dir and profile (another package
+/// gives a test no CARGO_BIN_EXE for it), built with cargo when missing or, with
+/// `refresh`, always (cargo has released the build lock while tests run).
+fn workspace_bin(env: &str, package: &str, bin: &str, refresh: bool) -> PathBuf {
     if let Some(path) = std::env::var_os(env) {
         return PathBuf::from(path);
     }
     let profile_dir = profile_dir();
     let path = profile_dir.join(bin);
+    if path.exists() && !refresh {
+        return path;
+    }
     let target_dir = profile_dir.parent().expect("profile dir has a parent");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
