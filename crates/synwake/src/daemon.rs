@@ -88,7 +88,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for spec in config.functions.clone() {
         let name = spec.name.clone();
         lifecycle
-            .deploy(spec)
+            .restore(spec)
             .await
             .with_context(|| format!("function {name} from the config"))?;
     }
@@ -103,7 +103,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         spec.source = Source::Api;
         let name = spec.name.clone();
-        if let Err(e) = lifecycle.deploy(spec).await {
+        if let Err(e) = lifecycle.restore(spec).await {
             tracing::error!(
                 "function {name} from {}: {e}",
                 state.functions_file().display()

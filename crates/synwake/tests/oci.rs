@@ -1113,6 +1113,111 @@ fn deploy_by_registry_reference_and_update_to_a_new_tag_while_requests_flow() {
     assert_eq!(r.text(), "version 2\n");
 }
 
+/// A moved tag is pulled again at deploy (the digest decides whether the image changes;
+/// an unchanged one keeps the pooled container), and after a restart with the registry
+/// gone a tag comes from the store (logged) while a reference pinned by digest is not
+/// pulled at all.
+#[test]
+fn a_moved_tag_is_pulled_again_at_deploy_and_a_restart_without_the_registry_uses_the_store() {
+    if !can_run("moved_tag_and_offline_restart") {
+        return;
+    }
+    if let Some(t) = synwake_oci::tools::missing_tool() {
+        let msg = format!("!!! SKIPPING moved_tag_and_offline_restart: {t} missing !!!");
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
+        eprintln!("{msg}");
+        return;
+    }
+    let _serial = serial();
+    let reg = synwake_oci::tools::Registry::start(false).expect("registry");
+    let tools = synwake_oci::tools::ToolStore::new().unwrap();
+    let archive = |v: &str| {
+        let name = format!("localhost/swk-images3-web:{v}");
+        let body = format!("version {v}\n");
+        let spec = synwake_oci::tools::BuildSpec {
+            files: vec![("www/index.html", 0o644, body.as_bytes())],
+            ..Default::default()
+        };
+        tools.build(&name, &spec).unwrap();
+        let archive = tools.path(&format!("web{v}.tar"));
+        tools
+            .buildah_push(&name, &format!("oci-archive:{}", archive.display()))
+            .unwrap();
+        format!("oci-archive:{}", archive.display())
+    };
+    let (v1, v2) = (archive("1"), archive("2"));
+    reg.push(&v1, "team/web:latest", &[]).unwrap();
+    let v1_digest = reg.digest("team/web:latest").unwrap();
+    let latest = format!("{}/team/web:latest", reg.addr);
+    let pinned = format!("{}/team/web@{v1_digest}", reg.addr);
+    let insecure = format!("insecure_registries = [\"{}\"]\n\n", reg.addr);
+    let mut d = OciDaemon::start_in("10.10.1.0/24", |_| insecure);
+    let deploy = |d: &OciDaemon, method: &str, name: &str, image: &str| {
+        let body = json!({
+            "service": name,
+            "image": image,
+            "annotations": { "com.synwake.runtime": "oci", "com.synwake.stop-grace": "100ms", "com.synwake.pool": "1" },
+        });
+        let r = d.d.api_json(method, "/system/functions", &body.to_string());
+        assert_eq!(r.status, 202, "{method} {name} {image}: {}", r.text());
+        r.text()
+    };
+    deploy(&d, "POST", "web", &latest);
+    deploy(&d, "POST", "pinned", &pinned);
+    assert_eq!(d.call_ok("web", "/").text(), "version 1\n");
+    d.scale_to_zero("web");
+    d.wait_pooled("web");
+    let pooled: Vec<String> = d.containers_of("web").into_iter().map(|c| c.id).collect();
+
+    // The same reference, the tag unchanged: asked again, nothing fetched, nothing replaced.
+    let answer = deploy(&d, "PUT", "web", &latest);
+    assert!(
+        answer.contains(&format!("pulling {latest}")) && answer.contains("fetching 0 blobs"),
+        "the redeploy did not ask the registry: {answer}"
+    );
+    d.wait_pooled("web");
+    let after: Vec<String> = d.containers_of("web").into_iter().map(|c| c.id).collect();
+    assert_eq!(
+        after, pooled,
+        "an unchanged digest replaced the pooled container"
+    );
+
+    // The tag moves: the same reference deployed again runs the new image.
+    reg.push(&v2, "team/web:latest", &[]).unwrap();
+    let answer = deploy(&d, "PUT", "web", &latest);
+    assert!(
+        answer.contains("fetching 2 blobs") || answer.contains("fetching 3 blobs"),
+        "{answer}"
+    );
+    let r = d.call_ok("web", "/");
+    assert_eq!(r.text(), "version 2\n");
+    assert_eq!(r.header("x-synwake-cold-start"), Some("true"));
+    assert_eq!(d.call_ok("pinned", "/").text(), "version 1\n");
+
+    // Restart with the registry gone.
+    assert_eq!(d.sigterm().and_then(|s| s.code()), Some(0), "{}", d.d.log());
+    drop(reg);
+    let before = d.d.log().len();
+    d.respawn();
+    assert!(
+        wait_until(Duration::from_secs(20), || d.d.call("web", "/").status
+            == 200),
+        "web not served after the restart:\n{}",
+        d.d.log()
+    );
+    assert_eq!(d.call_ok("web", "/").text(), "version 2\n");
+    assert_eq!(d.call_ok("pinned", "/").text(), "version 1\n");
+    let log = d.d.log()[before..].to_string();
+    assert!(
+        log.contains("offline fallback") && log.contains(&format!("pulling {latest}")),
+        "no logged fallback for the tag:\n{log}"
+    );
+    assert!(
+        !log.contains(&format!("pulling {pinned}")) && !log.contains("pinned: function"),
+        "the pinned reference was pulled again:\n{log}"
+    );
+}
+
 /// `watchdog = "stdio"` in a container: the static watchdog is bind-mounted into an image
 /// without a libc (busybox) and runs the command once per request.
 #[test]

@@ -18,7 +18,7 @@ use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientC
 use oci_client::errors::{DigestError, OciDistributionError};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
@@ -272,6 +272,16 @@ fn reason(e: &OciDistributionError) -> String {
     msg
 }
 
+/// Directory of the reference records (see [`ImageStore::stored`]).
+pub(super) const REFS_DIR: &str = "refs";
+
+/// One reference record: the reference (checked on read) and the image digest.
+#[derive(Serialize, Deserialize)]
+struct RefRecord {
+    reference: String,
+    digest: String,
+}
+
 #[derive(Deserialize)]
 struct MediaTyped {
     #[serde(rename = "mediaType", default)]
@@ -372,6 +382,39 @@ impl ImageStore {
     fn blob_path(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
         self.blobs_dir().join("sha256").join(hex)
+    }
+
+    /// `<store>/refs/<sha256 of the reference>.json`: which image a reference was last
+    /// pulled as (what a restart falls back on when the registry is unreachable).
+    fn ref_path(&self, reference: &str) -> PathBuf {
+        self.dir.join(REFS_DIR).join(format!(
+            "{}.json",
+            sha256_of(reference.as_bytes()).trim_start_matches("sha256:")
+        ))
+    }
+
+    /// The image `reference` was last pulled as, if it is still in the store. For a
+    /// reference pinned by digest this is the image itself (no registry needed).
+    pub fn stored(&self, reference: &str) -> Option<Image> {
+        let bytes = fs::read(self.ref_path(reference)).ok()?;
+        let rec: RefRecord = serde_json::from_slice(&bytes).ok()?;
+        if rec.reference != reference || !is_sha256(&rec.digest) {
+            return None;
+        }
+        self.cached(&self.image_meta(&rec.digest))
+    }
+
+    /// Records (atomically) that `reference` resolved to the image `digest`.
+    fn remember_ref(&self, reference: &str, digest: &str) -> io::Result<()> {
+        let path = self.ref_path(reference);
+        fs::create_dir_all(path.parent().expect("refs dir"))?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let rec = RefRecord {
+            reference: reference.to_string(),
+            digest: digest.to_string(),
+        };
+        fs::write(&tmp, serde_json::to_vec(&rec).map_err(io::Error::other)?)?;
+        fs::rename(&tmp, &path)
     }
 
     /// Pulls `reference` from its registry and unpacks it into the cache. Blobs already in
@@ -589,6 +632,10 @@ impl ImageStore {
             path: self.dir.clone(),
             source: io::Error::other(e.to_string()),
         })??;
+        if let Some(d) = image.digest.as_deref() {
+            self.remember_ref(reference, d)
+                .map_err(store_err(&self.dir.join(REFS_DIR)))?;
+        }
         Ok((
             image,
             PullReport {

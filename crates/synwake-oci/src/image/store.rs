@@ -215,6 +215,18 @@ impl ImageStore {
                 }
             }
         }
+        // Reference records of removed images (they would name nothing).
+        if let Ok(rd) = fs::read_dir(self.dir.join(super::registry::REFS_DIR)) {
+            for e in rd.flatten() {
+                let digest = fs::read(e.path())
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v["digest"].as_str().map(|d| hex_of(d).to_string()));
+                if !digest.is_some_and(|d| kept_images.contains(d.as_str())) {
+                    rm(&e.path())?;
+                }
+            }
+        }
         // `<hex>/{rootfs,image.json}` (the cache before the layer store) and temp dirs.
         if let Ok(rd) = fs::read_dir(&self.dir) {
             for e in rd.flatten() {

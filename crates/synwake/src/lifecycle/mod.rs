@@ -528,12 +528,22 @@ impl Lifecycle {
     /// old ones stop, as many new ones start). Prepares the runtime first, so a bad image
     /// is refused before anything changes.
     pub async fn deploy(&self, spec: FunctionSpec) -> Result<(), StartError> {
+        self.deploy_as(spec, false).await
+    }
+
+    /// A deploy at daemon start (config file or saved state): an image whose registry is
+    /// unreachable comes from the store (see `Runtime::deploy`).
+    pub async fn restore(&self, spec: FunctionSpec) -> Result<(), StartError> {
+        self.deploy_as(spec, true).await
+    }
+
+    async fn deploy_as(&self, spec: FunctionSpec, restore: bool) -> Result<(), StartError> {
         spec.validate().map_err(|e| StartError::Invalid {
             function: spec.name.clone(),
             message: e.to_string(),
         })?;
         let rt = self.runtime_for(&spec)?;
-        rt.prepare(&spec).await?;
+        rt.deploy(&spec, restore).await?;
         let name = spec.name.clone();
         // A redeploy keeps what was learned; the first deploy after a restart takes the
         // saved history.

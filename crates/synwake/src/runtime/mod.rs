@@ -92,6 +92,12 @@ pub trait Runtime: Send + Sync + 'static {
         let _ = spec;
         Ok(())
     }
+    /// Called on deploy/update (`restore`: at daemon start, from the config or saved
+    /// state) instead of `prepare`: may fetch again what can have changed (a moved tag).
+    async fn deploy(&self, spec: &FunctionSpec, restore: bool) -> Result<(), StartError> {
+        let _ = restore;
+        self.prepare(spec).await
+    }
     /// Starts one instance. Returns once it is spawned; readiness is checked by the caller.
     async fn start(
         &self,

@@ -105,6 +105,19 @@ pub struct OciFunctions {
     secrets_dir: std::path::PathBuf,
 }
 
+/// What getting a function's image may do.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fetch {
+    /// The cold path: never a pull.
+    Never,
+    /// After a scale to zero: pull only what is not there.
+    IfMissing,
+    /// A deploy or update: a tag is pulled again (it may have moved).
+    Deploy,
+    /// At daemon start: as `Deploy`, but an unreachable registry falls back on the store.
+    Restore,
+}
+
 /// Where an image came from: the path and, for an archive, its size and mtime, so a
 /// redeploy of a rebuilt archive at the same path imports it again.
 #[derive(Clone, PartialEq, Eq)]
@@ -137,43 +150,56 @@ impl OciFunctions {
         }
     }
 
-    /// The function's image: cached, or imported from its archive, or pulled (only when
-    /// `may_pull`: at deploy, never on the cold path).
-    async fn image(&self, spec: &FunctionSpec, may_pull: bool) -> Result<Image, StartError> {
+    /// The function's image: cached, or imported from its archive, or pulled (never on
+    /// the cold path, `Fetch::Never`). A deploy pulls a tag again (it may have moved); a
+    /// reference pinned by digest that is in the store is not pulled again.
+    async fn image(&self, spec: &FunctionSpec, fetch: Fetch) -> Result<Image, StartError> {
         let source = ImageSource::of(spec);
-        if let Some((from, img)) = self.images.lock().unwrap().get(&spec.name) {
-            if Some(from) == source.as_ref() {
-                return Ok(img.clone());
+        let reference = spec
+            .oci
+            .image
+            .as_deref()
+            .filter(|r| synwake_oci::is_registry_reference(r));
+        let pinned = reference.is_some_and(|r| r.contains("@sha256:"));
+        let tag_moves = reference.is_some() && !pinned;
+        if !(tag_moves && matches!(fetch, Fetch::Deploy | Fetch::Restore)) {
+            if let Some((from, img)) = self.images.lock().unwrap().get(&spec.name) {
+                if Some(from) == source.as_ref() {
+                    return Ok(img.clone());
+                }
             }
         }
         // Until the image is recorded below, a prune must not run.
         let _no_prune = self.gc.lock.read().await;
         let img = match (&spec.oci.image, &spec.oci.rootfs) {
             (Some(reference), _) if synwake_oci::is_registry_reference(reference) => {
-                if !may_pull {
-                    return Err(Self::err(
-                        spec,
-                        format!("image {reference} is not pulled (pulls happen at deploy)"),
-                    ));
+                let stored = || self.rt.image_store().stored(reference);
+                match (pinned.then(stored).flatten(), fetch) {
+                    // Content named by digest cannot change: no registry needed.
+                    (Some(img), _) => img,
+                    (None, Fetch::Never) => {
+                        return Err(Self::err(
+                            spec,
+                            format!("image {reference} is not pulled (pulls happen at deploy)"),
+                        ))
+                    }
+                    (None, _) => match self.pull(spec, reference).await {
+                        Ok(img) => img,
+                        // After a restart the function keeps the image it had, offline.
+                        Err(e) if fetch == Fetch::Restore => match stored() {
+                            Some(img) => {
+                                tracing::warn!(
+                                    "{}: {e}; starting from the stored image {} (offline fallback)",
+                                    spec.name,
+                                    img.digest.as_deref().unwrap_or("?")
+                                );
+                                img
+                            }
+                            None => return Err(e),
+                        },
+                        Err(e) => return Err(e),
+                    },
                 }
-                let (logs, name) = (self.logs.clone(), spec.name.clone());
-                // The log store also writes each line to synwake's log.
-                let progress: synwake_oci::Progress =
-                    Arc::new(move |line: String| logs.push(&name, "pull", "pull", line));
-                let (img, report) = self
-                    .rt
-                    .pull_image(reference, progress)
-                    .await
-                    .map_err(|e| Self::err(spec, crate::error_chain(&e)))?;
-                tracing::info!(
-                    "{}: image {reference} is {} ({} layers; {} blobs fetched, {} already stored)",
-                    spec.name,
-                    report.digest,
-                    report.layers,
-                    report.fetched_blobs,
-                    report.reused_blobs
-                );
-                img
             }
             (Some(archive), _) => {
                 let path = image_path::check(archive, &self.image_dirs, image_path::Kind::Archive)
@@ -203,6 +229,60 @@ impl OciFunctions {
             tokio::spawn(async move { gc.refresh_usage().await });
         }
         Ok(img)
+    }
+
+    /// Pulls `reference` (progress into the function's log), logging what it resolved to.
+    async fn pull(&self, spec: &FunctionSpec, reference: &str) -> Result<Image, StartError> {
+        let (logs, name) = (self.logs.clone(), spec.name.clone());
+        // The log store also writes each line to synwake's log.
+        let progress: synwake_oci::Progress =
+            Arc::new(move |line: String| logs.push(&name, "pull", "pull", line));
+        let (img, report) = self
+            .rt
+            .pull_image(reference, progress)
+            .await
+            .map_err(|e| Self::err(spec, crate::error_chain(&e)))?;
+        tracing::info!(
+            "{}: image {reference} is {} ({} layers; {} blobs fetched, {} already stored)",
+            spec.name,
+            report.digest,
+            report.layers,
+            report.fetched_blobs,
+            report.reused_blobs
+        );
+        Ok(img)
+    }
+
+    /// Imports the image (refusing a bad one before the deploy lands) and fills the pool;
+    /// containers pooled for an earlier image of the function are removed.
+    async fn prepare_with(&self, spec: &FunctionSpec, fetch: Fetch) -> Result<(), StartError> {
+        let before = self
+            .images
+            .lock()
+            .unwrap()
+            .get(&spec.name)
+            .map(|(_, img)| img.clone());
+        let image = self.image(spec, fetch).await?;
+        if !spec.secrets.is_empty() {
+            // Copied at deploy (and after each scale to zero), so containers created for
+            // the pool see the values as of then.
+            self.secrets
+                .materialize(&spec.secrets, &self.secrets_dir.join(&spec.name), 0o444)
+                .map_err(|e| Self::err(spec, e.to_string()))?;
+        }
+        if before.is_some_and(|b| b != image) {
+            // An update to another image: containers pooled from the old one must not
+            // serve the new version's cold starts.
+            self.pool.drain(&spec.name).await;
+            self.gc.collect_soon();
+        }
+        if spec.oci.pool > 0 {
+            self.pool
+                .refill(self.container_spec(spec, image, 0), spec.oci.pool as usize);
+        } else {
+            self.pool.drain(&spec.name).await;
+        }
+        Ok(())
     }
 
     fn container_spec(&self, spec: &FunctionSpec, image: Image, instance: u64) -> ContainerSpec {
@@ -260,36 +340,19 @@ impl Runtime for OciFunctions {
         RuntimeKind::Oci
     }
 
-    /// Imports the image (refusing a bad one before the deploy lands) and fills the pool;
-    /// containers pooled for an earlier spec of the function are removed.
+    /// After a scale to zero: the image as imported at deploy, the pool refilled.
     async fn prepare(&self, spec: &FunctionSpec) -> Result<(), StartError> {
-        let before = self
-            .images
-            .lock()
-            .unwrap()
-            .get(&spec.name)
-            .map(|(_, img)| img.clone());
-        let image = self.image(spec, true).await?;
-        if !spec.secrets.is_empty() {
-            // Copied at deploy (and after each scale to zero), so containers created for
-            // the pool see the values as of then.
-            self.secrets
-                .materialize(&spec.secrets, &self.secrets_dir.join(&spec.name), 0o444)
-                .map_err(|e| Self::err(spec, e.to_string()))?;
-        }
-        if before.is_some_and(|b| b != image) {
-            // An update to another image: containers pooled from the old one must not
-            // serve the new version's cold starts.
-            self.pool.drain(&spec.name).await;
-            self.gc.collect_soon();
-        }
-        if spec.oci.pool > 0 {
-            self.pool
-                .refill(self.container_spec(spec, image, 0), spec.oci.pool as usize);
+        self.prepare_with(spec, Fetch::IfMissing).await
+    }
+
+    /// A deploy pulls a tag again; a restore may fall back on the stored image.
+    async fn deploy(&self, spec: &FunctionSpec, restore: bool) -> Result<(), StartError> {
+        let fetch = if restore {
+            Fetch::Restore
         } else {
-            self.pool.drain(&spec.name).await;
-        }
-        Ok(())
+            Fetch::Deploy
+        };
+        self.prepare_with(spec, fetch).await
     }
 
     async fn start(
@@ -298,7 +361,7 @@ impl Runtime for OciFunctions {
         instance: u64,
         output: OutputSink,
     ) -> Result<Arc<dyn Instance>, StartError> {
-        let image = self.image(spec, false).await?;
+        let image = self.image(spec, Fetch::Never).await?;
         let readiness_path = openfaas_readiness(spec, &image);
         let cspec = self.container_spec(spec, image, instance);
         let (container, pooled) = match self.pool.take(&cspec) {
