@@ -1629,6 +1629,121 @@ impl Drop for GatedRegistry {
     }
 }
 
+/// A pull holds no API-wide lock: while one function's blobs are held back, another
+/// function is deployed, scaled and removed; a second deploy of the pulling function waits
+/// for the first and wins (it runs the second image).
+#[test]
+fn a_pull_does_not_hold_up_other_changes_and_two_deploys_of_one_function_serialize() {
+    if !can_run("pull_outside_the_write_lock") {
+        return;
+    }
+    if let Some(t) = synwake_oci::tools::missing_tool() {
+        let msg = format!("!!! SKIPPING pull_outside_the_write_lock: {t} missing !!!");
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
+        eprintln!("{msg}");
+        return;
+    }
+    use std::io::{Read, Write};
+    let _serial = serial();
+    let reg = synwake_oci::tools::Registry::start(false).expect("registry");
+    let tools = synwake_oci::tools::ToolStore::new().unwrap();
+    for v in ["1", "2"] {
+        let name = format!("localhost/swk-images3-lock:{v}");
+        let body = format!("version {v}\n");
+        let spec = synwake_oci::tools::BuildSpec {
+            files: vec![("www/index.html", 0o644, body.as_bytes())],
+            ..Default::default()
+        };
+        tools.build(&name, &spec).unwrap();
+        let archive = tools.path(&format!("lock{v}.tar"));
+        tools
+            .buildah_push(&name, &format!("oci-archive:{}", archive.display()))
+            .unwrap();
+        reg.push(
+            &format!("oci-archive:{}", archive.display()),
+            &format!("team/lock:{v}"),
+            &[],
+        )
+        .unwrap();
+    }
+    let gate = GatedRegistry::start(&reg.addr);
+    let insecure = format!(
+        "insecure_registries = [\"{}\", \"{}\"]\n\n",
+        gate.addr, reg.addr
+    );
+    let d = OciDaemon::start_in("10.10.2.0/24", |_| insecure);
+    let body = |name: &str, image: String| {
+        json!({
+            "service": name,
+            "image": image,
+            "annotations": { "com.synwake.runtime": "oci", "com.synwake.stop-grace": "100ms" },
+        })
+        .to_string()
+    };
+    // Deploy 1 of `slow`: its blobs are held by the gate.
+    let first = body("slow", format!("{}/team/lock:1", gate.addr));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", d.d.api)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    write!(
+        s,
+        "POST /system/functions?progress=true HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{first}",
+        d.d.auth(),
+        first.len()
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("pulling") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    std::thread::scope(|sc| {
+        // Deploy 2 of `slow` arrives while deploy 1 pulls: it must wait, then win.
+        let second = sc.spawn(|| {
+            d.d.api_json(
+                "POST",
+                "/system/functions",
+                &body("slow", format!("{}/team/lock:2", reg.addr)),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        // Another function: deploy, call, scale to zero, remove, all during the pull.
+        let r = d.d.api_json(
+            "POST",
+            "/system/functions",
+            &body("other", format!("{}/team/lock:2", reg.addr)),
+        );
+        assert_eq!(r.status, 202, "{}", r.text());
+        assert_eq!(d.call_ok("other", "/").text(), "version 2\n");
+        d.scale_to_zero("other");
+        let r = d.d.api_json(
+            "DELETE",
+            "/system/functions",
+            &json!({ "functionName": "other" }).to_string(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        // All of that happened while the first pull was still held back.
+        assert_eq!(d.d.api_get("/system/function/slow").status, 404);
+        assert!(!second.is_finished(), "deploy 2 did not wait for deploy 1");
+        gate.open.store(true, std::sync::atomic::Ordering::Relaxed);
+        s.read_to_end(&mut got).unwrap();
+        let all = String::from_utf8_lossy(&got).to_string();
+        assert!(all.contains(r#""status":202"#), "{all}");
+        let r = second.join().unwrap();
+        assert_eq!(r.status, 202, "{}", r.text());
+    });
+    assert_eq!(d.call_ok("slow", "/").text(), "version 2\n");
+    let st = d.d.status("slow");
+    assert!(
+        st["image"]
+            .as_str()
+            .is_some_and(|i| i.ends_with("team/lock:2")),
+        "{st}"
+    );
+}
+
 /// `?progress=true` streams a deploy's pull progress while the pull runs: the first line
 /// arrives while the blobs are still held back (the function is not deployed yet), the
 /// outcome comes last; `synwake deploy` prints the same lines and the outcome.

@@ -9,7 +9,7 @@ pub mod deploy;
 mod logs;
 mod progress;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -43,6 +43,9 @@ pub struct Api {
     /// Serialises deploys/removals so persisted state matches the lifecycle.
     write_lock: tokio::sync::Mutex<()>,
     noted_fields: Mutex<HashSet<String>>,
+    /// One lock per function being deployed: its deploys run one at a time in arrival
+    /// order (the last one wins) while its pull runs outside `write_lock`.
+    deploying: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The durable queue of `POST /async-function/` calls.
     async_queue: async_call::AsyncQueue,
 }
@@ -69,6 +72,7 @@ impl Api {
             orchestration,
             write_lock: tokio::sync::Mutex::new(()),
             noted_fields: Mutex::new(HashSet::new()),
+            deploying: Mutex::new(HashMap::new()),
             async_queue,
         })
     }
@@ -426,7 +430,8 @@ impl Api {
             })
     }
 
-    /// Saves, then applies; a failed save changes nothing, a failed apply undoes the save.
+    /// Fetches the image (a pull: outside the write lock, so other functions' changes go
+    /// on), then saves and applies under the write lock.
     /// `echo_pull`: start the answer with the lines this deploy's pull logged.
     async fn apply_deploy(
         &self,
@@ -434,26 +439,79 @@ impl Api {
         update: bool,
         echo_pull: bool,
     ) -> Response<ProxyBody> {
-        let _w = self.write_lock.lock().await;
+        let name = spec.name.clone();
+        let one = self
+            .deploying
+            .lock()
+            .unwrap()
+            .entry(name.clone())
+            .or_default()
+            .clone();
+        let response = {
+            let _one = one.lock().await;
+            let deploy_started = std::time::SystemTime::now();
+            match self.deploy_target(&spec, update) {
+                Err(r) => r,
+                Ok(_) => match self.lc().fetch(&spec).await {
+                    Err(e) => text_response(
+                        StatusCode::BAD_REQUEST,
+                        format!("cannot deploy {name}: {e}"),
+                    ),
+                    Ok(()) => {
+                        let r = self
+                            .apply_fetched(spec.clone(), update, echo_pull, deploy_started)
+                            .await;
+                        self.lc().unstage(&spec);
+                        r
+                    }
+                },
+            }
+        };
+        let mut deploying = self.deploying.lock().unwrap();
+        // Ours and the map's: nobody else waits for this function.
+        if Arc::strong_count(&one) <= 2 {
+            deploying.remove(&name);
+        }
+        response
+    }
+
+    /// The function a deploy replaces (`None`: a new one), or the refusal: PUT of an
+    /// unknown function, or one defined in the config file.
+    fn deploy_target(
+        &self,
+        spec: &FunctionSpec,
+        update: bool,
+    ) -> Result<Option<Arc<FunctionSpec>>, Response<ProxyBody>> {
         let existing = self.lc().get(&spec.name).map(|f| f.spec().clone());
         match (&existing, update) {
-            (None, true) => {
-                return text_response(
-                    StatusCode::NOT_FOUND,
-                    format!("function {} not found (deploy it with POST)", spec.name),
-                )
-            }
-            (Some(e), _) if e.source == Source::Config => {
-                return text_response(
-                    StatusCode::CONFLICT,
-                    format!(
+            (None, true) => Err(text_response(
+                StatusCode::NOT_FOUND,
+                format!("function {} not found (deploy it with POST)", spec.name),
+            )),
+            (Some(e), _) if e.source == Source::Config => Err(text_response(
+                StatusCode::CONFLICT,
+                format!(
                     "function {} is defined in the config file and is read-only through the API",
                     spec.name
                 ),
-                )
-            }
-            _ => {}
+            )),
+            _ => Ok(existing),
         }
+    }
+
+    /// Saves, then applies; a failed save changes nothing, a failed apply undoes the save.
+    async fn apply_fetched(
+        &self,
+        spec: FunctionSpec,
+        update: bool,
+        echo_pull: bool,
+        deploy_started: std::time::SystemTime,
+    ) -> Response<ProxyBody> {
+        let _w = self.write_lock.lock().await;
+        let existing = match self.deploy_target(&spec, update) {
+            Ok(e) => e,
+            Err(r) => return r,
+        };
         if let Err(msg) = self.check_conflicts(&spec) {
             return text_response(StatusCode::BAD_REQUEST, msg);
         }
@@ -502,7 +560,6 @@ impl Api {
                 );
             }
         };
-        let deploy_started = std::time::SystemTime::now();
         if let Err(e) = self.lc().deploy(spec).await {
             if let Err(re) = staged.rollback() {
                 tracing::error!("function {name}: undoing the saved deploy failed: {re}");

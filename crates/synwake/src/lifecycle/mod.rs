@@ -531,6 +531,22 @@ impl Lifecycle {
         self.deploy_as(spec, false).await
     }
 
+    /// Fetches (outside any API lock) what deploying `spec` needs, e.g. its image pull.
+    pub async fn fetch(&self, spec: &FunctionSpec) -> Result<(), StartError> {
+        spec.validate().map_err(|e| StartError::Invalid {
+            function: spec.name.clone(),
+            message: e.to_string(),
+        })?;
+        self.runtime_for(spec)?.fetch(spec).await
+    }
+
+    /// Forgets what `fetch` kept for `spec` (its deploy is over, used or not).
+    pub fn unstage(&self, spec: &FunctionSpec) {
+        if let Ok(rt) = self.runtime_for(spec) {
+            rt.unstage(&spec.name);
+        }
+    }
+
     /// A deploy at daemon start (config file or saved state): an image whose registry is
     /// unreachable comes from the store (see `Runtime::deploy`).
     pub async fn restore(&self, spec: FunctionSpec) -> Result<(), StartError> {

@@ -29,6 +29,8 @@ pub(super) type Deployed = Arc<Mutex<HashMap<String, (ImageSource, Image)>>>;
 pub struct ImageGc {
     rt: OciRuntime,
     deployed: Deployed,
+    /// Pulled for a deploy that has not landed yet (kept like deployed ones).
+    staged: Deployed,
     /// Shared by an import or pull until its image is recorded in `deployed`; exclusive
     /// for a prune, so a prune never removes an image between its pull and its deploy.
     pub(super) lock: tokio::sync::RwLock<()>,
@@ -36,11 +38,12 @@ pub struct ImageGc {
 }
 
 impl ImageGc {
-    pub(super) fn new(rt: OciRuntime, deployed: Deployed) -> Arc<Self> {
+    pub(super) fn new(rt: OciRuntime, deployed: Deployed, staged: Deployed) -> Arc<Self> {
         let usage = rt.image_store().usage();
         Arc::new(ImageGc {
             rt,
             deployed,
+            staged,
             lock: tokio::sync::RwLock::new(()),
             usage: Mutex::new(usage),
         })
@@ -67,6 +70,13 @@ impl ImageGc {
             .values()
             .map(|(_, img)| img.clone())
             .collect();
+        keep.extend(
+            self.staged
+                .lock()
+                .unwrap()
+                .values()
+                .map(|(_, img)| img.clone()),
+        );
         let mounted = self.rt.images_in_use();
         let waiting = mounted
             .iter()

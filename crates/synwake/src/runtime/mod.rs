@@ -98,6 +98,16 @@ pub trait Runtime: Send + Sync + 'static {
         let _ = restore;
         self.prepare(spec).await
     }
+    /// Fetches what a deploy of `spec` needs (a registry pull) before the deploy, outside
+    /// the API's write lock; the `deploy` that follows uses it.
+    async fn fetch(&self, spec: &FunctionSpec) -> Result<(), StartError> {
+        let _ = spec;
+        Ok(())
+    }
+    /// Drops what `fetch` kept for function `name` when its deploy did not use it.
+    fn unstage(&self, name: &str) {
+        let _ = name;
+    }
     /// Starts one instance. Returns once it is spawned; readiness is checked by the caller.
     async fn start(
         &self,

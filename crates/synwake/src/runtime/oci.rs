@@ -70,15 +70,17 @@ pub async fn setup(
         }
     };
     let images: Deployed = Arc::new(Mutex::new(HashMap::new()));
+    let staged: Deployed = Arc::new(Mutex::new(HashMap::new()));
     Ok(Some(Arc::new(OciFunctions {
         image_dirs,
         watchdog,
         secrets: state.secrets(),
         secrets_dir: state.oci_dir().join("secrets"),
         pool: Pool::new(rt.clone()),
-        gc: ImageGc::new(rt.clone(), images.clone()),
+        gc: ImageGc::new(rt.clone(), images.clone(), staged.clone()),
         rt,
         images,
+        staged,
         logs,
     })))
 }
@@ -93,6 +95,8 @@ pub struct OciFunctions {
     /// the source is unchanged (reading and hashing an archive on every scale to zero
     /// would be work done again for nothing).
     images: Deployed,
+    /// Pulled by `fetch` (outside the API's write lock) for the deploy that follows.
+    staged: Deployed,
     /// Removes from the image store what no function uses.
     gc: Arc<ImageGc>,
     /// Pull progress goes into the function's log (`instance` "pull").
@@ -171,6 +175,17 @@ impl OciFunctions {
         }
         // Until the image is recorded below, a prune must not run.
         let _no_prune = self.gc.lock.read().await;
+        // What `fetch` pulled for this deploy, outside the API's write lock.
+        let fetched = matches!(fetch, Fetch::Deploy | Fetch::Restore)
+            .then(|| self.staged.lock().unwrap().remove(&spec.name))
+            .flatten();
+        if let Some((from, img)) = fetched.filter(|(from, _)| Some(from) == source.as_ref()) {
+            self.images
+                .lock()
+                .unwrap()
+                .insert(spec.name.clone(), (from, img.clone()));
+            return Ok(img);
+        }
         let img = match (&spec.oci.image, &spec.oci.rootfs) {
             (Some(reference), _) if synwake_oci::is_registry_reference(reference) => {
                 let stored = || self.rt.image_store().stored(reference);
@@ -338,6 +353,40 @@ impl OciFunctions {
 impl Runtime for OciFunctions {
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Oci
+    }
+
+    /// Pulls a registry image for the deploy of `spec` that follows (the API calls this
+    /// before it takes its write lock, so a long pull holds up no other change).
+    async fn fetch(&self, spec: &FunctionSpec) -> Result<(), StartError> {
+        let Some(reference) = spec
+            .oci
+            .image
+            .as_deref()
+            .filter(|r| synwake_oci::is_registry_reference(r))
+        else {
+            return Ok(());
+        };
+        if reference.contains("@sha256:") && self.rt.image_store().stored(reference).is_some() {
+            return Ok(());
+        }
+        let Some(source) = ImageSource::of(spec) else {
+            return Ok(());
+        };
+        // Shared until the image is staged: a prune keeps staged images.
+        let _no_prune = self.gc.lock.read().await;
+        let img = self.pull(spec, reference).await?;
+        self.staged
+            .lock()
+            .unwrap()
+            .insert(spec.name.clone(), (source, img));
+        drop(_no_prune);
+        let gc = self.gc.clone();
+        tokio::spawn(async move { gc.refresh_usage().await });
+        Ok(())
+    }
+
+    fn unstage(&self, name: &str) {
+        self.staged.lock().unwrap().remove(name);
     }
 
     /// After a scale to zero: the image as imported at deploy, the pool refilled.
