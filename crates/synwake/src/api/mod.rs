@@ -451,7 +451,7 @@ impl Api {
             let _one = one.lock().await;
             let deploy_started = std::time::SystemTime::now();
             match self.deploy_target(&spec, update) {
-                Err(r) => r,
+                Err((status, msg)) => text_response(status, msg),
                 Ok(_) => match self.lc().fetch(&spec).await {
                     Err(e) => text_response(
                         StatusCode::BAD_REQUEST,
@@ -481,14 +481,14 @@ impl Api {
         &self,
         spec: &FunctionSpec,
         update: bool,
-    ) -> Result<Option<Arc<FunctionSpec>>, Response<ProxyBody>> {
+    ) -> Result<Option<Arc<FunctionSpec>>, (StatusCode, String)> {
         let existing = self.lc().get(&spec.name).map(|f| f.spec().clone());
         match (&existing, update) {
-            (None, true) => Err(text_response(
+            (None, true) => Err((
                 StatusCode::NOT_FOUND,
                 format!("function {} not found (deploy it with POST)", spec.name),
             )),
-            (Some(e), _) if e.source == Source::Config => Err(text_response(
+            (Some(e), _) if e.source == Source::Config => Err((
                 StatusCode::CONFLICT,
                 format!(
                     "function {} is defined in the config file and is read-only through the API",
@@ -510,7 +510,7 @@ impl Api {
         let _w = self.write_lock.lock().await;
         let existing = match self.deploy_target(&spec, update) {
             Ok(e) => e,
-            Err(r) => return r,
+            Err((status, msg)) => return text_response(status, msg),
         };
         if let Err(msg) = self.check_conflicts(&spec) {
             return text_response(StatusCode::BAD_REQUEST, msg);
