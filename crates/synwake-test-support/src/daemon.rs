@@ -20,6 +20,8 @@ pub struct Daemon {
     pub password_override: Option<String>,
     /// RLIMIT_NOFILE (soft, hard) the daemon starts with; `None` inherits the test's.
     pub nofile: Option<(u64, u64)>,
+    /// A cgroup2 directory the daemon joins (its `cgroup.procs`) before exec.
+    pub cgroup: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -36,6 +38,21 @@ impl Daemon {
 
     /// [`Daemon::start_with`] with RLIMIT_NOFILE (soft, hard) for the daemon.
     pub fn start_limited(gateway: &str, body: &str, nofile: Option<(u64, u64)>) -> Daemon {
+        let mut d = Self::configure(gateway, body, nofile);
+        d.spawn();
+        d
+    }
+
+    /// [`Daemon::start`] with the daemon started in cgroup2 directory `cgroup`.
+    pub fn start_in_cgroup(body: &str, cgroup: PathBuf) -> Daemon {
+        let mut d = Self::configure("", body, None);
+        d.cgroup = Some(cgroup);
+        d.spawn();
+        d
+    }
+
+    /// Config and state dir, not started.
+    fn configure(gateway: &str, body: &str, nofile: Option<(u64, u64)>) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         // Open like /var/lib: process functions run as nobody and exec the stdio watchdog
         // from <state>/run (the API password file stays 0600).
@@ -58,17 +75,16 @@ impl Daemon {
             dir.path().join("state").display().to_string()
         );
         std::fs::write(&config, text).expect("write config");
-        let mut d = Daemon {
+        Daemon {
             dir,
             config,
             shared,
             api,
             password_override: None,
             nofile,
+            cgroup: None,
             child: None,
-        };
-        d.spawn();
-        d
+        }
     }
 
     /// Starts (again) on the same config, ports and state dir.
@@ -99,6 +115,28 @@ impl Daemon {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
+                });
+            }
+        }
+        if let Some(dir) = &self.cgroup {
+            let procs =
+                std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
+                    .expect("cgroup path");
+            // SAFETY: open/write/close are async-signal-safe; `procs` outlives the fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                    let err = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(err)
+                    }
                 });
             }
         }

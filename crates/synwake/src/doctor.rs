@@ -95,6 +95,13 @@ pub fn report(interfaces: Option<&[String]>) -> String {
         "process instances in cgroups (stop kills the cgroup; memory, cpus, pids)",
         &cgroups.describe(),
     );
+    let (delegated, how) = crate::runtime::cgroup::delegation();
+    check(
+        &mut out,
+        delegated,
+        "cgroup2 controllers for instances (synwake leaves its own cgroup for a leaf)",
+        &how,
+    );
     check(
         &mut out,
         root && runc.is_some() && ip.is_some(),

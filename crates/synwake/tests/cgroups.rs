@@ -286,3 +286,138 @@ fn memory_cpus_and_pids_are_enforced_for_process_functions() {
         r.text()
     );
 }
+
+/// A cgroup2 cgroup for a daemon to start in (and the root controller the test enabled),
+/// removed with everything below it on drop.
+struct DelegatedCgroup {
+    dir: PathBuf,
+    root: PathBuf,
+    controller: String,
+    enabled_at_root: bool,
+}
+
+impl Drop for DelegatedCgroup {
+    fn drop(&mut self) {
+        // Bounded: the daemon (stopped before this drop) may still be leaving its leaf.
+        wait_until(Duration::from_secs(10), || {
+            for group in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+                if group.file_type().is_ok_and(|t| t.is_dir()) {
+                    for inst in std::fs::read_dir(group.path())
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                    {
+                        if inst.file_type().is_ok_and(|t| t.is_dir()) {
+                            let _ = std::fs::remove_dir(inst.path());
+                        }
+                    }
+                    let _ = std::fs::remove_dir(group.path());
+                }
+            }
+            std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists()
+        });
+        if self.enabled_at_root {
+            // Fails (EBUSY) if someone else now uses it below the root: then it stays.
+            let _ = std::fs::write(
+                self.root.join("cgroup.subtree_control"),
+                format!("-{}", self.controller),
+            );
+        }
+    }
+}
+
+#[test]
+fn in_a_cgroup2_cgroup_with_processes_synwake_moves_into_a_leaf_and_hands_controllers_down() {
+    let test =
+        "in_a_cgroup2_cgroup_with_processes_synwake_moves_into_a_leaf_and_hands_controllers_down";
+    if !can_run_here(test) {
+        return;
+    }
+    let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|r| r.join("cgroup.subtree_control").exists());
+    let offered: Vec<String> = root
+        .as_ref()
+        .map(|r| std::fs::read_to_string(r.join("cgroup.controllers")).unwrap_or_default())
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let (Some(root), Some(controller)) = (root, offered.first().cloned()) else {
+        can_run(test, Some("no cgroup2 root offering a controller".into()));
+        return;
+    };
+    let words = |p: &Path| -> Vec<String> {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let root_control = root.join("cgroup.subtree_control");
+    let enabled_at_root = !words(&root_control).contains(&controller);
+    if enabled_at_root {
+        std::fs::write(&root_control, format!("+{controller}")).expect("enable at the root");
+    }
+    let cg = DelegatedCgroup {
+        dir: root.join(format!("cgroup2-{}", std::process::id())),
+        root,
+        controller: controller.clone(),
+        enabled_at_root,
+    };
+    std::fs::create_dir(&cg.dir).expect("test cgroup");
+    assert!(words(&cg.dir.join("cgroup.controllers")).contains(&controller));
+
+    let name = format!("cgdeleg{}", std::process::id());
+    let d = Daemon::start_in_cgroup(&function(&name, ""), cg.dir.clone());
+    // The daemon (every thread) left its cgroup for the leaf, which let it hand down.
+    assert_eq!(
+        cgroup_dir_of(d.pid()),
+        Some(cg.dir.join("daemon")),
+        "{}",
+        d.log()
+    );
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", d.pid())).unwrap();
+    for t in tasks.flatten() {
+        let text = std::fs::read_to_string(t.path().join("cgroup")).unwrap_or_default();
+        let rel = text
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap_or("");
+        assert!(
+            rel.ends_with("/daemon"),
+            "thread {:?} in {rel}",
+            t.file_name()
+        );
+    }
+    assert_eq!(
+        words(&cg.dir.join("cgroup.procs")),
+        Vec::<String>::new(),
+        "own cgroup still holds processes"
+    );
+    assert!(
+        words(&cg.dir.join("cgroup.subtree_control")).contains(&controller),
+        "{controller} not enabled in the daemon's own cgroup"
+    );
+    let leader = leader_pid(&d, &name);
+    let inst = cgroup_dir_of(leader).expect("the instance runs in a cgroup of its own");
+    let group = inst.parent().expect("group dir");
+    assert_eq!(group.parent(), Some(cg.dir.as_path()), "{}", inst.display());
+    assert!(group
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("synwake-")));
+    assert!(
+        words(&inst.join("cgroup.controllers")).contains(&controller),
+        "the instance's cgroup lacks {controller}: {:?}",
+        words(&inst.join("cgroup.controllers"))
+    );
+    scale_to_zero(&d, &name);
+    assert!(
+        wait_until(Duration::from_secs(10), || !inst.exists()),
+        "{} left behind",
+        inst.display()
+    );
+    drop(d);
+}

@@ -13,10 +13,19 @@ use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// An empty instance cgroup this old has no owner using it (see [`CgroupHost::sweep_stale`]).
 const STALE_AFTER: Duration = Duration::from_secs(60);
+
+/// The leaf a daemon in a non-root cgroup2 cgroup moves itself into: cgroup2 lets only a
+/// cgroup without processes hand controllers down (the no-internal-processes rule).
+pub const DAEMON_LEAF: &str = "daemon";
+
+/// The daemon's cgroup2 path (as /proc shows it) before it moved into [`DAEMON_LEAF`];
+/// once per process, so every runtime after the first places instances the same way.
+static MOVED_FROM: OnceLock<Option<String>> = OnceLock::new();
 
 /// Controllers a process function's limits need.
 const LIMIT_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
@@ -76,6 +85,9 @@ pub struct CgroupHost {
     mounts: Vec<PathBuf>,
     /// Why instances run without cgroups, if they do.
     unavailable: Option<String>,
+    /// cgroup2 controllers beyond the limit ones handed down to instances (all the
+    /// delegated cgroup offers, once the daemon moved into its leaf).
+    extra_v2: Vec<String>,
 }
 
 /// A cgroup hierarchy as /proc/self/mountinfo shows it.
@@ -186,14 +198,37 @@ pub fn group_name(run_dir: &Path) -> String {
 }
 
 impl CgroupHost {
-    /// Finds the hierarchies of this host and the daemon's place in them.
+    /// Finds the hierarchies of this host and the daemon's place in them (changes nothing
+    /// but the controllers the daemon's own cgroup hands down: for `synwake doctor`).
     pub fn detect(run_dir: &Path) -> CgroupHost {
+        Self::detect_with(run_dir, false)
+    }
+
+    /// [`CgroupHost::detect`] for the daemon: in a non-root cgroup2 cgroup (a systemd
+    /// service with `Delegate=yes`) it first moves itself into `<own>/daemon` and enables
+    /// every controller `<own>` offers, so instances below `<own>` can get limits.
+    pub fn detect_for_daemon(run_dir: &Path) -> CgroupHost {
+        Self::detect_with(run_dir, true)
+    }
+
+    fn detect_with(run_dir: &Path, settle: bool) -> CgroupHost {
         let mounts = std::fs::read_to_string("/proc/self/mountinfo")
             .map(|t| parse_mountinfo(&t))
             .unwrap_or_default();
-        let own = std::fs::read_to_string("/proc/self/cgroup")
+        let mut own = std::fs::read_to_string("/proc/self/cgroup")
             .map(|t| parse_proc_cgroup(&t))
             .unwrap_or_default();
+        let v2_mount = mounts.iter().find(|m| m.v2);
+        let mut delegated = None;
+        if let (true, Some(m), Some(entry)) =
+            (settle, v2_mount, own.iter_mut().find(|(c, _)| c.is_empty()))
+        {
+            let current = entry.1.clone();
+            if let Some(from) = MOVED_FROM.get_or_init(|| move_into_leaf(m, &current)) {
+                entry.1 = from.clone();
+                delegated = dir_in(m, from);
+            }
+        }
         let mut host = Self::from_parts(group_name(run_dir), &mounts, &own, &|dir, c| {
             std::fs::read_to_string(dir.join("cgroup.controllers"))
                 .is_ok_and(|a| a.split_whitespace().any(|x| x == c))
@@ -209,6 +244,12 @@ impl CgroupHost {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => host.unavailable = Some(io_err(&probe)(e).to_string()),
             }
+        }
+        if let Some(dir) = delegated {
+            host.extra_v2 = read_words(&dir.join("cgroup.subtree_control"))
+                .into_iter()
+                .filter(|c| !LIMIT_CONTROLLERS.contains(&c.as_str()))
+                .collect();
         }
         host
     }
@@ -228,6 +269,7 @@ impl CgroupHost {
             controllers: BTreeMap::new(),
             mounts: mounts.iter().map(|m| m.point.clone()).collect(),
             unavailable: None,
+            extra_v2: Vec::new(),
         };
         let v2_path = own.iter().find(|(c, _)| c.is_empty()).map(|(_, p)| p);
         let v2 = mounts
@@ -325,6 +367,9 @@ impl CgroupHost {
                 if d.v2 {
                     enable_controller(&path, c).map_err(io_err(&path))?;
                 }
+            }
+            for c in &self.extra_v2 {
+                enable_controller(&path, c).map_err(io_err(&path))?;
             }
         }
         Ok(Dir { path, v2: own.v2 })
@@ -515,6 +560,119 @@ fn needed(limits: &Limits) -> Vec<(&'static str, &'static str)> {
     .filter(|(_, _, on)| *on)
     .map(|(c, k, _)| (c, k))
     .collect()
+}
+
+fn read_words(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Moves this process (all its threads) from cgroup2 cgroup `current` into its
+/// [`DAEMON_LEAF`] and enables what `current` offers in its `cgroup.subtree_control`.
+/// Returns `current` if that worked; on failure (not root, other processes still in
+/// `current`) the process goes back and nothing is left changed.
+fn move_into_leaf(mount: &Mount, current: &str) -> Option<String> {
+    if current == "/" {
+        return None; // the root cgroup is exempt from the no-internal-processes rule
+    }
+    let dir = dir_in(mount, current)?;
+    let offered = read_words(&dir.join("cgroup.controllers"));
+    let enabled = read_words(&dir.join("cgroup.subtree_control"));
+    if offered.iter().all(|c| enabled.contains(c)) {
+        return None; // nothing to hand down, or a cgroup without processes did it already
+    }
+    let leaf = dir.join(DAEMON_LEAF);
+    let made = match std::fs::create_dir(&leaf) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+        Err(e) => {
+            tracing::warn!("cannot create {}: {e}", leaf.display());
+            return None;
+        }
+    };
+    let pid = std::process::id().to_string();
+    if let Err(e) = std::fs::write(leaf.join("cgroup.procs"), &pid) {
+        tracing::warn!("cannot move synwake into {}: {e}", leaf.display());
+        if made {
+            let _ = std::fs::remove_dir(&leaf);
+        }
+        return None;
+    }
+    let wanted: Vec<&String> = offered.iter().filter(|c| !enabled.contains(c)).collect();
+    let failed: Vec<&str> = wanted
+        .iter()
+        .filter(|c| enable_controller(&dir, c).is_err())
+        .map(|c| c.as_str())
+        .collect();
+    if failed.len() == wanted.len() {
+        // Other processes in `current` keep it busy (EBUSY): go back, change nothing.
+        tracing::warn!(
+            "cgroup {}: cannot enable {} (other processes in it?); instances get no \
+             cgroup2 controllers",
+            dir.display(),
+            failed.join(" ")
+        );
+        let _ = std::fs::write(dir.join("cgroup.procs"), &pid);
+        if made {
+            let _ = std::fs::remove_dir(&leaf);
+        }
+        return None;
+    }
+    tracing::info!(
+        "moved synwake into {} so {} can hand down {}",
+        leaf.display(),
+        dir.display(),
+        offered.join(" ")
+    );
+    Some(current.to_string())
+}
+
+/// One line for `synwake doctor` on cgroup2 delegation: (ok, what synwake does or needs).
+pub fn delegation() -> (bool, String) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| parse_mountinfo(&t))
+        .unwrap_or_default();
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .map(|t| parse_proc_cgroup(&t))
+        .unwrap_or_default();
+    let Some(m) = mounts.iter().find(|m| m.v2) else {
+        return (true, "no cgroup2 mounted: not needed".into());
+    };
+    let Some(path) = own.iter().find(|(c, _)| c.is_empty()).map(|(_, p)| p) else {
+        return (true, "not in a cgroup2 cgroup: not needed".into());
+    };
+    if path == "/" {
+        return (true, "in the root cgroup: not needed".into());
+    }
+    let Some(dir) = dir_in(m, path) else {
+        return (
+            false,
+            format!("own cgroup {path} is not below the cgroup2 mount"),
+        );
+    };
+    let offered = read_words(&dir.join("cgroup.controllers")).join(" ");
+    let control = std::ffi::CString::new(
+        dir.join("cgroup.subtree_control")
+            .as_os_str()
+            .as_encoded_bytes(),
+    )
+    .unwrap_or_default();
+    // SAFETY: a NUL-terminated path that lives across the call.
+    let writable = unsafe { libc::access(control.as_ptr(), libc::W_OK) } == 0;
+    if writable {
+        (
+            true,
+            format!("own cgroup {path} (offers: {offered}); `synwake up` moves itself into {path}/{DAEMON_LEAF} and hands these down to instances"),
+        )
+    } else {
+        (
+            false,
+            format!("own cgroup {path} is not writable: run synwake as root; as a systemd service set Delegate=yes"),
+        )
+    }
 }
 
 fn enable_controller(dir: &Path, controller: &str) -> io::Result<()> {

@@ -62,7 +62,7 @@ impl ProcessRuntime {
     pub fn new(run_dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&run_dir)?;
         let watchdog = super::watchdog::install(&run_dir)?;
-        let cgroups = CgroupHost::detect(&run_dir);
+        let cgroups = CgroupHost::detect_for_daemon(&run_dir);
         if let Some(why) = cgroups.unavailable() {
             tracing::warn!(
                 "process instances run without cgroups ({why}): a stop kills their process \
