@@ -99,7 +99,7 @@ pub fn report(interfaces: Option<&[String]>) -> String {
     check(
         &mut out,
         delegated,
-        "cgroup2 controllers for instances (synwake leaves its own cgroup for a leaf)",
+        "cgroup2 controllers for instances (for the cgroup doctor runs in)",
         &how,
     );
     check(

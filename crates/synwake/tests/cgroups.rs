@@ -294,7 +294,11 @@ struct DelegatedCgroup {
     root: PathBuf,
     controller: String,
     enabled_at_root: bool,
+    /// One such test at a time: they share the root's `cgroup.subtree_control`.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+static ROOT_CONTROL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Drop for DelegatedCgroup {
     fn drop(&mut self) {
@@ -326,34 +330,29 @@ impl Drop for DelegatedCgroup {
     }
 }
 
-#[test]
-fn in_a_cgroup2_cgroup_with_processes_synwake_moves_into_a_leaf_and_hands_controllers_down() {
-    let test =
-        "in_a_cgroup2_cgroup_with_processes_synwake_moves_into_a_leaf_and_hands_controllers_down";
-    if !can_run_here(test) {
-        return;
-    }
+fn words(p: &Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A fresh non-root cgroup2 cgroup (`cgroup2-<pid>-<tag>`) offering one controller, the
+/// controller enabled at the root for it if needed; `None` (loudly) where there is none.
+fn delegated_cgroup(test: &str, tag: &str) -> Option<DelegatedCgroup> {
+    let serial = ROOT_CONTROL.lock().unwrap_or_else(|e| e.into_inner());
     let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
         .iter()
         .map(PathBuf::from)
         .find(|r| r.join("cgroup.subtree_control").exists());
-    let offered: Vec<String> = root
+    let offered = root
         .as_ref()
-        .map(|r| std::fs::read_to_string(r.join("cgroup.controllers")).unwrap_or_default())
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
+        .map(|r| words(&r.join("cgroup.controllers")))
+        .unwrap_or_default();
     let (Some(root), Some(controller)) = (root, offered.first().cloned()) else {
         can_run(test, Some("no cgroup2 root offering a controller".into()));
-        return;
-    };
-    let words = |p: &Path| -> Vec<String> {
-        std::fs::read_to_string(p)
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(str::to_string)
-            .collect()
+        return None;
     };
     let root_control = root.join("cgroup.subtree_control");
     let enabled_at_root = !words(&root_control).contains(&controller);
@@ -361,14 +360,28 @@ fn in_a_cgroup2_cgroup_with_processes_synwake_moves_into_a_leaf_and_hands_contro
         std::fs::write(&root_control, format!("+{controller}")).expect("enable at the root");
     }
     let cg = DelegatedCgroup {
-        dir: root.join(format!("cgroup2-{}", std::process::id())),
+        dir: root.join(format!("cgroup2-{}-{tag}", std::process::id())),
         root,
-        controller: controller.clone(),
+        controller,
         enabled_at_root,
+        _serial: serial,
     };
     std::fs::create_dir(&cg.dir).expect("test cgroup");
-    assert!(words(&cg.dir.join("cgroup.controllers")).contains(&controller));
+    assert!(words(&cg.dir.join("cgroup.controllers")).contains(&cg.controller));
+    Some(cg)
+}
 
+#[test]
+fn in_a_cgroup2_cgroup_with_processes_synwake_moves_into_a_leaf_and_hands_controllers_down() {
+    let test =
+        "in_a_cgroup2_cgroup_with_processes_synwake_moves_into_a_leaf_and_hands_controllers_down";
+    if !can_run_here(test) {
+        return;
+    }
+    let Some(cg) = delegated_cgroup(test, "leaf") else {
+        return;
+    };
+    let controller = cg.controller.clone();
     let name = format!("cgdeleg{}", std::process::id());
     let d = Daemon::start_in_cgroup(&function(&name, ""), cg.dir.clone());
     // The daemon (every thread) left its cgroup for the leaf, which let it hand down.
@@ -420,4 +433,46 @@ fn in_a_cgroup2_cgroup_with_processes_synwake_moves_into_a_leaf_and_hands_contro
         inst.display()
     );
     drop(d);
+}
+
+#[test]
+fn when_other_processes_share_its_cgroup2_cgroup_synwake_moves_back_and_changes_nothing() {
+    let test =
+        "when_other_processes_share_its_cgroup2_cgroup_synwake_moves_back_and_changes_nothing";
+    if !can_run_here(test) {
+        return;
+    }
+    let Some(cg) = delegated_cgroup(test, "busy") else {
+        return;
+    };
+    // Another process in the same cgroup keeps it busy (no-internal-processes rule).
+    struct Sleeper(std::process::Child);
+    impl Drop for Sleeper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let sleeper = Sleeper(
+        std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("sleep"),
+    );
+    std::fs::write(cg.dir.join("cgroup.procs"), sleeper.0.id().to_string()).expect("join");
+    let name = format!("cgbusy{}", std::process::id());
+    let d = Daemon::start_in_cgroup(&function(&name, ""), cg.dir.clone());
+    assert_eq!(cgroup_dir_of(d.pid()), Some(cg.dir.clone()), "{}", d.log());
+    assert!(!cg.dir.join("daemon").exists(), "leaf left behind");
+    assert_eq!(
+        words(&cg.dir.join("cgroup.subtree_control")),
+        Vec::<String>::new()
+    );
+    assert!(d.log().contains("other processes in it?"), "{}", d.log());
+    // Membership and kill still work: the instance gets its cgroup below.
+    let leader = leader_pid(&d, &name);
+    let inst = cgroup_dir_of(leader).expect("the instance runs in a cgroup of its own");
+    assert_eq!(inst.parent().and_then(Path::parent), Some(cg.dir.as_path()));
+    drop(d);
+    drop(sleeper);
 }
