@@ -1742,6 +1742,29 @@ fn a_pull_does_not_hold_up_other_changes_and_two_deploys_of_one_function_seriali
             .is_some_and(|i| i.ends_with("team/lock:2")),
         "{st}"
     );
+
+    // A deploy refused after its pull (a host another function claims) leaves no image.
+    let claim = |name: &str, tag: &str| {
+        json!({
+            "service": name,
+            "image": format!("{}/team/lock:{tag}", reg.addr),
+            "annotations": { "com.synwake.runtime": "oci", "com.synwake.hosts": "h.images3.test" },
+        })
+        .to_string()
+    };
+    let r = d.d.api_json("POST", "/system/functions", &claim("a", "2"));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let r = d.d.api_json("POST", "/system/functions", &claim("b", "1"));
+    assert_eq!(r.status, 409, "{}", r.text());
+    let only_used = || {
+        let (_, images) = stored_images(&d);
+        images.len() == 1 && images.iter().all(|(_, users)| !users.is_empty())
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), only_used),
+        "images nobody uses are kept: {:?}",
+        stored_images(&d)
+    );
 }
 
 /// `?progress=true` streams a deploy's pull progress while the pull runs: the first line

@@ -386,7 +386,10 @@ impl Runtime for OciFunctions {
     }
 
     fn unstage(&self, name: &str) {
-        self.staged.lock().unwrap().remove(name);
+        // Pulled for a deploy that was refused: nothing may use it any more.
+        if self.staged.lock().unwrap().remove(name).is_some() {
+            self.gc.collect_soon();
+        }
     }
 
     /// After a scale to zero: the image as imported at deploy, the pool refilled.
