@@ -527,3 +527,58 @@ async fn an_interrupted_layer_download_resumes_with_a_range_request() {
         report.fetched_bytes
     );
 }
+
+/// A pull records which image its reference resolved to: `stored` finds it (for a tag
+/// after it moved, the image it was last pulled as), a reference never pulled finds
+/// nothing, and a prune that drops the image drops the record too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pulled_reference_is_recorded_and_pruned_with_its_image() {
+    if !can_run("a_pulled_reference_is_recorded_and_pruned_with_its_image") {
+        return;
+    }
+    let reg = Registry::start(false).unwrap();
+    let t = ToolStore::new().unwrap();
+    let v2 = BuildSpec {
+        files: vec![("www/v.txt", 0o644, b"2\n")],
+        ..BuildSpec::default()
+    };
+    build_and_push(
+        &t,
+        &reg,
+        "localhost/swk-images3-ref:1",
+        &BuildSpec::default(),
+        "fn/ref:latest",
+    );
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = ImageStore::new(store_dir.path().join("images"));
+    let latest = format!("{}/fn/ref:latest", reg.addr);
+    assert!(store.stored(&latest).is_none());
+    let (p, _) = collect();
+    let (first, _) = store
+        .pull(&latest, &insecure(&reg), p.clone())
+        .await
+        .unwrap();
+    assert_eq!(store.stored(&latest), Some(first.clone()));
+    // The tag moves; until it is pulled again the record names the first image.
+    build_and_push(
+        &t,
+        &reg,
+        "localhost/swk-images3-ref:2",
+        &v2,
+        "fn/ref:latest",
+    );
+    assert_eq!(store.stored(&latest), Some(first.clone()));
+    let (second, _) = store.pull(&latest, &insecure(&reg), p).await.unwrap();
+    assert_ne!(first.digest, second.digest);
+    assert_eq!(store.stored(&latest), Some(second.clone()));
+    assert!(store
+        .stored(&format!("{}/fn/ref:other", reg.addr))
+        .is_none());
+    // Keeping only the first image drops the tag's record (it names the second).
+    store.prune(&[first]).unwrap();
+    assert!(store.stored(&latest).is_none());
+    let refs = std::fs::read_dir(store_dir.path().join("images").join("refs"))
+        .unwrap()
+        .count();
+    assert_eq!(refs, 0, "a reference record of a pruned image is left");
+}
