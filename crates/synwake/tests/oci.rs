@@ -1765,6 +1765,34 @@ fn a_pull_does_not_hold_up_other_changes_and_two_deploys_of_one_function_seriali
         "images nobody uses are kept: {:?}",
         stored_images(&d)
     );
+
+    // A remove of a function whose deploy is pulling waits for it, then removes it.
+    gate.open.store(false, std::sync::atomic::Ordering::Relaxed);
+    std::thread::scope(|sc| {
+        let update = sc.spawn(|| {
+            d.d.api_json(
+                "POST",
+                "/system/functions",
+                &body("slow", format!("{}/team/lock:1", gate.addr)),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let remove = sc.spawn(|| {
+            d.d.api_json(
+                "DELETE",
+                "/system/functions",
+                &json!({ "functionName": "slow" }).to_string(),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!update.is_finished() && !remove.is_finished());
+        gate.open.store(true, std::sync::atomic::Ordering::Relaxed);
+        let r = update.join().unwrap();
+        assert_eq!(r.status, 202, "{}", r.text());
+        let r = remove.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    });
+    assert_eq!(d.d.api_get("/system/function/slow").status, 404);
 }
 
 /// `?progress=true` streams a deploy's pull progress while the pull runs: the first line

@@ -440,13 +440,7 @@ impl Api {
         echo_pull: bool,
     ) -> Response<ProxyBody> {
         let name = spec.name.clone();
-        let one = self
-            .deploying
-            .lock()
-            .unwrap()
-            .entry(name.clone())
-            .or_default()
-            .clone();
+        let one = self.function_lock(&name);
         let response = {
             let _one = one.lock().await;
             let deploy_started = std::time::SystemTime::now();
@@ -467,12 +461,22 @@ impl Api {
                 },
             }
         };
+        self.release_function_lock(&name, one);
+        response
+    }
+
+    /// The lock a function's deploys and removes take first, in arrival order.
+    fn function_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut deploying = self.deploying.lock().unwrap();
+        deploying.entry(name.to_string()).or_default().clone()
+    }
+
+    fn release_function_lock(&self, name: &str, lock: Arc<tokio::sync::Mutex<()>>) {
         let mut deploying = self.deploying.lock().unwrap();
         // Ours and the map's: nobody else waits for this function.
-        if Arc::strong_count(&one) <= 2 {
-            deploying.remove(&name);
+        if Arc::strong_count(&lock) <= 2 {
+            deploying.remove(name);
         }
-        response
     }
 
     /// The function a deploy replaces (`None`: a new one), or the refusal: PUT of an
@@ -705,8 +709,19 @@ impl Api {
             })
     }
 
-    /// Saves the list without the function, then removes it; a failed save changes nothing.
+    /// After the deploys of the function that came before it (their pulls included).
     async fn apply_remove(&self, name: String) -> Response<ProxyBody> {
+        let one = self.function_lock(&name);
+        let response = {
+            let _one = one.lock().await;
+            self.apply_remove_locked(&name).await
+        };
+        self.release_function_lock(&name, one);
+        response
+    }
+
+    /// Saves the list without the function, then removes it; a failed save changes nothing.
+    async fn apply_remove_locked(&self, name: &str) -> Response<ProxyBody> {
         let _w = self.write_lock.lock().await;
         match self.lc().get(&name).map(|f| f.spec().source) {
             None => return text_response(StatusCode::NOT_FOUND, format!("function {} not found", quote(&name))),
