@@ -723,8 +723,8 @@ impl Api {
     /// Saves the list without the function, then removes it; a failed save changes nothing.
     async fn apply_remove_locked(&self, name: &str) -> Response<ProxyBody> {
         let _w = self.write_lock.lock().await;
-        match self.lc().get(&name).map(|f| f.spec().source) {
-            None => return text_response(StatusCode::NOT_FOUND, format!("function {} not found", quote(&name))),
+        match self.lc().get(name).map(|f| f.spec().source) {
+            None => return text_response(StatusCode::NOT_FOUND, format!("function {} not found", quote(name))),
             Some(Source::Config) => {
                 return text_response(
                     StatusCode::CONFLICT,
@@ -750,7 +750,7 @@ impl Api {
                 );
             }
         }
-        self.lc().remove(&name).await;
+        self.lc().remove(name).await;
         tracing::info!("function {name} removed through the API");
         text_response(StatusCode::OK, format!("function {name} removed"))
     }
