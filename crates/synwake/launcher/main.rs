@@ -8,7 +8,9 @@
 //! std-only binary.
 //!
 //! Usage: `synwake-launcher PARENT_PID UID:GID|- [CGROUP_DIR...] -- PROGRAM [ARGS...]`
-//! (PROGRAM a path; `-` keeps the current account).
+//! (PROGRAM a path, or a bare name looked up in this process's PATH by execvp after the
+//! account switch, so entries the account cannot reach are skipped; `-` keeps the current
+//! account).
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;

@@ -505,3 +505,42 @@ fn functions_do_not_inherit_the_daemons_environment() {
         "daemon variables leaked to the function: {leaked:?}"
     );
 }
+
+/// A bare command name is looked up in PATH as the function's account, as execvp would:
+/// an entry that account cannot reach (root's own tool dirs, e.g. ~/.pyenv/shims first in
+/// root's PATH) is skipped, not chosen because synwake itself can see it.
+#[test]
+fn a_bare_command_is_found_in_path_as_the_functions_account() {
+    if !root_or_skip("a_bare_command_is_found_in_path_as_the_functions_account") {
+        return;
+    }
+    let base = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // First in PATH: a directory only root can enter, with a decoy of the same name.
+    let private = base.path().join("root-only");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::copy("/bin/false", private.join("synwake-fn")).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // Second: the real function, open to everyone.
+    let public = base.path().join("public");
+    std::fs::create_dir(&public).unwrap();
+    std::fs::copy(fn_bin(), public.join("synwake-fn")).unwrap();
+    std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        public.join("synwake-fn"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let d = Daemon::start(&format!(
+        "[[function]]\nname = \"bare\"\ncommand = [\"synwake-fn\"]\nenv = {{ PATH = \"{}:{}\" }}\n",
+        private.display(),
+        public.display()
+    ));
+    let r = d.call("bare", "/");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_ne!(
+        ids_of(&d, "bare").0,
+        0,
+        "runs as the default account, not root"
+    );
+}

@@ -315,15 +315,17 @@ impl Runtime for ProcessRuntime {
                 })?;
             }
         }
-        // The lookup execvp would do, in the PATH the function gets: posix_spawn (no fork)
-        // needs the program as a path, and a missing one is a clear start error.
+        // A program found nowhere in the PATH the function gets is a clear start error
+        // here. The launcher still searches PATH itself (execvp, after the account
+        // switch): an entry synwake can see but the function's account cannot reach
+        // (root's ~/.pyenv/shims) must be skipped, not chosen.
         let search_path = spec
             .env
             .get("PATH")
             .map(std::ffi::OsString::from)
             .or_else(|| std::env::var_os("PATH"))
             .unwrap_or_else(|| DEFAULT_PATH.into());
-        let resolved = resolve_program(program, &search_path)
+        resolve_program(program, &search_path)
             .map_err(|e| spawn_err(format!("cannot run {program:?}: {e}")))?;
         let limits = limits_of(spec);
         // Last before the spawn: nothing after it can fail and leave the cgroup behind.
@@ -346,7 +348,7 @@ impl Runtime for ProcessRuntime {
             )
             .args(cgroup.iter().flat_map(|c| c.paths()))
             .arg("--")
-            .arg(&resolved);
+            .arg(program);
         // Functions get their spec's env, not the daemon's (an operator's exported
         // credentials, the service manager's variables); only these pass through.
         cmd.env_clear();
