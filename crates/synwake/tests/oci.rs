@@ -1955,8 +1955,9 @@ fn kill_9_during_container_start_delivery_and_stop_leaves_nothing_and_loses_no_c
             }
         };
         let delay = if round % 2 == 0 {
-            // Start and delivery: calls to a cold function, killed part-way.
-            post(20);
+            // Start and delivery: calls to a cold function, killed part-way. 100, not 20:
+            // on a quiet machine 20 one-at-a-time calls could all end before the kill.
+            post(100);
             Duration::from_millis(seed % 100)
         } else {
             // Stop: the calls ran, the idle timeout passed, the container is being stopped.
