@@ -37,6 +37,38 @@ fn serial() -> MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// `can_run` plus the image tools (buildah, skopeo, docker-registry): under CI=true a
+/// missing one fails the test, otherwise it is skipped loudly.
+fn can_run_with_tools(test: &str) -> bool {
+    can_run(test)
+        && synwake_test_support::gate::can_run(
+            test,
+            synwake_oci::tools::missing_tool().map(|t| format!("{t} missing")),
+        )
+}
+
+/// A busybox httpd image `localhost/<image>:<v>` serving `version <v>` at `/`, built by
+/// buildah and pushed to the OCI archive `<file><v>.tar` in `tools`' directory.
+fn web_version_archive(
+    tools: &synwake_oci::tools::ToolStore,
+    image: &str,
+    file: &str,
+    v: &str,
+) -> PathBuf {
+    let name = format!("localhost/{image}:{v}");
+    let body = format!("version {v}\n");
+    let spec = synwake_oci::tools::BuildSpec {
+        files: vec![("www/index.html", 0o644, body.as_bytes())],
+        ..Default::default()
+    };
+    tools.build(&name, &spec).unwrap();
+    let archive = tools.path(&format!("{file}{v}.tar"));
+    tools
+        .buildah_push(&name, &format!("oci-archive:{}", archive.display()))
+        .unwrap();
+    archive
+}
+
 /// CGI `/cgi-bin/hog?<MiB>`: allocates and touches that much (dd's block buffer) before
 /// writing anything. The fixture's `/cgi-bin/eat` prints its headers first, so busybox
 /// httpd has sent `200 OK` before the OOM kill and the client sees a 200 with an empty
@@ -1003,30 +1035,14 @@ fn cold_start_benchmark() {
 /// to a new tag while requests flow switches from one version to the other at one point.
 #[test]
 fn deploy_by_registry_reference_and_update_to_a_new_tag_while_requests_flow() {
-    if !can_run("deploy_by_registry_reference") {
-        return;
-    }
-    if let Some(t) = synwake_oci::tools::missing_tool() {
-        let msg = format!("!!! SKIPPING deploy_by_registry_reference: {t} missing !!!");
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
-        eprintln!("{msg}");
+    if !can_run_with_tools("deploy_by_registry_reference") {
         return;
     }
     let _serial = serial();
     let reg = synwake_oci::tools::Registry::start(false).expect("registry");
     let tools = synwake_oci::tools::ToolStore::new().unwrap();
     for v in ["1", "2"] {
-        let name = format!("localhost/swk-images-web:{v}");
-        let body = format!("version {v}\n");
-        let spec = synwake_oci::tools::BuildSpec {
-            files: vec![("www/index.html", 0o644, body.as_bytes())],
-            ..Default::default()
-        };
-        tools.build(&name, &spec).unwrap();
-        let archive = tools.path(&format!("web{v}.tar"));
-        tools
-            .buildah_push(&name, &format!("oci-archive:{}", archive.display()))
-            .unwrap();
+        let archive = web_version_archive(&tools, "swk-images-web", "web", v);
         reg.push(
             &format!("oci-archive:{}", archive.display()),
             &format!("team/web:{v}"),
@@ -1119,30 +1135,14 @@ fn deploy_by_registry_reference_and_update_to_a_new_tag_while_requests_flow() {
 /// pulled at all.
 #[test]
 fn a_moved_tag_is_pulled_again_at_deploy_and_a_restart_without_the_registry_uses_the_store() {
-    if !can_run("moved_tag_and_offline_restart") {
-        return;
-    }
-    if let Some(t) = synwake_oci::tools::missing_tool() {
-        let msg = format!("!!! SKIPPING moved_tag_and_offline_restart: {t} missing !!!");
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
-        eprintln!("{msg}");
+    if !can_run_with_tools("moved_tag_and_offline_restart") {
         return;
     }
     let _serial = serial();
     let reg = synwake_oci::tools::Registry::start(false).expect("registry");
     let tools = synwake_oci::tools::ToolStore::new().unwrap();
     let archive = |v: &str| {
-        let name = format!("localhost/swk-images3-web:{v}");
-        let body = format!("version {v}\n");
-        let spec = synwake_oci::tools::BuildSpec {
-            files: vec![("www/index.html", 0o644, body.as_bytes())],
-            ..Default::default()
-        };
-        tools.build(&name, &spec).unwrap();
-        let archive = tools.path(&format!("web{v}.tar"));
-        tools
-            .buildah_push(&name, &format!("oci-archive:{}", archive.display()))
-            .unwrap();
+        let archive = web_version_archive(&tools, "swk-images3-web", "web", v);
         format!("oci-archive:{}", archive.display())
     };
     let (v1, v2) = (archive("1"), archive("2"));
@@ -1513,13 +1513,7 @@ wait\n";
 /// cold request gets the function, not the watchdog's 404 from before it was ready.
 #[test]
 fn openfaas_watchdog_image_is_ready_on_its_health_endpoint_with_no_annotations() {
-    if !can_run("openfaas_watchdog_image") {
-        return;
-    }
-    if let Some(t) = synwake_oci::tools::missing_tool() {
-        let msg = format!("!!! SKIPPING openfaas_watchdog_image: {t} missing !!!");
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
-        eprintln!("{msg}");
+    if !can_run_with_tools("openfaas_watchdog_image") {
         return;
     }
     let _serial = serial();
@@ -1634,13 +1628,7 @@ impl Drop for GatedRegistry {
 /// for the first and wins (it runs the second image).
 #[test]
 fn a_pull_does_not_hold_up_other_changes_and_two_deploys_of_one_function_serialize() {
-    if !can_run("pull_outside_the_write_lock") {
-        return;
-    }
-    if let Some(t) = synwake_oci::tools::missing_tool() {
-        let msg = format!("!!! SKIPPING pull_outside_the_write_lock: {t} missing !!!");
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
-        eprintln!("{msg}");
+    if !can_run_with_tools("pull_outside_the_write_lock") {
         return;
     }
     use std::io::{Read, Write};
@@ -1648,17 +1636,7 @@ fn a_pull_does_not_hold_up_other_changes_and_two_deploys_of_one_function_seriali
     let reg = synwake_oci::tools::Registry::start(false).expect("registry");
     let tools = synwake_oci::tools::ToolStore::new().unwrap();
     for v in ["1", "2"] {
-        let name = format!("localhost/swk-images3-lock:{v}");
-        let body = format!("version {v}\n");
-        let spec = synwake_oci::tools::BuildSpec {
-            files: vec![("www/index.html", 0o644, body.as_bytes())],
-            ..Default::default()
-        };
-        tools.build(&name, &spec).unwrap();
-        let archive = tools.path(&format!("lock{v}.tar"));
-        tools
-            .buildah_push(&name, &format!("oci-archive:{}", archive.display()))
-            .unwrap();
+        let archive = web_version_archive(&tools, "swk-images3-lock", "lock", v);
         reg.push(
             &format!("oci-archive:{}", archive.display()),
             &format!("team/lock:{v}"),
@@ -1800,13 +1778,7 @@ fn a_pull_does_not_hold_up_other_changes_and_two_deploys_of_one_function_seriali
 /// outcome comes last; `synwake deploy` prints the same lines and the outcome.
 #[test]
 fn deploy_progress_is_streamed_while_the_pull_runs() {
-    if !can_run("deploy_progress_is_streamed") {
-        return;
-    }
-    if let Some(t) = synwake_oci::tools::missing_tool() {
-        let msg = format!("!!! SKIPPING deploy_progress_is_streamed: {t} missing !!!");
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}");
-        eprintln!("{msg}");
+    if !can_run_with_tools("deploy_progress_is_streamed") {
         return;
     }
     use std::io::{Read, Write};
