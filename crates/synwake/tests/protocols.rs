@@ -207,35 +207,7 @@ fn websocket_to_a_cold_function_holds_it_past_idle_timeout_until_closed() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(30), || d.available("ws") == 1),
-        "never started"
-    );
-    let pid = d.instance_pids();
-    std::thread::sleep(Duration::from_millis(2000));
-    assert_eq!(
-        d.available("ws"),
-        1,
-        "stopped by idle_timeout under an open WebSocket"
-    );
-    let out = client.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(text, "echo hello\necho again\n");
-    assert_eq!(
-        d.instance_pids(),
-        pid,
-        "the same instance answered throughout"
-    );
-    // Closed: the instance is idle now and stops after idle_timeout.
-    assert!(
-        wait_until(Duration::from_secs(10), || d.available("ws") == 0),
-        "still running 10 s after the WebSocket closed"
-    );
+    socket_keeps_its_instance_up(&d, client, "echo hello\necho again\n");
 }
 
 /// The `[[function]]` of the Python WebSocket echo function.
@@ -281,6 +253,13 @@ fn websocket_over_http2_extended_connect_to_a_cold_function() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    socket_keeps_its_instance_up(&d, client, "status 200\necho hello\necho again\n");
+}
+
+/// `client` holds a WebSocket to the cold function `ws` open for 3 s (idle_timeout is
+/// 1 s): the instance starts, stays up under the open socket, one instance answers
+/// throughout, the client prints `expected`, and the instance stops once it closed.
+fn socket_keeps_its_instance_up(d: &Daemon, client: std::process::Child, expected: &str) {
     assert!(
         wait_until(Duration::from_secs(30), || d.available("ws") == 1),
         "never started"
@@ -290,7 +269,7 @@ fn websocket_over_http2_extended_connect_to_a_cold_function() {
     assert_eq!(
         d.available("ws"),
         1,
-        "stopped by idle_timeout under an open WebSocket stream"
+        "stopped by idle_timeout under an open WebSocket"
     );
     let out = client.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -299,11 +278,16 @@ fn websocket_over_http2_extended_connect_to_a_cold_function() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(text, "status 200\necho hello\necho again\n");
-    assert_eq!(d.instance_pids(), pid, "one instance answered throughout");
+    assert_eq!(text, expected);
+    assert_eq!(
+        d.instance_pids(),
+        pid,
+        "the same instance answered throughout"
+    );
+    // Closed: the instance is idle now and stops after idle_timeout.
     assert!(
         wait_until(Duration::from_secs(10), || d.available("ws") == 0),
-        "still running 10 s after the WebSocket stream closed"
+        "still running 10 s after the WebSocket closed"
     );
 }
 
