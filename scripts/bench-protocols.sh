@@ -15,6 +15,9 @@
 # /usr/bin/python3 with websockets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+BENCH=bench-protocols
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 
 DURATION=${DURATION:-10s}
 WS_ROUNDS=${WS_ROUNDS:-5000}
@@ -42,27 +45,8 @@ BIN=${CARGO_TARGET_DIR:-target}/release
 SYNWAKE_BIN=${SYNWAKE_BIN:-$BIN/synwake}
 WS_ECHO=$(realpath crates/synwake/tests/fixtures/ws_echo.py)
 
-WORK=$(mktemp -d /tmp/synwake-bench-protocols.XXXXXX)
-OUT=${OUT:-$WORK}
-mkdir -p "$OUT"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    [ "$OUT" = "$WORK" ] || rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workdir
 
-wait_http() { # url [curl args]: up to 10 s for a 2xx
-    local url=$1
-    shift
-    for _ in $(seq 1 200); do
-        curl -fsS -o /dev/null "$@" "$url" 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "bench-protocols: $url did not answer" >&2
-    exit 1
-}
 
 # A self-signed P-256 certificate for 127.0.0.1, shared by synwake and nginx.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
@@ -108,21 +92,9 @@ SYNWAKE_LOG=warn "$SYNWAKE_BIN" up --config "$WORK/synwake.toml" >"$WORK/synwake
 PIDS+=($!)
 
 # 3. nginx: http2 on a plain and a TLS listener, upstream keep-alive; a WebSocket proxy.
-mkdir -p "$WORK/nginx"
-cat >"$WORK/nginx/nginx.conf" <<EOF
-worker_processes auto;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
+{ nginx_conf_head; cat <<EOF; } >"$WORK/nginx/nginx.conf"
     # No GOAWAY after 1000 requests per connection (nginx's default; synwake has no cap).
     keepalive_requests 1000000;
-    client_body_temp_path $WORK/nginx/body;
-    proxy_temp_path $WORK/nginx/proxy;
-    fastcgi_temp_path $WORK/nginx/fastcgi;
-    uwsgi_temp_path $WORK/nginx/uwsgi;
-    scgi_temp_path $WORK/nginx/scgi;
     upstream fn {
         server 127.0.0.1:$FN_PORT;
         # h2load keeps 640 streams in flight: room to keep as many upstream connections.
@@ -158,8 +130,7 @@ http {
     }
 }
 EOF
-nginx -e "$WORK/nginx/error.log" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
-PIDS+=($!)
+start_nginx
 
 declare -A H2URL=(
     [synwake-own-port-h2c]="http://127.0.0.1:$OWN_PORT/"

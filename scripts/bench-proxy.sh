@@ -17,6 +17,9 @@
 # Needs: cargo, wrk, nginx (Debian: nginx-light), curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+BENCH=bench-proxy
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 
 DURATION=${DURATION:-5s}
 ROUNDS=${ROUNDS:-3}
@@ -43,25 +46,8 @@ BIN=${CARGO_TARGET_DIR:-target}/release
 SYNWAKE_BIN=${SYNWAKE_BIN:-$BIN/synwake}
 SYNWAKE_BIN_BEFORE=${SYNWAKE_BIN_BEFORE:-}
 
-WORK=$(mktemp -d /tmp/synwake-bench-proxy.XXXXXX)
-OUT=${OUT:-$WORK}
-mkdir -p "$OUT"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    [ "$OUT" = "$WORK" ] || rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workdir
 
-wait_http() { # url: up to 10 s for a 2xx
-    for _ in $(seq 1 200); do
-        curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "bench-proxy: $1 did not answer" >&2
-    exit 1
-}
 
 # 1. The function, called directly (and by nginx).
 PORT=$FN_PORT SYNWAKE_FUNCTION=bench "$BIN/synwake-fn" >"$WORK/fn.log" 2>&1 &
@@ -91,19 +77,7 @@ EOF
 start_synwake "$SYNWAKE_BIN" "$WORK/synwake" "$SHARED_PORT" "$API_PORT" "$OWN_PORT"
 
 # 3. nginx as a plain reverse proxy with upstream keepalive to the direct function.
-mkdir -p "$WORK/nginx"
-cat >"$WORK/nginx/nginx.conf" <<EOF
-worker_processes auto;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx/body;
-    proxy_temp_path $WORK/nginx/proxy;
-    fastcgi_temp_path $WORK/nginx/fastcgi;
-    uwsgi_temp_path $WORK/nginx/uwsgi;
-    scgi_temp_path $WORK/nginx/scgi;
+{ nginx_conf_head; cat <<EOF; } >"$WORK/nginx/nginx.conf"
     upstream fn {
         server 127.0.0.1:$FN_PORT;
         keepalive 128;
@@ -118,8 +92,7 @@ http {
     }
 }
 EOF
-nginx -e "$WORK/nginx/error.log" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
-PIDS+=($!)
+start_nginx
 
 declare -A URL=(
     [direct]="http://127.0.0.1:$FN_PORT/"
@@ -150,13 +123,6 @@ wrk.body = string.rep("x", $BODY_BYTES)
 wrk.headers["Content-Type"] = "application/octet-stream"
 EOF
 
-# wrk latency figures to microseconds: "85.00us", "1.20ms", "1.01s".
-to_us() {
-    awk -v v="$1" 'BEGIN {
-        n = v + 0
-        if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000;
-        else if (v ~ /s$/) print n * 1000000; else print n }'
-}
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR] = $1} END {
     if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2];
     else printf "%.2f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }

@@ -15,6 +15,9 @@
 # Needs: cargo, wrk, nginx (Debian: nginx-light), openssl, curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+BENCH=bench-tls
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 
 DURATION=${DURATION:-5}
 CLIENTS=${CLIENTS:-2}
@@ -34,16 +37,7 @@ echo "building release binaries..." >&2
 cargo build --release -q -p synwake -p synwake-fn
 BIN=${CARGO_TARGET_DIR:-target}/release
 
-WORK=$(mktemp -d /tmp/synwake-bench-tls.XXXXXX)
-OUT=${OUT:-$WORK}
-mkdir -p "$OUT"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    [ "$OUT" = "$WORK" ] || rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workdir
 
 # One certificate for both servers: ECDSA P-256 (what an ACME client issues by default).
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
@@ -78,19 +72,7 @@ EOF
 SYNWAKE_LOG=warn "$BIN/synwake" up --config "$WORK/synwake.toml" >"$WORK/synwake.log" 2>&1 &
 PIDS+=($!)
 
-mkdir -p "$WORK/nginx"
-cat >"$WORK/nginx/nginx.conf" <<EOF
-worker_processes auto;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx/body;
-    proxy_temp_path $WORK/nginx/proxy;
-    fastcgi_temp_path $WORK/nginx/fastcgi;
-    uwsgi_temp_path $WORK/nginx/uwsgi;
-    scgi_temp_path $WORK/nginx/scgi;
+{ nginx_conf_head; cat <<EOF; } >"$WORK/nginx/nginx.conf"
     upstream fn {
         server 127.0.0.1:$FN_PORT;
         keepalive 128;
@@ -109,8 +91,7 @@ http {
     }
 }
 EOF
-nginx -e "$WORK/nginx/error.log" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
-PIDS+=($!)
+start_nginx
 
 declare -A URL=(
     [direct]="http://127.0.0.1:$FN_PORT/"
@@ -130,27 +111,13 @@ declare -A PAGE=(
 )
 TLS_TARGETS=(synwake-own-tls-port synwake-shared-tls-port nginx)
 
-wait_https() { # url: up to 10 s for a 2xx
-    for _ in $(seq 1 200); do
-        curl -kfsS -o /dev/null "$1" 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "bench-tls: $1 did not answer" >&2
-    exit 1
-}
-for t in direct "${TLS_TARGETS[@]}"; do wait_https "${URL[$t]}"; done
+for t in direct "${TLS_TARGETS[@]}"; do wait_http "${URL[$t]}" -k; done
 # The first synwake request above was the cold start; both routes must be warm now.
 for t in synwake-own-tls-port synwake-shared-tls-port; do
     cold=$(curl -kfsS -D - -o /dev/null "${URL[$t]}" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-synwake-cold-start"{print $2}')
     [ "$cold" = "false" ] || { echo "bench-tls: $t not warm (cold-start: $cold)" >&2; exit 1; }
 done
 
-to_us() { # wrk latency figures to microseconds: "85.00us", "1.20ms", "1.01s"
-    awk -v v="$1" 'BEGIN {
-        n = v + 0
-        if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000;
-        else if (v ~ /s$/) print n * 1000000; else print n }'
-}
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 declare -A CPS RPS P50 LOAD
