@@ -87,3 +87,5 @@ pub use runtime::{
     BindMount, Container, ContainerSpec, ExitInfo, OciConfig, OciError, OciRuntime, OutputHook,
     Recovered,
 };
+/// Reaping a child by pidfd (the process runtime reaps orphans the same way).
+pub use sys::{waitid_pidfd, WaitStatus};

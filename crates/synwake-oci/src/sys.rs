@@ -45,7 +45,9 @@ pub fn pidfd_send_signal(pidfd: &OwnedFd, sig: i32) -> io::Result<()> {
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitStatus {
+    /// Exited with this code.
     Exited(i32),
+    /// Killed by this signal.
     Signaled(i32),
 }
 

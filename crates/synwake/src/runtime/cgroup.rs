@@ -936,19 +936,7 @@ pub fn pidfd_send_signal(pidfd: &OwnedFd, sig: i32) -> io::Result<()> {
 /// Reaps the process behind `pidfd` if it is an exited child of ours (an orphan the
 /// kernel reparented to this subreaper); anything else is left alone.
 pub fn reap_pidfd(pidfd: &OwnedFd) -> bool {
-    // SAFETY: zeroed siginfo is a valid out-parameter.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pidfd and out-pointer.
-    let rc = unsafe {
-        libc::waitid(
-            libc::P_PIDFD,
-            pidfd.as_raw_fd() as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG,
-        )
-    };
-    // SAFETY: waitid filled the SIGCHLD fields (or left them zero).
-    rc == 0 && unsafe { info.si_pid() } != 0
+    matches!(synwake_oci::waitid_pidfd(pidfd), Ok(Some(_)))
 }
 
 /// Zombie children of this daemon whose v2 cgroup is one of this daemon's instance
