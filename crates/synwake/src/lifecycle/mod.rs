@@ -468,6 +468,18 @@ impl Lifecycle {
         self.inner.functions.read().unwrap().get(name).cloned()
     }
 
+    /// A snapshot of every deployed function (the map's lock is not held while they are
+    /// worked on).
+    fn all_functions(&self) -> Vec<Arc<Function>> {
+        self.inner
+            .functions
+            .read()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// Every deployed function's spec, sorted by name.
     pub fn specs(&self) -> Vec<Arc<FunctionSpec>> {
         let mut v: Vec<_> = self
@@ -1185,14 +1197,7 @@ impl Lifecycle {
     /// Stops idle instances and unused prewarms. Called every 50 ms.
     fn reap_idle(&self) {
         let now = Instant::now();
-        let functions: Vec<Arc<Function>> = self
-            .inner
-            .functions
-            .read()
-            .unwrap()
-            .values()
-            .cloned()
-            .collect();
+        let functions = self.all_functions();
         for f in functions {
             if f.spec.policy.idle_policy == IdlePolicyKind::Adaptive {
                 self.reap_adaptive(&f, now);
@@ -1333,14 +1338,7 @@ impl Lifecycle {
     pub fn idle_histories_if_changed(
         &self,
     ) -> Option<std::collections::BTreeMap<String, IdleHistory>> {
-        let functions: Vec<Arc<Function>> = self
-            .inner
-            .functions
-            .read()
-            .unwrap()
-            .values()
-            .cloned()
-            .collect();
+        let functions = self.all_functions();
         let mut changed = false;
         let mut out = std::collections::BTreeMap::new();
         for f in functions {
@@ -1357,14 +1355,7 @@ impl Lifecycle {
     /// Shutdown: refuse new work, stop every instance, release runtimes.
     pub async fn shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::Relaxed);
-        let functions: Vec<Arc<Function>> = self
-            .inner
-            .functions
-            .read()
-            .unwrap()
-            .values()
-            .cloned()
-            .collect();
+        let functions = self.all_functions();
         for f in &functions {
             f.notify();
         }
