@@ -11,11 +11,13 @@
 //! - [`packets`]: hand-built Ethernet/IPv4/IPv6/TCP frames and a raw-socket sender.
 //! - [`probe`]: the probe tests' topology and the daemon running inside it.
 //! - [`oci`]: prerequisites of the runc tests.
+//! - [`cgroup_trace`]: counting cgroup migrations (tracefs `cgroup:cgroup_attach_task`).
 //!
 //! The crate root re-exports what `crates/synwake/tests/common` used to hold, so a test
 //! may `use synwake_test_support::*;`.
 
 pub mod bins;
+pub mod cgroup_trace;
 pub mod daemon;
 pub mod gate;
 pub mod http;

@@ -17,7 +17,6 @@ use std::ffi::OsStr;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +24,8 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use synwake_oci::WaitStatus;
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::watch;
@@ -55,6 +56,9 @@ pub struct ProcessRuntime {
     /// Instance leaders not yet reaped by their own waiter: the orphan reaper skips them.
     leaders: Arc<Mutex<HashSet<i32>>>,
     reaper: Once,
+    /// Join the cgroup2 cgroup with a write to `cgroup.procs` (a migration) instead of
+    /// forking the instance into it: `SYNWAKE_CGROUP_JOIN=write`, for comparisons.
+    join_by_write: bool,
 }
 
 impl ProcessRuntime {
@@ -78,6 +82,7 @@ impl ProcessRuntime {
             cgroups: Arc::new(cgroups),
             leaders: Arc::default(),
             reaper: Once::new(),
+            join_by_write: std::env::var("SYNWAKE_CGROUP_JOIN").as_deref() == Ok("write"),
         })
     }
 
@@ -185,6 +190,162 @@ impl ProcessRuntime {
             tracing::info!("removed {swept} empty instance cgroup(s) of synwakes long gone");
         }
         killed
+    }
+}
+
+/// How long the launcher may take to fork the instance and name it (a loaded machine).
+const HANDOFF_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why an instance was not spawned.
+#[derive(Debug, thiserror::Error)]
+enum SpawnError {
+    /// The launcher could not be run.
+    #[error("{0}")]
+    Launcher(#[source] std::io::Error),
+    /// The launcher ran and did not fork the instance (its reason).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// An instance the launcher forked: a child of this daemon, not yet reaped.
+struct Spawned {
+    pid: i32,
+    pidfd: OwnedFd,
+    /// The launcher, exiting or exited: to be reaped, and the owner of the output pipes.
+    launcher: tokio::process::Child,
+}
+
+/// Runs the launcher (posix_spawn) and takes the instance it forks: its pid comes back
+/// through the launcher's stdin, a pipe. The instance is this daemon's child (the
+/// launcher forks it with CLONE_PARENT), so its pid stays valid until it is reaped, and
+/// the caller holds the leaders' lock so the orphan reaper cannot reap it meanwhile.
+fn spawn_instance(mut cmd: Command) -> Result<Spawned, SpawnError> {
+    let (reader, writer) = std::io::pipe().map_err(SpawnError::Launcher)?;
+    cmd.stdin(Stdio::from(writer));
+    let launcher = cmd.spawn().map_err(SpawnError::Launcher)?;
+    // Its copy of the pipe's write end: EOF once the launcher and the instance let go.
+    drop(cmd);
+    let line = match read_reply(&reader, HANDOFF_TIMEOUT) {
+        Ok(line) => line,
+        Err(e) => return give_up(launcher, format!("the launcher did not answer: {e}")),
+    };
+    if let Some(why) = line.strip_prefix('!') {
+        return give_up(launcher, why.to_string());
+    }
+    let Ok(pid) = line.parse::<i32>() else {
+        return give_up(
+            launcher,
+            "the launcher exited without starting the instance".into(),
+        );
+    };
+    match cgroup::pidfd_open(pid) {
+        Ok(pidfd) => Ok(Spawned {
+            pid,
+            pidfd,
+            launcher,
+        }),
+        Err(e) => {
+            // SAFETY: our own unreaped child (CLONE_PARENT): the pid cannot be reused.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            give_up(launcher, format!("no pidfd for the instance: {e}"))
+        }
+    }
+}
+
+/// Stops (if still running) and reaps a launcher that did not hand over an instance.
+fn give_up(mut launcher: tokio::process::Child, why: String) -> Result<Spawned, SpawnError> {
+    let _ = launcher.start_kill();
+    tokio::spawn(async move {
+        let _ = launcher.wait().await;
+    });
+    Err(SpawnError::Refused(why))
+}
+
+/// The launcher's one-line answer (without the newline); empty on EOF.
+fn read_reply(reader: &std::io::PipeReader, timeout: Duration) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 512];
+    while !buf.contains(&b'\n') && buf.len() < 4096 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no word from it in {timeout:?}"),
+            ));
+        }
+        let mut pfd = libc::pollfd {
+            fd: reader.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut pfd, 1, left.as_millis().clamp(1, 1000) as i32) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if rc == 0 {
+            continue;
+        }
+        let n = (&*reader).read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&buf);
+    Ok(text.lines().next().unwrap_or("").to_string())
+}
+
+/// Reaps the child behind `pidfd` once it exits. Dropped before that (the runtime going
+/// away), it kills the child and reaps it on a thread of its own, as kill_on_drop would.
+async fn wait_child(pidfd: OwnedFd) -> std::io::Result<WaitStatus> {
+    struct Waiting(Option<AsyncFd<OwnedFd>>);
+    impl Drop for Waiting {
+        fn drop(&mut self) {
+            let Some(fd) = self.0.take().map(AsyncFd::into_inner) else {
+                return;
+            };
+            let _ = cgroup::pidfd_send_signal(&fd, libc::SIGKILL);
+            let _ = std::thread::Builder::new()
+                .name("instance-reap".into())
+                .spawn(move || {
+                    // SAFETY: zeroed siginfo is a valid out-parameter; the pidfd is ours.
+                    unsafe {
+                        let mut info: libc::siginfo_t = std::mem::zeroed();
+                        libc::waitid(
+                            libc::P_PIDFD,
+                            std::os::fd::AsRawFd::as_raw_fd(&fd) as libc::id_t,
+                            &mut info,
+                            libc::WEXITED,
+                        );
+                    }
+                });
+        }
+    }
+    // SAFETY: the AsyncFd owns the pidfd, which stays open as long as it lives.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+    let mut waiting = Waiting(Some(registered));
+    loop {
+        let afd = waiting.0.as_ref().expect("set until reaped");
+        let mut ready = afd.readable().await?;
+        if let Some(status) = synwake_oci::waitid_pidfd(ready.get_inner())? {
+            drop(ready);
+            waiting.0 = None;
+            return Ok(status);
+        }
+        ready.clear_ready();
     }
 }
 
@@ -338,15 +499,19 @@ impl Runtime for ProcessRuntime {
         } else {
             None
         };
-        // The launcher joins the cgroup and switches the account (std would fork to do either).
+        // The launcher forks the instance into its cgroup and switches the account (std
+        // would fork the daemon to do either).
         let mut cmd = Command::new(&self.launcher);
         cmd.arg(std::process::id().to_string())
             .arg(
                 run_as
                     .as_ref()
                     .map_or("-".into(), |u| format!("{}:{}", u.uid, u.gid)),
-            )
-            .args(cgroup.iter().flat_map(|c| c.paths()))
+            );
+        if self.join_by_write {
+            cmd.arg("--join-by-write");
+        }
+        cmd.args(cgroup.iter().flat_map(|c| c.paths()))
             .arg("--")
             .arg(program);
         // Functions get their spec's env, not the daemon's (an operator's exported
@@ -374,34 +539,35 @@ impl Runtime for ProcessRuntime {
             .env("SYNWAKE_FUNCTION", &spec.name)
             .env("SYNWAKE_INSTANCE", instance.to_string())
             .env("SYNWAKE_SECRETS_DIR", &secrets_dir)
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .stderr(Stdio::piped());
         cmd.process_group(0);
+        let cgroup = cgroup.map(Arc::new);
         let spawned = {
-            // Held across spawn: the reaper cannot take a just-exited leader for an orphan.
+            // Held until the instance's pid is known: the orphan reaper cannot take a
+            // just-exited instance (a child of ours from birth) for an orphan.
             let mut leaders = self.leaders.lock().unwrap();
-            cmd.spawn().inspect(|c| {
-                if let Some(pid) = c.id() {
-                    leaders.insert(pid as i32);
-                }
+            spawn_instance(cmd).inspect(|s| {
+                leaders.insert(s.pid);
             })
         };
-        let cgroup = cgroup.map(Arc::new);
-        let mut child = match spawned {
-            Ok(c) => c,
+        let Spawned {
+            pid,
+            pidfd,
+            mut launcher,
+        } = match spawned {
+            Ok(s) => s,
             Err(e) => {
                 if let Some(cg) = &cgroup {
                     cg.kill();
                     cg.remove().await;
                 }
-                return Err(spawn_err(format!("cannot run {program:?}: {e}")));
+                return Err(spawn_err(match e {
+                    SpawnError::Launcher(e) => format!("cannot run {program:?}: {e}"),
+                    SpawnError::Refused(why) => why,
+                }));
             }
         };
-        let pid = child.id().unwrap_or(0) as i32;
-        // Not reaped before the exit waiter below runs, so this is the leader.
-        let pidfd = cgroup::pidfd_open(pid).ok();
         let pid_file = self.run_dir.join(format!("{}.{instance}.pid", spec.name));
         if let Some(start) = process_start_time(pid) {
             let mut text = format!("{pid} {start}\n");
@@ -414,14 +580,14 @@ impl Runtime for ProcessRuntime {
         for (stream, reader) in [
             (
                 "stdout",
-                child
+                launcher
                     .stdout
                     .take()
                     .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
             ),
             (
                 "stderr",
-                child
+                launcher
                     .stderr
                     .take()
                     .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
@@ -440,27 +606,30 @@ impl Runtime for ProcessRuntime {
         let (exit_tx, exit_rx) = watch::channel(None);
         let leaders = self.leaders.clone();
         let exit_cgroup = cgroup.clone();
+        // The launcher exits right after the handoff: reaped here, not left a zombie.
         tokio::spawn(async move {
-            let waited = child.wait().await;
+            let _ = launcher.wait().await;
+        });
+        // The instance's own pidfd for signals; the waiter owns the first.
+        let signal_fd = pidfd.try_clone().ok();
+        tokio::spawn(async move {
+            let waited = wait_child(pidfd).await;
             leaders.lock().unwrap().remove(&pid);
             let status = match waited {
-                Ok(s) => match (s.code(), s.signal()) {
-                    (Some(c), _) => format!("exit status {c}"),
-                    (None, Some(libc::SIGKILL))
-                        if exit_cgroup.as_ref().is_some_and(|c| c.oom_killed()) =>
-                    {
-                        "killed: out of memory (the function's memory limit)".to_string()
-                    }
-                    (None, Some(sig)) => format!("killed by signal {sig}"),
-                    _ => "exited".to_string(),
-                },
+                Ok(WaitStatus::Exited(c)) => format!("exit status {c}"),
+                Ok(WaitStatus::Signaled(libc::SIGKILL))
+                    if exit_cgroup.as_ref().is_some_and(|c| c.oom_killed()) =>
+                {
+                    "killed: out of memory (the function's memory limit)".to_string()
+                }
+                Ok(WaitStatus::Signaled(sig)) => format!("killed by signal {sig}"),
                 Err(e) => format!("wait failed: {e}"),
             };
             let _ = exit_tx.send(Some(ExitInfo { status }));
         });
         Ok(Arc::new(ProcessInstance {
             pid,
-            pidfd,
+            pidfd: signal_fd,
             cgroup,
             v2_prefix: self.cgroups.v2_prefix().map(str::to_string),
             leaders: self.leaders.clone(),
@@ -821,6 +990,202 @@ mod tests {
             !survived,
             "instance {pid} outlived the thread that started it"
         );
+    }
+
+    /// Waits (bounded) until `pid` runs `comm`: the launcher's steps before exec are done.
+    async fn wait_exec(pid: i32, comm: &str) {
+        for _ in 0..500 {
+            let now = std::fs::read_to_string(format!("/proc/{pid}/comm"));
+            if now.is_ok_and(|c| c.trim() == comm) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("pid {pid} never exec'd {comm}");
+    }
+
+    fn pid_of(inst: &Arc<dyn Instance>) -> i32 {
+        inst.describe()[4..].parse().unwrap()
+    }
+
+    /// Root, a cgroup2 mount and tracefs, or the rule for `test`.
+    fn cgroup2_and_tracefs(test: &str, rt: &ProcessRuntime) -> bool {
+        let missing = if !synwake_test_support::gate::is_root() {
+            Some("not root".to_string())
+        } else if rt.cgroups.v2_prefix().is_none() {
+            Some(format!(
+                "instances get no cgroup2 cgroup here: {}",
+                rt.cgroups.describe()
+            ))
+        } else {
+            synwake_test_support::cgroup_trace::Migrations::missing()
+        };
+        synwake_test_support::gate::can_run(test, missing)
+    }
+
+    /// An instance is forked straight into its cgroup2 cgroup (clone3 CLONE_INTO_CGROUP):
+    /// no migration, which waits an RCU grace period (~10 ms a cold start) on a host whose
+    /// cgroup2 mount lacks `favordynmods`. Only v1 cgroups (limits from v1 controllers on a
+    /// hybrid host) are still joined with a write. The old join is the control: the
+    /// counter sees its one migration.
+    #[tokio::test]
+    async fn an_instance_is_born_in_its_cgroup2_cgroup_without_a_migration() {
+        use synwake_test_support::cgroup_trace::Migrations;
+        let test = "an_instance_is_born_in_its_cgroup2_cgroup_without_a_migration";
+        let dir = tempfile::tempdir().unwrap();
+        let mut rt = ProcessRuntime::new(dir.path().to_path_buf()).unwrap();
+        if !cgroup2_and_tracefs(test, &rt) {
+            return;
+        }
+        let group = cgroup::group_name(dir.path());
+        let trace = Migrations::start(&format!("synwake-clone3-{}", std::process::id()), &group)
+            .expect("tracefs instance");
+        let mut limited = sleeper();
+        limited.oci.pids = Some(16);
+        for (instance, spec, by_write) in [
+            (1, sleeper(), false),
+            (2, limited, false),
+            (3, sleeper(), true),
+        ] {
+            rt.join_by_write = by_write;
+            let inst = rt.start(&spec, instance, output()).await.expect("starts");
+            let pid = pid_of(&inst);
+            wait_exec(pid, "sleep").await;
+            let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+            let v2 = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("");
+            assert!(
+                v2.ends_with(&format!("/{group}/sleeper.{instance}")),
+                "instance {instance} runs in {v2}"
+            );
+            inst.stop(Duration::from_secs(1)).await;
+        }
+        let events = trace.events();
+        let into = |instance: u32, v2: bool| {
+            events
+                .iter()
+                .filter(|m| m.dst_path.ends_with(&format!("/{group}/sleeper.{instance}")))
+                .filter(|m| (m.dst_root == 0) == v2)
+                .count()
+        };
+        assert_eq!(into(3, true), 1, "the old join is one migration: {events:?}");
+        assert_eq!(into(1, true), 0, "no limits: {events:?}");
+        assert_eq!(into(1, false), 0, "no limits: {events:?}");
+        assert_eq!(into(2, true), 0, "with pids: {events:?}");
+        // On a hybrid host `pids` is a v1 controller: that cgroup is still joined.
+        let v1_pids = rt.cgroups.describe().contains("pids from v1");
+        assert_eq!(into(2, false), usize::from(v1_pids), "with pids: {events:?}");
+    }
+
+    /// A cgroup removed before the launcher enters it is a start error that says so, and
+    /// the launcher is reaped.
+    #[tokio::test]
+    async fn a_cgroup_gone_before_the_fork_is_a_clear_error() {
+        let test = "a_cgroup_gone_before_the_fork_is_a_clear_error";
+        let dir = tempfile::tempdir().unwrap();
+        let rt = ProcessRuntime::new(dir.path().to_path_buf()).unwrap();
+        if !cgroup2_and_tracefs(test, &rt) {
+            return;
+        }
+        let cg = rt.cgroups.create("sleeper.9", &Limits::default()).unwrap();
+        let path = cg.paths().next().unwrap().to_path_buf();
+        cg.remove().await;
+        let mut cmd = Command::new(&rt.launcher);
+        cmd.arg(std::process::id().to_string())
+            .arg("-")
+            .arg(&path)
+            .args(["--", "sleep", "30"])
+            .stdout(Stdio::null());
+        let err = match spawn_instance(cmd) {
+            Err(SpawnError::Refused(why)) => why,
+            Err(e) => panic!("launcher did not run: {e}"),
+            Ok(s) => panic!("pid {} started in a removed cgroup", s.pid),
+        };
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("gone"),
+            "{err}"
+        );
+        // The launcher exited (126) and its waiter task reaps it: no zombie stays.
+        let me = std::process::id().to_string();
+        let zombie_launchers = || {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+                .filter(|s| s.contains("(synwake-launch") && s.contains(") Z "))
+                .filter(|s| s.split(") ").nth(1).and_then(|r| r.split(' ').nth(1)) == Some(&me))
+                .count()
+        };
+        for _ in 0..200 {
+            if zombie_launchers() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(zombie_launchers(), 0, "the launcher stays a zombie");
+        rt.cgroups.remove_group_dirs();
+    }
+
+    /// A command the function's account may not execute: the start succeeds (the exec is
+    /// the instance's), the instance exits 127 with the reason in its log, and nothing of
+    /// it is left (no process, no zombie, no cgroup).
+    #[tokio::test]
+    async fn a_command_the_account_cannot_run_exits_with_the_reason_and_leaves_nothing() {
+        let test = "a_command_the_account_cannot_run_exits_with_the_reason_and_leaves_nothing";
+        if !synwake_test_support::gate::can_run(
+            test,
+            (!synwake_test_support::gate::is_root()).then(|| "not root".to_string()),
+        ) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("root-only");
+        std::fs::create_dir(&private).unwrap();
+        let tool = private.join("tool");
+        std::fs::write(&tool, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let rt = ProcessRuntime::new(dir.path().join("run")).unwrap();
+        let mut spec = sleeper();
+        spec.command = vec![tool.display().to_string()];
+        let out = output();
+        let store = out.store.clone();
+        let inst = rt.start(&spec, 1, out).await.expect("the launcher runs");
+        let pid = pid_of(&inst);
+        let exit = tokio::time::timeout(Duration::from_secs(10), inst.wait_exit())
+            .await
+            .expect("exits");
+        assert_eq!(exit.status, "exit status 127");
+        let mut logged = String::new();
+        for _ in 0..200 {
+            logged = store.tail_of_instance("sleeper", "sleeper-1", 10).join("\n");
+            if logged.contains("cannot run") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            logged.contains("cannot run") && logged.contains("ermission denied"),
+            "{logged}"
+        );
+        let cgroup_dirs: Vec<PathBuf> = rt
+            .cgroups
+            .leftovers(&[])
+            .iter()
+            .flat_map(|c| c.paths().map(Path::to_path_buf).collect::<Vec<_>>())
+            .collect();
+        drop(inst);
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "pid {pid} is left");
+        for _ in 0..200 {
+            if cgroup_dirs.iter().all(|d| !d.exists()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            cgroup_dirs.iter().all(|d| !d.exists()),
+            "{cgroup_dirs:?} left"
+        );
+        rt.cgroups.remove_group_dirs();
     }
 
     #[test]
