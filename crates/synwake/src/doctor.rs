@@ -24,10 +24,11 @@ fn command_version(cmd: &str, arg: &str) -> Option<String> {
 }
 
 /// Whether the cgroup2 mount favours dynamic changes: without `favordynmods` every move
-/// into a cgroup (each process instance's start) waits for an RCU grace period; measured
-/// here at p50 +10 ms per cold start on an idle machine (docs/benchmarks.md). `None`
+/// into a cgroup waits for an RCU grace period; measured here at p50 +10 ms per cold start
+/// on an idle machine (docs/benchmarks.md). Process instances are forked into their
+/// cgroup2 cgroup, so only what `joined_by_write` lists (v1 cgroups) still moves. `None`
 /// without a cgroup2 mount.
-fn favordynmods(mountinfo: &str) -> Option<(bool, String)> {
+fn favordynmods(mountinfo: &str, joined_by_write: &[&str]) -> Option<(bool, String)> {
     let line = mountinfo.lines().find(|l| {
         l.split_once(" - ")
             .is_some_and(|(_, fs)| fs.split_whitespace().next() == Some("cgroup2"))
@@ -40,13 +41,23 @@ fn favordynmods(mountinfo: &str) -> Option<(bool, String)> {
         .is_some_and(|opts| opts.split(',').any(|o| o == "favordynmods"));
     Some(if on {
         (true, format!("{point} has it"))
+    } else if joined_by_write.is_empty() {
+        (
+            true,
+            format!(
+                "{point} lacks it; not needed: process instances are forked into their \
+                 cgroup2 cgroup (no migration)"
+            ),
+        )
     } else {
         (
             false,
             format!(
-                "{point} lacks it: each process cold start waits an RCU grace period (ms) to \
-                 join its cgroup; `mount -o remount,favordynmods {point}` (host-wide: forks \
-                 and exits get slightly dearer) or boot with cgroup_favordynmods=true"
+                "{point} lacks it: process starts with {} join v1 cgroups, which waits an \
+                 RCU grace period (ms) per cold start; `mount -o remount,favordynmods \
+                 {point}` (host-wide: forks and exits get slightly dearer) or boot with \
+                 cgroup_favordynmods=true",
+                joined_by_write.join(", ")
             ),
         )
     })
@@ -133,7 +144,7 @@ pub fn report(interfaces: Option<&[String]>) -> String {
     );
     if let Some((ok, detail)) = std::fs::read_to_string("/proc/self/mountinfo")
         .ok()
-        .and_then(|m| favordynmods(&m))
+        .and_then(|m| favordynmods(&m, &cgroups.joined_by_write()))
     {
         check(
             &mut out,
@@ -167,13 +178,18 @@ mod tests {
             "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw,favordynmods\n";
         let off = "30 1 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
         let v1 = "33 31 0:29 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
-        assert_eq!(favordynmods(on).map(|(ok, _)| ok), Some(true));
-        let (ok, detail) = favordynmods(&format!("{v1}{off}")).unwrap();
+        let hybrid = ["memory", "pids"];
+        assert_eq!(favordynmods(on, &hybrid).map(|(ok, _)| ok), Some(true));
+        let (ok, detail) = favordynmods(&format!("{v1}{off}"), &hybrid).unwrap();
         assert!(!ok);
         assert!(
-            detail.contains("remount,favordynmods /sys/fs/cgroup"),
+            detail.contains("remount,favordynmods /sys/fs/cgroup")
+                && detail.contains("memory, pids"),
             "{detail}"
         );
-        assert_eq!(favordynmods(v1), None);
+        // Everything from cgroup2: instances are forked into it, the option does not matter.
+        let (ok, detail) = favordynmods(off, &[]).unwrap();
+        assert!(ok && detail.contains("not needed"), "{detail}");
+        assert_eq!(favordynmods(v1, &hybrid), None);
     }
 }

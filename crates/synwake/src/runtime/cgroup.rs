@@ -341,6 +341,25 @@ impl CgroupHost {
         parts.join(", ")
     }
 
+    /// What a process start still joins with a write to `cgroup.procs` (a migration: an
+    /// RCU grace period without `favordynmods`): the v1 freezer membership, and the config
+    /// keys whose controllers are v1. A cgroup2 cgroup is entered at the fork instead.
+    pub fn joined_by_write(&self) -> Vec<&'static str> {
+        if self.unavailable.is_some() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        if self.membership.as_ref().is_some_and(|m| !m.v2) {
+            out.push("every start (v1 freezer)");
+        }
+        for (controller, key) in [("memory", "memory"), ("cpu", "cpus"), ("pids", "pids")] {
+            if self.controllers.get(controller).is_some_and(|d| !d.v2) {
+                out.push(key);
+            }
+        }
+        out
+    }
+
     /// Why instances run without cgroups (stop then kills the process group only).
     pub fn unavailable(&self) -> Option<&str> {
         self.unavailable.as_deref()
@@ -1053,6 +1072,8 @@ mod tests {
             host.describe(),
             "membership in cgroup2, memory from v1, cpu from v1, pids from v1"
         );
+        // The cgroup2 cgroup is entered at the fork; each v1 one is still a write.
+        assert_eq!(host.joined_by_write(), ["memory", "cpus", "pids"]);
     }
 
     #[test]
@@ -1069,6 +1090,7 @@ mod tests {
             Path::new("/sys/fs/cgroup/unified")
         );
         assert!(!host.controllers["cpu"].v2);
+        assert_eq!(host.joined_by_write(), ["cpus", "pids"]);
     }
 
     #[test]
@@ -1088,6 +1110,7 @@ mod tests {
         assert!(!m.v2);
         assert_eq!(m.path, Path::new("/sys/fs/cgroup/freezer/"));
         assert_eq!(host.v2_prefix, None);
+        assert_eq!(host.joined_by_write()[0], "every start (v1 freezer)");
     }
 
     #[test]

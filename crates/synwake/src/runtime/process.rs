@@ -502,12 +502,11 @@ impl Runtime for ProcessRuntime {
         // The launcher forks the instance into its cgroup and switches the account (std
         // would fork the daemon to do either).
         let mut cmd = Command::new(&self.launcher);
-        cmd.arg(std::process::id().to_string())
-            .arg(
-                run_as
-                    .as_ref()
-                    .map_or("-".into(), |u| format!("{}:{}", u.uid, u.gid)),
-            );
+        cmd.arg(std::process::id().to_string()).arg(
+            run_as
+                .as_ref()
+                .map_or("-".into(), |u| format!("{}:{}", u.uid, u.gid)),
+        );
         if self.join_by_write {
             cmd.arg("--join-by-write");
         }
@@ -1052,7 +1051,10 @@ mod tests {
             let pid = pid_of(&inst);
             wait_exec(pid, "sleep").await;
             let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-            let v2 = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("");
+            let v2 = own
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .unwrap_or("");
             assert!(
                 v2.ends_with(&format!("/{group}/sleeper.{instance}")),
                 "instance {instance} runs in {v2}"
@@ -1063,17 +1065,28 @@ mod tests {
         let into = |instance: u32, v2: bool| {
             events
                 .iter()
-                .filter(|m| m.dst_path.ends_with(&format!("/{group}/sleeper.{instance}")))
+                .filter(|m| {
+                    m.dst_path
+                        .ends_with(&format!("/{group}/sleeper.{instance}"))
+                })
                 .filter(|m| (m.dst_root == 0) == v2)
                 .count()
         };
-        assert_eq!(into(3, true), 1, "the old join is one migration: {events:?}");
+        assert_eq!(
+            into(3, true),
+            1,
+            "the old join is one migration: {events:?}"
+        );
         assert_eq!(into(1, true), 0, "no limits: {events:?}");
         assert_eq!(into(1, false), 0, "no limits: {events:?}");
         assert_eq!(into(2, true), 0, "with pids: {events:?}");
         // On a hybrid host `pids` is a v1 controller: that cgroup is still joined.
         let v1_pids = rt.cgroups.describe().contains("pids from v1");
-        assert_eq!(into(2, false), usize::from(v1_pids), "with pids: {events:?}");
+        assert_eq!(
+            into(2, false),
+            usize::from(v1_pids),
+            "with pids: {events:?}"
+        );
     }
 
     /// A cgroup removed before the launcher enters it is a start error that says so, and
@@ -1157,7 +1170,9 @@ mod tests {
         assert_eq!(exit.status, "exit status 127");
         let mut logged = String::new();
         for _ in 0..200 {
-            logged = store.tail_of_instance("sleeper", "sleeper-1", 10).join("\n");
+            logged = store
+                .tail_of_instance("sleeper", "sleeper-1", 10)
+                .join("\n");
             if logged.contains("cannot run") {
                 break;
             }
@@ -1174,7 +1189,10 @@ mod tests {
             .flat_map(|c| c.paths().map(Path::to_path_buf).collect::<Vec<_>>())
             .collect();
         drop(inst);
-        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "pid {pid} is left");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} is left"
+        );
         for _ in 0..200 {
             if cgroup_dirs.iter().all(|d| !d.exists()) {
                 break;
