@@ -54,7 +54,7 @@ pub struct ProcessRuntime {
     secrets: Option<crate::secrets::SecretStore>,
     cgroups: Arc<CgroupHost>,
     /// Instance leaders not yet reaped by their own waiter: the orphan reaper skips them.
-    leaders: Arc<Mutex<HashSet<i32>>>,
+    leaders: Arc<Mutex<Leaders>>,
     reaper: Once,
     /// Join the cgroup2 cgroup with a write to `cgroup.procs` (a migration) instead of
     /// forking the instance into it: `SYNWAKE_CGROUP_JOIN=write`, for comparisons.
@@ -213,19 +213,32 @@ struct Spawned {
     pidfd: OwnedFd,
     /// The launcher, exiting or exited: to be reaped, and the owner of the output pipes.
     launcher: tokio::process::Child,
+    /// posix_spawn of the launcher, and then the wait for its fork's pid.
+    launch: Duration,
+    handoff: Duration,
 }
 
 /// Runs the launcher (posix_spawn) and takes the instance it forks: its pid comes back
 /// through the launcher's stdin, a pipe. The instance is this daemon's child (the
-/// launcher forks it with CLONE_PARENT), so its pid stays valid until it is reaped, and
-/// the caller holds the leaders' lock so the orphan reaper cannot reap it meanwhile.
-fn spawn_instance(mut cmd: Command) -> Result<Spawned, SpawnError> {
+/// launcher forks it with CLONE_PARENT), so its pid stays valid until it is reaped; the
+/// caller keeps the orphan reaper off meanwhile ([`Starting`]).
+async fn spawn_instance(mut cmd: Command) -> Result<Spawned, SpawnError> {
     let (reader, writer) = std::io::pipe().map_err(SpawnError::Launcher)?;
     cmd.stdin(Stdio::from(writer));
+    let t0 = std::time::Instant::now();
     let launcher = cmd.spawn().map_err(SpawnError::Launcher)?;
+    let launch = t0.elapsed();
     // Its copy of the pipe's write end: EOF once the launcher and the instance let go.
     drop(cmd);
-    let line = match read_reply(&reader, HANDOFF_TIMEOUT) {
+    let reply = match tokio::time::timeout(HANDOFF_TIMEOUT, read_reply(reader)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no word from it in {HANDOFF_TIMEOUT:?}"),
+        )),
+    };
+    let handoff = t0.elapsed() - launch;
+    let line = match reply {
         Ok(line) => line,
         Err(e) => return give_up(launcher, format!("the launcher did not answer: {e}")),
     };
@@ -243,6 +256,8 @@ fn spawn_instance(mut cmd: Command) -> Result<Spawned, SpawnError> {
             pid,
             pidfd,
             launcher,
+            launch,
+            handoff,
         }),
         Err(e) => {
             // SAFETY: our own unreaped child (CLONE_PARENT): the pid cannot be reused.
@@ -265,38 +280,13 @@ fn give_up(mut launcher: tokio::process::Child, why: String) -> Result<Spawned, 
 }
 
 /// The launcher's one-line answer (without the newline); empty on EOF.
-fn read_reply(reader: &std::io::PipeReader, timeout: Duration) -> std::io::Result<String> {
-    use std::io::Read;
-    use std::os::fd::AsRawFd;
-    let deadline = std::time::Instant::now() + timeout;
+async fn read_reply(reader: std::io::PipeReader) -> std::io::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 512];
     while !buf.contains(&b'\n') && buf.len() < 4096 {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no word from it in {timeout:?}"),
-            ));
-        }
-        let mut pfd = libc::pollfd {
-            fd: reader.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let rc = unsafe { libc::poll(&mut pfd, 1, left.as_millis().clamp(1, 1000) as i32) };
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if rc == 0 {
-            continue;
-        }
-        let n = (&*reader).read(&mut chunk)?;
+        let n = pipe.read(&mut chunk).await?;
         if n == 0 {
             break;
         }
@@ -358,19 +348,110 @@ fn limits_of(spec: &FunctionSpec) -> Limits {
     }
 }
 
-/// [`cgroup::orphan_zombies`] + [`cgroup::reap_zombies`] without holding the leaders' lock during the /proc scan.
-fn reap_orphans(prefix: &str, leaders: &Mutex<HashSet<i32>>) -> usize {
+/// The instance leaders of this runtime, which only their own waiters reap.
+#[derive(Default)]
+struct Leaders {
+    /// Leaders not yet reaped.
+    pids: HashSet<i32>,
+    /// Starts between the launcher's spawn and the instance's pid coming back: the new
+    /// instance is already this daemon's child, under a pid not yet in `pids`.
+    starting: usize,
+    /// An orphan reap was skipped for a start in flight: to be done when it ends.
+    deferred: bool,
+}
+
+/// [`cgroup::orphan_zombies`] + [`cgroup::reap_zombies`] without holding the leaders' lock
+/// during the /proc scan. Skipped (and done when the last one ends) while a start is in
+/// flight: its instance may have exited before its pid was known.
+fn reap_orphans(prefix: &str, leaders: &Mutex<Leaders>) -> usize {
     let candidates = cgroup::orphan_zombies(prefix);
     if candidates.is_empty() {
         return 0;
     }
-    // Under the lock a leader that just spawned (and exited) is known: never reaped here.
-    let leaders = leaders.lock().unwrap();
-    let n = cgroup::reap_zombies(&candidates, &leaders);
+    let mut leaders = leaders.lock().unwrap();
+    if leaders.starting > 0 {
+        leaders.deferred = true;
+        return 0;
+    }
+    let n = cgroup::reap_zombies(&candidates, &leaders.pids);
     if n > 0 {
         tracing::debug!("reaped {n} orphaned process(es) of process functions");
     }
     n
+}
+
+/// One start in flight (see [`Leaders::starting`]). Dropped before [`Starting::started`]
+/// (the start failed, or its task was dropped), it kills the instance's cgroup, which
+/// holds the instance from its birth.
+struct Starting {
+    leaders: Arc<Mutex<Leaders>>,
+    prefix: Option<String>,
+    cgroup: Option<Arc<InstanceCgroup>>,
+    done: bool,
+}
+
+impl Starting {
+    fn new(
+        leaders: &Arc<Mutex<Leaders>>,
+        prefix: Option<&str>,
+        cgroup: Option<Arc<InstanceCgroup>>,
+    ) -> Starting {
+        leaders.lock().unwrap().starting += 1;
+        Starting {
+            leaders: leaders.clone(),
+            prefix: prefix.map(str::to_string),
+            cgroup,
+            done: false,
+        }
+    }
+
+    /// The instance is `pid`: from now on a leader, reaped by its own waiter only.
+    fn started(mut self, pid: i32) {
+        self.end(Some(pid));
+    }
+
+    /// No instance: whatever the launcher may have forked is killed with the cgroup
+    /// (removed by the caller).
+    fn failed(mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            cg.kill();
+        }
+        self.end(None);
+    }
+
+    fn end(&mut self, pid: Option<i32>) {
+        self.done = true;
+        let reap = {
+            let mut l = self.leaders.lock().unwrap();
+            if let Some(pid) = pid {
+                l.pids.insert(pid);
+            }
+            l.starting -= 1;
+            l.starting == 0 && std::mem::take(&mut l.deferred)
+        };
+        if let (true, Some(prefix)) = (reap, self.prefix.clone()) {
+            let leaders = self.leaders.clone();
+            // Off the start path: a /proc scan.
+            tokio::spawn(async move {
+                reap_orphans(&prefix, &leaders);
+            });
+        }
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Some(cg) = self.cgroup.take() {
+            cg.kill();
+            let _ = std::thread::Builder::new()
+                .name("cgroup-cleanup".into())
+                .spawn(move || cg.remove_blocking(Duration::from_secs(5)));
+        }
+        self.end(None);
+    }
 }
 
 /// True if a process in group `pgid` started no earlier than the group's leader did: the
@@ -542,23 +623,23 @@ impl Runtime for ProcessRuntime {
             .stderr(Stdio::piped());
         cmd.process_group(0);
         let cgroup = cgroup.map(Arc::new);
-        let spawned = {
-            // Held until the instance's pid is known: the orphan reaper cannot take a
-            // just-exited instance (a child of ours from birth) for an orphan.
-            let mut leaders = self.leaders.lock().unwrap();
-            spawn_instance(cmd).inspect(|s| {
-                leaders.insert(s.pid);
-            })
-        };
+        // Until the instance's pid is known the orphan reaper waits: it cannot take a
+        // just-exited instance (a child of ours from birth) for an orphan.
+        let starting = Starting::new(&self.leaders, self.cgroups.v2_prefix(), cgroup.clone());
         let Spawned {
             pid,
             pidfd,
             mut launcher,
-        } = match spawned {
-            Ok(s) => s,
+            launch,
+            handoff,
+        } = match spawn_instance(cmd).await {
+            Ok(s) => {
+                starting.started(s.pid);
+                s
+            }
             Err(e) => {
+                starting.failed();
                 if let Some(cg) = &cgroup {
-                    cg.kill();
                     cg.remove().await;
                 }
                 return Err(spawn_err(match e {
@@ -567,6 +648,12 @@ impl Runtime for ProcessRuntime {
                 }));
             }
         };
+        tracing::debug!(
+            "{}: launcher spawned in {} us, forked pid {pid} {} us later",
+            spec.name,
+            launch.as_micros(),
+            handoff.as_micros()
+        );
         let pid_file = self.run_dir.join(format!("{}.{instance}.pid", spec.name));
         if let Some(start) = process_start_time(pid) {
             let mut text = format!("{pid} {start}\n");
@@ -613,7 +700,7 @@ impl Runtime for ProcessRuntime {
         let signal_fd = pidfd.try_clone().ok();
         tokio::spawn(async move {
             let waited = wait_child(pidfd).await;
-            leaders.lock().unwrap().remove(&pid);
+            leaders.lock().unwrap().pids.remove(&pid);
             let status = match waited {
                 Ok(WaitStatus::Exited(c)) => format!("exit status {c}"),
                 Ok(WaitStatus::Signaled(libc::SIGKILL))
@@ -648,7 +735,7 @@ pub struct ProcessInstance {
     /// `None` only where cgroups are unavailable.
     cgroup: Option<Arc<InstanceCgroup>>,
     v2_prefix: Option<String>,
-    leaders: Arc<Mutex<HashSet<i32>>>,
+    leaders: Arc<Mutex<Leaders>>,
     /// Set once a stop has killed and removed the cgroup.
     cleaned: AtomicBool,
     addr: SocketAddr,
@@ -711,7 +798,7 @@ async fn clean_up(
     killed: Vec<(i32, OwnedFd)>,
     leader: i32,
     v2_prefix: Option<&str>,
-    leaders: &Mutex<HashSet<i32>>,
+    leaders: &Mutex<Leaders>,
 ) {
     if !cg.wait_empty(Duration::from_secs(5)).await {
         tracing::warn!("pid {leader}: processes of the instance outlive SIGKILL for 5 s");
@@ -726,10 +813,10 @@ fn reap_killed(
     killed: &[(i32, OwnedFd)],
     leader: i32,
     v2_prefix: Option<&str>,
-    leaders: &Mutex<HashSet<i32>>,
+    leaders: &Mutex<Leaders>,
 ) {
     for (pid, fd) in killed {
-        if *pid != leader && !leaders.lock().unwrap().contains(pid) {
+        if *pid != leader && !leaders.lock().unwrap().pids.contains(pid) {
             cgroup::reap_pidfd(fd);
         }
     }
@@ -1089,6 +1176,51 @@ mod tests {
         );
     }
 
+    /// An instance that exits at once is this daemon's child before its pid comes back
+    /// from the launcher: the orphan reaper, scanning all the while, must not reap it
+    /// first (its exit status would be lost: "wait failed").
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_orphan_reaper_never_takes_an_instance_that_exits_at_once() {
+        let test = "the_orphan_reaper_never_takes_an_instance_that_exits_at_once";
+        let dir = tempfile::tempdir().unwrap();
+        let rt = ProcessRuntime::new(dir.path().to_path_buf()).unwrap();
+        if !cgroup2_and_tracefs(test, &rt) {
+            return;
+        }
+        let prefix = rt.cgroups.v2_prefix().unwrap().to_string();
+        let stop = Arc::new(AtomicBool::new(false));
+        let scanner = {
+            let (stop, leaders, prefix) = (stop.clone(), rt.leaders.clone(), prefix.clone());
+            std::thread::spawn(move || {
+                let mut reaped = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    reaped += reap_orphans(&prefix, &leaders);
+                }
+                reaped
+            })
+        };
+        let mut spec = sleeper();
+        // Not executable: the instance fails its exec and exits 127 right away.
+        spec.command = vec!["/etc/hostname".into()];
+        let mut statuses = Vec::new();
+        for i in 0..30 {
+            let inst = rt.start(&spec, i, output()).await.expect("launcher runs");
+            let exit = tokio::time::timeout(Duration::from_secs(10), inst.wait_exit())
+                .await
+                .expect("exits");
+            statuses.push(exit.status);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let reaped = scanner.join().unwrap();
+        let lost: Vec<&String> = statuses
+            .iter()
+            .filter(|s| *s != "exit status 127")
+            .collect();
+        assert!(lost.is_empty(), "{lost:?} (the reaper took {reaped})");
+        assert_eq!(reaped, 0);
+        rt.cgroups.remove_group_dirs();
+    }
+
     /// A cgroup removed before the launcher enters it is a start error that says so, and
     /// the launcher is reaped.
     #[tokio::test]
@@ -1108,7 +1240,7 @@ mod tests {
             .arg(&path)
             .args(["--", "sleep", "30"])
             .stdout(Stdio::null());
-        let err = match spawn_instance(cmd) {
+        let err = match spawn_instance(cmd).await {
             Err(SpawnError::Refused(why)) => why,
             Err(e) => panic!("launcher did not run: {e}"),
             Ok(s) => panic!("pid {} started in a removed cgroup", s.pid),
@@ -1204,6 +1336,92 @@ mod tests {
             "{cgroup_dirs:?} left"
         );
         rt.cgroups.remove_group_dirs();
+    }
+
+    fn percentile(v: &mut [f64], p: f64) -> f64 {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    }
+
+    /// Spawn -> listening of synwake-fn (INIT_MS=25) through this runtime, the cgroup2
+    /// cgroup entered at the fork or (`SYNWAKE_CGROUP_JOIN=write`'s way) by a write,
+    /// alternating; and the daemon's wait for the launcher's fork (posix_spawn returned ->
+    /// pid handed over). Root. `SYNWAKE_BENCH_STARTS` per mode (default 20):
+    ///     cargo test --release -p synwake --lib -- --ignored bench_spawn_to_listening --nocapture
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore]
+    async fn bench_spawn_to_listening() {
+        let starts: usize = std::env::var("SYNWAKE_BENCH_STARTS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20);
+        let dir = tempfile::tempdir().unwrap();
+        let mut rt = ProcessRuntime::new(dir.path().to_path_buf()).unwrap();
+        assert!(
+            rt.cgroups.v2_prefix().is_some(),
+            "{}",
+            rt.cgroups.describe()
+        );
+        let mut spec = sleeper();
+        spec.command = vec![synwake_test_support::fn_bin().display().to_string()];
+        spec.env.insert("INIT_MS".into(), "25".into());
+        let mut listen = [Vec::new(), Vec::new()];
+        let mut start_call = [Vec::new(), Vec::new()];
+        let mut handoff = [Vec::new(), Vec::new()];
+        for i in 0..starts * 2 {
+            let by_write = i % 2 == 1;
+            rt.join_by_write = by_write;
+            let t0 = std::time::Instant::now();
+            let inst = rt.start(&spec, i as u64, output()).await.expect("starts");
+            let started = t0.elapsed();
+            let addr = inst.addr();
+            while std::net::TcpStream::connect(addr).is_err() {
+                assert!(t0.elapsed() < Duration::from_secs(10), "never listened");
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            let m = usize::from(by_write);
+            listen[m].push(t0.elapsed().as_secs_f64() * 1e3);
+            start_call[m].push(started.as_secs_f64() * 1e6);
+            inst.stop(Duration::from_secs(1)).await;
+        }
+        // The launcher's fork alone, into a fresh cgroup each time (the same two ways).
+        for i in 0..starts * 2 {
+            let by_write = i % 2 == 1;
+            let cg = rt
+                .cgroups
+                .create(&format!("fork.{i}"), &Limits::default())
+                .unwrap();
+            let mut cmd = Command::new(&rt.launcher);
+            cmd.arg(std::process::id().to_string()).arg("-");
+            if by_write {
+                cmd.arg("--join-by-write");
+            }
+            cmd.args(cg.paths())
+                .args(["--", "sleep", "30"])
+                .stdout(Stdio::null());
+            let s = spawn_instance(cmd).await.expect("forks");
+            handoff[usize::from(by_write)].push(s.handoff.as_secs_f64() * 1e6);
+            let _ = cgroup::pidfd_send_signal(&s.pidfd, libc::SIGKILL);
+            let _ = wait_child(s.pidfd).await;
+            cg.kill();
+            cg.remove().await;
+        }
+        rt.cgroups.remove_group_dirs();
+        for (m, name) in ["forked into the cgroup", "joined by a write"]
+            .iter()
+            .enumerate()
+        {
+            println!(
+                "{name}: spawn->listening p50 {:.2} p90 {:.2} ms; start() p50 {:.0} us; \
+                 launcher spawned -> pid handed over p50 {:.0} p90 {:.0} us ({} starts)",
+                percentile(&mut listen[m], 0.5),
+                percentile(&mut listen[m], 0.9),
+                percentile(&mut start_call[m], 0.5),
+                percentile(&mut handoff[m], 0.5),
+                percentile(&mut handoff[m], 0.9),
+                listen[m].len()
+            );
+        }
     }
 
     #[test]
