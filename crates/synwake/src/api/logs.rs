@@ -119,7 +119,7 @@ pub fn serve(lc: &Lifecycle, query: Option<&str>) -> Response<ProxyBody> {
         futures_util::stream::unfold(state, |(mut initial, mut live, wanted, last)| async move {
             if let Some(b) = initial.next() {
                 return Some((
-                    Ok::<_, hyper::Error>(Frame::data(b)),
+                    Ok::<_, crate::gateway::BodyError>(Frame::data(b)),
                     (initial, live, wanted, last),
                 ));
             }

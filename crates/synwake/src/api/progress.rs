@@ -79,7 +79,7 @@ pub fn stream(
     });
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         let b = rx.recv().await?;
-        Some((Ok::<_, hyper::Error>(Frame::data(b)), rx))
+        Some((Ok::<_, crate::gateway::BodyError>(Frame::data(b)), rx))
     });
     Response::builder()
         .status(StatusCode::OK)

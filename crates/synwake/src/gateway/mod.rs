@@ -11,6 +11,7 @@
 
 pub mod conn;
 pub mod forwarded;
+pub mod h1;
 pub mod hosts;
 pub mod listeners;
 pub mod path;
@@ -40,7 +41,16 @@ use crate::spec::Protocol;
 pub use hosts::{ConnInfo, HostTable};
 pub use listeners::{serve_listener, PortListeners};
 
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, BodyError>;
+
+/// Why a response body failed: hyper's client (h2c, Upgrade) or ours (HTTP/1.1).
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error(transparent)]
+    Upstream(#[from] h1::Error),
+}
 
 pub const COLD_START_HEADER: &str = "x-synwake-cold-start";
 
@@ -347,24 +357,21 @@ impl Proxy {
                 .insert(http::header::UPGRADE, protocol.clone());
         }
         // A function may answer without reading the body; what it left unread would be
-        // parsed as the next request on a pooled connection and its answer handed to
+        // parsed as the next request on a shared connection and its answer handed to
         // another client. So a client's body goes on a connection private to its client
         // connection (kept for its later requests), and a queued call's body on one of its
-        // own (closed after it); never on a pooled one.
+        // own (closed after it); never on a shared one.
         let with_body = !h2c && !body.is_end_stream();
-        let own_private: Arc<upstream::PrivateConns>;
-        let private = match origin {
-            _ if h2c || upgrade.is_some() => None,
-            Origin::Client(conn) => {
-                (with_body || conn.private.holds(&lease.instance)).then_some(&conn.private)
+        // h2c, Upgrade and plain CONNECT go through hyper's client; all else is ours.
+        let own_h1 = !h2c && upgrade.is_none() && parts.method != http::Method::CONNECT;
+        let via = match origin {
+            Origin::Client(conn) if with_body || conn.private.holds(&lease.instance) => {
+                upstream::Via::Private(&conn.private)
             }
-            Origin::Queued if with_body => {
-                own_private = Arc::default();
-                Some(&own_private)
-            }
-            Origin::Queued => None,
+            Origin::Queued if with_body => upstream::Via::Once,
+            _ => upstream::Via::Shared,
         };
-        if with_body && private.is_none() {
+        if with_body && !own_h1 {
             parts
                 .headers
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -372,23 +379,20 @@ impl Proxy {
         let cold = lease.cold;
         let req = Request::from_parts(parts, body);
         let sent = tokio::time::timeout(policy.timeout, async {
-            if let Some(private) = private {
-                let (resp, back) = upstream::send_private(
-                    private,
-                    &lease.instance,
-                    policy.connect_timeout,
-                    self.upstream.idle_timeout(),
-                    req,
-                )
-                .await?;
-                Ok::<_, upstream::SendError>(
-                    resp.map(|b| upstream::PrivateBody::new(b, back).boxed()),
-                )
+            if own_h1 {
+                let resp = self
+                    .upstream
+                    .send_h1(via, &lease.instance, policy.connect_timeout, req)
+                    .await?;
+                Ok::<_, upstream::SendError>(resp.map(|b| b.map_err(BodyError::from).boxed()))
             } else {
                 let client = self
                     .upstream
                     .client(policy.protocol, policy.connect_timeout);
-                Ok(client.request(req).await?.map(|b| b.boxed()))
+                Ok(client
+                    .request(req)
+                    .await?
+                    .map(|b| b.map_err(BodyError::from).boxed()))
             }
         })
         .await;
@@ -660,11 +664,13 @@ impl Drop for TunnelGuard {
 fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
-        let hyper_err = match err.downcast_ref::<upstream::SendError>() {
-            Some(upstream::SendError::Http(h)) => Some(h),
-            _ => err.downcast_ref::<hyper::Error>(),
+        let ours = match err.downcast_ref::<upstream::SendError>() {
+            Some(upstream::SendError::H1(e)) => Some(e),
+            _ => err.downcast_ref::<h1::Error>(),
         };
-        if hyper_err.is_some_and(|h| h.is_user()) {
+        if matches!(ours, Some(h1::Error::ClientBody(_) | h1::Error::BodyLength))
+            || err.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_user())
+        {
             return true;
         }
         cur = err.source();

@@ -1,22 +1,20 @@
-//! Connections to instances: one pooled client per (protocol, connect timeout), since the
-//! connect timeout and HTTP/2 are properties of the client's connector and pool; and the
-//! private HTTP/1.1 connections of one client connection, for requests with a body.
+//! Connections to instances. HTTP/1.1 functions: our own client (gateway/h1.rs) over a
+//! shared idle list per instance, taken newest first and closed actively after
+//! `upstream_idle_timeout`, and the private connections of one client connection, for
+//! requests with a body. h2c functions and Upgrade requests: one pooled hyper client per
+//! (protocol, connect timeout), since those are properties of its connector and pool.
 
-use std::net::SocketAddr;
-use std::pin::Pin;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response, Uri};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1;
+use http::{Request, Response};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::h1::{self, Conn, Outgoing, UpstreamBody};
 use super::ForwardBody;
 use crate::runtime::Instance;
 use crate::spec::Protocol;
@@ -25,25 +23,52 @@ pub type UpstreamClient = Client<HttpConnector, ForwardBody>;
 
 type Key = (Protocol, Duration);
 
-/// The pooled clients, made on first use of each key (a handful at most).
+/// Idle connections kept per instance in the shared list.
+const SHARED_IDLE_MAX: usize = 256;
+/// Idle private connections per instance of one client connection (more than one only for
+/// HTTP/2 clients with concurrent uploads).
+const PRIVATE_IDLE_MAX: usize = 4;
+
+/// The upstream side of the proxy.
 pub struct Upstream {
     idle_timeout: Duration,
+    /// HTTP/1.1 connections any client's body-less requests use.
+    shared: Arc<IdleConns>,
+    reaper_started: AtomicBool,
+    /// The hyper clients for h2c and Upgrade, made on first use of each key.
     clients: RwLock<Vec<(Key, Arc<UpstreamClient>)>>,
+}
+
+/// Which connections an HTTP/1.1 request may use.
+pub enum Via<'a> {
+    /// The shared idle list.
+    Shared,
+    /// Those of one client connection.
+    Private(&'a PrivateConns),
+    /// A new connection, closed after the exchange (a queued call's upload).
+    Once,
+}
+
+/// Why a request could not be sent to an instance, or no response came back.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    H1(#[from] h1::Error),
+    #[error(transparent)]
+    Pooled(#[from] hyper_util::client::legacy::Error),
 }
 
 impl Upstream {
     pub fn new(idle_timeout: Duration) -> Self {
         Upstream {
             idle_timeout,
+            shared: Arc::new(IdleConns::new(SHARED_IDLE_MAX)),
+            reaper_started: AtomicBool::new(false),
             clients: RwLock::new(Vec::new()),
         }
     }
 
-    /// Idle connections to instances are closed (pooled) or not reused (private) after it.
-    pub fn idle_timeout(&self) -> Duration {
-        self.idle_timeout
-    }
-
+    /// The hyper client for h2c functions and Upgrade requests.
     pub fn client(&self, protocol: Protocol, connect_timeout: Duration) -> Arc<UpstreamClient> {
         let key = (protocol, connect_timeout);
         if let Some((_, c)) = self.clients.read().unwrap().iter().find(|(k, _)| *k == key) {
@@ -68,218 +93,231 @@ impl Upstream {
         clients.push((key, c.clone()));
         c
     }
+
+    /// Sends `req` (path and query in its URI) to an HTTP/1.1 `instance` on a kept
+    /// connection of `via`, else a new one. A kept connection that fails before a byte of
+    /// the request left is given up and the request sent once more, on a new connection.
+    /// The connection goes back to `via` once the response body was read to its end.
+    pub async fn send_h1(
+        &self,
+        via: Via<'_>,
+        instance: &Arc<dyn Instance>,
+        connect_timeout: Duration,
+        req: Request<ForwardBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let addr = instance.addr();
+        let mut out = Outgoing::new(req, addr).await?;
+        let pool = match via {
+            Via::Shared => {
+                self.start_reaper();
+                Some(&self.shared)
+            }
+            Via::Private(p) => Some(&p.idle),
+            Via::Once => None,
+        };
+        let mut kept = pool.and_then(|p| p.take(instance, self.idle_timeout));
+        loop {
+            let conn = match kept.take() {
+                Some(c) => c,
+                None => Conn::connect(addr, connect_timeout).await?,
+            };
+            let home = pool.map(|p| {
+                Box::new(Home {
+                    pool: p.clone(),
+                    instance: Arc::downgrade(instance),
+                }) as Box<dyn h1::Home>
+            });
+            match h1::exchange(conn, out, home).await {
+                Ok(resp) => return Ok(resp),
+                // Closed by the instance while idle: not sent, so it goes once more.
+                Err((e, Some(back))) => {
+                    tracing::debug!("{addr}: kept connection failed before the request left: {e}");
+                    out = back;
+                }
+                Err((e, None)) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// One task per proxy closes idle shared connections past the bound (and those their
+    /// instance closed, or to instances gone); it ends with the proxy.
+    fn start_reaper(&self) {
+        if self.reaper_started.load(Ordering::Relaxed)
+            || self.reaper_started.swap(true, Ordering::Relaxed)
+        {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.reaper_started.store(false, Ordering::Relaxed);
+            return;
+        };
+        let pool = Arc::downgrade(&self.shared);
+        let timeout = self.idle_timeout;
+        // A connection closes at most a quarter of the bound (or 5 s) after it.
+        let tick = (timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(5));
+        rt.spawn(async move {
+            let mut every = tokio::time::interval(tick);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                pool.reap(timeout);
+            }
+        });
+    }
 }
 
-/// Why a request could not be sent to an instance, or no response came back.
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    #[error("connecting to {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("connecting to {addr}: no connection within {}", humantime::format_duration(*.timeout))]
-    ConnectTimeout { addr: SocketAddr, timeout: Duration },
-    #[error(transparent)]
-    Http(#[from] hyper::Error),
-    #[error(transparent)]
-    Pooled(#[from] hyper_util::client::legacy::Error),
+/// Idle HTTP/1.1 connections by instance, newest last: taken first (its socket is warm),
+/// so the oldest are the ones that reach the idle bound.
+pub struct IdleConns {
+    max_per_instance: usize,
+    slots: Mutex<HashMap<usize, Slot>>,
 }
 
-type PrivateSender = http1::SendRequest<ForwardBody>;
+struct Slot {
+    /// Held weakly: the allocation, never reused while held, is the instance's identity
+    /// (its address may be reused by a later instance); its address is the slot's key.
+    instance: Weak<dyn Instance>,
+    conns: Vec<Conn>,
+}
+
+fn key_of(instance: *const dyn Instance) -> usize {
+    instance as *const () as usize
+}
+
+impl IdleConns {
+    fn new(max_per_instance: usize) -> Self {
+        IdleConns {
+            max_per_instance,
+            slots: Mutex::default(),
+        }
+    }
+
+    /// The newest idle connection to `instance` that can take a request; the ones passed
+    /// over (idle too long, closed by the instance) are closed.
+    fn take(&self, instance: &Arc<dyn Instance>, idle_timeout: Duration) -> Option<Conn> {
+        let mut stale = Vec::new();
+        let found = {
+            let mut slots = self.slots.lock().unwrap();
+            let slot = slots.get_mut(&key_of(Arc::as_ptr(instance)))?;
+            loop {
+                let Some(mut c) = slot.conns.pop() else {
+                    break None;
+                };
+                if c.idle_since.elapsed() < idle_timeout && c.usable() {
+                    break Some(c);
+                }
+                stale.push(c);
+            }
+        };
+        drop(stale);
+        found
+    }
+
+    fn put(&self, instance: &Weak<dyn Instance>, conn: Conn) {
+        let evicted = {
+            let mut slots = self.slots.lock().unwrap();
+            let slot = slots
+                .entry(key_of(instance.as_ptr()))
+                .or_insert_with(|| Slot {
+                    instance: instance.clone(),
+                    conns: Vec::new(),
+                });
+            let evicted =
+                (slot.conns.len() >= self.max_per_instance).then(|| slot.conns.remove(0));
+            slot.conns.push(conn);
+            evicted
+        };
+        drop(evicted);
+    }
+
+    fn holds(&self, instance: &Arc<dyn Instance>) -> bool {
+        self.slots
+            .lock()
+            .unwrap()
+            .get(&key_of(Arc::as_ptr(instance)))
+            .is_some_and(|s| !s.conns.is_empty())
+    }
+
+    /// Closes connections idle for `idle_timeout`, closed by their instance, or to an
+    /// instance that is gone.
+    fn reap(&self, idle_timeout: Duration) {
+        let mut closing = Vec::new();
+        {
+            let mut slots = self.slots.lock().unwrap();
+            slots.retain(|_, slot| {
+                if slot.instance.strong_count() == 0 {
+                    closing.append(&mut slot.conns);
+                    return false;
+                }
+                let mut i = 0;
+                while i < slot.conns.len() {
+                    let c = &mut slot.conns[i];
+                    if c.idle_since.elapsed() >= idle_timeout || !c.usable() {
+                        closing.push(slot.conns.remove(i));
+                    } else {
+                        i += 1;
+                    }
+                }
+                !slot.conns.is_empty()
+            });
+        }
+        drop(closing);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.slots.lock().unwrap().values().map(|s| s.conns.len()).sum()
+    }
+}
+
+/// Where a connection goes back to when its exchange is over.
+struct Home {
+    pool: Arc<IdleConns>,
+    instance: Weak<dyn Instance>,
+}
+
+impl h1::Home for Home {
+    fn put_back(&self, conn: Conn) {
+        self.pool.put(&self.instance, conn);
+    }
+}
 
 /// HTTP/1.1 connections to instances that only one client connection's requests use.
 ///
 /// A request with a body goes on one: if the function leaves part of that body unread and
 /// it is parsed as a further request, the answer can only reach the client that sent it
-/// (on a pooled connection it would reach another client). They are never pooled; they
-/// close with their client connection, which `client_idle_timeout` bounds.
-#[derive(Default)]
+/// (on a shared connection it would reach another client). They are never shared; they
+/// close with their client connection, which `client_idle_timeout` bounds, and are not
+/// reused after `upstream_idle_timeout`.
 pub struct PrivateConns {
-    idle: Mutex<Vec<PrivateConn>>,
+    idle: Arc<IdleConns>,
 }
 
-/// More than one only for HTTP/2 clients with concurrent uploads.
-const PRIVATE_IDLE_MAX: usize = 4;
-
-struct PrivateConn {
-    /// Which instance it goes to (held weakly: the allocation, never reused while held, is
-    /// the instance's identity; its address may be reused by a later instance).
-    instance: Weak<dyn Instance>,
-    sender: PrivateSender,
-    since: Instant,
+impl Default for PrivateConns {
+    fn default() -> Self {
+        PrivateConns {
+            idle: Arc::new(IdleConns::new(PRIVATE_IDLE_MAX)),
+        }
+    }
 }
 
 impl std::fmt::Debug for PrivateConns {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.idle.lock().map(|v| v.len()).unwrap_or(0);
+        let n: usize = self
+            .idle
+            .slots
+            .lock()
+            .map(|s| s.values().map(|s| s.conns.len()).sum())
+            .unwrap_or(0);
         f.debug_struct("PrivateConns").field("idle", &n).finish()
     }
 }
 
-fn same_instance(w: &Weak<dyn Instance>, a: &Arc<dyn Instance>) -> bool {
-    std::ptr::addr_eq(w.as_ptr(), Arc::as_ptr(a))
-}
-
 impl PrivateConns {
-    /// An idle connection to `instance` that can take a request now is kept here (so an
-    /// HTTP/2 client's concurrent body-less streams use the pool, not new connections).
+    /// An idle connection to `instance` is kept here (then a body-less request uses it,
+    /// so an HTTP/2 client's concurrent body-less streams still use the shared list).
     pub fn holds(&self, instance: &Arc<dyn Instance>) -> bool {
-        self.idle
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|c| same_instance(&c.instance, instance) && c.sender.is_ready())
-    }
-
-    /// An idle connection to `instance` that can take a request now; connections to other
-    /// (older) instances, closed ones and those idle past `idle_timeout` are dropped.
-    fn take(&self, instance: &Arc<dyn Instance>, idle_timeout: Duration) -> Option<PrivateSender> {
-        let mut idle = self.idle.lock().unwrap();
-        idle.retain(|c| {
-            same_instance(&c.instance, instance)
-                && !c.sender.is_closed()
-                && c.since.elapsed() < idle_timeout
-        });
-        // Not ready: the previous exchange has not finished on the wire (a function still
-        // not reading an upload); a new connection is opened instead of waiting on it.
-        let i = idle.iter().position(|c| c.sender.is_ready())?;
-        Some(idle.swap_remove(i).sender)
-    }
-
-    fn put(&self, instance: Weak<dyn Instance>, sender: PrivateSender) {
-        let mut idle = self.idle.lock().unwrap();
-        if idle.len() >= PRIVATE_IDLE_MAX {
-            idle.remove(0);
-        }
-        idle.push(PrivateConn {
-            instance,
-            sender,
-            since: Instant::now(),
-        });
-    }
-}
-
-/// Sends `req` (its URI absolute: `http://<addr><path>`) on a private connection of
-/// `conns` to `instance`, a kept one when there is one. The connection goes back to
-/// `conns` when the response body has been read to its end.
-pub async fn send_private(
-    conns: &Arc<PrivateConns>,
-    instance: &Arc<dyn Instance>,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
-    mut req: Request<ForwardBody>,
-) -> Result<(Response<Incoming>, GiveBack), SendError> {
-    let addr = instance.addr();
-    // A connection to one origin speaks origin-form.
-    let origin_form = req
-        .uri()
-        .path_and_query()
-        .map(|p| Uri::from(p.clone()))
-        .unwrap_or_else(|| Uri::from_static("/"));
-    *req.uri_mut() = origin_form;
-    if !req.headers().contains_key(http::header::HOST) {
-        if let Ok(v) = http::HeaderValue::from_str(&addr.to_string()) {
-            req.headers_mut().insert(http::header::HOST, v);
-        }
-    }
-    let kept = conns.take(instance, idle_timeout);
-    let reused = kept.is_some();
-    let mut sender = match kept {
-        Some(s) => s,
-        None => connect(addr, connect_timeout).await?,
-    };
-    let resp = match sender.try_send_request(req).await {
-        Ok(r) => r,
-        // A kept connection the function closed meanwhile: the request was not sent, so it
-        // goes once more on a new connection.
-        Err(mut e) if reused && e.message().is_some() => {
-            let req = e.take_message().expect("checked");
-            sender = connect(addr, connect_timeout).await?;
-            sender.send_request(req).await?
-        }
-        Err(e) => return Err(e.into_error().into()),
-    };
-    let back = GiveBack(Some((conns.clone(), Arc::downgrade(instance), sender)));
-    Ok((resp, back))
-}
-
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<PrivateSender, SendError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => return Err(SendError::Connect { addr, source }),
-        Err(_) => return Err(SendError::ConnectTimeout { addr, timeout }),
-    };
-    let _ = stream.set_nodelay(true);
-    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        // Ends when the connection closes or every sender is gone.
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!("connection to {addr}: {e}");
-        }
-    });
-    Ok(sender)
-}
-
-/// Hands a private connection back to its client connection; dropped unused, the
-/// connection closes.
-pub struct GiveBack(Option<(Arc<PrivateConns>, Weak<dyn Instance>, PrivateSender)>);
-
-impl GiveBack {
-    fn give(&mut self) {
-        if let Some((conns, instance, sender)) = self.0.take() {
-            conns.put(instance, sender);
-        }
-    }
-}
-
-/// A private connection's response body: the connection is given back once the body has
-/// been read to its end, never when it was cut short (its rest would still be on the wire).
-pub struct PrivateBody {
-    inner: Incoming,
-    back: GiveBack,
-}
-
-impl PrivateBody {
-    pub fn new(inner: Incoming, back: GiveBack) -> Self {
-        PrivateBody { inner, back }
-    }
-}
-
-impl Body for PrivateBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        let ended = match &r {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
-            _ => false,
-        };
-        if ended {
-            self.back.give();
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for PrivateBody {
-    fn drop(&mut self) {
-        // An empty body (HEAD, 204, 304) is never polled.
-        if self.inner.is_end_stream() {
-            self.back.give();
-        }
+        self.idle.holds(instance)
     }
 }

@@ -1,0 +1,770 @@
+//! HTTP/1.1 exchanges with instances, run in the request's own task (no connection task to
+//! hand the request to): the request head goes out in one write (with the first piece of
+//! the body when it is there), the response head is parsed with httparse, a small
+//! fixed-length body is read whole, and anything else streams with the connection held by
+//! the body until its last byte. The instance is untrusted: every length is bounded and a
+//! response whose framing is ambiguous is refused, never passed on.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+
+use super::ForwardBody;
+
+/// A response head (status line and header fields) larger than this is refused.
+pub const MAX_HEAD_BYTES: usize = 64 << 10;
+/// A response with more header fields than this is refused.
+pub const MAX_HEADERS: usize = 100;
+/// Chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4 << 10;
+/// All trailer fields of a chunked response together.
+const MAX_TRAILER_BYTES: usize = 16 << 10;
+const MAX_TRAILERS: usize = 32;
+/// Interim (1xx) responses before the final one.
+const MAX_INTERIM: usize = 8;
+/// A body of at most this many bytes (Content-Length) is read whole, so the connection is
+/// free again before the client has seen a byte.
+const WHOLE_BODY_MAX: u64 = 64 << 10;
+/// Read size; the buffer grows by this when it is nearly full.
+const READ_CHUNK: usize = 16 << 10;
+
+
+/// What went wrong in an exchange with an instance. Messages never quote the instance's
+/// bytes (it is untrusted); they name what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connecting to {addr}: no connection within {}", humantime::format_duration(*.timeout))]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("writing the request: {0}")]
+    Write(#[source] io::Error),
+    #[error("reading the response: {0}")]
+    Read(#[source] io::Error),
+    #[error("the instance closed the connection before the response was complete")]
+    Closed,
+    #[error("invalid response from the instance: {0}")]
+    Invalid(&'static str),
+    #[error("the response head is larger than {MAX_HEAD_BYTES} bytes")]
+    HeadTooLarge,
+    #[error("the response has more than {MAX_HEADERS} header fields")]
+    TooManyHeaders,
+    #[error("the client's request body failed: {0}")]
+    ClientBody(#[source] hyper::Error),
+    #[error("the request body did not match its Content-Length")]
+    BodyLength,
+}
+
+/// One HTTP/1.1 connection to an instance, between exchanges.
+pub struct Conn {
+    io: TcpStream,
+    /// Bytes read and not yet used; empty between exchanges on a sound connection.
+    buf: BytesMut,
+    /// When it was last handed back (pool bookkeeping).
+    pub idle_since: Instant,
+    /// It carried an exchange before (so a failed first write may be retried elsewhere).
+    reused: bool,
+}
+
+impl Conn {
+    pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Error> {
+        let io = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(Error::Connect { addr, source }),
+            Err(_) => return Err(Error::ConnectTimeout { addr, timeout }),
+        };
+        let _ = io.set_nodelay(true);
+        Ok(Conn {
+            io,
+            buf: BytesMut::new(),
+            idle_since: Instant::now(),
+            reused: false,
+        })
+    }
+
+    /// An idle connection can take a request: the instance has neither closed it nor sent
+    /// bytes unasked. Costs no system call unless the socket became readable since the
+    /// last response was read (tokio clears readiness after a short read).
+    pub fn usable(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            // EOF, unasked bytes or an error; Pending means readiness was stale.
+            Poll::Ready(Ok(())) => read_more(&mut self.io, &mut self.buf, &mut cx).is_pending(),
+        }
+    }
+}
+
+fn read_more(io: &mut TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+}
+
+/// How a request body is framed on the wire.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+/// A request ready to go on any connection: its encoded head, the bytes after it and the
+/// rest of the body. Nothing in it belongs to a connection, so when it failed before any
+/// byte left, it goes out again on another one.
+pub struct Outgoing {
+    pending: VecDeque<Bytes>,
+    body: Option<ForwardBody>,
+    framing: Framing,
+    /// Body bytes the Content-Length still promises.
+    remaining: u64,
+    /// Bytes written so far (0: the request was never sent).
+    written: usize,
+    head_request: bool,
+}
+
+impl Outgoing {
+    /// Encodes `req` (its URI's path and query are the target) for an instance at `addr`.
+    /// The first piece of the body is taken if it is there already, so a small upload
+    /// leaves in the same write as the head.
+    pub async fn new(req: Request<ForwardBody>, addr: SocketAddr) -> Result<Outgoing, Error> {
+        let (parts, body) = req.into_parts();
+        let framing = if body.is_end_stream() {
+            Framing::Empty
+        } else {
+            match body.size_hint().exact() {
+                Some(n) => Framing::Length(n),
+                None => Framing::Chunked,
+            }
+        };
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut head = Vec::with_capacity(128 + parts.headers.len() * 48);
+        head.extend_from_slice(parts.method.as_str().as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(target.as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\n");
+        if !parts.headers.contains_key(HOST) {
+            use std::io::Write;
+            let _ = write!(head, "host: {addr}\r\n");
+        }
+        for (name, value) in &parts.headers {
+            // The framing is ours: the body was decoded from the client's framing.
+            if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+                continue;
+            }
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        match framing {
+            Framing::Length(n) => {
+                use std::io::Write;
+                let _ = write!(head, "content-length: {n}\r\n");
+            }
+            Framing::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            Framing::Empty
+                if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
+                    || parts.headers.contains_key(CONTENT_LENGTH) =>
+            {
+                head.extend_from_slice(b"content-length: 0\r\n")
+            }
+            Framing::Empty => {}
+        }
+        head.extend_from_slice(b"\r\n");
+        let mut out = Outgoing {
+            pending: VecDeque::from([Bytes::from(head)]),
+            body: (framing != Framing::Empty).then_some(body),
+            framing,
+            remaining: match framing {
+                Framing::Length(n) => n,
+                _ => 0,
+            },
+            written: 0,
+            head_request: parts.method == Method::HEAD,
+        };
+        if out.body.is_some() {
+            // One look at the body: what is there now goes out with the head.
+            let first = std::future::poll_fn(|cx| match out.poll_body(cx) {
+                Poll::Ready(r) => Poll::Ready(r),
+                Poll::Pending => Poll::Ready(Ok(())),
+            });
+            first.await?;
+        }
+        Ok(out)
+    }
+
+    /// Everything was written.
+    fn done(&self) -> bool {
+        self.pending.is_empty() && self.body.is_none()
+    }
+
+    /// Takes one frame of the body into `pending`.
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let Some(body) = self.body.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        match ready!(Pin::new(body).poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => self.push_data(data),
+                Err(frame) => self.finish(frame.into_trailers().ok()),
+            },
+            Some(Err(e)) => {
+                self.body = None;
+                Err(Error::ClientBody(e))
+            }
+            None => self.finish(None),
+        }
+        .into()
+    }
+
+    fn push_data(&mut self, data: Bytes) -> Result<(), Error> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match self.framing {
+            Framing::Length(_) => {
+                let n = data.len() as u64;
+                if n > self.remaining {
+                    return Err(Error::BodyLength);
+                }
+                self.remaining -= n;
+                self.pending.push_back(data);
+            }
+            Framing::Chunked => {
+                self.pending
+                    .push_back(Bytes::from(format!("{:x}\r\n", data.len())));
+                self.pending.push_back(data);
+                self.pending.push_back(Bytes::from_static(b"\r\n"));
+            }
+            Framing::Empty => {}
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, trailers: Option<HeaderMap>) -> Result<(), Error> {
+        self.body = None;
+        match self.framing {
+            Framing::Length(_) if self.remaining != 0 => return Err(Error::BodyLength),
+            Framing::Chunked => {
+                let mut end = b"0\r\n".to_vec();
+                for (name, value) in trailers.iter().flatten() {
+                    end.extend_from_slice(name.as_str().as_bytes());
+                    end.extend_from_slice(b": ");
+                    end.extend_from_slice(value.as_bytes());
+                    end.extend_from_slice(b"\r\n");
+                }
+                end.extend_from_slice(b"\r\n");
+                self.pending.push_back(Bytes::from(end));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Writes what there is, taking more of the body, until all is out or the socket or
+    /// the body has to wait.
+    fn poll_write(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        loop {
+            if self.pending.is_empty() {
+                if self.body.is_none() {
+                    return Poll::Ready(Ok(()));
+                }
+                ready!(self.poll_body(cx))?;
+                continue;
+            }
+            let n = {
+                let mut iov = [IoSlice::new(&[]); 16];
+                let mut k = 0;
+                for (slot, b) in iov.iter_mut().zip(self.pending.iter()) {
+                    *slot = IoSlice::new(b);
+                    k += 1;
+                }
+                match ready!(Pin::new(&mut *io).poll_write_vectored(cx, &iov[..k])) {
+                    Ok(0) => return Poll::Ready(Err(Error::Write(io::ErrorKind::WriteZero.into()))),
+                    Ok(n) => n,
+                    Err(e) => return Poll::Ready(Err(Error::Write(e))),
+                }
+            };
+            self.written += n;
+            let mut left = n;
+            while left > 0 {
+                let front = self.pending.front_mut().expect("written bytes were pending");
+                if front.len() <= left {
+                    left -= front.len();
+                    self.pending.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
+                }
+            }
+        }
+    }
+}
+
+/// How a response body is framed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum BodyFraming {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the instance closes the connection.
+    Close,
+}
+
+struct Head {
+    parts: http::response::Parts,
+    framing: BodyFraming,
+    /// The connection may carry another exchange after this one.
+    reusable: bool,
+}
+
+/// Parses a complete response head at the start of `buf` and removes it from there;
+/// `Ok(None)`: not complete yet.
+fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Error> {
+    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut raw);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n > MAX_HEAD_BYTES => return Err(Error::HeadTooLarge),
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
+            return Err(Error::HeadTooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Error::TooManyHeaders),
+        Err(_) => return Err(Error::Invalid("malformed response head")),
+    };
+    let code = resp.code.unwrap_or(0);
+    let version = match resp.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("bad status code"))?;
+    // Where each name and value sits, so the values can share the head's buffer.
+    let base = buf.as_ptr() as usize;
+    let mut at = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let n = resp.headers.len();
+    for (slot, h) in at.iter_mut().zip(resp.headers.iter()) {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        *slot = (name, name + h.name.len(), value, value + h.value.len());
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(n);
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut transfer_encodings = 0;
+    let mut close = version == Version::HTTP_10;
+    for &(n0, n1, v0, v1) in &at[..n] {
+        let name = HeaderName::from_bytes(&head[n0..n1])
+            .map_err(|_| Error::Invalid("bad header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
+            .map_err(|_| Error::Invalid("bad header value"))?;
+        if name == CONTENT_LENGTH {
+            for item in value.as_bytes().split(|&b| b == b',') {
+                let n = parse_length(item.trim_ascii())
+                    .ok_or(Error::Invalid("bad Content-Length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(Error::Invalid("conflicting Content-Length values"));
+                }
+                length = Some(n);
+            }
+        } else if name == TRANSFER_ENCODING {
+            transfer_encodings += 1;
+            chunked = value.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked");
+            // Only the body is passed on, decoded; the client gets its own framing.
+            continue;
+        } else if name == CONNECTION {
+            close |= value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+        headers.append(name, value);
+    }
+    if transfer_encodings > 0 && length.is_some() {
+        // RFC 9112 6.1: a sender must not send both; a message with both is a smuggling
+        // attempt or a broken framing, and either way not passed on.
+        return Err(Error::Invalid("both Content-Length and Transfer-Encoding"));
+    }
+    if transfer_encodings > 1 || (transfer_encodings == 1 && !chunked) {
+        return Err(Error::Invalid("Transfer-Encoding other than chunked"));
+    }
+    let interim = status.is_informational();
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(Error::Invalid("switched protocols unasked"));
+    }
+    let framing = if head_request
+        || interim
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        // A body-less status with body framing: whatever follows is not trusted.
+        close |= chunked || (status == StatusCode::NO_CONTENT && length.is_some_and(|l| l > 0));
+        BodyFraming::Empty
+    } else if chunked {
+        BodyFraming::Chunked
+    } else if let Some(n) = length {
+        BodyFraming::Length(n)
+    } else {
+        BodyFraming::Close
+    };
+    let mut parts = Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some(Head {
+        parts,
+        framing,
+        reusable: !close && framing != BodyFraming::Close,
+    }))
+}
+
+/// 1 to 19 ASCII digits (no sign, no overflow).
+fn parse_length(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(s).ok()?.parse().ok()
+}
+
+/// Parses a chunk-size line (without its CRLF): hex digits, then optional extensions.
+fn parse_chunk_size(line: &[u8]) -> Option<u64> {
+    if line.contains(&b'\n') || line.contains(&b'\r') {
+        return None;
+    }
+    let size = match line.iter().position(|&b| b == b';') {
+        Some(i) => &line[..i],
+        None => line,
+    };
+    let size = size.trim_ascii_end();
+    if size.is_empty() || size.len() > 16 || !size.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(size).ok()?, 16).ok()
+}
+
+/// Where a connection goes when its exchange is over: the pool it came from (or none:
+/// closed).
+pub trait Home: Send + Sync + 'static {
+    fn put_back(&self, conn: Conn);
+}
+
+/// Sends `out` on `conn` and reads the response head (and a small body whole). On a
+/// failure before a byte of the request left on a connection that was reused, the request
+/// comes back to be sent on another one.
+pub async fn exchange(
+    mut conn: Conn,
+    mut out: Outgoing,
+    home: Option<Box<dyn Home>>,
+) -> Result<Response<UpstreamBody>, (Error, Option<Outgoing>)> {
+    let mut write_failed: Option<Error> = None;
+    let mut interim = 0;
+    let head = std::future::poll_fn(|cx| {
+        if write_failed.is_none() && !out.done() {
+            if let Poll::Ready(Err(e)) = out.poll_write(&mut conn.io, cx) {
+                if out.written == 0 || matches!(e, Error::ClientBody(_) | Error::BodyLength) {
+                    return Poll::Ready(Err(e));
+                }
+                // The instance may have answered early and closed; read what it said.
+                write_failed = Some(e);
+            }
+        }
+        loop {
+            match parse_head(&mut conn.buf, out.head_request) {
+                Ok(Some(h)) if h.parts.status.is_informational() => {
+                    interim += 1;
+                    if interim > MAX_INTERIM {
+                        return Poll::Ready(Err(Error::Invalid("too many interim responses")));
+                    }
+                    continue;
+                }
+                Ok(Some(h)) => return Poll::Ready(Ok(h)),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            match ready!(read_more(&mut conn.io, &mut conn.buf, cx)) {
+                Ok(0) => return Poll::Ready(Err(write_failed.take().unwrap_or(Error::Closed))),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(write_failed.take().unwrap_or(Error::Read(e)))),
+            }
+        }
+    })
+    .await;
+    let head = match head {
+        Ok(h) => h,
+        Err(e) => {
+            let never_sent = out.written == 0
+                && conn.reused
+                && !matches!(e, Error::ClientBody(_) | Error::BodyLength);
+            return Err((e, never_sent.then_some(out)));
+        }
+    };
+    let reusable = head.reusable && write_failed.is_none();
+    let mut stream = Streaming {
+        conn: Some(conn),
+        out: (!out.done()).then_some(out),
+        state: match head.framing {
+            BodyFraming::Empty => State::Done,
+            BodyFraming::Length(n) => State::Length(n),
+            BodyFraming::Chunked => State::ChunkSize,
+            BodyFraming::Close => State::Close,
+        },
+        reusable,
+        home,
+    };
+    let body = match head.framing {
+        BodyFraming::Empty => {
+            stream.finish();
+            UpstreamBody::Whole(None)
+        }
+        BodyFraming::Length(n) if n <= WHOLE_BODY_MAX => {
+            let n = n as usize;
+            let whole = std::future::poll_fn(|cx| stream.poll_buffered(n, cx)).await;
+            if let Err(e) = whole {
+                return Err((e, None));
+            }
+            let conn = stream.conn.as_mut().expect("open until finished");
+            let data = conn.buf.split_to(n).freeze();
+            stream.finish();
+            UpstreamBody::Whole((!data.is_empty()).then_some(data))
+        }
+        _ => UpstreamBody::Stream(Box::new(stream)),
+    };
+    Ok(Response::from_parts(head.parts, body))
+}
+
+/// A response body from an instance: read whole already, or streaming from its connection.
+pub enum UpstreamBody {
+    Whole(Option<Bytes>),
+    Stream(Box<Streaming>),
+}
+
+/// The body being read from the connection; the request body may still be going out
+/// (the instance answered before it read all of it).
+pub struct Streaming {
+    conn: Option<Conn>,
+    out: Option<Outgoing>,
+    state: State,
+    reusable: bool,
+    home: Option<Box<dyn Home>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum State {
+    Length(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd,
+    Trailers,
+    Close,
+    Done,
+}
+
+impl Streaming {
+    /// The exchange is over: the connection goes home when nothing of it is left on the
+    /// wire, else it closes.
+    fn finish(&mut self) {
+        self.state = State::Done;
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        let clean = self.reusable && self.out.is_none() && conn.buf.is_empty();
+        self.out = None;
+        if let (true, Some(home)) = (clean, self.home.take()) {
+            conn.reused = true;
+            conn.idle_since = Instant::now();
+            home.put_back(conn);
+        }
+    }
+
+    /// Keeps the request body going out, if any is left; a failure there only means the
+    /// connection is not reused (the instance has answered already).
+    fn drive_out(&mut self, cx: &mut Context<'_>) {
+        if let (Some(out), Some(conn)) = (self.out.as_mut(), self.conn.as_mut()) {
+            match out.poll_write(&mut conn.io, cx) {
+                Poll::Ready(Ok(())) => self.out = None,
+                Poll::Ready(Err(_)) => {
+                    self.out = None;
+                    self.reusable = false;
+                }
+                Poll::Pending => {}
+            }
+        }
+    }
+
+    /// Reads until `n` bytes are buffered.
+    fn poll_buffered(&mut self, n: usize, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.drive_out(cx);
+        let conn = self.conn.as_mut().expect("open until finished");
+        while conn.buf.len() < n {
+            if conn.buf.capacity() < n {
+                conn.buf.reserve(n - conn.buf.len());
+            }
+            match ready!(read_more(&mut conn.io, &mut conn.buf, cx)) {
+                Ok(0) => return Poll::Ready(Err(Error::Closed)),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(Error::Read(e))),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn fail(&mut self, e: Error) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        self.state = State::Done;
+        self.conn = None;
+        self.out = None;
+        Poll::Ready(Some(Err(e)))
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        self.drive_out(cx);
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let buf = &mut conn.buf;
+            match self.state {
+                State::Done => return Poll::Ready(None),
+                State::Length(left) | State::ChunkData(left) if !buf.is_empty() => {
+                    let n = left.min(buf.len() as u64);
+                    let data = buf.split_to(n as usize).freeze();
+                    let left = left - n;
+                    match self.state {
+                        State::Length(_) if left == 0 => self.finish(),
+                        State::Length(_) => self.state = State::Length(left),
+                        _ if left == 0 => self.state = State::ChunkEnd,
+                        _ => self.state = State::ChunkData(left),
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::Close if !buf.is_empty() => {
+                    let data = buf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::ChunkSize => {
+                    let window = &buf[..buf.len().min(MAX_CHUNK_LINE)];
+                    if let Some(i) = window.windows(2).position(|w| w == b"\r\n") {
+                        let Some(size) = parse_chunk_size(&buf[..i]) else {
+                            return self.fail(Error::Invalid("bad chunk size line"));
+                        };
+                        buf.advance(i + 2);
+                        self.state = if size == 0 {
+                            State::Trailers
+                        } else {
+                            State::ChunkData(size)
+                        };
+                        continue;
+                    }
+                    if buf.len() >= MAX_CHUNK_LINE {
+                        return self.fail(Error::Invalid("chunk size line too long"));
+                    }
+                }
+                State::ChunkEnd if buf.len() >= 2 => {
+                    if &buf[..2] != b"\r\n" {
+                        return self.fail(Error::Invalid("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    self.state = State::ChunkSize;
+                    continue;
+                }
+                State::Trailers if buf.starts_with(b"\r\n") => {
+                    buf.advance(2);
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                State::Trailers => {
+                    let window = &buf[..buf.len().min(MAX_TRAILER_BYTES)];
+                    if let Some(i) = window.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let mut raw = [httparse::EMPTY_HEADER; MAX_TRAILERS];
+                        let trailers = match httparse::parse_headers(&buf[..i + 4], &mut raw) {
+                            Ok(httparse::Status::Complete((_, fields))) => {
+                                let mut map = HeaderMap::with_capacity(fields.len());
+                                for f in fields {
+                                    let (Ok(name), Ok(value)) = (
+                                        HeaderName::from_bytes(f.name.as_bytes()),
+                                        HeaderValue::from_bytes(f.value),
+                                    ) else {
+                                        return self.fail(Error::Invalid("bad trailer field"));
+                                    };
+                                    map.append(name, value);
+                                }
+                                map
+                            }
+                            _ => return self.fail(Error::Invalid("bad trailer fields")),
+                        };
+                        buf.advance(i + 4);
+                        self.finish();
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                    if buf.len() >= MAX_TRAILER_BYTES {
+                        return self.fail(Error::Invalid("trailer fields too large"));
+                    }
+                }
+                _ => {}
+            }
+            // More bytes are needed.
+            match ready!(read_more(&mut conn.io, &mut conn.buf, cx)) {
+                Ok(0) if self.state == State::Close => {
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return self.fail(Error::Closed),
+                Ok(_) => {}
+                Err(e) => return self.fail(Error::Read(e)),
+            }
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Whole(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            UpstreamBody::Stream(s) => s.poll_next(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Whole(data) => data.is_none(),
+            UpstreamBody::Stream(s) => s.state == State::Done,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Whole(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            UpstreamBody::Stream(s) => match s.state {
+                State::Length(n) => SizeHint::with_exact(n),
+                State::Done => SizeHint::with_exact(0),
+                _ => SizeHint::default(),
+            },
+        }
+    }
+}
