@@ -18,6 +18,8 @@
 //! - `GET /connections`: answers with the number of connections this process accepted.
 //! - `GET /headers`: answers with the request headers it got, one `name: value` a line.
 //! - `GET /ids`: the process's `Uid:`, `Gid:` and `Groups:` lines from /proc/self/status.
+//! - `GET /bad/<kind>`: a hostile or unusual response, for the proxy's defences (see
+//!   `bad_response`); `GET /bad/close` answers normally, then closes the connection.
 //! - anything else: `hello from <SYNWAKE_FUNCTION>`.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -130,11 +132,14 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         if SERVED.fetch_add(1, Ordering::SeqCst) < fail_first {
-            write!(
-                out,
-                "HTTP/1.1 502 Bad Gateway\r\ncontent-length: 5\r\n\r\nfail\n"
-            )?;
-            out.flush()?;
+            out.write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 5\r\n\r\nfail\n")?;
+            continue;
+        }
+        if let Some(kind) = path.strip_prefix("/bad/") {
+            out.write_all(&bad_response(kind))?;
+            if kind == "close" {
+                return Ok(());
+            }
             continue;
         }
         // /sleep/ and /headers answer any method (async calls are POSTs); other POSTs echo.
@@ -165,17 +170,54 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
         } else {
             format!("hello from {name}\n").into_bytes()
         };
-        write!(
-            out,
+        // Head and body in one write (one syscall, one segment on a NODELAY socket).
+        let mut msg = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n{}\r\n",
             resp.len(),
             if close { "connection: close\r\n" } else { "" }
-        )?;
-        out.write_all(&resp)?;
-        out.flush()?;
+        )
+        .into_bytes();
+        msg.extend_from_slice(&resp);
+        out.write_all(&msg)?;
         if close {
             return Ok(());
         }
+    }
+}
+
+/// Responses a careless or hostile function may send.
+fn bad_response(kind: &str) -> Vec<u8> {
+    let ok = "HTTP/1.1 200 OK\r\n";
+    match kind {
+        // Framed two ways at once (request smuggling on a shared connection).
+        "cl-te" => format!(
+            "{ok}content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+        )
+        .into_bytes(),
+        "bad-length" => format!("{ok}content-length: -1\r\n\r\n").into_bytes(),
+        "two-lengths" => {
+            format!("{ok}content-length: 2\r\ncontent-length: 3\r\n\r\nabc").into_bytes()
+        }
+        // A head of 70 KiB.
+        "big-head" => format!(
+            "{ok}x-big: {}\r\ncontent-length: 0\r\n\r\n",
+            "a".repeat(70 << 10)
+        )
+        .into_bytes(),
+        // A valid chunked body with an extension and a trailer: "hello world".
+        "chunked" => format!(
+            "{ok}transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=1\r\n world\r\n0\r\nx-t: 1\r\n\r\n"
+        )
+        .into_bytes(),
+        // A chunk-size line that never ends.
+        "chunk-line" => format!(
+            "{ok}transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n{}",
+            "f".repeat(10 << 10)
+        )
+        .into_bytes(),
+        // Answered, then the connection closes (a function's own idle timeout).
+        "close" => format!("{ok}content-length: 8\r\n\r\nclosing\n").into_bytes(),
+        _ => b"HTTP/1.1 404 Not Found\r\ncontent-length: 4\r\n\r\nbad\n".to_vec(),
     }
 }
 

@@ -368,3 +368,77 @@ fn body_smuggled_on_a_kept_connection_reaches_only_its_sender() {
         "{poisoned} of {victims} victims got a wrong answer"
     );
 }
+
+/// A response framed two ways (Content-Length and Transfer-Encoding), with a bad or two
+/// different lengths, or with a head over the bound, is refused with a 502 naming the
+/// function and the reason, and the connection it came on is never used again.
+#[test]
+fn hostile_upstream_responses_get_502_and_their_connection_is_dropped() {
+    let d = Daemon::start(&function("f", "idle_timeout = \"60s\""));
+    let mut s = TcpStream::connect(loopback(d.shared)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for (kind, reason) in [
+        ("cl-te", "both Content-Length and Transfer-Encoding"),
+        ("bad-length", "bad Content-Length"),
+        ("two-lengths", "conflicting Content-Length"),
+        ("big-head", "larger than 65536 bytes"),
+    ] {
+        // The one pooled upstream connection, then the bad answer on it.
+        let before = accepted_connections(&mut s);
+        let (status, body) = exchange(&mut s, "GET", &format!("/function/f/bad/{kind}"), b"");
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, 502, "{kind}: {body}");
+        assert!(
+            body.contains("function f") && body.contains(reason),
+            "{kind}: {body}"
+        );
+        let after = accepted_connections(&mut s);
+        assert_eq!(
+            after,
+            before + 1,
+            "{kind}: the connection that carried it was used again"
+        );
+    }
+}
+
+/// A chunked response streams through decoded (extension and trailer dropped for an
+/// HTTP/1.1 client that did not ask for trailers); a chunk-size line past the bound cuts
+/// the response off instead of buffering it.
+#[test]
+fn chunked_responses_stream_and_an_endless_chunk_line_is_cut() {
+    let d = Daemon::start(&function("f", "idle_timeout = \"60s\""));
+    let r = d.call("f", "/bad/chunked");
+    assert_eq!((r.status, r.text().as_str()), (200, "hello world"));
+    let cut = request(
+        loopback(d.shared),
+        "GET",
+        "/function/f/bad/chunk-line",
+        &[],
+        None,
+    );
+    assert!(
+        cut.is_err(),
+        "the endless chunk-size line came through: {:?}",
+        cut.map(|r| r.body.len())
+    );
+    // The function itself is fine; the next request gets a new connection.
+    assert_eq!(d.call("f", "/pid").status, 200);
+}
+
+/// A pooled connection the function closed while it was idle is not used: the next
+/// request goes on a new connection and succeeds.
+#[test]
+fn a_pooled_connection_the_function_closed_is_not_used() {
+    let d = Daemon::start(&function("f", "idle_timeout = \"60s\""));
+    let mut s = TcpStream::connect(loopback(d.shared)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for round in 0..3 {
+        let before = accepted_connections(&mut s);
+        let (status, body) = exchange(&mut s, "GET", "/function/f/bad/close", b"");
+        assert_eq!((status, body.as_slice()), (200, &b"closing\n"[..]));
+        // Its FIN reaches synwake while the connection sits in the pool.
+        std::thread::sleep(Duration::from_millis(200));
+        let after = accepted_connections(&mut s);
+        assert_eq!(after, before + 1, "round {round}");
+    }
+}

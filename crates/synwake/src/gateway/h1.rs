@@ -38,7 +38,6 @@ const WHOLE_BODY_MAX: u64 = 64 << 10;
 /// Read size; the buffer grows by this when it is nearly full.
 const READ_CHUNK: usize = 16 << 10;
 
-
 /// What went wrong in an exchange with an instance. Messages never quote the instance's
 /// bytes (it is untrusted); they name what was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +112,11 @@ impl Conn {
     }
 }
 
-fn read_more(io: &mut TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+fn read_more(
+    io: &mut TcpStream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
     }
@@ -300,7 +303,9 @@ impl Outgoing {
                     k += 1;
                 }
                 match ready!(Pin::new(&mut *io).poll_write_vectored(cx, &iov[..k])) {
-                    Ok(0) => return Poll::Ready(Err(Error::Write(io::ErrorKind::WriteZero.into()))),
+                    Ok(0) => {
+                        return Poll::Ready(Err(Error::Write(io::ErrorKind::WriteZero.into())))
+                    }
                     Ok(n) => n,
                     Err(e) => return Poll::Ready(Err(Error::Write(e))),
                 }
@@ -308,7 +313,10 @@ impl Outgoing {
             self.written += n;
             let mut left = n;
             while left > 0 {
-                let front = self.pending.front_mut().expect("written bytes were pending");
+                let front = self
+                    .pending
+                    .front_mut()
+                    .expect("written bytes were pending");
                 if front.len() <= left {
                     left -= front.len();
                     self.pending.pop_front();
@@ -375,14 +383,14 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
     let mut transfer_encodings = 0;
     let mut close = version == Version::HTTP_10;
     for &(n0, n1, v0, v1) in &at[..n] {
-        let name = HeaderName::from_bytes(&head[n0..n1])
-            .map_err(|_| Error::Invalid("bad header name"))?;
+        let name =
+            HeaderName::from_bytes(&head[n0..n1]).map_err(|_| Error::Invalid("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
             .map_err(|_| Error::Invalid("bad header value"))?;
         if name == CONTENT_LENGTH {
             for item in value.as_bytes().split(|&b| b == b',') {
-                let n = parse_length(item.trim_ascii())
-                    .ok_or(Error::Invalid("bad Content-Length"))?;
+                let n =
+                    parse_length(item.trim_ascii()).ok_or(Error::Invalid("bad Content-Length"))?;
                 if length.is_some_and(|l| l != n) {
                     return Err(Error::Invalid("conflicting Content-Length values"));
                 }
@@ -390,7 +398,10 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
             }
         } else if name == TRANSFER_ENCODING {
             transfer_encodings += 1;
-            chunked = value.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked");
+            chunked = value
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked");
             // Only the body is passed on, decoded; the client gets its own framing.
             continue;
         } else if name == CONNECTION {
@@ -759,12 +770,110 @@ impl Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            UpstreamBody::Whole(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            UpstreamBody::Whole(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
             UpstreamBody::Stream(s) => match s.state {
                 State::Length(n) => SizeHint::with_exact(n),
                 State::Done => SizeHint::with_exact(0),
                 _ => SizeHint::default(),
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str, head_request: bool) -> Result<Option<Head>, Error> {
+        let mut buf = BytesMut::from(raw.as_bytes());
+        parse_head(&mut buf, head_request)
+    }
+
+    fn framing(raw: &str) -> BodyFraming {
+        head(raw, false).unwrap().unwrap().framing
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            BodyFraming::Length(5)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 7, 7\r\n\r\n"),
+            BodyFraming::Length(7)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n"),
+            BodyFraming::Chunked
+        );
+        assert_eq!(framing("HTTP/1.1 200 OK\r\n\r\n"), BodyFraming::Close);
+        assert_eq!(
+            framing("HTTP/1.1 204 No Content\r\n\r\n"),
+            BodyFraming::Empty
+        );
+        assert_eq!(
+            framing("HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n"),
+            BodyFraming::Empty
+        );
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, BodyFraming::Empty);
+        assert_eq!(
+            h.parts.headers["content-length"], "9",
+            "a HEAD answer keeps its length"
+        );
+        assert!(h.reusable);
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+            "HTTP/1.1 200 OK\r\n folded: x\r\n\r\n",
+        ] {
+            assert!(head(raw, false).is_err(), "accepted {raw:?}");
+        }
+    }
+
+    #[test]
+    fn response_head_is_bounded() {
+        let partial = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD_BYTES));
+        assert!(matches!(head(&partial, false), Err(Error::HeadTooLarge)));
+        assert!(matches!(head("HTTP/1.1 200 OK\r\nx: a", false), Ok(None)));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x{i}: 1\r\n")).collect();
+        let raw = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
+        assert!(matches!(head(&raw, false), Err(Error::TooManyHeaders)));
+    }
+
+    #[test]
+    fn connection_close_and_http_1_0_are_not_reused() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\nconnection: keep-alive, close\r\ncontent-length: 0\r\n\r\n",
+            false,
+        );
+        assert!(!h.unwrap().unwrap().reusable);
+        let h = head("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n", false);
+        assert!(!h.unwrap().unwrap().reusable);
+    }
+
+    #[test]
+    fn chunk_size_lines() {
+        assert_eq!(parse_chunk_size(b"1a"), Some(26));
+        assert_eq!(parse_chunk_size(b"0"), Some(0));
+        assert_eq!(parse_chunk_size(b"5 ;name=value"), Some(5));
+        for bad in [&b""[..], b"x", b"-1", b"12345678901234567", b"5\n", b" 5"] {
+            assert_eq!(parse_chunk_size(bad), None, "{bad:?}");
         }
     }
 }

@@ -669,7 +669,9 @@ fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
             _ => err.downcast_ref::<h1::Error>(),
         };
         if matches!(ours, Some(h1::Error::ClientBody(_) | h1::Error::BodyLength))
-            || err.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_user())
+            || err
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(|h| h.is_user())
         {
             return true;
         }

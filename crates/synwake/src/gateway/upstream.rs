@@ -223,8 +223,7 @@ impl IdleConns {
                     instance: instance.clone(),
                     conns: Vec::new(),
                 });
-            let evicted =
-                (slot.conns.len() >= self.max_per_instance).then(|| slot.conns.remove(0));
+            let evicted = (slot.conns.len() >= self.max_per_instance).then(|| slot.conns.remove(0));
             slot.conns.push(conn);
             evicted
         };
@@ -263,11 +262,6 @@ impl IdleConns {
             });
         }
         drop(closing);
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.slots.lock().unwrap().values().map(|s| s.conns.len()).sum()
     }
 }
 
