@@ -1,297 +1,426 @@
-//! Prometheus metrics: a small registry of labelled counters, gauges and histograms,
-//! rendered in the text exposition format on `GET /metrics`.
+//! Prometheus metrics on `prometheus-client`: one family per metric with a typed label set,
+//! atomics (a small lock per histogram series) behind the family's read lock. `GET /metrics`
+//! serves the registry in the OpenMetrics text format.
 
-use std::collections::HashMap;
-use std::fmt::Write;
-use std::hash::{Hash, Hasher};
-use std::sync::Mutex;
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::hash::Hash;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
-/// Series keyed by label values; the hot path looks a series up without allocating (the
-/// values are hashed as given and compared in place), only a new series allocates.
-struct LabelMap<V> {
-    buckets: HashMap<u64, Vec<(Vec<String>, V)>>,
-}
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
-impl<V> Default for LabelMap<V> {
-    fn default() -> Self {
-        LabelMap {
-            buckets: HashMap::new(),
-        }
+/// What `render` writes (Prometheus asks for it first in its `Accept`).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A function's name as a label value; cloning a series key shares it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct FunctionName(Arc<str>);
+
+impl From<&str> for FunctionName {
+    fn from(name: &str) -> Self {
+        FunctionName(name.into())
     }
 }
 
-fn hash_labels(labels: &[&str]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for l in labels {
-        l.hash(&mut h);
+impl From<&String> for FunctionName {
+    fn from(name: &String) -> Self {
+        FunctionName(name.as_str().into())
     }
-    h.finish()
 }
 
-impl<V> LabelMap<V> {
-    fn entry(&mut self, labels: &[&str], new: impl FnOnce() -> V) -> &mut V {
-        let bucket = self.buckets.entry(hash_labels(labels)).or_default();
-        let pos = match bucket.iter().position(|(k, _)| k.iter().eq(labels.iter())) {
-            Some(p) => p,
-            None => {
-                bucket.push((labels.iter().map(|s| s.to_string()).collect(), new()));
-                bucket.len() - 1
+impl From<&FunctionName> for FunctionName {
+    fn from(name: &FunctionName) -> Self {
+        name.clone()
+    }
+}
+
+impl FunctionName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl EncodeLabelValue for FunctionName {
+    fn encode(&self, out: &mut LabelValueEncoder) -> std::fmt::Result {
+        // prometheus-client writes label values verbatim; names are validated, escape anyway.
+        for c in self.0.chars() {
+            match c {
+                '\\' => out.write_str("\\\\")?,
+                '"' => out.write_str("\\\"")?,
+                '\n' => out.write_str("\\n")?,
+                c => out.write_char(c)?,
             }
-        };
-        &mut bucket[pos].1
-    }
-
-    fn get(&self, labels: &[&str]) -> Option<&V> {
-        self.buckets
-            .get(&hash_labels(labels))?
-            .iter()
-            .find(|(k, _)| k.iter().eq(labels.iter()))
-            .map(|(_, v)| v)
-    }
-
-    fn retain(&mut self, mut keep: impl FnMut(&[String]) -> bool) {
-        for b in self.buckets.values_mut() {
-            b.retain(|(k, _)| keep(k));
         }
-        self.buckets.retain(|_, b| !b.is_empty());
-    }
-
-    /// Every series, sorted by label values (stable output).
-    fn sorted(&self) -> Vec<(&Vec<String>, &V)> {
-        let mut v: Vec<_> = self
-            .buckets
-            .values()
-            .flatten()
-            .map(|(k, v)| (k, v))
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(b.0));
-        v
+        Ok(())
     }
 }
 
-/// A labelled counter or gauge family.
-pub struct Family {
-    name: &'static str,
-    help: &'static str,
-    kind: &'static str,
-    labels: &'static [&'static str],
-    values: Mutex<LabelMap<f64>>,
+/// `{function}`
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByFunction {
+    pub function: FunctionName,
 }
 
-impl Family {
-    fn new(
-        name: &'static str,
-        help: &'static str,
-        kind: &'static str,
-        labels: &'static [&'static str],
-    ) -> Self {
-        Family {
-            name,
-            help,
-            kind,
-            labels,
-            values: Mutex::new(LabelMap::default()),
+impl ByFunction {
+    pub fn new(function: impl Into<FunctionName>) -> Self {
+        ByFunction {
+            function: function.into(),
         }
     }
+}
 
-    pub fn inc(&self, labels: &[&str]) {
-        self.add(labels, 1.0);
+/// `{function,code}`: the HTTP status of a proxied request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByCode {
+    pub function: FunctionName,
+    pub code: u16,
+}
+
+impl ByCode {
+    pub fn new(function: impl Into<FunctionName>, code: u16) -> Self {
+        ByCode {
+            function: function.into(),
+            code,
+        }
+    }
+}
+
+/// `{function,trigger}`: what woke or started an instance (`Trigger::as_str`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByTrigger {
+    pub function: FunctionName,
+    pub trigger: &'static str,
+}
+
+impl ByTrigger {
+    pub fn new(function: impl Into<FunctionName>, trigger: &'static str) -> Self {
+        ByTrigger {
+            function: function.into(),
+            trigger,
+        }
+    }
+}
+
+/// `{function,runtime}` (`RuntimeKind::as_str`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByRuntime {
+    pub function: FunctionName,
+    pub runtime: &'static str,
+}
+
+impl ByRuntime {
+    pub fn new(function: impl Into<FunctionName>, runtime: &'static str) -> Self {
+        ByRuntime {
+            function: function.into(),
+            runtime,
+        }
+    }
+}
+
+/// `{outcome}` of an affinity SYN.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByOutcome {
+    pub outcome: &'static str,
+}
+
+/// The function a label set belongs to, if any (for forgetting a removed function).
+pub trait OfFunction {
+    fn function(&self) -> Option<&str>;
+}
+
+macro_rules! of_function {
+    ($($t:ty),*) => {$(
+        impl OfFunction for $t {
+            fn function(&self) -> Option<&str> {
+                Some(self.function.as_str())
+            }
+        }
+    )*};
+}
+of_function!(ByFunction, ByCode, ByTrigger, ByRuntime);
+
+impl OfFunction for ByOutcome {
+    fn function(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// One registered family plus the label sets it holds: `Family` cannot be iterated, and a
+/// removed function's series must be found to be dropped.
+pub struct Series<S, M, C = fn() -> M> {
+    family: Family<S, M, C>,
+    created: Mutex<HashSet<S>>,
+}
+
+impl<S, M, C> Series<S, M, C>
+where
+    S: Clone + Hash + Eq + OfFunction,
+    C: MetricConstructor<M>,
+{
+    fn with<R>(&self, labels: &S, f: impl FnOnce(&M) -> R) -> R {
+        let found = self.family.get(labels);
+        if let Some(m) = found {
+            return f(&m);
+        }
+        // A new series: recorded under the same lock forget_function takes, so a series
+        // created while its function is forgotten cannot be missed.
+        let mut created = self.created.lock().unwrap();
+        created.insert(labels.clone());
+        let m = self.family.get_or_create(labels);
+        drop(created);
+        f(&m)
     }
 
-    pub fn add(&self, labels: &[&str], v: f64) {
-        debug_assert_eq!(labels.len(), self.labels.len(), "{}", self.name);
-        *self.values.lock().unwrap().entry(labels, || 0.0) += v;
+    fn forget_function(&self, function: &str) {
+        let mut created = self.created.lock().unwrap();
+        created.retain(|s| {
+            let drop = s.function() == Some(function);
+            if drop {
+                self.family.remove(s);
+            }
+            !drop
+        });
     }
+}
 
-    pub fn set(&self, labels: &[&str], v: f64) {
-        *self.values.lock().unwrap().entry(labels, || 0.0) = v;
+impl<S: Clone + Hash + Eq + OfFunction> Series<S, Counter> {
+    pub fn inc(&self, labels: &S) {
+        self.with(labels, |c| c.inc());
     }
 
     /// Current value (0 when never touched); used by tests and the API.
-    pub fn get(&self, labels: &[&str]) -> f64 {
-        self.values
-            .lock()
-            .unwrap()
-            .get(labels)
-            .copied()
-            .unwrap_or(0.0)
+    pub fn get(&self, labels: &S) -> u64 {
+        self.family.get(labels).map_or(0, |c| c.get())
+    }
+}
+
+impl<S: Clone + Hash + Eq + OfFunction> Series<S, Counter<f64, AtomicU64>> {
+    pub fn add(&self, labels: &S, v: f64) {
+        self.with(labels, |c| c.inc_by(v));
     }
 
-    /// Forget every series of one function (after it is removed).
-    pub fn forget_function(&self, function: &str) {
-        if self.labels.first() == Some(&"function") {
-            self.values.lock().unwrap().retain(|k| k[0] != function);
+    pub fn get(&self, labels: &S) -> f64 {
+        self.family.get(labels).map_or(0.0, |c| c.get())
+    }
+}
+
+impl<S: Clone + Hash + Eq + OfFunction> Series<S, Gauge> {
+    pub fn set(&self, labels: &S, v: i64) {
+        self.with(labels, |g| g.set(v));
+    }
+
+    pub fn get(&self, labels: &S) -> i64 {
+        self.family.get(labels).map_or(0, |g| g.get())
+    }
+}
+
+impl<S: Clone + Hash + Eq + OfFunction> Series<S, Histogram, fn() -> Histogram> {
+    pub fn observe(&self, labels: &S, v: f64) {
+        self.with(labels, |h| h.observe(v));
+    }
+}
+
+/// Forgetting a removed function, over families of any type.
+trait Forget {
+    fn forget(&self, function: &str);
+}
+
+impl<S, M, C> Forget for Series<S, M, C>
+where
+    S: Clone + Hash + Eq + OfFunction,
+    C: MetricConstructor<M>,
+{
+    fn forget(&self, function: &str) {
+        self.forget_function(function);
+    }
+}
+
+fn counter<S, V>(reg: &mut Registry, name: &str, help: &str) -> Series<S, Counter<V, AtomicU64>>
+where
+    S: Clone + Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+    Counter<V, AtomicU64>: Default + EncodeMetric + std::fmt::Debug + Send + Sync + 'static,
+    Family<S, Counter<V, AtomicU64>>: prometheus_client::registry::Metric,
+{
+    let family = Family::default();
+    reg.register(name, help, family.clone());
+    Series {
+        family,
+        created: Mutex::default(),
+    }
+}
+
+fn gauge<S>(reg: &mut Registry, name: &str, help: &str) -> Series<S, Gauge>
+where
+    S: Clone + Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    let family = Family::default();
+    reg.register(name, help, family.clone());
+    Series {
+        family,
+        created: Mutex::default(),
+    }
+}
+
+fn histogram<S>(
+    reg: &mut Registry,
+    name: &str,
+    help: &str,
+    buckets: fn() -> Histogram,
+) -> Series<S, Histogram, fn() -> Histogram>
+where
+    S: Clone + Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    let family = Family::new_with_constructor(buckets);
+    reg.register(name, help, family.clone());
+    Series {
+        family,
+        created: Mutex::default(),
+    }
+}
+
+/// Families filled at render time from counts another module keeps for its own use (the
+/// async queue, the image store), passed to `Metrics::render_with`.
+#[derive(Default)]
+pub struct Snapshot(Registry);
+
+impl Snapshot {
+    pub fn gauge_per_function<'a>(
+        &mut self,
+        name: &str,
+        help: &str,
+        values: impl IntoIterator<Item = (&'a str, i64)>,
+    ) {
+        let family = Family::<ByFunction, Gauge>::default();
+        for (f, v) in values {
+            family.get_or_create(&ByFunction::new(f)).set(v);
         }
+        self.0.register(name, help, family);
     }
 
-    fn render(&self, out: &mut String) {
-        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
-        let _ = writeln!(out, "# TYPE {} {}", self.name, self.kind);
-        for (k, v) in self.values.lock().unwrap().sorted() {
-            let _ = writeln!(
-                out,
-                "{}{} {}",
-                self.name,
-                label_str(self.labels, k, None),
-                v
-            );
+    /// `name` without `_total` (the encoder appends it).
+    pub fn counter_per_function<'a>(
+        &mut self,
+        name: &str,
+        help: &str,
+        values: impl IntoIterator<Item = (&'a str, u64)>,
+    ) {
+        let family = Family::<ByFunction, Counter>::default();
+        for (f, v) in values {
+            family.get_or_create(&ByFunction::new(f)).inc_by(v);
         }
+        self.0.register(name, help, family);
+    }
+
+    pub fn gauge(&mut self, name: &str, help: &str, v: i64) {
+        let g = Gauge::<i64>::default();
+        g.set(v);
+        self.0.register(name, help, g);
+    }
+
+    pub fn gauge_f64(&mut self, name: &str, help: &str, v: f64) {
+        let g = Gauge::<f64, AtomicU64>::default();
+        g.set(v);
+        self.0.register(name, help, g);
+    }
+
+    /// `name` without `_total`.
+    pub fn counter(&mut self, name: &str, help: &str, v: u64) {
+        self.0.register(name, help, ConstCounter::new(v));
     }
 }
 
-/// A labelled histogram family (seconds).
-pub struct HistogramFamily {
-    name: &'static str,
-    help: &'static str,
-    labels: &'static [&'static str],
-    buckets: &'static [f64],
-    values: Mutex<LabelMap<Hist>>,
-}
-
-#[derive(Clone, Default)]
-struct Hist {
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl HistogramFamily {
-    fn new(
-        name: &'static str,
-        help: &'static str,
-        labels: &'static [&'static str],
-        buckets: &'static [f64],
-    ) -> Self {
-        HistogramFamily {
-            name,
-            help,
-            labels,
-            buckets,
-            values: Mutex::new(LabelMap::default()),
-        }
-    }
-
-    pub fn observe(&self, labels: &[&str], v: f64) {
-        let mut map = self.values.lock().unwrap();
-        let h = map.entry(labels, || Hist {
-            counts: vec![0; self.buckets.len()],
-            ..Default::default()
-        });
-        for (i, b) in self.buckets.iter().enumerate() {
-            if v <= *b {
-                h.counts[i] += 1;
-            }
-        }
-        h.sum += v;
-        h.count += 1;
-    }
-
-    /// Number of observations for these labels.
-    pub fn count(&self, labels: &[&str]) -> u64 {
-        self.values
-            .lock()
-            .unwrap()
-            .get(labels)
-            .map(|h| h.count)
-            .unwrap_or(0)
-    }
-
-    pub fn forget_function(&self, function: &str) {
-        self.values.lock().unwrap().retain(|k| k[0] != function);
-    }
-
-    fn render(&self, out: &mut String) {
-        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
-        let _ = writeln!(out, "# TYPE {} histogram", self.name);
-        for (k, h) in self.values.lock().unwrap().sorted() {
-            for (i, b) in self.buckets.iter().enumerate() {
-                let le = format!("{b}");
-                let _ = writeln!(
-                    out,
-                    "{}_bucket{} {}",
-                    self.name,
-                    label_str(self.labels, k, Some(&le)),
-                    h.counts[i]
-                );
-            }
-            let _ = writeln!(
-                out,
-                "{}_bucket{} {}",
-                self.name,
-                label_str(self.labels, k, Some("+Inf")),
-                h.count
-            );
-            let _ = writeln!(
-                out,
-                "{}_sum{} {}",
-                self.name,
-                label_str(self.labels, k, None),
-                h.sum
-            );
-            let _ = writeln!(
-                out,
-                "{}_count{} {}",
-                self.name,
-                label_str(self.labels, k, None),
-                h.count
-            );
-        }
-    }
-}
-
-fn label_str(names: &[&str], values: &[String], le: Option<&str>) -> String {
-    let mut parts: Vec<String> = names
-        .iter()
-        .zip(values)
-        .map(|(n, v)| format!("{n}=\"{}\"", escape(v)))
-        .collect();
-    if let Some(le) = le {
-        parts.push(format!("le=\"{le}\""));
-    }
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("{{{}}}", parts.join(","))
-    }
-}
-
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-const LATENCY: &[f64] = &[
+const LATENCY: [f64; 17] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0, 30.0,
 ];
 
-/// Every metric synwake exports.
+fn latency() -> Histogram {
+    Histogram::new(LATENCY)
+}
+
+/// The wake -> start call path is tens of microseconds: finer buckets.
+fn wake_to_start_buckets() -> Histogram {
+    Histogram::new([
+        0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.1,
+    ])
+}
+
+/// Every metric synwake exports (the async queue and the image store add theirs at render).
+/// Counters are registered without `_total`: the OpenMetrics encoder appends it.
 pub struct Metrics {
-    pub invocations: Family,
-    pub request_duration: HistogramFamily,
-    pub cold_starts: Family,
-    pub cold_start_wait: HistogramFamily,
-    pub instance_start: HistogramFamily,
-    pub instances: Family,
-    pub start_failures: Family,
-    pub wakes: Family,
-    pub wakes_suppressed: Family,
-    pub prewarms_wasted: Family,
-    pub predicted_prewarms: Family,
-    pub predicted_hits: Family,
-    pub predicted_wasted: Family,
-    pub wake_lead: HistogramFamily,
-    pub pool_starts: Family,
-    pub wake_to_start: HistogramFamily,
-    pub idle_instance_seconds: Family,
-    pub affinity_syns: Family,
-    /// Reads the probe's kernel counters (events, lost) when /metrics is rendered.
-    probe_counters: std::sync::Mutex<Option<ProbeCounters>>,
+    pub invocations: Series<ByCode, Counter>,
+    pub request_duration: Series<ByFunction, Histogram, fn() -> Histogram>,
+    pub cold_starts: Series<ByTrigger, Counter>,
+    pub cold_start_wait: Series<ByFunction, Histogram, fn() -> Histogram>,
+    pub instance_start: Series<ByRuntime, Histogram, fn() -> Histogram>,
+    pub instances: Series<ByFunction, Gauge>,
+    pub start_failures: Series<ByFunction, Counter>,
+    pub wakes: Series<ByTrigger, Counter>,
+    pub wakes_suppressed: Series<ByFunction, Counter>,
+    pub prewarms_wasted: Series<ByFunction, Counter>,
+    pub predicted_prewarms: Series<ByFunction, Counter>,
+    pub predicted_hits: Series<ByFunction, Counter>,
+    pub predicted_wasted: Series<ByFunction, Counter>,
+    pub wake_lead: Series<ByFunction, Histogram, fn() -> Histogram>,
+    pub pool_starts: Series<ByFunction, Counter>,
+    pub wake_to_start: Series<ByTrigger, Histogram, fn() -> Histogram>,
+    pub idle_instance_seconds: Series<ByFunction, Counter<f64, AtomicU64>>,
+    pub affinity_syns: Series<ByOutcome, Counter>,
+    probe_counters: Arc<Mutex<Option<ProbeCounters>>>,
+    registry: Registry,
 }
 
 /// Returns (events, lost events) from the probe, or `None` once it is gone.
 pub type ProbeCounters = Box<dyn Fn() -> Option<(u64, u64)> + Send + Sync>;
+
+/// The probe's kernel counters, read when /metrics is rendered (off the SYN's path).
+struct ProbeCollector(Arc<Mutex<Option<ProbeCounters>>>);
+
+impl std::fmt::Debug for ProbeCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProbeCollector")
+    }
+}
+
+impl Collector for ProbeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        // 0 when the probe is off.
+        let (events, lost) = self
+            .0
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|f| f())
+            .unwrap_or((0, 0));
+        for (name, help, v) in [
+            (
+                "synwake_probe_events",
+                "SYN events the probe delivered to userspace.",
+                events,
+            ),
+            (
+                "synwake_probe_lost_events",
+                "SYN events lost because the ring buffer was full.",
+                lost,
+            ),
+        ] {
+            let e = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(v).encode(e)?;
+        }
+        Ok(())
+    }
+}
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -301,124 +430,122 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        Metrics {
-            invocations: Family::new(
-                "synwake_function_invocations_total",
+        let r = &mut Registry::default();
+        let probe_counters = Arc::new(Mutex::new(None));
+        let m = Metrics {
+            invocations: counter(
+                r,
+                "synwake_function_invocations",
                 "Requests proxied to a function, by HTTP status code.",
-                "counter",
-                &["function", "code"],
             ),
-            request_duration: HistogramFamily::new(
+            request_duration: histogram(
+                r,
                 "synwake_function_request_duration_seconds",
                 "Time from request arrival to response headers, cold waits included.",
-                &["function"],
-                LATENCY,
+                latency,
             ),
-            cold_starts: Family::new(
-                "synwake_cold_starts_total",
+            cold_starts: counter(
+                r,
+                "synwake_cold_starts",
                 "Instances started from zero, by the trigger that started them.",
-                "counter",
-                &["function", "trigger"],
             ),
-            cold_start_wait: HistogramFamily::new(
+            cold_start_wait: histogram(
+                r,
                 "synwake_cold_start_wait_seconds",
                 "Time requests spent waiting for an instance to start.",
-                &["function"],
-                LATENCY,
+                latency,
             ),
-            instance_start: HistogramFamily::new(
+            instance_start: histogram(
+                r,
                 "synwake_instance_start_seconds",
                 "From the runtime's start call to the instance being ready.",
-                &["function", "runtime"],
-                LATENCY,
+                latency,
             ),
-            instances: Family::new(
+            instances: gauge(
+                r,
                 "synwake_instances",
                 "Instances per function that are starting or ready.",
-                "gauge",
-                &["function"],
             ),
-            start_failures: Family::new(
-                "synwake_start_failures_total",
+            start_failures: counter(
+                r,
+                "synwake_start_failures",
                 "Instance starts that failed or timed out.",
-                "counter",
-                &["function"],
             ),
-            wakes: Family::new(
-                "synwake_wakes_total",
+            wakes: counter(
+                r,
+                "synwake_wakes",
                 "Wake signals received, by trigger (a wake of a warm function counts too).",
-                "counter",
-                &["function", "trigger"],
             ),
-            wakes_suppressed: Family::new(
-                "synwake_wakes_suppressed_total",
+            wakes_suppressed: counter(
+                r,
+                "synwake_wakes_suppressed",
                 "Packet-triggered wakes dropped by the per-function rate limit.",
-                "counter",
-                &["function"],
             ),
-            prewarms_wasted: Family::new(
-                "synwake_prewarms_wasted_total",
+            prewarms_wasted: counter(
+                r,
+                "synwake_prewarms_wasted",
                 "Packet-woken instances stopped because no request used them within prewarm_ttl.",
-                "counter",
-                &["function"],
             ),
-            predicted_prewarms: Family::new(
-                "synwake_predicted_prewarms_total",
+            predicted_prewarms: counter(
+                r,
+                "synwake_predicted_prewarms",
                 "Starts at the adaptive idle policy's pre-warm point (trigger predicted).",
-                "counter",
-                &["function"],
             ),
-            predicted_hits: Family::new(
-                "synwake_predicted_prewarm_hits_total",
+            predicted_hits: counter(
+                r,
+                "synwake_predicted_prewarm_hits",
                 "Predicted pre-warms whose instance served a request.",
-                "counter",
-                &["function"],
             ),
-            predicted_wasted: Family::new(
-                "synwake_predicted_prewarms_wasted_total",
+            predicted_wasted: counter(
+                r,
+                "synwake_predicted_prewarms_wasted",
                 "Predicted pre-warms stopped at the keep-alive point without serving a request.",
-                "counter",
-                &["function"],
             ),
-            wake_lead: HistogramFamily::new(
+            wake_lead: histogram(
+                r,
                 "synwake_wake_lead_seconds",
                 "From a packet wake to the arrival of the request it served: the head start the SYN bought.",
-                &["function"],
-                LATENCY,
+                latency,
             ),
-            pool_starts: Family::new(
-                "synwake_pool_starts_total",
+            idle_instance_seconds: counter(
+                r,
+                "synwake_idle_instance_seconds",
+                "Seconds instances were ready with no request in flight (the memory an idle policy costs), counted when an instance stops.",
+            ),
+            affinity_syns: counter(
+                r,
+                "synwake_affinity_syns",
+                "SYNs to a shared port seen with affinity on, by outcome: woke (the client's only recent function was cold), warm, suppressed (rate limit), no_single_function.",
+            ),
+            pool_starts: counter(
+                r,
+                "synwake_pool_starts",
                 "Instance starts served from a pre-created container (oci pool).",
-                "counter",
-                &["function"],
             ),
-            wake_to_start: HistogramFamily::new(
+            wake_to_start: histogram(
+                r,
                 "synwake_wake_to_start_seconds",
                 "From the wake (the SYN's arrival, for probe triggers) to the runtime's start call.",
-                &["function", "trigger"],
-                &[0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.1],
+                wake_to_start_buckets,
             ),
-            idle_instance_seconds: Family::new(
-                "synwake_idle_instance_seconds_total",
-                "Seconds instances were ready with no request in flight (the memory an idle policy costs), counted when an instance stops.",
-                "counter",
-                &["function"],
-            ),
-            affinity_syns: Family::new(
-                "synwake_affinity_syns_total",
-                "SYNs to a shared port seen with affinity on, by outcome: woke (the client's only recent function was cold), warm, suppressed (rate limit), no_single_function.",
-                "counter",
-                &["outcome"],
-            ),
-            probe_counters: std::sync::Mutex::new(None),
+            probe_counters: probe_counters.clone(),
+            registry: Registry::default(),
+        };
+        r.register_collector(Box::new(ProbeCollector(probe_counters)));
+        Metrics {
+            registry: std::mem::take(r),
+            ..m
         }
     }
 
     /// Drops every series of a removed function.
     pub fn forget_function(&self, function: &str) {
-        for f in [
+        let all: [&dyn Forget; 18] = [
             &self.invocations,
+            &self.request_duration,
             &self.cold_starts,
+            &self.cold_start_wait,
+            &self.instance_start,
             &self.instances,
             &self.start_failures,
             &self.wakes,
@@ -427,19 +554,14 @@ impl Metrics {
             &self.predicted_prewarms,
             &self.predicted_hits,
             &self.predicted_wasted,
-            &self.pool_starts,
-            &self.idle_instance_seconds,
-        ] {
-            f.forget_function(function);
-        }
-        for h in [
-            &self.request_duration,
-            &self.cold_start_wait,
-            &self.instance_start,
             &self.wake_lead,
+            &self.pool_starts,
             &self.wake_to_start,
-        ] {
-            h.forget_function(function);
+            &self.idle_instance_seconds,
+            &self.affinity_syns,
+        ];
+        for s in all {
+            s.forget(function);
         }
     }
 
@@ -448,53 +570,33 @@ impl Metrics {
         *self.probe_counters.lock().unwrap() = Some(f);
     }
 
-    /// The whole registry in Prometheus text format.
+    /// The whole registry as an OpenMetrics text document.
     pub fn render(&self) -> String {
-        // Read from the kernel now; 0 when the probe is off.
-        let (events, lost) = self
-            .probe_counters
-            .lock()
-            .unwrap()
-            .as_ref()
-            .and_then(|f| f())
-            .unwrap_or((0, 0));
+        self.render_with(&[])
+    }
+
+    /// The registry followed by `more` (other modules' families), then `# EOF`.
+    pub fn render_with(&self, more: &[Snapshot]) -> String {
         let mut out = String::with_capacity(8192);
-        self.invocations.render(&mut out);
-        self.request_duration.render(&mut out);
-        self.cold_starts.render(&mut out);
-        self.cold_start_wait.render(&mut out);
-        self.instance_start.render(&mut out);
-        self.instances.render(&mut out);
-        self.start_failures.render(&mut out);
-        self.wakes.render(&mut out);
-        self.wakes_suppressed.render(&mut out);
-        self.prewarms_wasted.render(&mut out);
-        self.predicted_prewarms.render(&mut out);
-        self.predicted_hits.render(&mut out);
-        self.predicted_wasted.render(&mut out);
-        self.wake_lead.render(&mut out);
-        self.idle_instance_seconds.render(&mut out);
-        self.affinity_syns.render(&mut out);
-        self.pool_starts.render(&mut out);
-        self.wake_to_start.render(&mut out);
-        for (name, help, v) in [
-            (
-                "synwake_probe_events_total",
-                "SYN events the probe delivered to userspace.",
-                events,
-            ),
-            (
-                "synwake_probe_lost_events_total",
-                "SYN events lost because the ring buffer was full.",
-                lost,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
+        // Writing to a String cannot fail.
+        let _ = encode_registry(&mut out, &self.registry);
+        for s in more {
+            let _ = encode_registry(&mut out, &s.0);
         }
+        let _ = encode_eof(&mut out);
         out
+    }
+
+    /// The value of one rendered series (`name{labels}` exactly), for tests.
+    #[cfg(test)]
+    pub fn series(&self, series: &str) -> Option<f64> {
+        self.render().lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
     }
 }
 
@@ -503,22 +605,53 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_counters_and_histograms() {
+    fn renders_counters_and_histograms_under_the_names_users_scrape() {
         let m = Metrics::new();
-        m.invocations.inc(&["hello", "200"]);
-        m.invocations.inc(&["hello", "200"]);
-        m.cold_start_wait.observe(&["hello"], 0.003);
+        m.invocations.inc(&ByCode::new("hello", 200));
+        m.invocations.inc(&ByCode::new("hello", 200));
+        m.cold_start_wait.observe(&ByFunction::new("hello"), 0.003);
+        m.wake_to_start
+            .observe(&ByTrigger::new("hello", "syn"), 0.00002);
+        m.instances.set(&ByFunction::new("hello"), 2);
+        m.idle_instance_seconds.add(&ByFunction::new("hello"), 1.5);
+        m.affinity_syns.inc(&ByOutcome { outcome: "woke" });
         let text = m.render();
-        assert!(
-            text.contains("synwake_function_invocations_total{function=\"hello\",code=\"200\"} 2")
-        );
-        assert!(text.contains(
-            "synwake_cold_start_wait_seconds_bucket{function=\"hello\",le=\"0.0025\"} 0"
-        ));
-        assert!(text
-            .contains("synwake_cold_start_wait_seconds_bucket{function=\"hello\",le=\"0.005\"} 1"));
-        assert!(text.contains("synwake_cold_start_wait_seconds_count{function=\"hello\"} 1"));
+        for line in [
+            "# TYPE synwake_function_invocations counter",
+            "synwake_function_invocations_total{function=\"hello\",code=\"200\"} 2",
+            "# TYPE synwake_cold_start_wait_seconds histogram",
+            "synwake_cold_start_wait_seconds_bucket{le=\"0.0025\",function=\"hello\"} 0",
+            "synwake_cold_start_wait_seconds_bucket{le=\"0.005\",function=\"hello\"} 1",
+            "synwake_cold_start_wait_seconds_bucket{le=\"+Inf\",function=\"hello\"} 1",
+            "synwake_cold_start_wait_seconds_count{function=\"hello\"} 1",
+            "synwake_wake_to_start_seconds_bucket{le=\"0.000025\",function=\"hello\",trigger=\"syn\"} 1",
+            "synwake_instances{function=\"hello\"} 2",
+            "synwake_idle_instance_seconds_total{function=\"hello\"} 1.5",
+            "synwake_affinity_syns_total{outcome=\"woke\"} 1",
+            "synwake_probe_events_total 0",
+            "synwake_probe_lost_events_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+        assert_eq!(m.invocations.get(&ByCode::new("hello", 200)), 2);
+        assert_eq!(m.series("synwake_cold_start_wait_seconds_count{function=\"hello\"}"), Some(1.0));
+
         m.forget_function("hello");
-        assert!(!m.render().contains("function=\"hello\""));
+        let text = m.render();
+        assert!(!text.contains("function=\"hello\""), "{text}");
+        assert!(text.contains("synwake_affinity_syns_total{outcome=\"woke\"} 1"));
+        // A forgotten function's series starts again from zero.
+        m.invocations.inc(&ByCode::new("hello", 200));
+        assert_eq!(m.invocations.get(&ByCode::new("hello", 200)), 1);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Metrics::new();
+        m.start_failures.inc(&ByFunction::new("a\"b\\c\nd"));
+        assert!(m
+            .render()
+            .contains("synwake_start_failures_total{function=\"a\\\"b\\\\c\\nd\"} 1"));
     }
 }

@@ -25,6 +25,7 @@ use super::callback::CallbackPolicy;
 use crate::config::AsyncSection;
 use crate::gateway::{text_response, ConnInfo, ForwardBody, Origin, Proxy, ProxyBody};
 use crate::lifecycle::{AcquireError, Lifecycle};
+use crate::metrics::Snapshot;
 
 /// Largest body of one async call, and of a function's answer to it (kept for the callback).
 pub const MAX_ASYNC_BODY: usize = 16 << 20;
@@ -384,82 +385,51 @@ impl AsyncQueue {
         self.release(&call);
     }
 
-    /// The queue's series in Prometheus text format (appended to /metrics).
-    pub fn render_metrics(&self) -> String {
-        use std::fmt::Write;
+    /// The queue's series for /metrics.
+    pub fn metrics(&self) -> Snapshot {
         let c = self.inner.counts.lock().unwrap();
-        let mut out = String::new();
-        let family = |out: &mut String,
-                      name: &str,
-                      kind: &str,
-                      help: &str,
-                      m: &mut dyn Iterator<Item = (&String, f64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            let mut v: Vec<(&String, f64)> = m.collect();
-            v.sort_by(|a, b| a.0.cmp(b.0));
-            for (f, n) in v {
-                let _ = writeln!(out, "{name}{{function=\"{f}\"}} {n}");
-            }
-        };
-        family(
-            &mut out,
+        let mut m = Snapshot::default();
+        m.gauge_per_function(
             "synwake_async_queued",
-            "gauge",
             "Async calls accepted and not finished (running included).",
-            &mut c.queued.iter().map(|(k, v)| (k, *v as f64)),
+            c.queued.iter().map(|(k, v)| (k.as_str(), *v as i64)),
         );
-        family(
-            &mut out,
-            "synwake_async_retried_total",
-            "counter",
+        m.counter_per_function(
+            "synwake_async_retried",
             "Async call attempts retried after 502/503/504 or a connection failure.",
-            &mut c.retried.iter().map(|(k, v)| (k, *v as f64)),
+            c.retried.iter().map(|(k, v)| (k.as_str(), *v)),
         );
-        family(
-            &mut out,
+        m.gauge_per_function(
             "synwake_async_running",
-            "gauge",
             "Async calls being sent now (or their callback).",
-            &mut c.running.iter().map(|(k, v)| (k, *v as f64)),
+            c.running.iter().map(|(k, v)| (k.as_str(), *v as i64)),
         );
-        family(
-            &mut out,
-            "synwake_async_failed_total",
-            "counter",
+        m.counter_per_function(
+            "synwake_async_failed",
             "Async calls whose final status (after retries) was not 2xx.",
-            &mut c.failed.iter().map(|(k, v)| (k, *v as f64)),
+            c.failed.iter().map(|(k, v)| (k.as_str(), *v)),
         );
         let oldest = c
             .accepted
             .values()
             .next()
             .map_or(0.0, |ms| now_ms().saturating_sub(*ms) as f64 / 1000.0);
-        for (name, kind, help, v) in [
-            (
-                "synwake_async_queued_bytes",
-                "gauge",
-                "Bytes of the async calls held (bounded by max_queued_bytes).",
-                c.bytes as f64,
-            ),
-            (
-                "synwake_async_oldest_age_seconds",
-                "gauge",
-                "Age of the oldest async call not finished; 0 when none.",
-                oldest,
-            ),
-            (
-                "synwake_async_log_syncs_total",
-                "counter",
-                "Group writes of the queue file (one fdatasync each, shared by the calls waiting).",
-                self.inner.store.syncs() as f64,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
-        }
-        out
+        m.gauge(
+            "synwake_async_queued_bytes",
+            "Bytes of the async calls held (bounded by max_queued_bytes).",
+            c.bytes as i64,
+        );
+        m.gauge_f64(
+            "synwake_async_oldest_age_seconds",
+            "Age of the oldest async call not finished; 0 when none.",
+            oldest,
+        );
+        m.counter(
+            "synwake_async_log_syncs",
+            "Group writes of the queue file (one fdatasync each, shared by the calls waiting).",
+            self.inner.store.syncs(),
+        );
+        m
     }
 }
 

@@ -22,6 +22,7 @@ use serde::Deserialize;
 use crate::gateway::path::quote;
 use crate::gateway::{full, text_response, Proxy, ProxyBody, Route};
 use crate::lifecycle::{Lifecycle, ScaleError};
+use crate::metrics::Snapshot;
 use crate::spec::{self, FunctionSpec, Policy, Source};
 use crate::state::StateDir;
 use deploy::{FunctionDeployment, FunctionStatusJson, NAMESPACE};
@@ -120,12 +121,11 @@ impl Api {
             (&Method::GET, "/healthz") => return text_response(StatusCode::OK, "OK"),
             (&Method::GET, "/metrics") => {
                 return Response::builder()
-                    .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
-                    .body(full(
-                        self.lc().metrics().render()
-                            + &self.async_queue.render_metrics()
-                            + &self.image_metrics(),
-                    ))
+                    .header(http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)
+                    .body(full(self.lc().metrics().render_with(&[
+                        self.async_queue.metrics(),
+                        self.image_metrics(),
+                    ])))
                     .unwrap()
             }
             _ => {}
@@ -361,23 +361,31 @@ impl Api {
     }
 
     /// The image store gauges for /metrics (nothing without the oci runtime).
-    fn image_metrics(&self) -> String {
+    fn image_metrics(&self) -> Snapshot {
+        let mut m = Snapshot::default();
         let Some(rt) = self.lc().runtime(crate::spec::RuntimeKind::Oci) else {
-            return String::new();
+            return m;
         };
         let Some(store) = rt.images() else {
-            return String::new();
+            return m;
         };
         let u = store.usage();
-        format!(
-            "# HELP synwake_image_store_bytes Disk bytes used by the oci image store (layers, images, blobs; a hard-linked file once).\n\
-             # TYPE synwake_image_store_bytes gauge\nsynwake_image_store_bytes {}\n\
-             # HELP synwake_image_store_images Images in the oci image store.\n\
-             # TYPE synwake_image_store_images gauge\nsynwake_image_store_images {}\n\
-             # HELP synwake_image_store_layers Unpacked layer chains in the oci image store.\n\
-             # TYPE synwake_image_store_layers gauge\nsynwake_image_store_layers {}\n",
-            u.bytes, u.images, u.layers
-        )
+        m.gauge(
+            "synwake_image_store_bytes",
+            "Disk bytes used by the oci image store (layers, images, blobs; a hard-linked file once).",
+            u.bytes as i64,
+        );
+        m.gauge(
+            "synwake_image_store_images",
+            "Images in the oci image store.",
+            u.images as i64,
+        );
+        m.gauge(
+            "synwake_image_store_layers",
+            "Unpacked layer chains in the oci image store.",
+            u.layers as i64,
+        );
+        m
     }
 
     async fn deploy(self: &Arc<Self>, req: Request<Incoming>, update: bool) -> Response<ProxyBody> {

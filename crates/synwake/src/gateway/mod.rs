@@ -36,6 +36,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::lifecycle::{AcquireError, Lease, Lifecycle};
+use crate::metrics::{ByCode, ByFunction, FunctionName};
 use crate::runtime::StartError;
 use crate::spec::Protocol;
 pub use hosts::{ConnInfo, HostTable};
@@ -213,16 +214,17 @@ impl Proxy {
         origin: Origin<'_>,
     ) -> Result<Response<ProxyBody>, AcquireError> {
         let arrived = Instant::now();
-        let counted = |status: StatusCode| {
+        let counted = |name: &FunctionName, status: StatusCode| {
             let m = self.lifecycle.metrics();
-            m.invocations.inc(&[function, status.as_str()]);
+            m.invocations.inc(&ByCode::new(name, status.as_u16()));
             m.request_duration
-                .observe(&[function], arrived.elapsed().as_secs_f64());
+                .observe(&ByFunction::new(name), arrived.elapsed().as_secs_f64());
         };
         match self.lifecycle.acquire(function).await {
             Ok(lease) => {
+                let name = lease.metric_name().clone();
                 let resp = self.forward(req, lease, path, origin).await;
-                counted(resp.status());
+                counted(&name, resp.status());
                 Ok(resp)
             }
             Err(e @ (AcquireError::UnknownFunction { .. } | AcquireError::Removed { .. })) => {
@@ -232,7 +234,7 @@ impl Proxy {
                 Err(e)
             }
             Err(e) => {
-                counted(acquire_error_status(&e));
+                counted(&function.into(), acquire_error_status(&e));
                 Err(e)
             }
         }

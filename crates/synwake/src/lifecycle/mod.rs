@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::logs::{LogStore, OutputSink};
-use crate::metrics::Metrics;
+use crate::metrics::{ByFunction, ByOutcome, ByRuntime, ByTrigger, FunctionName, Metrics};
 use crate::policy::affinity::Affinity;
 use crate::policy::{IdleHistory, IdlePolicyKind};
 use crate::runtime::{self, Instance, Runtime, StartError};
@@ -208,6 +208,8 @@ impl FnState {
 /// A deployed function and its instances.
 pub struct Function {
     spec: Arc<FunctionSpec>,
+    /// The name as a metric label, shared so the request path's series lookups allocate nothing.
+    metric_name: FunctionName,
     state: Mutex<FnState>,
     changed: watch::Sender<u64>,
     limiter: Mutex<TokenBucket>,
@@ -232,6 +234,7 @@ impl Function {
         let rate = spec.policy.max_wakes_per_second;
         Arc::new(Function {
             idle: Mutex::new(IdleState::new(&spec.policy, history)),
+            metric_name: FunctionName::from(spec.name.as_str()),
             spec: Arc::new(spec),
             state: Mutex::new(FnState::default()),
             changed: watch::channel(0).0,
@@ -271,6 +274,10 @@ pub struct Lease {
 impl Lease {
     pub fn spec(&self) -> &Arc<FunctionSpec> {
         &self.function.spec
+    }
+
+    pub fn metric_name(&self) -> &FunctionName {
+        &self.function.metric_name
     }
 }
 
@@ -419,7 +426,7 @@ impl Lifecycle {
             (_, WakeOutcome::Suppressed) => "suppressed",
             (_, WakeOutcome::UnknownFunction | WakeOutcome::AtCapacity) => "no_single_function",
         };
-        self.inner.metrics.affinity_syns.inc(&[label]);
+        self.inner.metrics.affinity_syns.inc(&ByOutcome { outcome: label });
         function.map(|f| (f, outcome))
     }
 
@@ -455,7 +462,7 @@ impl Lifecycle {
         self.inner
             .metrics
             .instances
-            .set(&[&f.spec.name], live as f64);
+            .set(&ByFunction::new(&f.metric_name), live as i64);
         let was = f.was_live.swap(live > 0, Ordering::Relaxed);
         if was != (live > 0) {
             self.inner
@@ -639,7 +646,10 @@ impl Lifecycle {
         if self.inner.shutting_down.load(Ordering::Relaxed) {
             return WakeOutcome::AtCapacity;
         }
-        self.inner.metrics.wakes.inc(&[name, trigger.as_str()]);
+        self.inner
+            .metrics
+            .wakes
+            .inc(&ByTrigger::new(&f.metric_name, trigger.as_str()));
         let mut st = f.state.lock().unwrap();
         if st.removed {
             return WakeOutcome::UnknownFunction;
@@ -649,7 +659,7 @@ impl Lifecycle {
         }
         if trigger.is_speculative() && !f.limiter.lock().unwrap().try_take() {
             drop(st);
-            self.inner.metrics.wakes_suppressed.inc(&[name]);
+            self.inner.metrics.wakes_suppressed.inc(&ByFunction::new(name));
             return WakeOutcome::Suppressed;
         }
         self.spawn_start(&f, &mut st, trigger, at);
@@ -739,7 +749,7 @@ impl Lifecycle {
                     if slot.served == 1 {
                         self.first_request(name, slot, arrived, cold, waited);
                         if slot.trigger == Trigger::Predicted {
-                            self.inner.metrics.predicted_hits.inc(&[name]);
+                            self.inner.metrics.predicted_hits.inc(&ByFunction::new(name));
                         }
                     }
                     let lease = Lease {
@@ -756,7 +766,7 @@ impl Lifecycle {
                         self.inner
                             .metrics
                             .cold_start_wait
-                            .observe(&[name], waited.as_secs_f64());
+                            .observe(&ByFunction::new(name), waited.as_secs_f64());
                     }
                     return Ok(lease);
                 }
@@ -794,7 +804,7 @@ impl Lifecycle {
                         });
                     }
                     drop(st);
-                    self.inner.metrics.start_failures.inc(&[name]);
+                    self.inner.metrics.start_failures.inc(&ByFunction::new(name));
                     return Err(AcquireError::StartFailed(StartError::Timeout {
                         function: name.clone(),
                         after: f.spec.policy.start_timeout,
@@ -817,7 +827,7 @@ impl Lifecycle {
             self.inner
                 .metrics
                 .wake_lead
-                .observe(&[name], lead.as_secs_f64());
+                .observe(&ByFunction::new(name), lead.as_secs_f64());
         }
         let start_ms = slot
             .ready_at
@@ -882,7 +892,7 @@ impl Lifecycle {
         let spec = f.spec.clone();
         let t0 = Instant::now();
         self.inner.metrics.wake_to_start.observe(
-            &[&spec.name, trigger.as_str()],
+            &ByTrigger::new(&spec.name, trigger.as_str()),
             t0.saturating_duration_since(woke_at).as_secs_f64(),
         );
         let output = OutputSink {
@@ -950,12 +960,15 @@ impl Lifecycle {
                 };
                 let m = &self.inner.metrics;
                 m.instance_start
-                    .observe(&[&spec.name, spec.runtime.as_str()], elapsed.as_secs_f64());
+                    .observe(
+                        &ByRuntime::new(&spec.name, spec.runtime.as_str()),
+                        elapsed.as_secs_f64(),
+                    );
                 if !warm_before {
-                    m.cold_starts.inc(&[&spec.name, trigger.as_str()]);
+                    m.cold_starts.inc(&ByTrigger::new(&spec.name, trigger.as_str()));
                 }
                 if inst.pooled() {
-                    m.pool_starts.inc(&[&spec.name]);
+                    m.pool_starts.inc(&ByFunction::new(&spec.name));
                 }
                 tracing::debug!(
                     "{} instance {id} ({}) ready in {:.2} ms",
@@ -976,7 +989,7 @@ impl Lifecycle {
             }
             Err(e) => {
                 tracing::warn!("{e}");
-                self.inner.metrics.start_failures.inc(&[&spec.name]);
+                self.inner.metrics.start_failures.inc(&ByFunction::new(&spec.name));
                 let mut st = f.state.lock().unwrap();
                 st.slots.retain(|s| s.id != id);
                 st.fail_epoch += 1;
@@ -1054,7 +1067,7 @@ impl Lifecycle {
             self.inner
                 .metrics
                 .idle_instance_seconds
-                .add(&[&f.spec.name], slot.idle_seconds(Instant::now()));
+                .add(&ByFunction::new(&f.metric_name), slot.idle_seconds(Instant::now()));
         }
     }
 
@@ -1229,7 +1242,7 @@ impl Lifecycle {
                     continue;
                 };
                 if wasted {
-                    self.inner.metrics.prewarms_wasted.inc(&[name]);
+                    self.inner.metrics.prewarms_wasted.inc(&ByFunction::new(name));
                     tracing::info!("{name}: instance {id} woken by a packet was not used within prewarm_ttl; stopping (wasted)");
                 } else {
                     tracing::info!(
@@ -1293,11 +1306,11 @@ impl Lifecycle {
             let m = &self.inner.metrics;
             match why {
                 Why::PacketWasted => {
-                    m.prewarms_wasted.inc(&[name]);
+                    m.prewarms_wasted.inc(&ByFunction::new(name));
                     tracing::info!("{name}: instance {id} woken by a packet was not used within prewarm_ttl; stopping (wasted)");
                 }
                 Why::PredictedWasted => {
-                    m.predicted_wasted.inc(&[name]);
+                    m.predicted_wasted.inc(&ByFunction::new(name));
                     tracing::info!("{name}: predicted pre-warm {id} not used by the keep-alive point; stopping (wasted)");
                 }
                 Why::KeepAlive => tracing::info!(
@@ -1318,7 +1331,7 @@ impl Lifecycle {
             st.live() == 0 && !st.removed && f.idle.lock().unwrap().take_prewarm(now)
         };
         if prewarm && !self.inner.shutting_down.load(Ordering::Relaxed) {
-            self.inner.metrics.predicted_prewarms.inc(&[name]);
+            self.inner.metrics.predicted_prewarms.inc(&ByFunction::new(name));
             tracing::info!(
                 "{name}: predicted pre-warm ({:?} after the last request, {})",
                 window.prewarm_after,

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::logs::{LogStore, OutputSink};
+use crate::metrics::{ByFunction, ByOutcome, ByTrigger};
 use crate::runtime::{ExitInfo, Instance, Runtime, StartError};
 use crate::spec::{FunctionSpec, OciSpec, Policy, RuntimeKind, Source};
 
@@ -175,7 +176,7 @@ async fn single_flight_under_concurrent_requests() {
     assert_eq!(rt.starts.load(Ordering::SeqCst), 1);
     // Warm now.
     assert!(!lc.acquire("f").await.unwrap().cold);
-    assert_eq!(lc.metrics().cold_starts.get(&["f", "request"]), 1.0);
+    assert_eq!(lc.metrics().cold_starts.get(&ByTrigger::new("f", "request")), 1);
 }
 
 #[tokio::test]
@@ -193,8 +194,8 @@ async fn wakes_share_the_start_with_requests() {
     let lease = lc.acquire("f").await.unwrap();
     assert!(lease.cold);
     assert_eq!(rt.starts.load(Ordering::SeqCst), 1);
-    assert_eq!(lc.metrics().cold_starts.get(&["f", "syn"]), 1.0);
-    assert_eq!(lc.metrics().wake_lead.count(&["f"]), 1);
+    assert_eq!(lc.metrics().cold_starts.get(&ByTrigger::new("f", "syn")), 1);
+    assert_eq!(lc.metrics().series("synwake_wake_lead_seconds_count{function=\"f\"}").unwrap_or(0.0), 1.0);
     assert_eq!(
         lc.wake("nope", Trigger::Syn, Instant::now()),
         WakeOutcome::UnknownFunction
@@ -293,12 +294,12 @@ async fn idle_instances_stop_and_prewarms_are_wasted() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(lc.status("f").unwrap().available, 0);
     assert_eq!(rt.running.load(Ordering::SeqCst), 0);
-    assert_eq!(lc.metrics().prewarms_wasted.get(&["f"]), 0.0);
+    assert_eq!(lc.metrics().prewarms_wasted.get(&ByFunction::new("f")), 0);
 
     lc.wake("f", Trigger::Syn, Instant::now());
     tokio::time::sleep(Duration::from_millis(350)).await;
     assert_eq!(lc.status("f").unwrap().replicas, 0);
-    assert_eq!(lc.metrics().prewarms_wasted.get(&["f"]), 1.0);
+    assert_eq!(lc.metrics().prewarms_wasted.get(&ByFunction::new("f")), 1);
 }
 
 #[tokio::test]
@@ -319,7 +320,7 @@ async fn idle_instance_seconds_count_ready_time_without_requests() {
         .await
     );
     let up = t0.elapsed().as_secs_f64();
-    let idle = lc.metrics().idle_instance_seconds.get(&["f"]);
+    let idle = lc.metrics().idle_instance_seconds.get(&ByFunction::new("f"));
     // Busy for 400 ms, then idle until the 300 ms idle_timeout stopped it.
     assert!(idle >= 0.3, "idle {idle}");
     assert!(
@@ -380,8 +381,8 @@ async fn affinity_wakes_only_a_sole_recent_function_within_the_rate_limit() {
         )
         .await
     );
-    assert_eq!(lc.metrics().prewarms_wasted.get(&["a"]), 1.0);
-    assert_eq!(lc.metrics().cold_starts.get(&["a", "affinity"]), 1.0);
+    assert_eq!(lc.metrics().prewarms_wasted.get(&ByFunction::new("a")), 1);
+    assert_eq!(lc.metrics().cold_starts.get(&ByTrigger::new("a", "affinity")), 1);
     // The bucket (1 per second) is empty right after the first wake, so a SYN flood from
     // that client starts nothing more.
     let mut started = 0;
@@ -392,9 +393,9 @@ async fn affinity_wakes_only_a_sole_recent_function_within_the_rate_limit() {
     }
     assert!(started <= 1, "{started} starts past the rate limit");
     let m = lc.metrics();
-    assert_eq!(m.affinity_syns.get(&["woke"]), 1.0 + started as f64);
-    assert!(m.affinity_syns.get(&["suppressed"]) >= 49.0 - started as f64);
-    assert_eq!(m.affinity_syns.get(&["no_single_function"]), 2.0);
+    assert_eq!(m.affinity_syns.get(&ByOutcome { outcome: "woke" }), 1 + started as u64);
+    assert!(m.affinity_syns.get(&ByOutcome { outcome: "suppressed" }) + started as u64 >= 49);
+    assert_eq!(m.affinity_syns.get(&ByOutcome { outcome: "no_single_function" }), 2);
     drop(rt);
 }
 
@@ -486,7 +487,7 @@ async fn packet_wakes_are_rate_limited() {
     let allowed = 2 + (t0.elapsed().as_secs_f64() * 2.0).ceil() as usize;
     assert!(started <= allowed, "started {started}, allowed {allowed}");
     assert!(suppressed >= 10, "suppressed {suppressed}");
-    assert_eq!(lc.metrics().wakes_suppressed.get(&["f"]), suppressed as f64);
+    assert_eq!(lc.metrics().wakes_suppressed.get(&ByFunction::new("f")), suppressed as u64);
     assert_eq!(rt.starts.load(Ordering::SeqCst), started);
 }
 
@@ -601,12 +602,12 @@ async fn waiting_for_a_saturated_warm_instance_is_not_a_start() {
     lc.deploy(s).await.unwrap();
     let held = lc.acquire("f").await.unwrap();
     assert!(held.cold);
-    let waits_before = lc.metrics().cold_start_wait.count(&["f"]);
+    let waits_before = lc.metrics().series("synwake_cold_start_wait_seconds_count{function=\"f\"}").unwrap_or(0.0);
 
     // Nobody frees the instance: the wait ends as "saturated", not as a start timeout.
     let e = lc.acquire("f").await.err().expect("no capacity");
     assert!(matches!(e, AcquireError::Saturated { .. }), "{e}");
-    assert_eq!(lc.metrics().start_failures.get(&["f"]), 0.0);
+    assert_eq!(lc.metrics().start_failures.get(&ByFunction::new("f")), 0);
 
     // Freed while waiting: served warm, not counted as a cold wait.
     let lc2 = lc.clone();
@@ -614,7 +615,7 @@ async fn waiting_for_a_saturated_warm_instance_is_not_a_start() {
     tokio::time::sleep(Duration::from_millis(30)).await;
     drop(held);
     assert!(!waiter.await.unwrap().unwrap(), "flagged cold");
-    assert_eq!(lc.metrics().cold_start_wait.count(&["f"]), waits_before);
+    assert_eq!(lc.metrics().series("synwake_cold_start_wait_seconds_count{function=\"f\"}").unwrap_or(0.0), waits_before);
     assert_eq!(rt.starts.load(Ordering::SeqCst), 1);
 }
 
@@ -681,12 +682,12 @@ async fn adaptive_prewarms_at_the_predicted_point_and_the_request_is_a_hit() {
         .await
     );
     assert!(t0.elapsed() >= Duration::from_secs_f64(st.idle.prewarm_after_seconds * 0.9));
-    assert_eq!(m.predicted_prewarms.get(&["f"]), 1.0);
+    assert_eq!(m.predicted_prewarms.get(&ByFunction::new("f")), 1);
     let lease = lc.acquire("f").await.unwrap();
     assert!(!lease.cold, "the pre-warmed instance served the request");
     drop(lease);
-    assert_eq!(m.predicted_hits.get(&["f"]), 1.0);
-    assert_eq!(m.cold_starts.get(&["f", "predicted"]), 1.0);
+    assert_eq!(m.predicted_hits.get(&ByFunction::new("f")), 1);
+    assert_eq!(m.cold_starts.get(&ByTrigger::new("f", "predicted")), 1);
     // With a pre-warm point set, the instance stops right after the request.
     assert!(
         wait_until(
@@ -695,7 +696,7 @@ async fn adaptive_prewarms_at_the_predicted_point_and_the_request_is_a_hit() {
         )
         .await
     );
-    assert_eq!(m.predicted_wasted.get(&["f"]), 0.0);
+    assert_eq!(m.predicted_wasted.get(&ByFunction::new("f")), 0);
 }
 
 #[tokio::test]
@@ -707,14 +708,14 @@ async fn unused_predicted_prewarm_is_wasted_at_the_keep_alive_point() {
     let m = lc.metrics().clone();
     assert!(
         wait_until(
-            || m.predicted_prewarms.get(&["f"]) == 1.0,
+            || m.predicted_prewarms.get(&ByFunction::new("f")) == 1,
             Duration::from_secs(10)
         )
         .await
     );
     assert!(
         wait_until(
-            || m.predicted_wasted.get(&["f"]) == 1.0,
+            || m.predicted_wasted.get(&ByFunction::new("f")) == 1,
             Duration::from_secs(10)
         )
         .await
