@@ -20,8 +20,66 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-/// What `render` writes (Prometheus asks for it first in its `Accept`).
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// What `render` writes (Prometheus lists it first in its `Accept`).
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// For every other client (curl, browsers, Telegraf, which does not accept OpenMetrics).
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether an `Accept` header asks for OpenMetrics (a media range of that type, q > 0).
+pub fn accepts_openmetrics(accept: &str) -> bool {
+    accept.split(',').any(|range| {
+        let mut parts = range.split(';').map(str::trim);
+        parts
+            .next()
+            .is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"))
+            && parts.all(|p| match p.strip_prefix("q=") {
+                Some(q) => q.parse::<f32>().is_ok_and(|q| q > 0.0),
+                None => true,
+            })
+    })
+}
+
+/// The same document in the Prometheus text format 0.0.4: no `# EOF`, and a counter's
+/// HELP and TYPE name its samples' `_total` name (OpenMetrics names the family without it).
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            // Written once the TYPE line says whether it is a counter.
+            if let Some(h) = help.replace(line) {
+                out.push_str(h);
+                out.push('\n');
+            }
+            continue;
+        }
+        let counter = line
+            .strip_prefix("# TYPE ")
+            .and_then(|t| t.strip_suffix(" counter"));
+        if let (Some(name), Some(h)) = (counter, help) {
+            let text = h
+                .strip_prefix("# HELP ")
+                .and_then(|h| h.strip_prefix(name))
+                .unwrap_or("");
+            let _ = writeln!(
+                out,
+                "# HELP {name}_total{text}\n# TYPE {name}_total counter"
+            );
+            help = None;
+            continue;
+        }
+        if let Some(h) = help.take() {
+            out.push_str(h);
+            out.push('\n');
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
 
 /// A function's name as a label value; cloning a series key shares it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -253,7 +311,7 @@ where
     Family<S, Counter<V, AtomicU64>>: prometheus_client::registry::Metric,
 {
     let family = Family::default();
-    reg.register(name, help, family.clone());
+    reg.register(name, no_period(help), family.clone());
     Series {
         family,
         created: Mutex::default(),
@@ -265,7 +323,7 @@ where
     S: Clone + Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
 {
     let family = Family::default();
-    reg.register(name, help, family.clone());
+    reg.register(name, no_period(help), family.clone());
     Series {
         family,
         created: Mutex::default(),
@@ -282,11 +340,16 @@ where
     S: Clone + Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
 {
     let family = Family::new_with_constructor(buckets);
-    reg.register(name, help, family.clone());
+    reg.register(name, no_period(help), family.clone());
     Series {
         family,
         created: Mutex::default(),
     }
+}
+
+/// `Registry::register` ends every help text with a period; ours already do.
+fn no_period(help: &str) -> &str {
+    help.strip_suffix('.').unwrap_or(help)
 }
 
 /// Families filled at render time from counts another module keeps for its own use (the
@@ -305,7 +368,7 @@ impl Snapshot {
         for (f, v) in values {
             family.get_or_create(&ByFunction::new(f)).set(v);
         }
-        self.0.register(name, help, family);
+        self.0.register(name, no_period(help), family);
     }
 
     /// `name` without `_total` (the encoder appends it).
@@ -319,24 +382,24 @@ impl Snapshot {
         for (f, v) in values {
             family.get_or_create(&ByFunction::new(f)).inc_by(v);
         }
-        self.0.register(name, help, family);
+        self.0.register(name, no_period(help), family);
     }
 
     pub fn gauge(&mut self, name: &str, help: &str, v: i64) {
         let g = Gauge::<i64>::default();
         g.set(v);
-        self.0.register(name, help, g);
+        self.0.register(name, no_period(help), g);
     }
 
     pub fn gauge_f64(&mut self, name: &str, help: &str, v: f64) {
         let g = Gauge::<f64, AtomicU64>::default();
         g.set(v);
-        self.0.register(name, help, g);
+        self.0.register(name, no_period(help), g);
     }
 
     /// `name` without `_total`.
     pub fn counter(&mut self, name: &str, help: &str, v: u64) {
-        self.0.register(name, help, ConstCounter::new(v));
+        self.0.register(name, no_period(help), ConstCounter::new(v));
     }
 }
 
@@ -587,6 +650,16 @@ impl Metrics {
         out
     }
 
+    /// `render_with` in the format `accept` asks for: (content type, body).
+    pub fn render_for(&self, accept: Option<&str>, more: &[Snapshot]) -> (&'static str, String) {
+        let text = self.render_with(more);
+        if accept.is_some_and(accepts_openmetrics) {
+            (OPENMETRICS, text)
+        } else {
+            (PROMETHEUS_TEXT, to_prometheus_text(&text))
+        }
+    }
+
     /// The value of one rendered series (`name{labels}` exactly), for tests.
     #[cfg(test)]
     pub fn series(&self, series: &str) -> Option<f64> {
@@ -635,7 +708,10 @@ mod tests {
         }
         assert!(text.ends_with("# EOF\n"));
         assert_eq!(m.invocations.get(&ByCode::new("hello", 200)), 2);
-        assert_eq!(m.series("synwake_cold_start_wait_seconds_count{function=\"hello\"}"), Some(1.0));
+        assert_eq!(
+            m.series("synwake_cold_start_wait_seconds_count{function=\"hello\"}"),
+            Some(1.0)
+        );
 
         m.forget_function("hello");
         let text = m.render();
@@ -644,6 +720,40 @@ mod tests {
         // A forgotten function's series starts again from zero.
         m.invocations.inc(&ByCode::new("hello", 200));
         assert_eq!(m.invocations.get(&ByCode::new("hello", 200)), 1);
+    }
+
+    #[test]
+    fn prometheus_text_names_counters_by_their_samples() {
+        let m = Metrics::new();
+        m.cold_starts.inc(&ByTrigger::new("f", "syn"));
+        m.instances.set(&ByFunction::new("f"), 1);
+        let (ct, text) = m.render_for(Some("text/plain;version=0.0.4"), &[]);
+        assert_eq!(ct, PROMETHEUS_TEXT);
+        for line in [
+            "# HELP synwake_cold_starts_total Instances started from zero, by the trigger that started them.",
+            "# TYPE synwake_cold_starts_total counter",
+            "synwake_cold_starts_total{function=\"f\",trigger=\"syn\"} 1",
+            "# HELP synwake_instances Instances per function that are starting or ready.",
+            "# TYPE synwake_instances gauge",
+            "synwake_instances{function=\"f\"} 1",
+            "# TYPE synwake_probe_events_total counter",
+            "# TYPE synwake_function_request_duration_seconds histogram",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+        assert!(!text.contains("# EOF"));
+        assert!(!text.contains("# TYPE synwake_cold_starts counter"));
+        // Every sample keeps its line.
+        let samples = |t: &str| t.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(samples(&text), samples(&m.render()));
+
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let (ct, text) = m.render_for(Some(prometheus), &[]);
+        assert_eq!(ct, OPENMETRICS);
+        assert!(text.ends_with("# EOF\n"));
+        assert!(!accepts_openmetrics("application/openmetrics-text;q=0"));
+        assert!(!accepts_openmetrics("*/*"));
+        assert_eq!(m.render_for(None, &[]).0, PROMETHEUS_TEXT);
     }
 
     #[test]

@@ -120,13 +120,18 @@ impl Api {
         match (req.method(), path.as_str()) {
             (&Method::GET, "/healthz") => return text_response(StatusCode::OK, "OK"),
             (&Method::GET, "/metrics") => {
+                let accept = req
+                    .headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok());
+                let (content_type, text) = self
+                    .lc()
+                    .metrics()
+                    .render_for(accept, &[self.async_queue.metrics(), self.image_metrics()]);
                 return Response::builder()
-                    .header(http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)
-                    .body(full(self.lc().metrics().render_with(&[
-                        self.async_queue.metrics(),
-                        self.image_metrics(),
-                    ])))
-                    .unwrap()
+                    .header(http::header::CONTENT_TYPE, content_type)
+                    .body(full(text))
+                    .unwrap();
             }
             _ => {}
         }

@@ -426,7 +426,10 @@ impl Lifecycle {
             (_, WakeOutcome::Suppressed) => "suppressed",
             (_, WakeOutcome::UnknownFunction | WakeOutcome::AtCapacity) => "no_single_function",
         };
-        self.inner.metrics.affinity_syns.inc(&ByOutcome { outcome: label });
+        self.inner
+            .metrics
+            .affinity_syns
+            .inc(&ByOutcome { outcome: label });
         function.map(|f| (f, outcome))
     }
 
@@ -659,7 +662,10 @@ impl Lifecycle {
         }
         if trigger.is_speculative() && !f.limiter.lock().unwrap().try_take() {
             drop(st);
-            self.inner.metrics.wakes_suppressed.inc(&ByFunction::new(name));
+            self.inner
+                .metrics
+                .wakes_suppressed
+                .inc(&ByFunction::new(name));
             return WakeOutcome::Suppressed;
         }
         self.spawn_start(&f, &mut st, trigger, at);
@@ -749,7 +755,10 @@ impl Lifecycle {
                     if slot.served == 1 {
                         self.first_request(name, slot, arrived, cold, waited);
                         if slot.trigger == Trigger::Predicted {
-                            self.inner.metrics.predicted_hits.inc(&ByFunction::new(name));
+                            self.inner
+                                .metrics
+                                .predicted_hits
+                                .inc(&ByFunction::new(name));
                         }
                     }
                     let lease = Lease {
@@ -804,7 +813,10 @@ impl Lifecycle {
                         });
                     }
                     drop(st);
-                    self.inner.metrics.start_failures.inc(&ByFunction::new(name));
+                    self.inner
+                        .metrics
+                        .start_failures
+                        .inc(&ByFunction::new(name));
                     return Err(AcquireError::StartFailed(StartError::Timeout {
                         function: name.clone(),
                         after: f.spec.policy.start_timeout,
@@ -959,13 +971,13 @@ impl Lifecycle {
                     return;
                 };
                 let m = &self.inner.metrics;
-                m.instance_start
-                    .observe(
-                        &ByRuntime::new(&spec.name, spec.runtime.as_str()),
-                        elapsed.as_secs_f64(),
-                    );
+                m.instance_start.observe(
+                    &ByRuntime::new(&spec.name, spec.runtime.as_str()),
+                    elapsed.as_secs_f64(),
+                );
                 if !warm_before {
-                    m.cold_starts.inc(&ByTrigger::new(&spec.name, trigger.as_str()));
+                    m.cold_starts
+                        .inc(&ByTrigger::new(&spec.name, trigger.as_str()));
                 }
                 if inst.pooled() {
                     m.pool_starts.inc(&ByFunction::new(&spec.name));
@@ -989,7 +1001,10 @@ impl Lifecycle {
             }
             Err(e) => {
                 tracing::warn!("{e}");
-                self.inner.metrics.start_failures.inc(&ByFunction::new(&spec.name));
+                self.inner
+                    .metrics
+                    .start_failures
+                    .inc(&ByFunction::new(&spec.name));
                 let mut st = f.state.lock().unwrap();
                 st.slots.retain(|s| s.id != id);
                 st.fail_epoch += 1;
@@ -1064,10 +1079,10 @@ impl Lifecycle {
     /// Adds a ready slot's idle time to the metric, once: when it stops being ready.
     fn count_idle(&self, f: &Function, slot: &Slot) {
         if slot.ready().is_some() {
-            self.inner
-                .metrics
-                .idle_instance_seconds
-                .add(&ByFunction::new(&f.metric_name), slot.idle_seconds(Instant::now()));
+            self.inner.metrics.idle_instance_seconds.add(
+                &ByFunction::new(&f.metric_name),
+                slot.idle_seconds(Instant::now()),
+            );
         }
     }
 
@@ -1242,7 +1257,10 @@ impl Lifecycle {
                     continue;
                 };
                 if wasted {
-                    self.inner.metrics.prewarms_wasted.inc(&ByFunction::new(name));
+                    self.inner
+                        .metrics
+                        .prewarms_wasted
+                        .inc(&ByFunction::new(name));
                     tracing::info!("{name}: instance {id} woken by a packet was not used within prewarm_ttl; stopping (wasted)");
                 } else {
                     tracing::info!(
@@ -1331,7 +1349,10 @@ impl Lifecycle {
             st.live() == 0 && !st.removed && f.idle.lock().unwrap().take_prewarm(now)
         };
         if prewarm && !self.inner.shutting_down.load(Ordering::Relaxed) {
-            self.inner.metrics.predicted_prewarms.inc(&ByFunction::new(name));
+            self.inner
+                .metrics
+                .predicted_prewarms
+                .inc(&ByFunction::new(name));
             tracing::info!(
                 "{name}: predicted pre-warm ({:?} after the last request, {})",
                 window.prewarm_after,

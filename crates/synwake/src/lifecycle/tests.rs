@@ -176,7 +176,12 @@ async fn single_flight_under_concurrent_requests() {
     assert_eq!(rt.starts.load(Ordering::SeqCst), 1);
     // Warm now.
     assert!(!lc.acquire("f").await.unwrap().cold);
-    assert_eq!(lc.metrics().cold_starts.get(&ByTrigger::new("f", "request")), 1);
+    assert_eq!(
+        lc.metrics()
+            .cold_starts
+            .get(&ByTrigger::new("f", "request")),
+        1
+    );
 }
 
 #[tokio::test]
@@ -195,7 +200,12 @@ async fn wakes_share_the_start_with_requests() {
     assert!(lease.cold);
     assert_eq!(rt.starts.load(Ordering::SeqCst), 1);
     assert_eq!(lc.metrics().cold_starts.get(&ByTrigger::new("f", "syn")), 1);
-    assert_eq!(lc.metrics().series("synwake_wake_lead_seconds_count{function=\"f\"}").unwrap_or(0.0), 1.0);
+    assert_eq!(
+        lc.metrics()
+            .series("synwake_wake_lead_seconds_count{function=\"f\"}")
+            .unwrap_or(0.0),
+        1.0
+    );
     assert_eq!(
         lc.wake("nope", Trigger::Syn, Instant::now()),
         WakeOutcome::UnknownFunction
@@ -320,7 +330,10 @@ async fn idle_instance_seconds_count_ready_time_without_requests() {
         .await
     );
     let up = t0.elapsed().as_secs_f64();
-    let idle = lc.metrics().idle_instance_seconds.get(&ByFunction::new("f"));
+    let idle = lc
+        .metrics()
+        .idle_instance_seconds
+        .get(&ByFunction::new("f"));
     // Busy for 400 ms, then idle until the 300 ms idle_timeout stopped it.
     assert!(idle >= 0.3, "idle {idle}");
     assert!(
@@ -382,7 +395,12 @@ async fn affinity_wakes_only_a_sole_recent_function_within_the_rate_limit() {
         .await
     );
     assert_eq!(lc.metrics().prewarms_wasted.get(&ByFunction::new("a")), 1);
-    assert_eq!(lc.metrics().cold_starts.get(&ByTrigger::new("a", "affinity")), 1);
+    assert_eq!(
+        lc.metrics()
+            .cold_starts
+            .get(&ByTrigger::new("a", "affinity")),
+        1
+    );
     // The bucket (1 per second) is empty right after the first wake, so a SYN flood from
     // that client starts nothing more.
     let mut started = 0;
@@ -393,9 +411,22 @@ async fn affinity_wakes_only_a_sole_recent_function_within_the_rate_limit() {
     }
     assert!(started <= 1, "{started} starts past the rate limit");
     let m = lc.metrics();
-    assert_eq!(m.affinity_syns.get(&ByOutcome { outcome: "woke" }), 1 + started as u64);
-    assert!(m.affinity_syns.get(&ByOutcome { outcome: "suppressed" }) + started as u64 >= 49);
-    assert_eq!(m.affinity_syns.get(&ByOutcome { outcome: "no_single_function" }), 2);
+    assert_eq!(
+        m.affinity_syns.get(&ByOutcome { outcome: "woke" }),
+        1 + started as u64
+    );
+    assert!(
+        m.affinity_syns.get(&ByOutcome {
+            outcome: "suppressed"
+        }) + started as u64
+            >= 49
+    );
+    assert_eq!(
+        m.affinity_syns.get(&ByOutcome {
+            outcome: "no_single_function"
+        }),
+        2
+    );
     drop(rt);
 }
 
@@ -487,7 +518,10 @@ async fn packet_wakes_are_rate_limited() {
     let allowed = 2 + (t0.elapsed().as_secs_f64() * 2.0).ceil() as usize;
     assert!(started <= allowed, "started {started}, allowed {allowed}");
     assert!(suppressed >= 10, "suppressed {suppressed}");
-    assert_eq!(lc.metrics().wakes_suppressed.get(&ByFunction::new("f")), suppressed as u64);
+    assert_eq!(
+        lc.metrics().wakes_suppressed.get(&ByFunction::new("f")),
+        suppressed as u64
+    );
     assert_eq!(rt.starts.load(Ordering::SeqCst), started);
 }
 
@@ -602,7 +636,10 @@ async fn waiting_for_a_saturated_warm_instance_is_not_a_start() {
     lc.deploy(s).await.unwrap();
     let held = lc.acquire("f").await.unwrap();
     assert!(held.cold);
-    let waits_before = lc.metrics().series("synwake_cold_start_wait_seconds_count{function=\"f\"}").unwrap_or(0.0);
+    let waits_before = lc
+        .metrics()
+        .series("synwake_cold_start_wait_seconds_count{function=\"f\"}")
+        .unwrap_or(0.0);
 
     // Nobody frees the instance: the wait ends as "saturated", not as a start timeout.
     let e = lc.acquire("f").await.err().expect("no capacity");
@@ -615,7 +652,12 @@ async fn waiting_for_a_saturated_warm_instance_is_not_a_start() {
     tokio::time::sleep(Duration::from_millis(30)).await;
     drop(held);
     assert!(!waiter.await.unwrap().unwrap(), "flagged cold");
-    assert_eq!(lc.metrics().series("synwake_cold_start_wait_seconds_count{function=\"f\"}").unwrap_or(0.0), waits_before);
+    assert_eq!(
+        lc.metrics()
+            .series("synwake_cold_start_wait_seconds_count{function=\"f\"}")
+            .unwrap_or(0.0),
+        waits_before
+    );
     assert_eq!(rt.starts.load(Ordering::SeqCst), 1);
 }
 
