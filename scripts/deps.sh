@@ -20,6 +20,7 @@ set -euo pipefail
 #   nghttp2-client                                 h2load: HTTP/2 and TLS load generator
 #   python3-grpcio python3-websockets python3-h2   gRPC, WebSocket and HTTP/2 test clients
 #   docker-registry skopeo buildah podman umoci    real registry and image tools for oci tests
+#   python3-prometheus-client                      real OpenMetrics/text parsers for GET /metrics
 PACKAGES=(
     clang llvm libbpf-dev bpftool linux-libc-dev
     runc busybox-static
@@ -30,6 +31,7 @@ PACKAGES=(
     openssl nghttp2-client
     python3-grpcio python3-websockets python3-h2
     docker-registry skopeo buildah podman umoci
+    python3-prometheus-client
 )
 
 check_only=false
