@@ -50,14 +50,22 @@ fn favordynmods(mountinfo: &str, joined_by_write: &[&str]) -> Option<(bool, Stri
             ),
         )
     } else {
+        let who = if joined_by_write.iter().any(|j| j.starts_with("every start")) {
+            "every process start joins its v1 freezer cgroup".to_string()
+        } else {
+            let keys: Vec<String> = joined_by_write.iter().map(|k| format!("`{k}`")).collect();
+            format!(
+                "starts of process functions with {} join v1 cgroups",
+                keys.join(" or ")
+            )
+        };
         (
             false,
             format!(
-                "{point} lacks it: process starts with {} join v1 cgroups, which waits an \
-                 RCU grace period (ms) per cold start; `mount -o remount,favordynmods \
-                 {point}` (host-wide: forks and exits get slightly dearer) or boot with \
-                 cgroup_favordynmods=true",
-                joined_by_write.join(", ")
+                "{point} lacks it: {who}, which waits an RCU grace period (ms) per cold \
+                 start (other starts are forked into their cgroup2 cgroup); `mount -o \
+                 remount,favordynmods {point}` (host-wide: forks and exits get slightly \
+                 dearer) or boot with cgroup_favordynmods=true"
             ),
         )
     })
@@ -184,7 +192,7 @@ mod tests {
         assert!(!ok);
         assert!(
             detail.contains("remount,favordynmods /sys/fs/cgroup")
-                && detail.contains("memory, pids"),
+                && detail.contains("`memory` or `pids`"),
             "{detail}"
         );
         // Everything from cgroup2: instances are forked into it, the option does not matter.
