@@ -1,5 +1,7 @@
-//! The sweep: topology + delay line, then per daemon configuration, per RTT (emulation
-//! checked first), per init time, the runs of each mode. Writes the outputs at the end.
+//! The sweep: topology + delay line, then per daemon configuration (phase), per RTT
+//! (emulation checked first), per init time, the runs of each mode. The phases run as a
+//! palindrome (see [`plan_legs`]), so no mode always gets the machine's earlier state.
+//! Writes the outputs at the end.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, SocketAddrV4, TcpListener};
@@ -348,6 +350,91 @@ fn plan_phases(modes: &[Mode]) -> Vec<Phase> {
     phases
 }
 
+/// A stretch of one phase's runs, with a daemon of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Leg {
+    /// Index into the planned phases.
+    phase: usize,
+    /// Runs of every cell measured in this leg.
+    runs: usize,
+    /// Which half of the phase this is (1 or 2), of `halves`.
+    half: usize,
+    halves: usize,
+}
+
+/// The phases as a palindrome: P1 P2 .. Pk .. P2 P1, the middle one whole and every other
+/// split into two halves of the runs. Each phase's runs are then centred on the same
+/// moment of the sweep, so a load that rises or falls steadily while it runs weighs on
+/// every mode alike (run one after the other, the first phase always had the quieter or
+/// the busier machine).
+fn plan_legs(phases: usize, runs: usize) -> Vec<Leg> {
+    let Some(last) = phases.checked_sub(1) else {
+        return Vec::new();
+    };
+    let first_half = runs / 2;
+    let split = |phase, half, runs| Leg {
+        phase,
+        runs,
+        half,
+        halves: 2,
+    };
+    let mut legs: Vec<Leg> = (0..last)
+        .filter(|_| first_half > 0)
+        .map(|p| split(p, 1, first_half))
+        .collect();
+    legs.push(Leg {
+        phase: last,
+        runs,
+        half: 1,
+        halves: 1,
+    });
+    legs.extend((0..last).rev().map(|p| {
+        if first_half > 0 {
+            split(p, 2, runs - first_half)
+        } else {
+            // One run per cell cannot be split: these phases run once, after the last.
+            Leg {
+                phase: p,
+                runs,
+                half: 1,
+                halves: 1,
+            }
+        }
+    }));
+    legs
+}
+
+/// A cell's samples and observations over all its legs.
+#[derive(Default)]
+struct CellAcc {
+    samples: Vec<Duration>,
+    cold_header_true: usize,
+    runs: usize,
+    errors: Vec<String>,
+}
+
+/// Starts each function once through the API (unmeasured) and waits until it is ready, so
+/// every daemon has learned each function's start time (where the readiness probe steps
+/// finely) before its first measured cold start, whichever leg it serves.
+fn start_once(api: &Api, functions: &[FunctionSpec]) -> anyhow::Result<()> {
+    for f in functions {
+        api.scale(&f.name, 1)?;
+        let t = Instant::now();
+        while api.available_replicas(&f.name)? < 1 {
+            interrupt::check()?;
+            if t.elapsed() > COLD_TIMEOUT {
+                bail!(
+                    "{}: not ready {} s after the unmeasured first start",
+                    f.name,
+                    COLD_TIMEOUT.as_secs()
+                );
+            }
+            interrupt::sleep(Duration::from_millis(3));
+        }
+    }
+    Ok(())
+}
+
 /// Per-cell observation beside the latencies.
 struct CellNotes {
     cold_header_true: usize,
@@ -442,12 +529,19 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
 
-    let mut records: Vec<Record> = Vec::new();
     let mut checks: Vec<(String, EmulationCheck)> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
-    let mut hidden_counts: Vec<String> = Vec::new();
-    for phase in &phases {
+    // Samples per (mode, RTT, init), gathered over the legs; in first-measured order.
+    let mut cells: Vec<((Mode, u64, u64), CellAcc)> = Vec::new();
+    let legs = plan_legs(phases.len(), args.runs);
+    for (leg_no, leg) in legs.iter().enumerate() {
         interrupt::check()?;
+        let phase = &phases[leg.phase];
+        let leg_tag = if leg.halves > 1 {
+            format!("{} phase, half {}/2", phase.name, leg.half)
+        } else {
+            format!("{} phase", phase.name)
+        };
         let setup = DaemonSetup {
             wake: phase.wake,
             runtime: args.runtime,
@@ -459,31 +553,31 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             marker_prefix: topo.prefix.clone(),
             tls: pki.as_ref().map(|p| (p.cert.clone(), p.key.clone())),
         };
-        pb.set_message(format!("starting synwake ({} phase)", phase.name));
-        let log_path = out.join(format!("daemon-{}.log", phase.name));
+        pb.set_message(format!("starting synwake ({leg_tag})"));
+        // The second half of a phase gets its own log; restarts within a leg too.
+        let log_name = |attempt: usize| match (leg.half, attempt) {
+            (1, 0) => format!("daemon-{}.log", phase.name),
+            (1, n) => format!("daemon-{}.{n}.log", phase.name),
+            (h, 0) => format!("daemon-{}-half{h}.log", phase.name),
+            (h, n) => format!("daemon-{}-half{h}.{n}.log", phase.name),
+        };
         let start_daemon = |attempt: usize| -> anyhow::Result<Daemon> {
-            let log = if attempt == 0 {
-                log_path.clone()
-            } else {
-                out.join(format!("daemon-{}.{attempt}.log", phase.name))
-            };
             let daemon = Daemon::start(
                 &synwake_bin,
                 &setup,
                 &out.join(format!("daemon-{}.toml", phase.name)),
-                &log,
+                &out.join(log_name(attempt)),
                 &topo.server,
             )
-            .with_context(|| format!("start synwake for the {} phase", phase.name))?;
+            .with_context(|| format!("start synwake for the {leg_tag}"))?;
+            let api = Api::new(&topo.server, &setup.state_dir);
             if phase.wake.probe {
                 pb.set_message("waiting for the probe to see SYNs");
-                wait_probe_delivers(
-                    &topo,
-                    &Api::new(&topo.server, &setup.state_dir),
-                    &functions[0],
-                )
-                .context("syn mode needs the probe (run without `syn` in --modes to skip it)")?;
+                wait_probe_delivers(&topo, &api, &functions[0])
+                    .context("syn mode needs the probe (run without `syn` in --modes to skip it)")?;
             }
+            pb.set_message("one unmeasured start per function");
+            start_once(&api, &functions)?;
             Ok(daemon)
         };
         let mut restarts = 0;
@@ -511,8 +605,11 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             say(
                 &pb,
                 format!(
-                    "[{}] RTT {rtt} ms: emulation ok, connect p50 {:.2} ms max {:.2} ms",
-                    phase.name, check.p50_ms, check.max_ms
+                    "[{leg_tag}, leg {}/{}] RTT {rtt} ms: emulation ok, connect p50 {:.2} ms max {:.2} ms",
+                    leg_no + 1,
+                    legs.len(),
+                    check.p50_ms,
+                    check.max_ms
                 ),
             );
             checks.push((phase.name.to_string(), check));
@@ -532,13 +629,14 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                             &mut daemon,
                             &format!("{}/{}", topo.prefix, f.name),
                             &line,
-                            args.runs,
+                            leg.runs,
                             &pb,
                         );
                         match measured {
                             Ok(v) => break v,
                             // Something outside the harness stopped the daemon (seen on a
-                            // shared machine): restart it, re-measure the whole cell, report it.
+                            // shared machine): restart it, re-measure the leg's share of
+                            // the cell, report it.
                             Err(e) if e.is::<DaemonExited>() && restarts < MAX_DAEMON_RESTARTS => {
                                 restarts += 1;
                                 let last = daemon.log_tail(1);
@@ -559,44 +657,61 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                         }
                     };
                     let s = Summary::from_durations(&samples).context("no samples")?;
-                    // request/accept must always wait for a start and warm never; with
-                    // syn a `false` means the start was fully hidden behind the network.
-                    let expected = match mode {
-                        Mode::Request | Mode::Accept => Some(cell.runs),
-                        Mode::Warm => Some(0),
-                        Mode::Syn | Mode::Sni | Mode::Tagged | Mode::Affinity => None,
-                    };
-                    if let Some(want) = expected.filter(|&w| w != cell.cold_header_true) {
-                        notes.push(format!(
-                            "{mode} RTT {rtt} init {}: X-Synwake-Cold-Start true on {}/{} responses (expected {want})",
-                            f.init_ms, cell.cold_header_true, cell.runs
-                        ));
-                    }
-                    for e in &cell.errors {
-                        notes.push(format!(
-                            "{mode} RTT {rtt} init {}: a request failed and was retried: {e}",
-                            f.init_ms
-                        ));
-                    }
-                    if matches!(mode, Mode::Syn | Mode::Sni | Mode::Affinity) {
-                        hidden_counts.push(format!(
-                            "{mode} init {} RTT {rtt}: {}/{}",
-                            f.init_ms,
-                            cell.runs - cell.cold_header_true,
-                            cell.runs
-                        ));
-                    }
                     say(&pb, format!(
-                        "  {mode:>7} rtt={rtt:>3} init={:>3}: p50 {:8.2} ms  p90 {:8.2} ms  (cold header {}/{})",
-                        f.init_ms, s.p50, s.p90, cell.cold_header_true, cell.runs
+                        "  {mode:>7} rtt={rtt:>3} init={:>3}: p50 {:8.2} ms  p90 {:8.2} ms  (cold header {}/{}{})",
+                        f.init_ms, s.p50, s.p90, cell.cold_header_true, cell.runs,
+                        if leg.halves > 1 { format!(", half {}", leg.half) } else { String::new() }
                     ));
-                    let mut record = Record::new(mode, args.runtime, rtt, f.init_ms, s);
-                    record.protocol = protocol;
-                    records.push(record);
+                    let key = (mode, rtt, f.init_ms);
+                    let acc = match cells.iter().position(|(k, _)| *k == key) {
+                        Some(i) => &mut cells[i].1,
+                        None => {
+                            cells.push((key, CellAcc::default()));
+                            &mut cells.last_mut().expect("just pushed").1
+                        }
+                    };
+                    acc.samples.extend(samples);
+                    acc.cold_header_true += cell.cold_header_true;
+                    acc.runs += cell.runs;
+                    acc.errors.extend(cell.errors);
                 }
             }
         }
         daemon.stop();
+    }
+    let mut records: Vec<Record> = Vec::new();
+    let mut hidden_counts: Vec<String> = Vec::new();
+    for ((mode, rtt, init_ms), cell) in &cells {
+        let (mode, rtt, init_ms) = (*mode, *rtt, *init_ms);
+        let s = Summary::from_durations(&cell.samples).context("no samples")?;
+        // request/accept must always wait for a start and warm never; with
+        // syn a `false` means the start was fully hidden behind the network.
+        let expected = match mode {
+            Mode::Request | Mode::Accept => Some(cell.runs),
+            Mode::Warm => Some(0),
+            Mode::Syn | Mode::Sni | Mode::Tagged | Mode::Affinity => None,
+        };
+        if let Some(want) = expected.filter(|&w| w != cell.cold_header_true) {
+            notes.push(format!(
+                "{mode} RTT {rtt} init {init_ms}: X-Synwake-Cold-Start true on {}/{} responses (expected {want})",
+                cell.cold_header_true, cell.runs
+            ));
+        }
+        for e in &cell.errors {
+            notes.push(format!(
+                "{mode} RTT {rtt} init {init_ms}: a request failed and was retried: {e}"
+            ));
+        }
+        if matches!(mode, Mode::Syn | Mode::Sni | Mode::Affinity) {
+            hidden_counts.push(format!(
+                "{mode} init {init_ms} RTT {rtt}: {}/{}",
+                cell.runs - cell.cold_header_true,
+                cell.runs
+            ));
+        }
+        let mut record = Record::new(mode, args.runtime, rtt, init_ms, s);
+        record.protocol = protocol;
+        records.push(record);
     }
     pb.finish_and_clear();
     let elapsed = started.elapsed();
@@ -924,6 +1039,44 @@ mod tests {
     fn tolerance_is_ten_percent_or_half_a_millisecond() {
         assert_eq!(tolerance_ms(0), 0.5);
         assert_eq!(tolerance_ms(20), 2.0);
+    }
+
+    #[test]
+    fn phases_run_as_a_palindrome_of_halves() {
+        let order = |phases, runs| -> Vec<(usize, usize, usize)> {
+            plan_legs(phases, runs)
+                .iter()
+                .map(|l| (l.phase, l.runs, l.half))
+                .collect()
+        };
+        // request, accept, syn: the middle phase whole, the others split around it.
+        assert_eq!(
+            order(3, 20),
+            [(0, 10, 1), (1, 10, 1), (2, 20, 1), (1, 10, 2), (0, 10, 2)]
+        );
+        // Each phase gets all its runs; with even runs its legs are centred on the middle.
+        for (phases, runs) in [(2, 20), (3, 8), (4, 6), (1, 3), (3, 7)] {
+            let legs = plan_legs(phases, runs);
+            let mut pos = 0.0;
+            let mut centre = vec![0.0; phases];
+            let mut total = vec![0; phases];
+            for l in &legs {
+                centre[l.phase] += (pos + l.runs as f64 / 2.0) * l.runs as f64;
+                total[l.phase] += l.runs;
+                pos += l.runs as f64;
+            }
+            assert!(total.iter().all(|&t| t == runs), "{phases} x {runs}: {legs:?}");
+            let mid = pos / 2.0;
+            if runs % 2 == 0 {
+                for (p, c) in centre.iter().enumerate() {
+                    let c = c / runs as f64;
+                    assert!((c - mid).abs() < 1e-9, "{phases} x {runs}: phase {p} at {c}, mid {mid}");
+                }
+            }
+        }
+        // A single run cannot be split: every phase once, the last first.
+        assert_eq!(order(2, 1), [(1, 1, 1), (0, 1, 1)]);
+        assert!(plan_legs(0, 20).is_empty());
     }
 
     #[test]

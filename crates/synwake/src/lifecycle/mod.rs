@@ -10,6 +10,7 @@ mod idle;
 mod limiter;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -310,6 +311,25 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
+/// Where a start's first step runs.
+#[derive(Clone, Copy)]
+enum StartOn {
+    NewTask,
+    Caller,
+}
+
+/// Polls `start` once on this thread, then hands what is left of it to a task. The poll
+/// uses a no-op waker: the task polls the future again as soon as it is spawned, which
+/// registers the task's own waker, and every resource keeps its readiness as state, so a
+/// wake-up that arrives in between is seen by that poll, not lost.
+fn first_step_here(start: impl Future<Output = ()> + Send + 'static) {
+    let mut start = Box::pin(start);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if start.as_mut().poll(&mut cx).is_pending() {
+        tokio::spawn(start);
+    }
+}
+
 /// The lifecycle of every function. Cheap to clone.
 #[derive(Clone)]
 pub struct Lifecycle {
@@ -416,7 +436,7 @@ impl Lifecycle {
             a.as_ref()?.sole_function(&client.to_canonical(), now)
         };
         let outcome = match &function {
-            Some(f) => self.wake(f, Trigger::Affinity, at),
+            Some(f) => self.wake_inline(f, Trigger::Affinity, at),
             None => WakeOutcome::UnknownFunction,
         };
         let label = match (&function, outcome) {
@@ -643,6 +663,19 @@ impl Lifecycle {
 
     /// A wake signal: start the function if nothing is starting or running. Never blocks.
     pub fn wake(&self, name: &str, trigger: Trigger, at: Instant) -> WakeOutcome {
+        self.wake_with(name, trigger, at, StartOn::NewTask)
+    }
+
+    /// [`Lifecycle::wake`] for a packet's event reader: a start it begins makes its first
+    /// step (up to and including the spawn) here, on the caller's thread, before the call
+    /// returns; only the rest (the readiness wait) goes to a task of its own. Handed to a
+    /// new task, the start first waited for the reader to return to the runtime and for
+    /// the worker to pick the task up.
+    pub fn wake_inline(&self, name: &str, trigger: Trigger, at: Instant) -> WakeOutcome {
+        self.wake_with(name, trigger, at, StartOn::Caller)
+    }
+
+    fn wake_with(&self, name: &str, trigger: Trigger, at: Instant, on: StartOn) -> WakeOutcome {
         let Some(f) = self.get(name) else {
             return WakeOutcome::UnknownFunction;
         };
@@ -653,22 +686,33 @@ impl Lifecycle {
             .metrics
             .wakes
             .inc(&ByTrigger::new(&f.metric_name, trigger.as_str()));
-        let mut st = f.state.lock().unwrap();
-        if st.removed {
-            return WakeOutcome::UnknownFunction;
+        let start = {
+            let mut st = f.state.lock().unwrap();
+            if st.removed {
+                return WakeOutcome::UnknownFunction;
+            }
+            if st.live() > 0 {
+                return WakeOutcome::AlreadyUp;
+            }
+            if trigger.is_speculative() && !f.limiter.lock().unwrap().try_take() {
+                drop(st);
+                self.inner
+                    .metrics
+                    .wakes_suppressed
+                    .inc(&ByFunction::new(name));
+                return WakeOutcome::Suppressed;
+            }
+            self.begin_start(&f, &mut st, trigger, at)
+        };
+        // Outside the state lock: the start's first step takes it.
+        if let Some(start) = start {
+            match on {
+                StartOn::NewTask => {
+                    tokio::spawn(start);
+                }
+                StartOn::Caller => first_step_here(start),
+            }
         }
-        if st.live() > 0 {
-            return WakeOutcome::AlreadyUp;
-        }
-        if trigger.is_speculative() && !f.limiter.lock().unwrap().try_take() {
-            drop(st);
-            self.inner
-                .metrics
-                .wakes_suppressed
-                .inc(&ByFunction::new(name));
-            return WakeOutcome::Suppressed;
-        }
-        self.spawn_start(&f, &mut st, trigger, at);
         WakeOutcome::Started
     }
 
@@ -876,8 +920,22 @@ impl Lifecycle {
     /// (checked under the state lock, so no start slips past a removal or shutdown that
     /// is collecting the slots to stop).
     fn spawn_start(&self, f: &Arc<Function>, st: &mut FnState, trigger: Trigger, at: Instant) {
+        if let Some(start) = self.begin_start(f, st, trigger, at) {
+            tokio::spawn(start);
+        }
+    }
+
+    /// Books the start's slot (under the state lock, as [`Lifecycle::spawn_start`]) and
+    /// returns the start to run; `None` if none may begin.
+    fn begin_start(
+        &self,
+        f: &Arc<Function>,
+        st: &mut FnState,
+        trigger: Trigger,
+        at: Instant,
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
         if st.removed || self.inner.shutting_down.load(Ordering::Relaxed) {
-            return;
+            return None;
         }
         let id = self.inner.next_instance.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
@@ -897,7 +955,7 @@ impl Lifecycle {
         let lc = self.clone();
         let f = f.clone();
         let woke_at = at.min(now);
-        tokio::spawn(async move { lc.run_start(f, id, trigger, woke_at).await });
+        Some(async move { lc.run_start(f, id, trigger, woke_at).await })
     }
 
     async fn run_start(&self, f: Arc<Function>, id: u64, trigger: Trigger, woke_at: Instant) {
