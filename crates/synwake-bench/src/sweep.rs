@@ -573,8 +573,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             let api = Api::new(&topo.server, &setup.state_dir);
             if phase.wake.probe {
                 pb.set_message("waiting for the probe to see SYNs");
-                wait_probe_delivers(&topo, &api, &functions[0])
-                    .context("syn mode needs the probe (run without `syn` in --modes to skip it)")?;
+                wait_probe_delivers(&topo, &api, &functions[0]).context(
+                    "syn mode needs the probe (run without `syn` in --modes to skip it)",
+                )?;
             }
             pb.set_message("one unmeasured start per function");
             start_once(&api, &functions)?;
@@ -1065,12 +1066,18 @@ mod tests {
                 total[l.phase] += l.runs;
                 pos += l.runs as f64;
             }
-            assert!(total.iter().all(|&t| t == runs), "{phases} x {runs}: {legs:?}");
+            assert!(
+                total.iter().all(|&t| t == runs),
+                "{phases} x {runs}: {legs:?}"
+            );
             let mid = pos / 2.0;
             if runs % 2 == 0 {
                 for (p, c) in centre.iter().enumerate() {
                     let c = c / runs as f64;
-                    assert!((c - mid).abs() < 1e-9, "{phases} x {runs}: phase {p} at {c}, mid {mid}");
+                    assert!(
+                        (c - mid).abs() < 1e-9,
+                        "{phases} x {runs}: phase {p} at {c}, mid {mid}"
+                    );
                 }
             }
         }

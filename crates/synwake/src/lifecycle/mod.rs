@@ -482,16 +482,26 @@ impl Lifecycle {
 
     /// Updates the instance gauge and tells warmth subscribers about cold <-> live edges.
     fn live_changed(&self, f: &Function, live: usize) {
+        if self.live_counted(f, live) {
+            self.notify_warmth();
+        }
+    }
+
+    /// [`Lifecycle::live_changed`] without telling anyone: true on a cold <-> live edge,
+    /// which the caller must then pass on with [`Lifecycle::notify_warmth`].
+    fn live_counted(&self, f: &Function, live: usize) -> bool {
         self.inner
             .metrics
             .instances
             .set(&ByFunction::new(&f.metric_name), live as i64);
         let was = f.was_live.swap(live > 0, Ordering::Relaxed);
-        if was != (live > 0) {
-            self.inner
-                .warmth_changed
-                .send_modify(|v| *v = v.wrapping_add(1));
-        }
+        was != (live > 0)
+    }
+
+    fn notify_warmth(&self) {
+        self.inner
+            .warmth_changed
+            .send_modify(|v| *v = v.wrapping_add(1));
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Function>> {
@@ -705,12 +715,17 @@ impl Lifecycle {
             self.begin_start(&f, &mut st, trigger, at)
         };
         // Outside the state lock: the start's first step takes it.
-        if let Some(start) = start {
+        if let Some((start, warmth_edge)) = start {
             match on {
                 StartOn::NewTask => {
                     tokio::spawn(start);
                 }
                 StartOn::Caller => first_step_here(start),
+            }
+            // Only now: waking the warmth subscribers (the probe's map sync) from the
+            // reader would hand a task to another worker before the spawn.
+            if warmth_edge {
+                self.notify_warmth();
             }
         }
         WakeOutcome::Started
@@ -920,20 +935,24 @@ impl Lifecycle {
     /// (checked under the state lock, so no start slips past a removal or shutdown that
     /// is collecting the slots to stop).
     fn spawn_start(&self, f: &Arc<Function>, st: &mut FnState, trigger: Trigger, at: Instant) {
-        if let Some(start) = self.begin_start(f, st, trigger, at) {
+        if let Some((start, warmth_edge)) = self.begin_start(f, st, trigger, at) {
             tokio::spawn(start);
+            if warmth_edge {
+                self.notify_warmth();
+            }
         }
     }
 
     /// Books the start's slot (under the state lock, as [`Lifecycle::spawn_start`]) and
-    /// returns the start to run; `None` if none may begin.
+    /// returns the start to run, and whether the function just went from cold to live (for
+    /// [`Lifecycle::notify_warmth`], left to the caller); `None` if no start may begin.
     fn begin_start(
         &self,
         f: &Arc<Function>,
         st: &mut FnState,
         trigger: Trigger,
         at: Instant,
-    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+    ) -> Option<(impl Future<Output = ()> + Send + 'static, bool)> {
         if st.removed || self.inner.shutting_down.load(Ordering::Relaxed) {
             return None;
         }
@@ -951,11 +970,14 @@ impl Lifecycle {
             busy_since: None,
             busy: Duration::ZERO,
         });
-        self.live_changed(f, st.live());
+        let warmth_edge = self.live_counted(f, st.live());
         let lc = self.clone();
         let f = f.clone();
         let woke_at = at.min(now);
-        Some(async move { lc.run_start(f, id, trigger, woke_at).await })
+        Some((
+            async move { lc.run_start(f, id, trigger, woke_at).await },
+            warmth_edge,
+        ))
     }
 
     async fn run_start(&self, f: Arc<Function>, id: u64, trigger: Trigger, woke_at: Instant) {

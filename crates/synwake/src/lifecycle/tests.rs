@@ -20,6 +20,9 @@ use crate::spec::{FunctionSpec, OciSpec, Policy, RuntimeKind, Source};
 struct TestRuntime {
     starts: AtomicUsize,
     running: Arc<AtomicUsize>,
+    /// When set, each start call records whether this warmth subscriber had been told.
+    warmth: std::sync::Mutex<Option<watch::Receiver<u64>>>,
+    warmth_told_at_start: std::sync::Mutex<Vec<bool>>,
 }
 
 struct TestInstance {
@@ -67,6 +70,10 @@ impl Runtime for TestRuntime {
         out: OutputSink,
     ) -> Result<Arc<dyn Instance>, StartError> {
         self.starts.fetch_add(1, Ordering::SeqCst);
+        if let Some(rx) = self.warmth.lock().unwrap().as_ref() {
+            let told = rx.has_changed().unwrap();
+            self.warmth_told_at_start.lock().unwrap().push(told);
+        }
         let start_ms: u64 = spec
             .env
             .get("START_MS")
@@ -210,6 +217,65 @@ async fn wakes_share_the_start_with_requests() {
         lc.wake("nope", Trigger::Syn, Instant::now()),
         WakeOutcome::UnknownFunction
     );
+}
+
+/// The probe reader's wake makes the start call before it returns (a plain wake leaves the
+/// whole start to a new task), tells the warmth subscribers (the probe's map sync) only
+/// after that call, and the rest of the start finishes in a task of its own.
+#[tokio::test]
+async fn an_inline_wake_makes_the_start_call_before_it_returns() {
+    let (lc, rt) = lifecycle();
+    // START_MS: the runtime's start call itself waits, so its first poll is pending.
+    lc.deploy(spec("f", &[("START_MS", "20"), ("INIT_MS", "10")]))
+        .await
+        .unwrap();
+    lc.deploy(spec("g", &[("INIT_MS", "10")])).await.unwrap();
+    let mut warmth = lc.subscribe_warmth();
+    warmth.borrow_and_update();
+    *rt.warmth.lock().unwrap() = Some(lc.subscribe_warmth());
+    rt.warmth
+        .lock()
+        .unwrap()
+        .as_mut()
+        .unwrap()
+        .borrow_and_update();
+    // One runtime thread: a start handed to a task has not run before this one yields.
+    assert_eq!(
+        lc.wake("g", Trigger::Syn, Instant::now()),
+        WakeOutcome::Started
+    );
+    assert_eq!(rt.starts.load(Ordering::SeqCst), 0);
+    assert!(warmth.has_changed().unwrap());
+    warmth.borrow_and_update();
+    rt.warmth
+        .lock()
+        .unwrap()
+        .as_mut()
+        .unwrap()
+        .borrow_and_update();
+    assert_eq!(
+        lc.wake_inline("f", Trigger::Syn, Instant::now()),
+        WakeOutcome::Started
+    );
+    assert_eq!(
+        rt.starts.load(Ordering::SeqCst),
+        1,
+        "f's start call was made inside wake_inline"
+    );
+    assert_eq!(*rt.warmth_told_at_start.lock().unwrap(), [false]);
+    assert!(
+        warmth.has_changed().unwrap(),
+        "warmth subscribers hear of f"
+    );
+    assert_eq!(
+        lc.wake_inline("f", Trigger::Syn, Instant::now()),
+        WakeOutcome::AlreadyUp
+    );
+    let lease = lc.acquire("f").await.unwrap();
+    assert!(lease.cold);
+    assert_eq!(lc.metrics().cold_starts.get(&["f", "syn"]), 1.0);
+    drop(lc.acquire("g").await.unwrap());
+    assert_eq!(rt.starts.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]
