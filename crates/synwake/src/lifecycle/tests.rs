@@ -273,7 +273,7 @@ async fn an_inline_wake_makes_the_start_call_before_it_returns() {
     );
     let lease = lc.acquire("f").await.unwrap();
     assert!(lease.cold);
-    assert_eq!(lc.metrics().cold_starts.get(&["f", "syn"]), 1.0);
+    assert_eq!(lc.metrics().cold_starts.get(&ByTrigger::new("f", "syn")), 1);
     drop(lc.acquire("g").await.unwrap());
     assert_eq!(rt.starts.load(Ordering::SeqCst), 2);
 }
