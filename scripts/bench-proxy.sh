@@ -13,6 +13,10 @@
 #       # also a second daemon from another build (before/after), interleaved the same way
 #   BODY_BYTES=1024 scripts/bench-proxy.sh        # POST rows: size of the request body
 #   LOADS="-t2 -c64" scripts/bench-proxy.sh       # wrk loads (default: "-t1 -c1" and "-t2 -c64")
+#   ACCOUNT=1 scripts/bench-proxy.sh
+#       # also where the machine's CPU went during each measurement: CPU us per request of
+#       # wrk, the proxy and the function behind it, the rest of the machine, idle %, context
+#       # switches per request, and the upstream connections the function accepted
 #
 # Needs: cargo, wrk, nginx (Debian: nginx-light), curl.
 set -euo pipefail
@@ -52,6 +56,7 @@ bench_workdir
 # 1. The function, called directly (and by nginx).
 PORT=$FN_PORT SYNWAKE_FUNCTION=bench "$BIN/synwake-fn" >"$WORK/fn.log" 2>&1 &
 PIDS+=($!)
+FN_PID=$!
 
 # 2. synwake with its own instance of the same binary; kept warm for the whole run.
 start_synwake() { # binary, dir, shared port, api port, own port
@@ -73,7 +78,9 @@ idle_timeout = "1h"
 EOF
     SYNWAKE_LOG=warn "$1" up --config "$2/synwake.toml" >"$2/synwake.log" 2>&1 &
     PIDS+=($!)
+    DAEMON[$2]=$!
 }
+declare -A DAEMON
 start_synwake "$SYNWAKE_BIN" "$WORK/synwake" "$SHARED_PORT" "$API_PORT" "$OWN_PORT"
 
 # 3. nginx as a plain reverse proxy with upstream keepalive to the direct function.
@@ -93,6 +100,7 @@ start_synwake "$SYNWAKE_BIN" "$WORK/synwake" "$SHARED_PORT" "$API_PORT" "$OWN_PO
 }
 EOF
 start_nginx
+NGINX_PID=${PIDS[-1]}
 
 declare -A URL=(
     [direct]="http://127.0.0.1:$FN_PORT/"
@@ -115,6 +123,48 @@ for t in "${SYNWAKE_TARGETS[@]}"; do
     cold=$(curl -fsS -D - -o /dev/null "${URL[$t]}" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-synwake-cold-start"{print $2}')
     [ "$cold" = "false" ] || { echo "bench-proxy: $t not warm (cold-start: $cold)" >&2; exit 1; }
 done
+
+# ACCOUNT=1: which processes play which part behind each target, and their counters.
+descendants() { # pid: its descendants named $2
+    local c
+    for c in $(pgrep -P "$1"); do
+        [ "$(cat "/proc/$c/comm" 2>/dev/null)" = "$2" ] && echo "$c"
+        descendants "$c" "$2"
+    done
+}
+declare -A PROXY_PIDS FN_PIDS FN_CONN_URL ASKED_DIRECT
+for t in "${TARGETS[@]}"; do
+    case $t in
+        direct) PROXY_PIDS[$t]=""; FN_PIDS[$t]=$FN_PID ;;
+        nginx) PROXY_PIDS[$t]="$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')"; FN_PIDS[$t]=$FN_PID ;;
+        synwake-*) PROXY_PIDS[$t]=${DAEMON[$WORK/synwake]}; FN_PIDS[$t]=$(descendants "${DAEMON[$WORK/synwake]}" synwake-fn | tr '\n' ' ') ;;
+        before-*) PROXY_PIDS[$t]=${DAEMON[$WORK/before]}; FN_PIDS[$t]=$(descendants "${DAEMON[$WORK/before]}" synwake-fn | tr '\n' ' ') ;;
+    esac
+    # The function's own count of accepted connections, asked through the same route.
+    # Asked directly, the question is a connection of its own; through synwake it may ride
+    # a pooled one.
+    FN_CONN_URL[$t]="http://127.0.0.1:$FN_PORT/connections"; ASKED_DIRECT[$t]=1
+    case $t in synwake-*|before-*) FN_CONN_URL[$t]="${URL[$t]}connections"; ASKED_DIRECT[$t]=0 ;; esac
+done
+ticks() { # pids: utime + stime, clock ticks, all threads
+    local p sum=0 v
+    for p in "$@"; do
+        v=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}')
+        sum=$((sum + ${v:-0}))
+    done
+    echo "$sum"
+}
+machine() { # busy ticks, idle ticks (idle + iowait), context switches
+    awk '$1 == "cpu" {b = $2 + $3 + $4 + $7 + $8 + $9; i = $5 + $6} $1 == "ctxt" {c = $2}
+        END {print b, i, c}' /proc/stat
+}
+fn_accepted() { curl -fsS "$1" 2>/dev/null | tr -dc '0-9'; }
+ctxt() { # pids: voluntary + involuntary context switches of all their threads
+    local p
+    for p in "$@"; do cat /proc/"$p"/task/*/status 2>/dev/null; done |
+        awk '/ctxt_switches/ {n += $2} END {print n + 0}'
+}
+ACCT_ROWS=()
 
 # POST with a body: the function echoes it back.
 cat >"$WORK/post.lua" <<EOF
@@ -142,9 +192,35 @@ for round in $(seq 1 "$ROUNDS"); do
             key="$t|$load"
             file="$OUT/wrk-${t}-${method}$(echo "$args" | tr -d ' -')-r$round.txt"
             l=$(cut -d' ' -f1 /proc/loadavg)
+            if [ -n "${ACCOUNT:-}" ]; then
+                # shellcheck disable=SC2086
+                { a0=$(fn_accepted "${FN_CONN_URL[$t]}"); read -r mb0 mi0 mc0 < <(machine)
+                  p0=$(ticks ${PROXY_PIDS[$t]}); f0=$(ticks ${FN_PIDS[$t]})
+                  pc0=$(ctxt ${PROXY_PIDS[$t]}); fc0=$(ctxt ${FN_PIDS[$t]}); }
+            fi
+            timed=()
+            [ -n "${ACCOUNT:-}" ] && timed=(/usr/bin/time -f "%U %S %w %c" -o "$file.time")
             # shellcheck disable=SC2086
-            wrk $args -d"$DURATION" --latency "${script[@]}" "${URL[$t]}" >"$file"
+            "${timed[@]}" wrk $args -d"$DURATION" --latency "${script[@]}" "${URL[$t]}" >"$file"
             r=$(awk '/^Requests\/sec:/ {print $2}' "$file")
+            if [ -n "${ACCOUNT:-}" ]; then
+                # shellcheck disable=SC2086
+                { read -r mb1 mi1 mc1 < <(machine); p1=$(ticks ${PROXY_PIDS[$t]}); f1=$(ticks ${FN_PIDS[$t]})
+                  pc1=$(ctxt ${PROXY_PIDS[$t]}); fc1=$(ctxt ${FN_PIDS[$t]})
+                  a1=$(fn_accepted "${FN_CONN_URL[$t]}"); }
+                reqs=$(awk '/requests in/ {print $1}' "$file")
+                read -r wu ws wv wc <"$file.time"
+                row=$(awk -v n="$reqs" -v wu="$wu" -v ws="$ws" -v p="$((p1 - p0))" -v f="$((f1 - f0))" \
+                    -v mb="$((mb1 - mb0))" -v mi="$((mi1 - mi0))" -v mc="$((mc1 - mc0))" \
+                    -v acc="$((a1 - a0 - ${ASKED_DIRECT[$t]}))" -v wcs="$((wv + wc))" \
+                    -v pcs="$((pc1 - pc0))" -v fcs="$((fc1 - fc0))" 'BEGIN {
+                    tick = 1e6 / 100 / n; w = (wu + ws) * 1e6 / n
+                    printf "%.1f | %.1f | %.1f | %.1f | %.1f | %.0f%% | %.2f | %.2f | %.2f | %.2f | %d",
+                        w, p * tick, f * tick, mb * tick - w - p * tick - f * tick, mb * tick,
+                        100 * mi / (mb + mi), mc / n, wcs / n, pcs / n, fcs / n, acc }')
+                ACCT_ROWS+=("| $t | \`$load\` | $round | $r | $row | $l |")
+                echo "    us/request wrk | proxy | fn | rest | machine | idle | ctxt/req: machine | wrk | proxy | fn | fn conns accepted: $row" >&2
+            fi
             p50=$(to_us "$(awk '$1 == "50%" {print $2}' "$file")")
             p99=$(to_us "$(awk '$1 == "99%" {print $2}' "$file")")
             RPS[$key]+="$r "; P50[$key]+="$p50 "; P99[$key]+="$p99 "; LOAD[$key]+="$l "
@@ -194,6 +270,19 @@ if [ -n "${P50[nginx|$low]:-}" ]; then
         echo "- $t: p50 added over direct at one connection, per round: ${added% } us" \
             "(median $(median <<<"$added"))"
     done
+fi
+if [ -n "${ACCOUNT:-}" ]; then
+    echo
+    echo "Where the machine's CPU went (ACCOUNT=1): CPU time per request in us (utime + stime,"
+    echo "10 ms ticks) of wrk, the proxy (synwake daemon / nginx master + workers), the function"
+    echo "behind it, the rest of the machine (other jobs, kernel threads, softirq not charged"
+    echo "to a process) and the whole machine; machine idle %; context switches per request"
+    echo "(machine, wrk, the proxy, the function); connections the function accepted during the"
+    echo "measurement."
+    echo
+    echo "| target | load | round | requests/s | wrk | proxy | fn | rest | machine | idle | ctxt/req | wrk ctxt/req | proxy ctxt/req | fn ctxt/req | fn conns accepted | loadavg |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    printf '%s\n' "${ACCT_ROWS[@]}"
 fi
 echo
 echo "machine: $(nproc) cores, $(uname -sr), $(. /etc/os-release && echo "$PRETTY_NAME");" \
