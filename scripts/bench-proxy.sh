@@ -154,9 +154,12 @@ ticks() { # pids: utime + stime, clock ticks, all threads
     done
     echo "$sum"
 }
-machine() { # busy ticks, idle ticks (idle + iowait), context switches
-    awk '$1 == "cpu" {b = $2 + $3 + $4 + $7 + $8 + $9; i = $5 + $6} $1 == "ctxt" {c = $2}
-        END {print b, i, c}' /proc/stat
+machine() { # busy ticks, idle ticks (idle + iowait), context switches, irq + softirq
+    # ticks, steal ticks, TCP segments sent
+    { cat /proc/stat; grep '^Tcp:' /proc/net/snmp | tail -1; } | awk '
+        $1 == "cpu" {b = $2 + $3 + $4 + $7 + $8; i = $5 + $6; q = $7 + $8; st = $9}
+        $1 == "ctxt" {c = $2} $1 == "Tcp:" {o = $12}
+        END {print b, i, c, q, st, o}'
 }
 fn_accepted() { curl -fsS "$1" 2>/dev/null | tr -dc '0-9'; }
 ctxt() { # pids: voluntary + involuntary context switches of all their threads
@@ -194,7 +197,7 @@ for round in $(seq 1 "$ROUNDS"); do
             l=$(cut -d' ' -f1 /proc/loadavg)
             if [ -n "${ACCOUNT:-}" ]; then
                 # shellcheck disable=SC2086
-                { a0=$(fn_accepted "${FN_CONN_URL[$t]}"); read -r mb0 mi0 mc0 < <(machine)
+                { a0=$(fn_accepted "${FN_CONN_URL[$t]}"); read -r mb0 mi0 mc0 mq0 ms0 mo0 < <(machine)
                   p0=$(ticks ${PROXY_PIDS[$t]}); f0=$(ticks ${FN_PIDS[$t]})
                   pc0=$(ctxt ${PROXY_PIDS[$t]}); fc0=$(ctxt ${FN_PIDS[$t]}); }
             fi
@@ -205,21 +208,23 @@ for round in $(seq 1 "$ROUNDS"); do
             r=$(awk '/^Requests\/sec:/ {print $2}' "$file")
             if [ -n "${ACCOUNT:-}" ]; then
                 # shellcheck disable=SC2086
-                { read -r mb1 mi1 mc1 < <(machine); p1=$(ticks ${PROXY_PIDS[$t]}); f1=$(ticks ${FN_PIDS[$t]})
+                { read -r mb1 mi1 mc1 mq1 ms1 mo1 < <(machine); p1=$(ticks ${PROXY_PIDS[$t]}); f1=$(ticks ${FN_PIDS[$t]})
                   pc1=$(ctxt ${PROXY_PIDS[$t]}); fc1=$(ctxt ${FN_PIDS[$t]})
                   a1=$(fn_accepted "${FN_CONN_URL[$t]}"); }
                 reqs=$(awk '/requests in/ {print $1}' "$file")
                 read -r wu ws wv wc <"$file.time"
                 row=$(awk -v n="$reqs" -v wu="$wu" -v ws="$ws" -v p="$((p1 - p0))" -v f="$((f1 - f0))" \
                     -v mb="$((mb1 - mb0))" -v mi="$((mi1 - mi0))" -v mc="$((mc1 - mc0))" \
+                    -v mq="$((mq1 - mq0))" -v ms="$((ms1 - ms0))" -v mo="$((mo1 - mo0))" \
                     -v acc="$((a1 - a0 - ${ASKED_DIRECT[$t]}))" -v wcs="$((wv + wc))" \
                     -v pcs="$((pc1 - pc0))" -v fcs="$((fc1 - fc0))" 'BEGIN {
                     tick = 1e6 / 100 / n; w = (wu + ws) * 1e6 / n
-                    printf "%.1f | %.1f | %.1f | %.1f | %.1f | %.0f%% | %.2f | %.2f | %.2f | %.2f | %d",
-                        w, p * tick, f * tick, mb * tick - w - p * tick - f * tick, mb * tick,
-                        100 * mi / (mb + mi), mc / n, wcs / n, pcs / n, fcs / n, acc }')
+                    printf "%.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.0f%% | %.2f | %.2f | %.2f | %.2f | %.1f | %d",
+                        w, p * tick, f * tick, mb * tick - w - p * tick - f * tick,
+                        mq * tick, mb * tick, ms * tick, 100 * mi / (mb + mi + ms), mc / n, wcs / n,
+                        pcs / n, fcs / n, mo / n, acc }')
                 ACCT_ROWS+=("| $t | \`$load\` | $round | $r | $row | $l |")
-                echo "    us/request wrk | proxy | fn | rest | machine | idle | ctxt/req: machine | wrk | proxy | fn | fn conns accepted: $row" >&2
+                echo "    us/request wrk | proxy | fn | rest | irq | machine | steal | idle | ctxt/req: machine | wrk | proxy | fn | TCP segments/req | fn conns accepted: $row" >&2
             fi
             p50=$(to_us "$(awk '$1 == "50%" {print $2}' "$file")")
             p99=$(to_us "$(awk '$1 == "99%" {print $2}' "$file")")
@@ -275,13 +280,14 @@ if [ -n "${ACCOUNT:-}" ]; then
     echo
     echo "Where the machine's CPU went (ACCOUNT=1): CPU time per request in us (utime + stime,"
     echo "10 ms ticks) of wrk, the proxy (synwake daemon / nginx master + workers), the function"
-    echo "behind it, the rest of the machine (other jobs, kernel threads, softirq not charged"
-    echo "to a process) and the whole machine; machine idle %; context switches per request"
-    echo "(machine, wrk, the proxy, the function); connections the function accepted during the"
-    echo "measurement."
+    echo "behind it, the rest of the machine (other jobs, kernel threads), irq + softirq time (part"
+    echo "of it is charged to the processes too), the whole machine (without steal) and the time"
+    echo "the hypervisor stole; machine idle %; context switches per request (machine, wrk, the proxy, the"
+    echo "function); TCP segments sent per request (all of the machine's); connections the"
+    echo "function accepted during the measurement."
     echo
-    echo "| target | load | round | requests/s | wrk | proxy | fn | rest | machine | idle | ctxt/req | wrk ctxt/req | proxy ctxt/req | fn ctxt/req | fn conns accepted | loadavg |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| target | load | round | requests/s | wrk | proxy | fn | rest | irq | machine | steal | idle | ctxt/req | wrk ctxt/req | proxy ctxt/req | fn ctxt/req | TCP segs/req | fn conns accepted | loadavg |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     printf '%s\n' "${ACCT_ROWS[@]}"
 fi
 echo

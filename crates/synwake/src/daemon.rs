@@ -127,7 +127,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // and instance starts.
     let mut limits = config.gateway.limits.clone();
     limits.max_connections = limits.max_connections.min(fd_budget.public);
-    let conns = listeners::Connections::new(limits);
+    let mut conns = listeners::Connections::new(limits);
+    let serving_threads = serving_threads();
+    if serving_threads > 0 {
+        let serving = listeners::Serving::start(serving_threads)
+            .context("starting the threads that serve client connections")?;
+        tracing::info!("client connections are served on {serving_threads} thread(s)");
+        conns = conns.served_on(serving);
+    }
     let proxy = Proxy::new(
         lifecycle.clone(),
         config.gateway.limits.upstream_idle_timeout,
@@ -292,6 +299,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     lifecycle.shutdown().await;
     tracing::info!("all instances stopped; bye");
     Ok(())
+}
+
+/// Threads serving client connections (`SYNWAKE_SERVING_THREADS`, default one per CPU; 0:
+/// served on the daemon's multi-threaded runtime, as before these threads existed).
+fn serving_threads() -> usize {
+    match std::env::var("SYNWAKE_SERVING_THREADS") {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) => n.min(1024),
+            Err(_) => {
+                tracing::warn!(
+                    "SYNWAKE_SERVING_THREADS={v:?} is not a number of threads; using one per CPU"
+                );
+                cpus()
+            }
+        },
+        Err(_) => cpus(),
+    }
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// How often the idle policy's history is written when it changed (and once at shutdown).

@@ -1,6 +1,6 @@
 //! Accept loops: one per listening socket (plain HTTP or TLS), with graceful drain on
 //! shutdown. The set of per-function ports (plain and TLS) follows deploys and removals
-//! live.
+//! live. Accepted connections are served on the [`Serving`] threads when there are some.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -51,6 +51,8 @@ pub struct Connections {
     /// One permit per open connection; without one, a connection waits in the backlog.
     admit: Arc<Semaphore>,
     server: Arc<Server>,
+    /// Where accepted connections are served; `None`: on the accepting runtime.
+    serving: Option<Arc<Serving>>,
 }
 
 impl Default for Connections {
@@ -65,16 +67,25 @@ impl Connections {
             open: Arc::default(),
             admit: Arc::new(Semaphore::new(limits.max_connections.max(1))),
             server: Server::new(limits),
+            serving: None,
         }
     }
 
+    /// The same, with connections served on `serving`'s threads.
+    pub fn served_on(mut self, serving: Arc<Serving>) -> Self {
+        self.serving = Some(serving);
+        self
+    }
+
     /// The same drain count and server, with admission of its own: the API stays
-    /// reachable while the function ports are at `max_connections`.
+    /// reachable while the function ports are at `max_connections`. Its connections stay
+    /// on the accepting runtime (deploys and removals are not the hot path).
     pub fn with_own_limit(&self, max: usize) -> Self {
         Connections {
             open: self.open.clone(),
             admit: Arc::new(Semaphore::new(max.max(1))),
             server: self.server.clone(),
+            serving: None,
         }
     }
 
@@ -175,7 +186,7 @@ pub async fn serve_transport(
         let transport = transport.clone();
         let accepted = Instant::now();
         let server = conns.server.clone();
-        tokio::spawn(async move {
+        let serve = move |stream: TcpStream| async move {
             let _guard = guard;
             match transport {
                 Transport::Plain => {
@@ -203,7 +214,91 @@ pub async fn serve_transport(
                     }
                 }
             }
+        };
+        match &conns.serving {
+            Some(serving) => serving.spawn(stream, serve),
+            None => {
+                tokio::spawn(serve(stream));
+            }
+        }
+    }
+}
+
+/// Threads that serve client connections, each running a single-threaded runtime: a
+/// connection's requests, their upstream calls and the responses are polled on one thread
+/// (no work stealing, no wake-ups across threads on the hot path). A new connection goes
+/// to the thread serving the fewest.
+pub struct Serving {
+    threads: Vec<ServingThread>,
+}
+
+struct ServingThread {
+    handle: tokio::runtime::Handle,
+    /// Connections this thread serves now.
+    open: Arc<AtomicUsize>,
+}
+
+impl Serving {
+    /// Starts `threads` (at least one) serving threads; they live as long as the process
+    /// (instances started from them die with their thread: PR_SET_PDEATHSIG).
+    pub fn start(threads: usize) -> std::io::Result<Arc<Serving>> {
+        let mut out = Vec::new();
+        for i in 0..threads.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let handle = rt.handle().clone();
+            std::thread::Builder::new()
+                .name(format!("synwake-serve-{i}"))
+                .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+            out.push(ServingThread {
+                handle,
+                open: Arc::default(),
+            });
+        }
+        Ok(Arc::new(Serving { threads: out }))
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Serves `stream` with `serve` on the least busy thread.
+    fn spawn<F, Fut>(&self, stream: TcpStream, serve: F)
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let t = self
+            .threads
+            .iter()
+            .min_by_key(|t| t.open.load(Ordering::Relaxed))
+            .expect("at least one serving thread");
+        // The stream leaves this runtime's reactor for the serving thread's.
+        let std = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("handing a connection to a serving thread: {e}");
+                return;
+            }
+        };
+        t.open.fetch_add(1, Ordering::Relaxed);
+        let open = OpenOn(t.open.clone());
+        t.handle.spawn(async move {
+            let _open = open;
+            match TcpStream::from_std(std) {
+                Ok(stream) => serve(stream).await,
+                Err(e) => tracing::debug!("registering a connection on a serving thread: {e}"),
+            }
         });
+    }
+}
+
+/// Counts a connection on its serving thread until it closes.
+struct OpenOn(Arc<AtomicUsize>);
+impl Drop for OpenOn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
