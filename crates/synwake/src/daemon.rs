@@ -301,25 +301,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Threads serving client connections (`SYNWAKE_SERVING_THREADS`, default one per CPU; 0:
-/// served on the daemon's multi-threaded runtime, as before these threads existed).
+/// Threads serving client connections (`SYNWAKE_SERVING_THREADS`; 0: served on the daemon's
+/// multi-threaded runtime, as before these threads existed).
 fn serving_threads() -> usize {
     match std::env::var("SYNWAKE_SERVING_THREADS") {
         Ok(v) => match v.trim().parse::<usize>() {
             Ok(n) => n.min(1024),
             Err(_) => {
+                let n = default_serving_threads();
                 tracing::warn!(
-                    "SYNWAKE_SERVING_THREADS={v:?} is not a number of threads; using one per CPU"
+                    "SYNWAKE_SERVING_THREADS={v:?} is not a number of threads; using {n}"
                 );
-                cpus()
+                n
             }
         },
-        Err(_) => cpus(),
+        Err(_) => default_serving_threads(),
     }
 }
 
-fn cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// Half the CPUs, at least one: the functions and their clients run on the same host (on
+/// 2 CPUs one serving thread spent less CPU per request than two, docs/benchmarks.md).
+fn default_serving_threads() -> usize {
+    (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1)
 }
 
 /// How often the idle policy's history is written when it changed (and once at shutdown).
