@@ -1094,6 +1094,17 @@ mod tests {
         inst.describe()[4..].parse().unwrap()
     }
 
+    /// `Cpus_allowed_list` of /proc/<pid>/status.
+    fn cpus_allowed(pid: &str) -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
     /// Root, a cgroup2 mount and tracefs, or the rule for `test`.
     fn cgroup2_and_tracefs(test: &str, rt: &ProcessRuntime) -> bool {
         let missing = if !synwake_test_support::gate::is_root() {
@@ -1145,6 +1156,12 @@ mod tests {
             assert!(
                 v2.ends_with(&format!("/{group}/sleeper.{instance}")),
                 "instance {instance} runs in {v2}"
+            );
+            // The launcher pins itself to one CPU for the fork; the instance is unpinned.
+            assert_eq!(
+                cpus_allowed(&pid.to_string()),
+                cpus_allowed("self"),
+                "instance {instance}"
             );
             inst.stop(Duration::from_secs(1)).await;
         }
