@@ -10,59 +10,86 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::hosts::ConnInfo;
 
-const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Adds the forwarded headers for a request that came in on `conn`. On every request's
-/// path: two allocations when the client sent no forwarded headers of its own.
+/// The forwarded headers a request on a connection gets; they replace any of these four
+/// the request has (the client's own `X-Forwarded-For` and `Forwarded` are kept in front).
+pub struct Forwarded {
+    pub xff: String,
+    pub proto: &'static str,
+    /// `None`: no `X-Forwarded-Host` (the client's is removed).
+    pub host: Option<HeaderValue>,
+    pub forwarded: String,
+}
+
+impl Forwarded {
+    /// The values for a request with `headers` that came in on `conn`: two allocations
+    /// when the client sent no forwarded headers of its own.
+    pub fn of(headers: &HeaderMap, conn: &ConnInfo) -> Forwarded {
+        let ip = conn.peer.ip();
+        let host = headers
+            .get(http::header::HOST)
+            .filter(|v| v.to_str().is_ok())
+            .cloned()
+            .or_else(|| {
+                let name = conn.server_name.as_deref()?;
+                HeaderValue::from_str(name).ok()
+            });
+        let mut xff = String::with_capacity(48);
+        join_prior(headers, &XFF, &mut xff);
+        let _ = write!(xff, "{ip}");
+        let mut forwarded = String::with_capacity(64);
+        join_prior(headers, &http::header::FORWARDED, &mut forwarded);
+        let _ = match ip {
+            IpAddr::V4(v4) => write!(forwarded, "for={v4};proto={}", conn.scheme()),
+            IpAddr::V6(v6) => write!(forwarded, "for=\"[{v6}]\";proto={}", conn.scheme()),
+        };
+        let h = host.as_ref().and_then(|v| v.to_str().ok());
+        if let Some(h) = h.filter(|h| !h.contains(['"', '\\'])) {
+            let _ = write!(forwarded, ";host=\"{h}\"");
+        }
+        Forwarded {
+            xff,
+            proto: conn.scheme(),
+            host,
+            forwarded,
+        }
+    }
+
+    /// One of the four names these values replace.
+    pub fn replaces(name: &HeaderName) -> bool {
+        name == XFF || name == XFP || name == XFH || name == http::header::FORWARDED
+    }
+}
+
+/// Adds the forwarded headers for a request that came in on `conn`.
 pub fn set_forwarded(headers: &mut HeaderMap, conn: &ConnInfo) {
-    let ip = conn.peer.ip();
-    let host = headers
-        .get(http::header::HOST)
-        .filter(|v| v.to_str().is_ok())
-        .cloned()
-        .or_else(|| {
-            let name = conn.server_name.as_deref()?;
-            HeaderValue::from_str(name).ok()
-        });
-    append(headers, XFF, ip.to_string());
-    headers.insert(XFP, HeaderValue::from_static(conn.scheme()));
-    match &host {
+    let f = Forwarded::of(headers, conn);
+    // From the Strings themselves: no copy.
+    if let Ok(v) = HeaderValue::try_from(f.xff) {
+        headers.insert(XFF, v);
+    }
+    headers.insert(XFP, HeaderValue::from_static(f.proto));
+    match f.host {
         Some(v) => {
-            headers.insert(XFH, v.clone());
+            headers.insert(XFH, v);
         }
         None => {
             headers.remove(XFH);
         }
     }
-    let mut element = String::with_capacity(64);
-    let _ = match ip {
-        IpAddr::V4(v4) => write!(element, "for={v4};proto={}", conn.scheme()),
-        IpAddr::V6(v6) => write!(element, "for=\"[{v6}]\";proto={}", conn.scheme()),
-    };
-    let host = host.as_ref().and_then(|v| v.to_str().ok());
-    if let Some(h) = host.filter(|h| !h.contains(['"', '\\'])) {
-        let _ = write!(element, ";host=\"{h}\"");
+    if let Ok(v) = HeaderValue::try_from(f.forwarded) {
+        headers.insert(http::header::FORWARDED, v);
     }
-    append(headers, http::header::FORWARDED, element);
 }
 
-/// Appends `value` to a comma-separated header, joining repeated fields into one.
-fn append(headers: &mut HeaderMap, name: HeaderName, value: String) {
-    let prev: Vec<&str> = headers
-        .get_all(&name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let joined = if prev.is_empty() {
-        value
-    } else {
-        format!("{}, {value}", prev.join(", "))
-    };
-    // From the String itself: no copy.
-    if let Ok(v) = HeaderValue::try_from(joined) {
-        headers.insert(name, v);
+/// The values a comma-separated header already has, joined, with ", " after them.
+fn join_prior(headers: &HeaderMap, name: &HeaderName, out: &mut String) {
+    for v in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
+        out.push_str(v);
+        out.push_str(", ");
     }
 }
 

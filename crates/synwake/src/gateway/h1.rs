@@ -13,12 +13,15 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{
+    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TE, TRANSFER_ENCODING,
+};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
+use super::forwarded::Forwarded;
 use super::ForwardBody;
 
 /// A response head (status line and header fields) larger than this is refused.
@@ -123,6 +126,46 @@ fn read_more(
     tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }
 
+fn put_field(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    head.extend_from_slice(name);
+    head.extend_from_slice(b": ");
+    head.extend_from_slice(value);
+    head.extend_from_slice(b"\r\n");
+}
+
+/// Fields for this hop only (RFC 9110 7.6.1), and the framing, which is ours: a body is
+/// decoded from the framing it came with and framed anew.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    use http::header::{PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TRAILER, UPGRADE};
+    name == CONNECTION
+        || name == CONTENT_LENGTH
+        || name == TRANSFER_ENCODING
+        || name == TE
+        || name == TRAILER
+        || name == UPGRADE
+        || name == PROXY_AUTHORIZATION
+        || name == PROXY_AUTHENTICATE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+/// The fields `Connection` names (hop-by-hop too); no allocation without any.
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut named = Vec::new();
+    for v in headers.get_all(CONNECTION) {
+        for token in v.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive") {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(token) {
+                named.push(n);
+            }
+        }
+    }
+    named
+}
+
 /// How a request body is framed on the wire.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Framing {
@@ -149,7 +192,11 @@ impl Outgoing {
     /// Encodes `req` (its URI's path and query are the target) for an instance at `addr`.
     /// The first piece of the body is taken if it is there already, so a small upload
     /// leaves in the same write as the head.
-    pub async fn new(req: Request<ForwardBody>, addr: SocketAddr) -> Result<Outgoing, Error> {
+    pub async fn new(
+        req: Request<ForwardBody>,
+        addr: SocketAddr,
+        forwarded: Option<Forwarded>,
+    ) -> Result<Outgoing, Error> {
         let (parts, body) = req.into_parts();
         let framing = if body.is_end_stream() {
             Framing::Empty
@@ -160,7 +207,7 @@ impl Outgoing {
             }
         };
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut head = Vec::with_capacity(128 + parts.headers.len() * 48);
+        let mut head = Vec::with_capacity(192 + parts.headers.len() * 48);
         head.extend_from_slice(parts.method.as_str().as_bytes());
         head.push(b' ');
         head.extend_from_slice(target.as_bytes());
@@ -169,15 +216,27 @@ impl Outgoing {
             use std::io::Write;
             let _ = write!(head, "host: {addr}\r\n");
         }
+        let named = connection_named(&parts.headers);
         for (name, value) in &parts.headers {
-            // The framing is ours: the body was decoded from the client's framing.
-            if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            if is_hop_by_hop(name)
+                || named.contains(name)
+                || (forwarded.is_some() && Forwarded::replaces(name))
+            {
+                // gRPC needs `te: trailers` end to end: the one TE value kept.
+                if name == TE && value.as_bytes().eq_ignore_ascii_case(b"trailers") {
+                    head.extend_from_slice(b"te: trailers\r\n");
+                }
                 continue;
             }
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
+            put_field(&mut head, name.as_str().as_bytes(), value.as_bytes());
+        }
+        if let Some(f) = &forwarded {
+            put_field(&mut head, b"x-forwarded-for", f.xff.as_bytes());
+            put_field(&mut head, b"x-forwarded-proto", f.proto.as_bytes());
+            if let Some(h) = &f.host {
+                put_field(&mut head, b"x-forwarded-host", h.as_bytes());
+            }
+            put_field(&mut head, b"forwarded", f.forwarded.as_bytes());
         }
         match framing {
             Framing::Length(n) => {
@@ -377,11 +436,19 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
         *slot = (name, name + h.name.len(), value, value + h.value.len());
     }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(n);
+    // Room for the one field forward adds (X-Synwake-Cold-Start) without a regrow.
+    let mut headers = HeaderMap::with_capacity(n + 1);
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut transfer_encodings = 0;
     let mut close = version == Version::HTTP_10;
+    // Fields the response's Connection names are hop-by-hop too (left out below).
+    let mut named: Vec<&[u8]> = Vec::new();
+    for &(n0, n1, v0, v1) in &at[..n] {
+        if head[n0..n1].eq_ignore_ascii_case(b"connection") {
+            named.extend(head[v0..v1].split(|&b| b == b',').map(<[u8]>::trim_ascii));
+        }
+    }
     for &(n0, n1, v0, v1) in &at[..n] {
         let name =
             HeaderName::from_bytes(&head[n0..n1]).map_err(|_| Error::Invalid("bad header name"))?;
@@ -409,6 +476,15 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
                 .as_bytes()
                 .split(|&b| b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            continue;
+        }
+        // Content-Length stays: the client's framing of a HEAD or 304 answer is it.
+        if name != CONTENT_LENGTH && is_hop_by_hop(&name)
+            || named
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(name.as_str().as_bytes()))
+        {
+            continue;
         }
         headers.append(name, value);
     }
@@ -875,5 +951,55 @@ mod tests {
         for bad in [&b""[..], b"x", b"-1", b"12345678901234567", b"5\n", b" 5"] {
             assert_eq!(parse_chunk_size(bad), None, "{bad:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn request_head_leaves_hop_by_hop_fields_out_and_writes_forwarded_ones() {
+        let req = Request::builder()
+            .method("GET")
+            .uri("/p?q=1")
+            .header("host", "h.example")
+            .header("connection", "keep-alive, x-secret")
+            .header("x-secret", "1")
+            .header("keep-alive", "timeout=5")
+            .header("te", "trailers")
+            .header("upgrade", "h2c")
+            .header("x-forwarded-for", "10.0.0.9")
+            .header("x-forwarded-proto", "gopher")
+            .header("x-kept", "yes")
+            .body(ForwardBody::Queued(http_body_util::Full::new(Bytes::new())))
+            .unwrap();
+        let conn = super::super::ConnInfo::plain("192.0.2.7:5555".parse().unwrap());
+        let f = Forwarded::of(req.headers(), &conn);
+        let out = Outgoing::new(req, "127.0.0.1:9".parse().unwrap(), Some(f))
+            .await
+            .unwrap();
+        let head = String::from_utf8(out.pending[0].to_vec()).unwrap();
+        let mut lines: Vec<&str> = head.split("\r\n").collect();
+        assert_eq!(lines.remove(0), "GET /p?q=1 HTTP/1.1");
+        lines.sort_unstable();
+        assert_eq!(
+            lines,
+            [
+                "",
+                "",
+                "forwarded: for=192.0.2.7;proto=http;host=\"h.example\"",
+                "host: h.example",
+                "te: trailers",
+                "x-forwarded-for: 10.0.0.9, 192.0.2.7",
+                "x-forwarded-host: h.example",
+                "x-forwarded-proto: http",
+                "x-kept: yes",
+            ]
+        );
+    }
+
+    #[test]
+    fn response_hop_by_hop_fields_are_left_out() {
+        let raw = "HTTP/1.1 200 OK\r\nconnection: x-hop\r\nx-hop: 1\r\nkeep-alive: timeout=5\r\nupgrade: h2c\r\nx-kept: 1\r\ncontent-length: 0\r\n\r\n";
+        let h = head(raw, false).unwrap().unwrap();
+        let mut names: Vec<&str> = h.parts.headers.keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "x-kept"]);
     }
 }

@@ -308,7 +308,17 @@ impl Proxy {
         }
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let uri: Uri = match format!("http://{addr}{path}").parse() {
+        // h2c, Upgrade and plain CONNECT go through hyper's client (it wants an absolute
+        // URI); all else is ours.
+        let own_h1 = spec.policy.protocol == Protocol::Http1
+            && upgrade.is_none()
+            && parts.method != http::Method::CONNECT;
+        let target = if own_h1 {
+            path.parse()
+        } else {
+            format!("http://{addr}{path}").parse()
+        };
+        let uri: Uri = match target {
             Ok(u) => u,
             Err(e) => {
                 return text_response(
@@ -335,19 +345,28 @@ impl Proxy {
         } else {
             http::Version::HTTP_11
         };
-        // gRPC needs `te: trailers` end to end; it is the one TE value HTTP/2 allows.
-        let te_trailers = parts
-            .headers
-            .get(http::header::TE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-        strip_hop_by_hop(&mut parts.headers);
-        if let Origin::Client(conn) = origin {
-            forwarded::set_forwarded(&mut parts.headers, conn);
-        }
-        if te_trailers {
-            parts
+        // Our encoder leaves out the hop-by-hop fields and writes the forwarded ones itself
+        // (no header map edits on the hot path).
+        let mut forwarded = None;
+        if own_h1 {
+            if let Origin::Client(conn) = origin {
+                forwarded = Some(forwarded::Forwarded::of(&parts.headers, conn));
+            }
+        } else {
+            // gRPC needs `te: trailers` end to end; it is the one TE value HTTP/2 allows.
+            let te_trailers = parts
                 .headers
-                .insert(http::header::TE, HeaderValue::from_static("trailers"));
+                .get(http::header::TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+            strip_hop_by_hop(&mut parts.headers);
+            if let Origin::Client(conn) = origin {
+                forwarded::set_forwarded(&mut parts.headers, conn);
+            }
+            if te_trailers {
+                parts
+                    .headers
+                    .insert(http::header::TE, HeaderValue::from_static("trailers"));
+            }
         }
         if let Some(protocol) = &upgrade {
             parts.headers.insert(
@@ -364,8 +383,6 @@ impl Proxy {
         // connection (kept for its later requests), and a queued call's body on one of its
         // own (closed after it); never on a shared one.
         let with_body = !h2c && !body.is_end_stream();
-        // h2c, Upgrade and plain CONNECT go through hyper's client; all else is ours.
-        let own_h1 = !h2c && upgrade.is_none() && parts.method != http::Method::CONNECT;
         let via = match origin {
             Origin::Client(conn) if with_body || conn.private.holds(&lease.instance) => {
                 upstream::Via::Private(&conn.private)
@@ -384,7 +401,7 @@ impl Proxy {
             if own_h1 {
                 let resp = self
                     .upstream
-                    .send_h1(via, &lease.instance, policy.connect_timeout, req)
+                    .send_h1(via, &lease.instance, policy.connect_timeout, req, forwarded)
                     .await?;
                 Ok::<_, upstream::SendError>(resp.map(|b| b.map_err(BodyError::from).boxed()))
             } else {
@@ -444,7 +461,10 @@ impl Proxy {
             }
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
+                if !own_h1 {
+                    // Ours leaves them out while parsing.
+                    strip_hop_by_hop(&mut parts.headers);
+                }
                 parts.headers.insert(
                     HeaderName::from_static(COLD_START_HEADER),
                     HeaderValue::from_static(if cold { "true" } else { "false" }),

@@ -14,6 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::forwarded::Forwarded;
 use super::h1::{self, Conn, Outgoing, UpstreamBody};
 use super::ForwardBody;
 use crate::runtime::Instance;
@@ -94,7 +95,8 @@ impl Upstream {
         c
     }
 
-    /// Sends `req` (path and query in its URI) to an HTTP/1.1 `instance` on a kept
+    /// Sends `req` (path and query in its URI; hop-by-hop fields are left out, and the
+    /// four `forwarded` ones replaced when given) to an HTTP/1.1 `instance` on a kept
     /// connection of `via`, else a new one. A kept connection that fails before a byte of
     /// the request left is given up and the request sent once more, on a new connection.
     /// The connection goes back to `via` once the response body was read to its end.
@@ -104,9 +106,10 @@ impl Upstream {
         instance: &Arc<dyn Instance>,
         connect_timeout: Duration,
         req: Request<ForwardBody>,
+        forwarded: Option<Forwarded>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let addr = instance.addr();
-        let mut out = Outgoing::new(req, addr).await?;
+        let mut out = Outgoing::new(req, addr, forwarded).await?;
         let pool = match via {
             Via::Shared => {
                 self.start_reaper();
