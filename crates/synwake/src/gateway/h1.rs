@@ -80,6 +80,8 @@ pub struct Conn {
     pub idle_since: Instant,
     /// It carried an exchange before (so a failed first write may be retried elsewhere).
     reused: bool,
+    /// The runtime whose I/O driver the socket is registered with.
+    runtime: tokio::runtime::Id,
 }
 
 impl Conn {
@@ -95,7 +97,12 @@ impl Conn {
             buf: BytesMut::new(),
             idle_since: Instant::now(),
             reused: false,
+            runtime: tokio::runtime::Handle::current().id(),
         })
+    }
+
+    pub fn runtime(&self) -> tokio::runtime::Id {
+        self.runtime
     }
 
     /// An idle connection can take a request: the instance has neither closed it nor sent

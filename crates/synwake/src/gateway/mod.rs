@@ -403,15 +403,13 @@ impl Proxy {
                     .upstream
                     .send_h1(via, &lease.instance, policy.connect_timeout, req, forwarded)
                     .await?;
-                Ok::<_, upstream::SendError>(resp.map(|b| b.map_err(BodyError::from).boxed()))
+                // Not boxed here: the lease's wrapper below is the one box.
+                Ok::<_, upstream::SendError>(resp.map(FromInstance::Ours))
             } else {
                 let client = self
                     .upstream
                     .client(policy.protocol, policy.connect_timeout);
-                Ok(client
-                    .request(req)
-                    .await?
-                    .map(|b| b.map_err(BodyError::from).boxed()))
+                Ok(client.request(req).await?.map(FromInstance::Hyper))
             }
         })
         .await;
@@ -668,6 +666,41 @@ impl Body for ForwardBody {
         match self {
             ForwardBody::Client(b) => b.size_hint(),
             ForwardBody::Queued(b) => b.size_hint(),
+        }
+    }
+}
+
+/// A response body from an instance: from our HTTP/1.1 client or hyper's.
+enum FromInstance {
+    Ours(h1::UpstreamBody),
+    Hyper(Incoming),
+}
+
+impl Body for FromInstance {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            FromInstance::Ours(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            FromInstance::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            FromInstance::Ours(b) => b.is_end_stream(),
+            FromInstance::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            FromInstance::Ours(b) => b.size_hint(),
+            FromInstance::Hyper(b) => b.size_hint(),
         }
     }
 }

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
+use tokio::runtime::Id as RuntimeId;
+
 use http::{Request, Response};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -170,11 +172,13 @@ impl Upstream {
     }
 }
 
-/// Idle HTTP/1.1 connections by instance, newest last: taken first (its socket is warm),
-/// so the oldest are the ones that reach the idle bound.
+/// Idle HTTP/1.1 connections by instance and runtime, newest last: taken first (its
+/// socket is warm), so the oldest are the ones that reach the idle bound. By runtime: a
+/// socket's readiness comes from the I/O driver of the runtime it was made on, so it is
+/// only used from there (with one runtime per serving thread, no cross-thread wake-ups).
 pub struct IdleConns {
     max_per_instance: usize,
-    slots: Mutex<HashMap<usize, Slot>>,
+    slots: Mutex<HashMap<(usize, RuntimeId), Slot>>,
 }
 
 struct Slot {
@@ -184,8 +188,13 @@ struct Slot {
     conns: Vec<Conn>,
 }
 
-fn key_of(instance: *const dyn Instance) -> usize {
-    instance as *const () as usize
+fn key_of(instance: *const dyn Instance, rt: RuntimeId) -> (usize, RuntimeId) {
+    (instance as *const () as usize, rt)
+}
+
+/// The runtime the caller runs on (every caller is a task).
+fn current_runtime() -> Option<RuntimeId> {
+    tokio::runtime::Handle::try_current().ok().map(|h| h.id())
 }
 
 impl IdleConns {
@@ -201,8 +210,9 @@ impl IdleConns {
     fn take(&self, instance: &Arc<dyn Instance>, idle_timeout: Duration) -> Option<Conn> {
         let mut stale = Vec::new();
         let found = {
+            let rt = current_runtime()?;
             let mut slots = self.slots.lock().unwrap();
-            let slot = slots.get_mut(&key_of(Arc::as_ptr(instance)))?;
+            let slot = slots.get_mut(&key_of(Arc::as_ptr(instance), rt))?;
             loop {
                 let Some(mut c) = slot.conns.pop() else {
                     break None;
@@ -221,7 +231,7 @@ impl IdleConns {
         let evicted = {
             let mut slots = self.slots.lock().unwrap();
             let slot = slots
-                .entry(key_of(instance.as_ptr()))
+                .entry(key_of(instance.as_ptr(), conn.runtime()))
                 .or_insert_with(|| Slot {
                     instance: instance.clone(),
                     conns: Vec::new(),
@@ -234,10 +244,13 @@ impl IdleConns {
     }
 
     fn holds(&self, instance: &Arc<dyn Instance>) -> bool {
+        let Some(rt) = current_runtime() else {
+            return false;
+        };
         self.slots
             .lock()
             .unwrap()
-            .get(&key_of(Arc::as_ptr(instance)))
+            .get(&key_of(Arc::as_ptr(instance), rt))
             .is_some_and(|s| !s.conns.is_empty())
     }
 
