@@ -236,11 +236,14 @@ struct ServingThread {
     handle: tokio::runtime::Handle,
     /// Connections this thread serves now.
     open: Arc<AtomicUsize>,
+    /// Dropped with the `Serving`: the thread's runtime then ends, and its tasks with it.
+    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Serving {
-    /// Starts `threads` (at least one) serving threads; they live as long as the process
-    /// (instances started from them die with their thread: PR_SET_PDEATHSIG).
+    /// Starts `threads` (at least one) serving threads. They run until the `Serving` is
+    /// dropped (the daemon drops it after its instances stopped: an instance dies with the
+    /// thread that started it, PR_SET_PDEATHSIG).
     pub fn start(threads: usize) -> std::io::Result<Arc<Serving>> {
         let mut out = Vec::new();
         for i in 0..threads.max(1) {
@@ -248,12 +251,16 @@ impl Serving {
                 .enable_all()
                 .build()?;
             let handle = rt.handle().clone();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             std::thread::Builder::new()
                 .name(format!("synwake-serve-{i}"))
-                .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+                .spawn(move || {
+                    let _ = rt.block_on(stopped);
+                })?;
             out.push(ServingThread {
                 handle,
                 open: Arc::default(),
+                _stop: stop,
             });
         }
         Ok(Arc::new(Serving { threads: out }))
@@ -460,4 +467,77 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One keep-alive request; the body is the name of the thread that served it.
+    async fn served_by(conn: &mut TcpStream) -> String {
+        conn.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before a response");
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .expect("content-length");
+                if body.len() >= len {
+                    return body.trim().to_string();
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_go_to_the_least_busy_serving_thread_and_stay_there() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handler: Handler = Arc::new(
+            |_req: Request<Incoming>, _conn: ConnInfo| -> HandlerFuture {
+                Box::pin(async {
+                    let name = std::thread::current().name().unwrap_or("?").to_string();
+                    super::super::text_response(StatusCode::OK, name)
+                })
+            },
+        );
+        let (stop, shutdown) = watch::channel(false);
+        let conns = Connections::default().served_on(Serving::start(2).unwrap());
+        let accept = tokio::spawn(serve_listener(
+            listener,
+            handler,
+            None,
+            shutdown,
+            conns.clone(),
+        ));
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        let on_a = served_by(&mut a).await;
+        let mut b = TcpStream::connect(addr).await.unwrap();
+        let on_b = served_by(&mut b).await;
+        assert!(on_a.starts_with("synwake-serve-"), "served on {on_a:?}");
+        assert!(on_b.starts_with("synwake-serve-"), "served on {on_b:?}");
+        assert_ne!(on_a, on_b, "the second connection went to the idle thread");
+        assert_eq!(
+            served_by(&mut a).await,
+            on_a,
+            "a connection stays on its thread"
+        );
+        assert_eq!(conns.open(), 2);
+        // Shutdown still drains connections on the serving threads.
+        stop.send_replace(true);
+        drop((a, b));
+        assert_eq!(conns.drain(Duration::from_secs(5)).await, 0);
+        accept.abort();
+    }
 }
