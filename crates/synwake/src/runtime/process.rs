@@ -431,10 +431,17 @@ impl Starting {
         };
         if let (true, Some(prefix)) = (reap, self.prefix.clone()) {
             let leaders = self.leaders.clone();
-            // Off the start path: a /proc scan.
-            tokio::spawn(async move {
-                reap_orphans(&prefix, &leaders);
-            });
+            // Off the start path (a /proc scan); inline if the runtime is going away.
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(async move {
+                        reap_orphans(&prefix, &leaders);
+                    });
+                }
+                Err(_) => {
+                    reap_orphans(&prefix, &leaders);
+                }
+            }
         }
     }
 }
