@@ -279,26 +279,61 @@ fn small_sweep_against_the_real_daemon_writes_consistent_results() {
             .p50_ms
     };
     use synwake_bench::Mode::{Accept, Request, Syn, Warm};
+    // Bounds the network and the init time set, whatever the machine's load: a warm
+    // request costs two round trips; a cold one started by the request (or the accept,
+    // half a round trip after the request's bytes arrive) also pays the init time; one
+    // started by the SYN can hide at most one round trip of it. (Relations between the
+    // modes' medians, such as syn < request, are the benchmark's claim, measured on a
+    // quiet machine: at load 15 a start can take longer than the 60 ms RTT here.)
     for rtt in [0, 60] {
-        // A warm request costs two round trips (handshake, request/response) and a cold
-        // request-mode one additionally pays the init time.
+        let (rtt_f, init) = (rtt as f64, 40.0);
         assert!(
-            p50(Warm, rtt, 0) >= 2.0 * rtt as f64,
+            p50(Warm, rtt, 0) >= 2.0 * rtt_f,
             "warm faster than the network"
         );
-        assert!(p50(Request, rtt, 40) >= p50(Warm, rtt, 40) + 40.0);
-        assert!(p50(Accept, rtt, 40) >= p50(Warm, rtt, 40) + 40.0 - rtt as f64);
+        assert!(
+            p50(Request, rtt, 40) >= 2.0 * rtt_f + init,
+            "request hid the init time"
+        );
+        assert!(
+            p50(Accept, rtt, 40) >= rtt_f + init,
+            "accept hid the init time"
+        );
+        assert!(
+            p50(Syn, rtt, 40) >= 2.0 * rtt_f,
+            "syn faster than the network"
+        );
+        assert!(
+            p50(Syn, rtt, 40) >= rtt_f + init,
+            "syn hid more than a round trip"
+        );
     }
-    // At RTT 60 the SYN arrives a full round trip before the request: most of the 40 ms
-    // init is hidden behind it.
-    let (req, syn, warm) = (p50(Request, 60, 40), p50(Syn, 60, 40), p50(Warm, 60, 40));
-    assert!(
-        syn <= (req + warm) / 2.0,
-        "syn {syn} request {req} warm {warm}"
-    );
 
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(md.contains("| init ms | RTT ms |") && md.contains("hidden fraction"));
+    // The SYN woke the function before its request arrived: at RTT 60 a 40 ms init fits
+    // in the round trip between them, so a syn-mode request found its instance ready
+    // (2 of 3 did at load 15-16).
+    let ready = md
+        .lines()
+        .find(|l| l.starts_with("syn/sni: requests that found the instance ready"))
+        .expect("the report counts syn-mode requests that found the instance ready");
+    let key = "syn init 40 RTT 60: ";
+    let cell = ready[ready
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key:?} in {ready:?}"))
+        + key.len()..]
+        .split(',')
+        .next()
+        .unwrap();
+    let (found, of) = cell.split_once('/').expect("found/runs");
+    let (found, of): (u32, u32) = (found.trim().parse().unwrap(), of.trim().parse().unwrap());
+    assert_eq!(of, 3, "{cell}");
+    assert!(
+        found >= 1,
+        "no syn-mode request at RTT 60 found its instance ready: the SYN did not start it \
+         ahead of the request ({ready})"
+    );
     // Every check outside its tolerance is named in the report as not publishable.
     let failed_checks = md.lines().filter(|l| l.contains("outside the ±")).count();
     assert_eq!(failed_checks, md.matches("NOT PUBLISHABLE").count(), "{md}");
