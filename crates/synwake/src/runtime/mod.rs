@@ -362,25 +362,32 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn fine_steps_are_shorter_than_tokio_timer_ticks() {
         const STEPS: u32 = 20;
-        let t = Instant::now();
-        for _ in 0..STEPS {
-            tokio::time::sleep(FINE_STEP).await;
+        // A machine busy enough to delay 20 wake-ups can hide the difference once: the
+        // claim must hold in one of three tries (each is ~25 ms).
+        let mut tries = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            for _ in 0..STEPS {
+                tokio::time::sleep(FINE_STEP).await;
+            }
+            let tokio_took = t.elapsed();
+            let timer = FineTimer::new().unwrap();
+            let t = Instant::now();
+            for _ in 0..STEPS {
+                timer.sleep(FINE_STEP).await.unwrap();
+            }
+            let fine_took = t.elapsed();
+            // Both can only be late, never early.
+            assert!(
+                tokio_took >= Duration::from_millis(STEPS as u64 - 1),
+                "tokio slept {tokio_took:?} for {STEPS} x {FINE_STEP:?}"
+            );
+            assert!(fine_took >= FINE_STEP * STEPS, "{fine_took:?}");
+            if fine_took * 2 < tokio_took {
+                return;
+            }
+            tries.push((fine_took, tokio_took));
         }
-        let tokio_took = t.elapsed();
-        let timer = FineTimer::new().unwrap();
-        let t = Instant::now();
-        for _ in 0..STEPS {
-            timer.sleep(FINE_STEP).await.unwrap();
-        }
-        let fine_took = t.elapsed();
-        assert!(
-            tokio_took >= Duration::from_millis(STEPS as u64 - 1),
-            "tokio slept {tokio_took:?} for {STEPS} x {FINE_STEP:?}"
-        );
-        assert!(fine_took >= FINE_STEP * STEPS, "{fine_took:?}");
-        assert!(
-            fine_took * 2 < tokio_took,
-            "{STEPS} fine steps took {fine_took:?}, tokio's timer {tokio_took:?}"
-        );
+        panic!("{STEPS} fine steps vs tokio's timer, 3 tries (fine, tokio): {tries:?}");
     }
 }
