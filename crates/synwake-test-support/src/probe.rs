@@ -281,8 +281,9 @@ impl NsDaemon {
     }
 }
 
-impl Drop for NsDaemon {
-    fn drop(&mut self) {
+impl NsDaemon {
+    /// Stops the daemon as `Drop` does (SIGTERM, SIGKILL after 5 s); its log stays readable.
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // SAFETY: signals the daemon this fixture started (ip netns exec execs it).
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -295,6 +296,12 @@ impl Drop for NsDaemon {
                 let _ = child.wait();
             }
         }
+    }
+}
+
+impl Drop for NsDaemon {
+    fn drop(&mut self) {
+        self.stop();
         if std::thread::panicking() {
             eprintln!("---- synwake log ----\n{}---- end ----", self.log());
         }

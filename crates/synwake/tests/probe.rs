@@ -11,6 +11,7 @@ mod common;
 mod probe_support;
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,6 +103,55 @@ fn syn_to_own_port_wakes_function_before_any_request() {
     assert!((0.39..5.0).contains(&lead), "wake lead {lead} s");
     eprintln!(
         "{TEST}: available {ready_after:?} after connect (INIT_MS 200), wake lead {lead:.3} s"
+    );
+}
+
+/// A SYN-started instance is spawned by the probe's reader thread, and an instance dies
+/// with the thread that spawned it (the launcher arms PR_SET_PDEATHSIG). The probe is
+/// dropped first at shutdown; its thread must stay, so the instance gets the shutdown's
+/// SIGTERM (and can finish its work), not a SIGKILL when the probe goes.
+#[test]
+fn a_syn_started_instance_is_stopped_gracefully_at_shutdown() {
+    const TEST: &str = "a_syn_started_instance_is_stopped_gracefully_at_shutdown";
+    let Some(net) = Net::create_or_skip(TEST) else {
+        return;
+    };
+    // The instance runs as nobody: the mark goes to a directory anyone may write.
+    let marks = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(marks.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let mark = marks.path().join("stopped");
+    let script = format!(
+        "trap 'echo term > {}; exit 0' TERM; {} & wait",
+        mark.display(),
+        synwake_test_support::bins::fn_bin().display()
+    );
+    let body = format!(
+        "[[function]]\nname = \"f\"\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\nport = {F_PORT}\nidle_timeout = \"60s\"\n"
+    );
+    let mut d = NsDaemon::start(&net, "auto", "", &body);
+    if !d.probe_or_skip(TEST) {
+        return;
+    }
+    let held = net.client_connect(f_addr(F_PORT)).expect("connect");
+    assert!(
+        wait_until(Duration::from_secs(5), || d.available("f") == 1),
+        "f not available 5 s after the SYN:\n{}",
+        d.log()
+    );
+    assert_eq!(
+        d.metrics()
+            .get(&series("synwake_cold_starts_total", "f", "syn")),
+        1.0,
+        "started by the SYN"
+    );
+    drop(held);
+    d.stop();
+    let got = std::fs::read_to_string(&mark).unwrap_or_default();
+    assert_eq!(
+        got.trim(),
+        "term",
+        "the instance was not stopped with SIGTERM:\n{}",
+        d.log()
     );
 }
 
