@@ -442,3 +442,52 @@ fn a_pooled_connection_the_function_closed_is_not_used() {
         assert_eq!(after, before + 1, "round {round}");
     }
 }
+
+/// A function that answers an upload without reading it: the answer reaches the client
+/// while the upload is still going (our client keeps writing the body as the response
+/// comes in), not a 504 after the function's timeout.
+#[test]
+fn an_answer_before_the_upload_was_read_reaches_the_client() {
+    let d = Daemon::start(&function(
+        "f",
+        "env = { IGNORE_BODY = \"1\" }\ntimeout = \"20s\"\nidle_timeout = \"60s\"",
+    ));
+    assert_eq!(d.call("f", "/pid").status, 200);
+    // Larger than loopback's socket buffers together, so the upload cannot just sit in them.
+    let size = 32 << 20;
+    let mut s = TcpStream::connect(loopback(d.shared)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let head = format!("GET /function/f/ HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 64 << 10];
+        for _ in 0..(size / chunk.len()) {
+            if w.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("hello from f") {
+        match s.read(&mut b) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.contains("hello from f"),
+        "no answer within {:?}: {text:?}",
+        t0.elapsed()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    drop(s);
+    let _ = writer.join();
+}
