@@ -319,10 +319,10 @@ fn serving_threads() -> usize {
     }
 }
 
-/// Half the CPUs, at least one: the functions and their clients run on the same host (on
-/// 2 CPUs one serving thread spent less CPU per request than two, docs/benchmarks.md).
+/// One per CPU: with the upstream idle lists kept per runtime, two threads on 2 CPUs gave
+/// the most requests/s (docs/benchmarks.md, helper h1rt).
 fn default_serving_threads() -> usize {
-    (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1)
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// How often the idle policy's history is written when it changed (and once at shutdown).
