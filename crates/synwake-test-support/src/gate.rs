@@ -53,3 +53,23 @@ pub fn missing_tool(tools: &[(&str, &str)]) -> Option<String> {
         }
     })
 }
+
+/// Debian's python3 (the one that sees Debian's python3-* modules) when it can import
+/// `module`; otherwise the rule for `test` applies (`deb` names the package to install)
+/// and the answer is `None`.
+pub fn python_with(test: &str, module: &str, deb: &str) -> Option<&'static str> {
+    let py = "/usr/bin/python3";
+    let ok = std::process::Command::new(py)
+        .args(["-c", &format!("import {module}")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Some(py);
+    }
+    skip_or_fail(
+        test,
+        &format!("{py} cannot import {module} (scripts/deps.sh installs {deb})"),
+    );
+    None
+}

@@ -55,28 +55,10 @@ fn parse(py: &str, format: &str, text: &str) -> BTreeSet<String> {
         .collect()
 }
 
-fn python_with(module: &str) -> Option<&'static str> {
-    let py = "/usr/bin/python3";
-    let ok = Command::new(py)
-        .args(["-c", &format!("import {module}")])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        return Some(py);
-    }
-    gate::skip_or_fail(
-        "metrics",
-        &format!(
-            "{py} cannot import {module} (scripts/deps.sh installs python3-prometheus-client)"
-        ),
-    );
-    None
-}
-
 #[test]
 fn metrics_parse_as_openmetrics_for_prometheus_and_as_text_for_other_clients() {
-    let Some(py) = python_with("prometheus_client") else {
+    let Some(py) = gate::python_with("metrics", "prometheus_client", "python3-prometheus-client")
+    else {
         return;
     };
     let d = Daemon::start(&function("f", ""));

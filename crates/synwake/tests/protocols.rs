@@ -11,24 +11,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Debian's python3 (the one that sees python3-grpcio), or `None` (skipped loudly) when a
-/// module is missing outside CI; in CI a missing module fails the test.
+/// Debian's python3 when it can import `module` (the gate's rule otherwise).
 fn python_with(module: &str) -> Option<&'static str> {
-    let py = "/usr/bin/python3";
-    let ok = Command::new(py)
-        .args(["-c", &format!("import {module}")])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        return Some(py);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{py} cannot import {module} (scripts/deps.sh installs it)"
-    );
-    eprintln!("SKIPPED: {py} cannot import {module}");
-    None
+    let deb = match module {
+        "grpc" => "python3-grpcio".to_string(),
+        other => format!("python3-{other}"),
+    };
+    gate::python_with("protocols", module, &deb)
 }
 
 fn tool(name: &str) -> bool {
