@@ -69,6 +69,25 @@ fn web_version_archive(
     archive
 }
 
+/// Versions 1 and 2 of [`web_version_archive`]'s image, pushed to `reg` as
+/// `team/<name>:1` and `team/<name>:2`.
+fn push_web_versions(
+    reg: &synwake_oci::tools::Registry,
+    tools: &synwake_oci::tools::ToolStore,
+    image: &str,
+    name: &str,
+) {
+    for v in ["1", "2"] {
+        let archive = web_version_archive(tools, image, name, v);
+        reg.push(
+            &format!("oci-archive:{}", archive.display()),
+            &format!("team/{name}:{v}"),
+            &[],
+        )
+        .unwrap();
+    }
+}
+
 /// CGI `/cgi-bin/hog?<MiB>`: allocates and touches that much (dd's block buffer) before
 /// writing anything. The fixture's `/cgi-bin/eat` prints its headers first, so busybox
 /// httpd has sent `200 OK` before the OOM kill and the client sees a 200 with an empty
@@ -1041,15 +1060,7 @@ fn deploy_by_registry_reference_and_update_to_a_new_tag_while_requests_flow() {
     let _serial = serial();
     let reg = synwake_oci::tools::Registry::start(false).expect("registry");
     let tools = synwake_oci::tools::ToolStore::new().unwrap();
-    for v in ["1", "2"] {
-        let archive = web_version_archive(&tools, "swk-images-web", "web", v);
-        reg.push(
-            &format!("oci-archive:{}", archive.display()),
-            &format!("team/web:{v}"),
-            &[],
-        )
-        .unwrap();
-    }
+    push_web_versions(&reg, &tools, "swk-images-web", "web");
     let insecure = format!("insecure_registries = [\"{}\"]\n\n", reg.addr);
     let d = OciDaemon::start_in("10.6.1.0/24", |_| insecure);
     let deploy = |method: &str, tag: &str| {
@@ -1635,15 +1646,7 @@ fn a_pull_does_not_hold_up_other_changes_and_two_deploys_of_one_function_seriali
     let _serial = serial();
     let reg = synwake_oci::tools::Registry::start(false).expect("registry");
     let tools = synwake_oci::tools::ToolStore::new().unwrap();
-    for v in ["1", "2"] {
-        let archive = web_version_archive(&tools, "swk-images3-lock", "lock", v);
-        reg.push(
-            &format!("oci-archive:{}", archive.display()),
-            &format!("team/lock:{v}"),
-            &[],
-        )
-        .unwrap();
-    }
+    push_web_versions(&reg, &tools, "swk-images3-lock", "lock");
     let gate = GatedRegistry::start(&reg.addr);
     let insecure = format!(
         "insecure_registries = [\"{}\", \"{}\"]\n\n",

@@ -233,12 +233,16 @@ async fn an_inline_wake_makes_the_start_call_before_it_returns() {
     let mut warmth = lc.subscribe_warmth();
     warmth.borrow_and_update();
     *rt.warmth.lock().unwrap() = Some(lc.subscribe_warmth());
-    rt.warmth
-        .lock()
-        .unwrap()
-        .as_mut()
-        .unwrap()
-        .borrow_and_update();
+    // The runtime's own view of the warmth channel, marked seen.
+    let rt_saw_warmth = || {
+        rt.warmth
+            .lock()
+            .unwrap()
+            .as_mut()
+            .unwrap()
+            .borrow_and_update();
+    };
+    rt_saw_warmth();
     // One runtime thread: a start handed to a task has not run before this one yields.
     assert_eq!(
         lc.wake("g", Trigger::Syn, Instant::now()),
@@ -247,12 +251,7 @@ async fn an_inline_wake_makes_the_start_call_before_it_returns() {
     assert_eq!(rt.starts.load(Ordering::SeqCst), 0);
     assert!(warmth.has_changed().unwrap());
     warmth.borrow_and_update();
-    rt.warmth
-        .lock()
-        .unwrap()
-        .as_mut()
-        .unwrap()
-        .borrow_and_update();
+    rt_saw_warmth();
     assert_eq!(
         lc.wake_inline("f", Trigger::Syn, Instant::now()),
         WakeOutcome::Started
