@@ -140,24 +140,26 @@ fn put_field(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     head.extend_from_slice(b"\r\n");
 }
 
-/// Fields for this hop only (RFC 9110 7.6.1), and the framing, which is ours: a body is
-/// decoded from the framing it came with and framed anew.
+/// Fields for this hop only (RFC 9110 7.6.1), whoever forwards the message.
+pub(crate) const HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    TE,
+    http::header::TRAILER,
+    http::header::UPGRADE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::PROXY_AUTHENTICATE,
+];
+
+/// [`HOP_BY_HOP`], and the framing, which is ours: a body is decoded from the framing it
+/// came with and framed anew.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    use http::header::{PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TRAILER, UPGRADE};
-    name == CONNECTION
-        || name == CONTENT_LENGTH
-        || name == TRANSFER_ENCODING
-        || name == TE
-        || name == TRAILER
-        || name == UPGRADE
-        || name == PROXY_AUTHORIZATION
-        || name == PROXY_AUTHENTICATE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+    name == CONTENT_LENGTH || name == TRANSFER_ENCODING || HOP_BY_HOP.contains(name)
 }
 
 /// The fields `Connection` names (hop-by-hop too); no allocation without any.
-fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+pub(crate) fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
     let mut named = Vec::new();
     for v in headers.get_all(CONNECTION) {
         for token in v.as_bytes().split(|&b| b == b',') {
