@@ -52,4 +52,5 @@ if [[ "$(id -u)" -ne 0 ]]; then
 fi
 
 cargo build --workspace --all-targets
-cargo test "${scope[@]}" "${cargo_args[@]}" -- "${threads[@]}" "${test_args[@]}"
+# Every test binary runs even after one fails, so a failed run shows all its failures.
+cargo test --no-fail-fast "${scope[@]}" "${cargo_args[@]}" -- "${threads[@]}" "${test_args[@]}"
