@@ -19,7 +19,10 @@
 //! - `GET /headers`: answers with the request headers it got, one `name: value` a line.
 //! - `GET /ids`: the process's `Uid:`, `Gid:` and `Groups:` lines from /proc/self/status.
 //! - `GET /bad/<kind>`: a hostile or unusual response, for the proxy's defences (see
-//!   `bad_response`); `GET /bad/close` answers normally, then closes the connection.
+//!   `bad_response`); `GET /bad/close` answers normally, then closes the connection;
+//!   `/bad/drop-next` (any method) answers with keep-alive, then reads the next request's
+//!   head on that connection and closes it unanswered, `/bad/reset-next` resets it as soon
+//!   as the next request arrives (a function's idle close racing a reused connection).
 //! - anything else: `hello from <SYNWAKE_FUNCTION>`.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -137,10 +140,23 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
         }
         if let Some(kind) = path.strip_prefix("/bad/") {
             out.write_all(&bad_response(kind))?;
-            if kind == "close" {
-                return Ok(());
+            match kind {
+                "close" => return Ok(()),
+                "drop-next" => {
+                    // The next head is read, then the connection closes unanswered (FIN).
+                    let mut h = String::new();
+                    while reader.read_line(&mut h)? > 0 && h != "\r\n" && h != "\n" {
+                        h.clear();
+                    }
+                    return Ok(());
+                }
+                "reset-next" => {
+                    // Closing with the next request unread makes the kernel send a RST.
+                    out.peek(&mut [0u8; 1])?;
+                    return Ok(());
+                }
+                _ => continue,
             }
-            continue;
         }
         // /sleep/ and /headers answer any method (async calls are POSTs); other POSTs echo.
         let resp: Vec<u8> = if let Some(ms) = path.strip_prefix("/sleep/") {
@@ -217,6 +233,8 @@ fn bad_response(kind: &str) -> Vec<u8> {
         .into_bytes(),
         // Answered, then the connection closes (a function's own idle timeout).
         "close" => format!("{ok}content-length: 8\r\n\r\nclosing\n").into_bytes(),
+        // Kept alive, and the next request on this connection is never answered.
+        "drop-next" | "reset-next" => format!("{ok}content-length: 5\r\n\r\nkept\n").into_bytes(),
         _ => b"HTTP/1.1 404 Not Found\r\ncontent-length: 4\r\n\r\nbad\n".to_vec(),
     }
 }

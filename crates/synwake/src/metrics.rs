@@ -440,6 +440,7 @@ pub struct Metrics {
     pub wake_to_start: Series<ByTrigger, Histogram, fn() -> Histogram>,
     pub idle_instance_seconds: Series<ByFunction, Counter<f64, AtomicU64>>,
     pub affinity_syns: Series<ByOutcome, Counter>,
+    pub upstream_resends: Series<ByFunction, Counter>,
     probe_counters: Arc<Mutex<Option<ProbeCounters>>>,
     registry: Registry,
 }
@@ -591,6 +592,11 @@ impl Metrics {
                 "From the wake (the SYN's arrival, for probe triggers) to the runtime's start call.",
                 wake_to_start_buckets,
             ),
+            upstream_resends: counter(
+                r,
+                "synwake_upstream_resends",
+                "Requests sent again on a new connection because the kept one failed first: before a byte of the request left, or (idempotent, no body) closed or reset before a byte of the answer came.",
+            ),
             probe_counters: probe_counters.clone(),
             registry: Registry::default(),
         };
@@ -603,7 +609,7 @@ impl Metrics {
 
     /// Drops every series of a removed function.
     pub fn forget_function(&self, function: &str) {
-        let all: [&dyn Forget; 18] = [
+        let all: [&dyn Forget; 19] = [
             &self.invocations,
             &self.request_duration,
             &self.cold_starts,
@@ -622,6 +628,7 @@ impl Metrics {
             &self.wake_to_start,
             &self.idle_instance_seconds,
             &self.affinity_syns,
+            &self.upstream_resends,
         ];
         for s in all {
             s.forget(function);

@@ -491,3 +491,72 @@ fn an_answer_before_the_upload_was_read_reaches_the_client() {
     drop(s);
     let _ = writer.join();
 }
+
+/// A function that closes (FIN) or resets a kept connection just as synwake sends the next
+/// request on it (its own idle close racing synwake's reuse): a request that is safe to send
+/// again (idempotent method, no body) goes once more on a new connection and gets its
+/// answer, counted in `synwake_upstream_resends_total`; a POST is never sent twice and gets
+/// a 502 naming the function.
+#[test]
+fn a_kept_connection_closed_under_a_request_resends_only_idempotent_ones() {
+    let d = Daemon::start(&format!(
+        "{}{}",
+        function("f", "idle_timeout = \"60s\""),
+        function("g", "")
+    ));
+    let resends_of = |name: &str| {
+        Metrics(d.metrics()).get(&format!(
+            "synwake_upstream_resends_total{{function=\"{name}\"}}"
+        )) as u64
+    };
+    let resends = || resends_of("f");
+    let fresh = || {
+        let s = TcpStream::connect(loopback(d.shared)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    let mut expected = 0;
+    for kind in ["drop-next", "reset-next"] {
+        for method in ["GET", "DELETE", "PUT"] {
+            let mut s = fresh();
+            let before = accepted_connections(&mut s);
+            // The newest shared connection answers this, then dies under the next request.
+            let (status, body) = exchange(&mut s, "GET", &format!("/function/f/bad/{kind}"), b"");
+            assert_eq!((status, body.as_slice()), (200, &b"kept\n"[..]), "{kind}");
+            let (status, body) = exchange(&mut s, method, "/function/f/connections", b"");
+            let body = String::from_utf8_lossy(&body);
+            assert_eq!(status, 200, "{kind} {method}: {body}");
+            expected += 1;
+            assert_eq!(resends(), expected, "{kind} {method}: not counted once");
+            if method != "PUT" {
+                // PUT echoes its (empty) body; the others name the connection they came on.
+                assert_eq!(
+                    body.trim().parse::<u64>().unwrap(),
+                    before + 1,
+                    "{kind} {method}: not answered on a new connection"
+                );
+            }
+        }
+        // A body-less POST on the shared list, and an upload on the client connection's
+        // private one: both may have had effects, so neither is sent again.
+        let mut s = fresh();
+        exchange(&mut s, "GET", &format!("/function/f/bad/{kind}"), b"");
+        let (status, body) = exchange(&mut s, "POST", "/function/f/connections", b"");
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, 502, "{kind} body-less POST: {body}");
+        assert!(body.contains("function f"), "{kind}: {body}");
+        let mut s = fresh();
+        let (status, _) = exchange(&mut s, "POST", &format!("/function/f/bad/{kind}"), b"up");
+        assert_eq!(status, 200, "{kind} upload");
+        let (status, body) = exchange(&mut s, "POST", "/function/f/", b"again");
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, 502, "{kind} upload: {body}");
+        assert!(body.contains("function f"), "{kind}: {body}");
+        assert_eq!(resends(), expected, "{kind}: a POST was sent again");
+    }
+    // A new connection's failure is never resent: g's first request (on a connection
+    // made for it) crashes its instance.
+    let (status, body) = exchange(&mut fresh(), "GET", "/function/g/crash", b"");
+    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(resends_of("g"), 0, "a new connection's failure was resent");
+}

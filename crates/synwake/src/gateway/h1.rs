@@ -195,6 +195,10 @@ pub struct Outgoing {
     /// Bytes written so far (0: the request was never sent).
     written: usize,
     head_request: bool,
+    /// Safe to send again once written (RFC 9110 9.2.2: an idempotent method, and no
+    /// body): the head is kept in `sent` when it leaves.
+    replayable: bool,
+    sent: Option<Bytes>,
 }
 
 impl Outgoing {
@@ -272,6 +276,8 @@ impl Outgoing {
             },
             written: 0,
             head_request: parts.method == Method::HEAD,
+            replayable: framing == Framing::Empty && parts.method.is_idempotent(),
+            sent: None,
         };
         if out.body.is_some() {
             // One look at the body: what is there now goes out with the head.
@@ -287,6 +293,17 @@ impl Outgoing {
     /// Everything was written.
     fn done(&self) -> bool {
         self.pending.is_empty() && self.body.is_none()
+    }
+
+    /// Makes a replayable request that went out whole ready to go again from its first
+    /// byte; false (and unchanged) for any other.
+    fn rewind(&mut self) -> bool {
+        let Some(head) = self.sent.take() else {
+            return false;
+        };
+        self.pending.push_front(head);
+        self.written = 0;
+        true
     }
 
     /// Takes one frame of the body into `pending`.
@@ -387,9 +404,15 @@ impl Outgoing {
                     .expect("written bytes were pending");
                 if front.len() <= left {
                     left -= front.len();
-                    self.pending.pop_front();
+                    let gone = self.pending.pop_front();
+                    if self.replayable {
+                        // The whole head (all a replayable request is), moved, not copied.
+                        self.sent = gone;
+                    }
                 } else {
                     front.advance(left);
+                    // A head that went out in parts is not kept whole: never resent.
+                    self.replayable = false;
                     left = 0;
                 }
             }
@@ -559,15 +582,32 @@ fn parse_chunk_size(line: &[u8]) -> Option<u64> {
     u64::from_str_radix(std::str::from_utf8(size).ok()?, 16).ok()
 }
 
+/// The instance closed (EOF) or reset the connection, as a close of an idle connection
+/// does; anything else (a timeout, a malformed answer) is not a lost race.
+fn closed_unanswered(e: &Error) -> bool {
+    match e {
+        Error::Closed => true,
+        Error::Read(e) | Error::Write(e) => matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
+    }
+}
+
 /// Where a connection goes when its exchange is over: the pool it came from (or none:
 /// closed).
 pub trait Home: Send + Sync + 'static {
     fn put_back(&self, conn: Conn);
 }
 
-/// Sends `out` on `conn` and reads the response head (and a small body whole). On a
-/// failure before a byte of the request left on a connection that was reused, the request
-/// comes back to be sent on another one.
+/// Sends `out` on `conn` and reads the response head (and a small body whole). When a
+/// connection that was reused fails, the request comes back to be sent on another one if
+/// no byte of it left, or if it is safe to resend (idempotent, no body) and the instance
+/// closed or reset the connection before a byte of the response came: its own idle close
+/// raced our reuse, so it never saw the request.
 pub async fn exchange(
     mut conn: Conn,
     mut out: Outgoing,
@@ -575,6 +615,7 @@ pub async fn exchange(
 ) -> Result<Response<UpstreamBody>, (Error, Option<Outgoing>)> {
     let mut write_failed: Option<Error> = None;
     let mut interim = 0;
+    let mut answered = false;
     let head = std::future::poll_fn(|cx| {
         if write_failed.is_none() && !out.done() {
             if let Poll::Ready(Err(e)) = out.poll_write(&mut conn.io, cx) {
@@ -600,7 +641,7 @@ pub async fn exchange(
             }
             match ready!(read_more(&mut conn.io, &mut conn.buf, cx)) {
                 Ok(0) => return Poll::Ready(Err(write_failed.take().unwrap_or(Error::Closed))),
-                Ok(_) => {}
+                Ok(_) => answered = true,
                 Err(e) => return Poll::Ready(Err(write_failed.take().unwrap_or(Error::Read(e)))),
             }
         }
@@ -609,10 +650,10 @@ pub async fn exchange(
     let head = match head {
         Ok(h) => h,
         Err(e) => {
-            let never_sent = out.written == 0
-                && conn.reused
-                && !matches!(e, Error::ClientBody(_) | Error::BodyLength);
-            return Err((e, never_sent.then_some(out)));
+            let again = conn.reused
+                && !matches!(e, Error::ClientBody(_) | Error::BodyLength)
+                && (out.written == 0 || (!answered && closed_unanswered(&e) && out.rewind()));
+            return Err((e, again.then_some(out)));
         }
     };
     let reusable = head.reusable && write_failed.is_none();
@@ -1001,6 +1042,49 @@ mod tests {
                 "x-kept: yes",
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn only_idempotent_requests_without_a_body_are_replayable() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cases = [
+            ("GET", "", true),
+            ("HEAD", "", true),
+            ("OPTIONS", "", true),
+            ("TRACE", "", true),
+            ("PUT", "", true),
+            ("DELETE", "", true),
+            ("POST", "", false),
+            ("PATCH", "", false),
+            ("GET", "a body", false),
+            ("PUT", "a body", false),
+        ];
+        for (method, body, replayable) in cases {
+            let req = Request::builder()
+                .method(method)
+                .uri("/")
+                .body(ForwardBody::Queued(http_body_util::Full::new(
+                    Bytes::from_static(body.as_bytes()),
+                )))
+                .unwrap();
+            let mut out = Outgoing::new(req, addr, None).await.unwrap();
+            assert_eq!(out.replayable, replayable, "{method} {body:?}");
+            let head = out.pending[0].clone();
+            let mut io = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            std::future::poll_fn(|cx| out.poll_write(&mut io, cx))
+                .await
+                .unwrap();
+            assert!(out.done() && out.written >= head.len());
+            // Sent whole, it can go again from its first byte.
+            assert_eq!(out.rewind(), replayable, "{method} {body:?}");
+            if replayable {
+                assert_eq!((out.written, out.pending.front()), (0, Some(&head)));
+                assert!(!out.rewind(), "rewound twice");
+            }
+        }
     }
 
     #[test]

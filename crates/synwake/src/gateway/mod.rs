@@ -399,9 +399,21 @@ impl Proxy {
         let req = Request::from_parts(parts, body);
         let sent = tokio::time::timeout(policy.timeout, async {
             if own_h1 {
+                let resent = || {
+                    let m = self.lifecycle.metrics();
+                    m.upstream_resends
+                        .inc(&ByFunction::new(lease.metric_name()));
+                };
                 let resp = self
                     .upstream
-                    .send_h1(via, &lease.instance, policy.connect_timeout, req, forwarded)
+                    .send_h1(
+                        via,
+                        &lease.instance,
+                        policy.connect_timeout,
+                        req,
+                        forwarded,
+                        resent,
+                    )
                     .await?;
                 // Not boxed here: the lease's wrapper below is the one box.
                 Ok::<_, upstream::SendError>(resp.map(FromInstance::Ours))

@@ -100,8 +100,10 @@ impl Upstream {
     /// Sends `req` (path and query in its URI; hop-by-hop fields are left out, and the
     /// four `forwarded` ones replaced when given) to an HTTP/1.1 `instance` on a kept
     /// connection of `via`, else a new one. A kept connection that fails before a byte of
-    /// the request left is given up and the request sent once more, on a new connection.
-    /// The connection goes back to `via` once the response body was read to its end.
+    /// the request left, or (for an idempotent request without a body) that the instance
+    /// closed or reset before a byte of the response came, is given up and the request sent
+    /// once more, on a new connection; `resent` is called then. The connection goes back
+    /// to `via` once the response body was read to its end.
     pub async fn send_h1(
         &self,
         via: Via<'_>,
@@ -109,6 +111,7 @@ impl Upstream {
         connect_timeout: Duration,
         req: Request<ForwardBody>,
         forwarded: Option<Forwarded>,
+        resent: impl Fn(),
     ) -> Result<Response<UpstreamBody>, SendError> {
         let addr = instance.addr();
         let mut out = Outgoing::new(req, addr, forwarded).await?;
@@ -134,9 +137,12 @@ impl Upstream {
             });
             match h1::exchange(conn, out, home).await {
                 Ok(resp) => return Ok(resp),
-                // Closed by the instance while idle: not sent, so it goes once more.
+                // Closed by the instance while idle, before it saw the request: once more.
                 Err((e, Some(back))) => {
-                    tracing::debug!("{addr}: kept connection failed before the request left: {e}");
+                    tracing::debug!(
+                        "{addr}: kept connection failed, request sent again on a new one: {e}"
+                    );
+                    resent();
                     out = back;
                 }
                 Err((e, None)) => return Err(e.into()),
