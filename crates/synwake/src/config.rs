@@ -127,7 +127,13 @@ pub struct GatewayConfig {
     pub limits: crate::gateway::conn::Limits,
     /// Hosts and ranges async callbacks may reach although they are internal.
     pub callback_allow: Vec<crate::api::callback::AllowRule>,
+    /// Single-threaded runtimes serving client connections (0: the daemon's multi-threaded
+    /// one); `None`: one per CPU. `SYNWAKE_SERVING_THREADS` overrides it.
+    pub serving_threads: Option<usize>,
 }
+
+/// Most `serving_threads` (config key and `SYNWAKE_SERVING_THREADS`).
+pub const MAX_SERVING_THREADS: usize = 256;
 
 impl GatewayConfig {
     /// The ports of synwake's own shared listeners: gateway, API and, when on, TLS.
@@ -243,6 +249,7 @@ struct RawGateway {
     #[serde(default, with = "opt_duration")]
     upstream_idle_timeout: Option<Duration>,
     callback_allow: Option<Spanned<Vec<String>>>,
+    serving_threads: Option<Spanned<usize>>,
 }
 
 /// Policy keys, allowed in `[defaults]` and in each `[[function]]`.
@@ -601,6 +608,19 @@ impl Config {
                 .upstream_idle_timeout
                 .unwrap_or(base.upstream_idle_timeout),
         };
+        let serving_threads = match &g.serving_threads {
+            Some(n) if *n.get_ref() > MAX_SERVING_THREADS => {
+                return Err(invalid(
+                    n.span(),
+                    "gateway.serving_threads",
+                    format!(
+                        "{} is above the maximum {MAX_SERVING_THREADS} (0: the daemon's multi-threaded runtime)",
+                        n.get_ref()
+                    ),
+                ))
+            }
+            n => n.as_ref().map(|n| *n.get_ref()),
+        };
         let gateway = GatewayConfig {
             listen,
             api_listen,
@@ -615,6 +635,7 @@ impl Config {
             tls_handshake_timeout,
             limits,
             callback_allow,
+            serving_threads,
         };
         let defaults = raw.defaults.apply(&Policy::default());
         let defaults_at = text.find("[defaults]").unwrap_or(0);

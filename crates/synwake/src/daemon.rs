@@ -22,6 +22,8 @@ use crate::state::StateDir;
 
 /// Runs until SIGINT/SIGTERM; returns once every instance has stopped.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Checked before anything is set up, so a bad value leaves nothing behind.
+    let serving_threads = serving_threads(config.gateway.serving_threads)?;
     let state = StateDir::new(&config.gateway.state_dir)
         .with_context(|| "preparing gateway.state_dir (set it to a writable directory)")?;
     let swept = state.sweep_temp_files();
@@ -128,12 +130,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut limits = config.gateway.limits.clone();
     limits.max_connections = limits.max_connections.min(fd_budget.public);
     let mut conns = listeners::Connections::new(limits);
-    let serving_threads = serving_threads();
     if serving_threads > 0 {
         let serving = listeners::Serving::start(serving_threads)
             .context("starting the threads that serve client connections")?;
         tracing::info!("client connections are served on {serving_threads} thread(s)");
         conns = conns.served_on(serving);
+    } else {
+        tracing::info!("client connections are served on the daemon's multi-threaded runtime");
     }
     let proxy = Proxy::new(
         lifecycle.clone(),
@@ -301,21 +304,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Threads serving client connections (`SYNWAKE_SERVING_THREADS`; 0: served on the daemon's
-/// multi-threaded runtime, as before these threads existed).
-fn serving_threads() -> usize {
-    match std::env::var("SYNWAKE_SERVING_THREADS") {
+/// Threads serving client connections (0: served on the daemon's multi-threaded runtime,
+/// as before these threads existed): `SYNWAKE_SERVING_THREADS` when set (it overrides the
+/// config, for benchmarks), else `[gateway] serving_threads`, else one per CPU.
+fn serving_threads(configured: Option<usize>) -> anyhow::Result<usize> {
+    const VAR: &str = "SYNWAKE_SERVING_THREADS";
+    let max = crate::config::MAX_SERVING_THREADS;
+    match std::env::var(VAR) {
         Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) => n.min(1024),
-            Err(_) => {
-                let n = default_serving_threads();
-                tracing::warn!(
-                    "SYNWAKE_SERVING_THREADS={v:?} is not a number of threads; using {n}"
-                );
-                n
+            Ok(n) if n <= max => Ok(n),
+            _ => {
+                // Bounded: the variable could hold anything.
+                let shown: String = v.chars().take(32).collect();
+                anyhow::bail!("{VAR}={shown:?} is not a number of threads from 0 to {max}")
             }
         },
-        Err(_) => default_serving_threads(),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            anyhow::bail!("{VAR} is not a number of threads from 0 to {max}")
+        }
+        Err(std::env::VarError::NotPresent) => {
+            Ok(configured.unwrap_or_else(default_serving_threads))
+        }
     }
 }
 
