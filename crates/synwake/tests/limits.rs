@@ -12,6 +12,21 @@ use common::*;
 /// Sends one keep-alive GET on `s` and reads the response head and its content-length body.
 fn keepalive_get(s: &mut TcpStream, path: &str) -> std::io::Result<(u16, String)> {
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    read_response(s)
+}
+
+/// Sends one keep-alive POST of `body` on `s` and reads the response.
+fn keepalive_post(s: &mut TcpStream, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    read_response(s)
+}
+
+/// Reads one response head and its content-length body from `s`.
+fn read_response(s: &mut TcpStream) -> std::io::Result<(u16, String)> {
     let mut buf = Vec::new();
     let mut b = [0u8; 4096];
     loop {
@@ -233,4 +248,39 @@ fn idle_pooled_upstream_connections_are_closed_after_a_bound() {
         sockets(pid)
     );
     assert!(alive(pid), "the instance itself keeps running");
+}
+
+/// The upstream connection an upload used is private to its client connection; it is
+/// closed after `upstream_idle_timeout` too while that client connection stays open (it
+/// was only not reused after the bound, and stayed open until the client left).
+#[test]
+fn idle_private_upstream_connections_are_closed_after_a_bound() {
+    let d = Daemon::start_with(
+        "upstream_idle_timeout = \"300ms\"",
+        &function("f", "idle_timeout = \"60s\""),
+    );
+    let pid = d.call("f", "/pid").pid();
+    assert!(
+        wait_until(Duration::from_secs(5), || sockets(pid) == 1),
+        "the shared connection stayed open: {} sockets",
+        sockets(pid)
+    );
+    let mut s = TcpStream::connect(loopback(d.shared)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for round in 0..2 {
+        let (status, body) = keepalive_post(&mut s, "/function/f/", "upload").unwrap();
+        assert_eq!((status, body.as_str()), (200, "upload"), "round {round}");
+        assert!(
+            wait_until(Duration::from_secs(2), || sockets(pid) >= 2),
+            "round {round}: the private connection is not there"
+        );
+        assert!(
+            wait_until(Duration::from_secs(5), || sockets(pid) == 1),
+            "round {round}: private connection still open: {} sockets",
+            sockets(pid)
+        );
+    }
+    // The client connection outlived its private upstream connection and still works.
+    let (status, body) = keepalive_post(&mut s, "/function/f/", "again").unwrap();
+    assert_eq!((status, body.as_str()), (200, "again"));
 }

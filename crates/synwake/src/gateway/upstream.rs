@@ -1,7 +1,7 @@
 //! Connections to instances. HTTP/1.1 functions: our own client (gateway/h1.rs) over a
-//! shared idle list per instance, taken newest first and closed actively after
-//! `upstream_idle_timeout`, and the private connections of one client connection, for
-//! requests with a body. h2c functions and Upgrade requests: one pooled hyper client per
+//! shared idle list per instance, taken newest first, and the private connections of one
+//! client connection, for requests with a body; one reaper task closes idle ones of both
+//! after `upstream_idle_timeout`. h2c functions and Upgrade requests: one pooled hyper client per
 //! (protocol, connect timeout), since those are properties of its connector and pool.
 
 use std::collections::HashMap;
@@ -37,6 +37,9 @@ pub struct Upstream {
     idle_timeout: Duration,
     /// HTTP/1.1 connections any client's body-less requests use.
     shared: Arc<IdleConns>,
+    /// The private lists of client connections that have used one, for the reaper (an
+    /// entry goes when its client connection has closed).
+    private: Arc<Mutex<Vec<Weak<IdleConns>>>>,
     reaper_started: AtomicBool,
     /// The hyper clients for h2c and Upgrade, made on first use of each key.
     clients: RwLock<Vec<(Key, Arc<UpstreamClient>)>>,
@@ -66,6 +69,7 @@ impl Upstream {
         Upstream {
             idle_timeout,
             shared: Arc::new(IdleConns::new(SHARED_IDLE_MAX)),
+            private: Arc::default(),
             reaper_started: AtomicBool::new(false),
             clients: RwLock::new(Vec::new()),
         }
@@ -120,7 +124,14 @@ impl Upstream {
                 self.start_reaper();
                 Some(&self.shared)
             }
-            Via::Private(p) => Some(&p.idle),
+            Via::Private(p) => {
+                // Once per client connection: after that, one relaxed load per request.
+                if !p.reaped.load(Ordering::Relaxed) && !p.reaped.swap(true, Ordering::Relaxed) {
+                    self.private.lock().unwrap().push(Arc::downgrade(&p.idle));
+                    self.start_reaper();
+                }
+                Some(&p.idle)
+            }
             Via::Once => None,
         };
         let mut kept = pool.and_then(|p| p.take(instance, self.idle_timeout));
@@ -150,8 +161,8 @@ impl Upstream {
         }
     }
 
-    /// One task per proxy closes idle shared connections past the bound (and those their
-    /// instance closed, or to instances gone); it ends with the proxy.
+    /// One task per proxy closes idle connections past the bound (and those their instance
+    /// closed, or to instances gone), shared and private; it ends with the proxy.
     fn start_reaper(&self) {
         if self.reaper_started.load(Ordering::Relaxed)
             || self.reaper_started.swap(true, Ordering::Relaxed)
@@ -163,6 +174,7 @@ impl Upstream {
             return;
         };
         let pool = Arc::downgrade(&self.shared);
+        let private = Arc::downgrade(&self.private);
         let timeout = self.idle_timeout;
         // A connection closes at most a quarter of the bound (or 5 s) after it.
         let tick = (timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(5));
@@ -171,8 +183,19 @@ impl Upstream {
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
-                let Some(pool) = pool.upgrade() else { return };
+                let (Some(pool), Some(private)) = (pool.upgrade(), private.upgrade()) else {
+                    return;
+                };
                 pool.reap(timeout);
+                // Reaped outside the registry's lock, so registering never waits for it.
+                let lists: Vec<Arc<IdleConns>> = {
+                    let mut private = private.lock().unwrap();
+                    private.retain(|l| l.strong_count() > 0);
+                    private.iter().filter_map(Weak::upgrade).collect()
+                };
+                for list in lists {
+                    list.reap(timeout);
+                }
             }
         });
     }
@@ -304,16 +327,19 @@ impl h1::Home for Home {
 /// A request with a body goes on one: if the function leaves part of that body unread and
 /// it is parsed as a further request, the answer can only reach the client that sent it
 /// (on a shared connection it would reach another client). They are never shared; they
-/// close with their client connection, which `client_idle_timeout` bounds, and are not
-/// reused after `upstream_idle_timeout`.
+/// close with their client connection, or `upstream_idle_timeout` after their last use
+/// (the shared list's reaper closes them too).
 pub struct PrivateConns {
     idle: Arc<IdleConns>,
+    /// Known to the reaper (registered on first use).
+    reaped: AtomicBool,
 }
 
 impl Default for PrivateConns {
     fn default() -> Self {
         PrivateConns {
             idle: Arc::new(IdleConns::new(PRIVATE_IDLE_MAX)),
+            reaped: AtomicBool::new(false),
         }
     }
 }
