@@ -1088,6 +1088,33 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_states_these_limits() {
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"));
+        for row in [
+            format!(
+                "| response head (status line and header fields) | {} KiB |",
+                MAX_HEAD_BYTES >> 10
+            ),
+            format!("| response header fields | {MAX_HEADERS} |"),
+            format!("| interim (1xx) responses before the final one | {MAX_INTERIM} |"),
+            format!(
+                "| chunk-size line of a chunked body (extensions included) | {} KiB |",
+                MAX_CHUNK_LINE >> 10
+            ),
+            format!(
+                "| trailer fields of a chunked body | {} KiB and {MAX_TRAILERS} fields |",
+                MAX_TRAILER_BYTES >> 10
+            ),
+            format!(
+                "| body read whole before the client gets the head | Content-Length up to {} KiB |",
+                WHOLE_BODY_MAX >> 10
+            ),
+        ] {
+            assert!(readme.contains(&row), "README.md lacks {row:?}");
+        }
+    }
+
+    #[test]
     fn response_hop_by_hop_fields_are_left_out() {
         let raw = "HTTP/1.1 200 OK\r\nconnection: x-hop\r\nx-hop: 1\r\nkeep-alive: timeout=5\r\nupgrade: h2c\r\nx-kept: 1\r\ncontent-length: 0\r\n\r\n";
         let h = head(raw, false).unwrap().unwrap();

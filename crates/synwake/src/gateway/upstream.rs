@@ -363,3 +363,19 @@ impl PrivateConns {
         self.idle.holds(instance)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readme_states_the_idle_list_bounds() {
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"));
+        for row in [
+            format!("| idle kept connections per instance (shared) | {SHARED_IDLE_MAX} |"),
+            format!("| idle connections per instance private to one client connection | {PRIVATE_IDLE_MAX} |"),
+        ] {
+            assert!(readme.contains(&row), "README.md lacks {row:?}");
+        }
+    }
+}
