@@ -218,23 +218,9 @@ fn websocket_over_http2_extended_connect_to_a_cold_function() {
     if python_with("websockets").is_none() {
         return;
     }
-    let h2c = function("h2cfn", "protocol = \"h2c\"");
-    let d = Daemon::start(&(ws_function(py, "1s") + &h2c));
+    let d = Daemon::start(&ws_function(py, "1s"));
     assert_eq!(d.available("ws"), 0, "the function starts cold");
     let port = d.shared.to_string();
-    // Only HTTP/1.1 functions get WebSockets: refused, not sent on as a broken handshake.
-    let refused = Command::new(py)
-        .arg(fixture("ws_h2_client.py"))
-        .args(["127.0.0.1", &port, "/function/h2cfn/", "0", "hello"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&refused.stdout),
-        "status 501\n",
-        "{}",
-        String::from_utf8_lossy(&refused.stderr)
-    );
-    assert!(!refused.status.success());
     let client = Command::new(py)
         .arg(fixture("ws_h2_client.py"))
         .args(["127.0.0.1", &port, "/function/ws/", "3", "hello", "again"])
@@ -243,6 +229,103 @@ fn websocket_over_http2_extended_connect_to_a_cold_function() {
         .spawn()
         .unwrap();
     socket_keeps_its_instance_up(&d, client, "status 200\necho hello\necho again\n");
+}
+
+/// The `[[function]]` of the python3-h2 WebSocket function (h2c, RFC 8441); `extra` is
+/// more TOML lines.
+fn ws_h2c_function(py: &str, name: &str, extra: &str) -> String {
+    format!(
+        "[[function]]\nname = {name:?}\ncommand = [{py:?}, {:?}]\nprotocol = \"h2c\"\n{extra}\n",
+        fixture("ws_h2_server.py").display().to_string()
+    )
+}
+
+/// RFC 8441 end to end over HTTP/2: an HTTP/2 client's extended CONNECT reaches a cold
+/// h2c function as an extended CONNECT on its HTTP/2 connection; messages go both ways,
+/// the function sees the forwarded headers, the open stream holds the instance past
+/// `idle_timeout`, and it is counted like any request.
+#[test]
+fn websocket_over_http2_to_a_cold_h2c_function() {
+    let Some(py) = python_with("h2") else {
+        return;
+    };
+    let d = Daemon::start(&ws_h2c_function(py, "ws", "idle_timeout = \"1s\""));
+    assert_eq!(d.available("ws"), 0, "the function starts cold");
+    let client = Command::new(py)
+        .arg(fixture("ws_h2_client.py"))
+        .args(["127.0.0.1", &d.shared.to_string(), "/function/ws/", "3"])
+        .args(["hello", "again", "header:x-forwarded-for", "header:x-forwarded-proto"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    socket_keeps_its_instance_up(
+        &d,
+        client,
+        "status 200\necho hello\necho again\necho 127.0.0.1\necho http\n",
+    );
+    let m = d.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "synwake_function_invocations_total{function=\"ws\",code=\"200\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    // Ordinary requests to the function go on HTTP/2 too, and start it again.
+    let r = d.call("ws", "/pid");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(d.instance_pids(), vec![r.pid()]);
+}
+
+/// An h2c function that did not enable the extended CONNECT protocol gets no extended
+/// CONNECT (RFC 8441 section 3 forbids sending it): the client is answered 501 at once,
+/// cold or warm, and the function's connection keeps serving other requests.
+#[test]
+fn websocket_over_http2_to_an_h2c_function_without_extended_connect_gets_501() {
+    let Some(py) = python_with("h2") else {
+        return;
+    };
+    let d = Daemon::start(&ws_h2c_function(
+        py,
+        "plain",
+        "env = { WS_H2_EXTENDED_CONNECT = \"0\" }",
+    ));
+    let port = d.shared.to_string();
+    let attempt = || {
+        let t0 = Instant::now();
+        let out = Command::new(py)
+            .arg(fixture("ws_h2_client.py"))
+            .args(["127.0.0.1", &port, "/function/plain/", "0", "hello"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "status 501\n",
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success());
+        t0.elapsed()
+    };
+    let cold = attempt();
+    let warm = attempt();
+    // The client gives up after 30 s: an answer well before it is no hang.
+    assert!(cold < Duration::from_secs(15), "cold: answered after {cold:?}");
+    assert!(warm < Duration::from_secs(5), "warm: answered after {warm:?}");
+    let pid = d.call("plain", "/pid");
+    assert_eq!(pid.status, 200, "{}", pid.text());
+    assert_eq!(d.instance_pids(), vec![pid.pid()], "one instance throughout");
+    let m = d.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "synwake_function_invocations_total{function=\"plain\",code=\"501\"}"
+        ),
+        Some(2.0),
+        "{m}"
+    );
 }
 
 /// `client` holds a WebSocket to the cold function `ws` open for 3 s (idle_timeout is

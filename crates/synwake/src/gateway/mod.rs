@@ -12,6 +12,7 @@
 pub mod conn;
 pub mod forwarded;
 pub mod h1;
+pub mod h2c;
 pub mod hosts;
 pub mod listeners;
 pub mod path;
@@ -296,25 +297,43 @@ impl Proxy {
         let mut upgrade = upgrade_asked(req.headers()).filter(|_| {
             spec.policy.protocol == Protocol::Http1 && req.version() == http::Version::HTTP_11
         });
-        // WebSocket over HTTP/2 (RFC 8441): an extended CONNECT, sent on as an HTTP/1.1
-        // WebSocket handshake; the stream is piped to the upgraded connection.
+        // WebSocket over HTTP/2 (RFC 8441): an extended CONNECT, sent on as it is to an h2c
+        // function and as an HTTP/1.1 WebSocket handshake to an HTTP/1.1 one; the stream
+        // is piped to the upgraded upstream connection or stream.
         let extended_connect = req.method() == http::Method::CONNECT
             && req.extensions().get::<hyper::ext::Protocol>().is_some();
         if extended_connect {
-            if let Err(resp) = websocket_over_h2(&mut req, function, spec.policy.protocol) {
+            if let Err(resp) = websocket_over_h2(&mut req, spec.policy.protocol) {
                 return resp;
             }
-            upgrade = Some(HeaderValue::from_static("websocket"));
+            if spec.policy.protocol == Protocol::Http1 {
+                upgrade = Some(HeaderValue::from_static("websocket"));
+            }
         }
-        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let client_upgrade =
+            (upgrade.is_some() || extended_connect).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        // h2c, Upgrade and plain CONNECT go through hyper's client (it wants an absolute
+        // h2c, Upgrade and plain CONNECT go through hyper's clients (they want an absolute
         // URI); all else is ours.
         let own_h1 = spec.policy.protocol == Protocol::Http1
             && upgrade.is_none()
             && parts.method != http::Method::CONNECT;
+        let policy = &spec.policy;
+        let h2c = policy.protocol == Protocol::H2c;
         let target = if own_h1 {
             path.parse()
+        } else if h2c {
+            // The function sees the client's host as `:authority` (as HTTP/1.1 functions
+            // see its Host); the connection goes to the instance whatever it names.
+            let host = parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+                .or_else(|| parts.uri.authority().cloned());
+            match host {
+                Some(host) => format!("http://{host}{path}").parse(),
+                None => format!("http://{addr}{path}").parse(),
+            }
         } else {
             format!("http://{addr}{path}").parse()
         };
@@ -338,8 +357,6 @@ impl Proxy {
             }
         }
         parts.uri = uri;
-        let policy = &spec.policy;
-        let h2c = policy.protocol == Protocol::H2c;
         parts.version = if h2c {
             http::Version::HTTP_2
         } else {
@@ -366,6 +383,10 @@ impl Proxy {
                 parts
                     .headers
                     .insert(http::header::TE, HeaderValue::from_static("trailers"));
+            }
+            if h2c {
+                // In `:authority` now (HTTP/2 servers may refuse a Host that differs).
+                parts.headers.remove(http::header::HOST);
             }
         }
         if let Some(protocol) = &upgrade {
@@ -417,10 +438,14 @@ impl Proxy {
                     .await?;
                 // Not boxed here: the lease's wrapper below is the one box.
                 Ok::<_, upstream::SendError>(resp.map(FromInstance::Ours))
-            } else {
-                let client = self
+            } else if h2c {
+                let resp = self
                     .upstream
-                    .client(policy.protocol, policy.connect_timeout);
+                    .send_h2c(&lease.instance, policy.connect_timeout, req)
+                    .await?;
+                Ok(resp.map(FromInstance::Hyper))
+            } else {
+                let client = self.upstream.client(policy.connect_timeout);
                 Ok(client.request(req).await?.map(FromInstance::Hyper))
             }
         })
@@ -443,8 +468,12 @@ impl Proxy {
             );
             return r;
         };
+        // An h2c function accepts an extended CONNECT with 200 (RFC 8441 section 5).
+        let switched = |s: StatusCode| {
+            s == StatusCode::SWITCHING_PROTOCOLS || (extended_connect && h2c && s == StatusCode::OK)
+        };
         match sent {
-            Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            Ok(mut resp) if switched(resp.status()) => {
                 let Some(client_upgrade) = client_upgrade else {
                     return text_response(
                         StatusCode::BAD_GATEWAY,
@@ -481,6 +510,9 @@ impl Proxy {
                 );
                 let body = GuardedBody::new(body, lease).boxed();
                 Response::from_parts(parts, body)
+            }
+            Err(e @ upstream::SendError::H2c(h2c::Error::NoExtendedConnect)) => {
+                text_response(StatusCode::NOT_IMPLEMENTED, format!("function {function}: {e}"))
             }
             Err(e) if client_body_failed(&e) => {
                 let detail = crate::error_chain(&e);
@@ -575,13 +607,13 @@ fn route_request(route: &Route, uri: &Uri) -> Result<(String, String), Response<
     }
 }
 
-/// Turns an RFC 8441 extended CONNECT into the HTTP/1.1 WebSocket handshake for the
-/// function (method GET, a fresh `Sec-WebSocket-Key`; the version, subprotocols and
-/// extensions the client asked for are kept), or the response refusing it.
+/// Checks that an RFC 8441 extended CONNECT asks for a WebSocket, and turns it into the
+/// HTTP/1.1 WebSocket handshake for an HTTP/1.1 function (method GET, a fresh
+/// `Sec-WebSocket-Key`; the version, subprotocols and extensions the client asked for are
+/// kept); an h2c function gets it as it is. Else the response refusing it.
 #[allow(clippy::result_large_err)] // the error is the response itself
 fn websocket_over_h2(
     req: &mut Request<ForwardBody>,
-    function: &str,
     protocol: Protocol,
 ) -> Result<(), Response<ProxyBody>> {
     let asked = req
@@ -598,17 +630,14 @@ fn websocket_over_h2(
             ),
         ));
     }
-    if protocol != Protocol::Http1 {
-        return Err(text_response(
-            StatusCode::NOT_IMPLEMENTED,
-            format!("function {function}: WebSocket is passed only to HTTP/1.1 functions (protocol = \"http1\")"),
-        ));
+    if protocol == Protocol::H2c {
+        return Ok(());
     }
     let mut key = [0u8; 16];
     if let Err(e) = getrandom::fill(&mut key) {
         return Err(text_response(
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("function {function}: no random WebSocket key: {e}"),
+            format!("no random WebSocket key: {e}"),
         ));
     }
     use base64::Engine;

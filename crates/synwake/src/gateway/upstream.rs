@@ -1,8 +1,10 @@
 //! Connections to instances. HTTP/1.1 functions: our own client (gateway/h1.rs) over a
 //! shared idle list per instance, taken newest first, and the private connections of one
 //! client connection, for requests with a body; one reaper task closes idle ones of both
-//! after `upstream_idle_timeout`. h2c functions and Upgrade requests: one pooled hyper client per
-//! (protocol, connect timeout), since those are properties of its connector and pool.
+//! after `upstream_idle_timeout`. h2c functions: one HTTP/2 connection per instance and
+//! serving runtime (gateway/h2c.rs), let go of by the same reaper. HTTP/1.1 Upgrade
+//! requests: one pooled hyper client per connect timeout, since that is a property of its
+//! connector.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,13 +20,12 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::forwarded::Forwarded;
 use super::h1::{self, Conn, Outgoing, UpstreamBody};
+use super::h2c::{self, H2Conns};
 use super::ForwardBody;
 use crate::runtime::Instance;
-use crate::spec::Protocol;
 
 pub type UpstreamClient = Client<HttpConnector, ForwardBody>;
 
-type Key = (Protocol, Duration);
 
 /// Idle connections kept per instance in the shared list.
 const SHARED_IDLE_MAX: usize = 256;
@@ -41,8 +42,10 @@ pub struct Upstream {
     /// entry goes when its client connection has closed).
     private: Arc<Mutex<Vec<Weak<IdleConns>>>>,
     reaper_started: AtomicBool,
-    /// The hyper clients for h2c and Upgrade, made on first use of each key.
-    clients: RwLock<Vec<(Key, Arc<UpstreamClient>)>>,
+    /// The connections to h2c instances.
+    h2c: Arc<H2Conns>,
+    /// The hyper clients for Upgrade, made on first use of each key.
+    clients: RwLock<Vec<(Duration, Arc<UpstreamClient>)>>,
 }
 
 /// Which connections an HTTP/1.1 request may use.
@@ -62,6 +65,8 @@ pub enum SendError {
     H1(#[from] h1::Error),
     #[error(transparent)]
     Pooled(#[from] hyper_util::client::legacy::Error),
+    #[error(transparent)]
+    H2c(#[from] h2c::Error),
 }
 
 impl Upstream {
@@ -71,13 +76,14 @@ impl Upstream {
             shared: Arc::new(IdleConns::new(SHARED_IDLE_MAX)),
             private: Arc::default(),
             reaper_started: AtomicBool::new(false),
+            h2c: Arc::default(),
             clients: RwLock::new(Vec::new()),
         }
     }
 
-    /// The hyper client for h2c functions and Upgrade requests.
-    pub fn client(&self, protocol: Protocol, connect_timeout: Duration) -> Arc<UpstreamClient> {
-        let key = (protocol, connect_timeout);
+    /// The hyper client for Upgrade requests to HTTP/1.1 functions.
+    pub fn client(&self, connect_timeout: Duration) -> Arc<UpstreamClient> {
+        let key = connect_timeout;
         if let Some((_, c)) = self.clients.read().unwrap().iter().find(|(k, _)| *k == key) {
             return c.clone();
         }
@@ -93,9 +99,6 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(self.idle_timeout)
             .pool_max_idle_per_host(256);
-        if protocol == Protocol::H2c {
-            b.http2_only(true);
-        }
         let c = Arc::new(b.build(connector));
         clients.push((key, c.clone()));
         c
@@ -161,8 +164,21 @@ impl Upstream {
         }
     }
 
+    /// Sends `req` (absolute URI) to an h2c `instance` as a stream on its HTTP/2
+    /// connection; an extended CONNECT only if the instance enabled it.
+    pub async fn send_h2c(
+        &self,
+        instance: &Arc<dyn Instance>,
+        connect_timeout: Duration,
+        req: Request<ForwardBody>,
+    ) -> Result<Response<hyper::body::Incoming>, SendError> {
+        self.start_reaper();
+        Ok(self.h2c.send(instance, connect_timeout, req).await?)
+    }
+
     /// One task per proxy closes idle connections past the bound (and those their instance
-    /// closed, or to instances gone), shared and private; it ends with the proxy.
+    /// closed, or to instances gone), shared and private, and lets go of idle h2c
+    /// connections; it ends with the proxy.
     fn start_reaper(&self) {
         if self.reaper_started.load(Ordering::Relaxed)
             || self.reaper_started.swap(true, Ordering::Relaxed)
@@ -175,6 +191,7 @@ impl Upstream {
         };
         let pool = Arc::downgrade(&self.shared);
         let private = Arc::downgrade(&self.private);
+        let h2c = Arc::downgrade(&self.h2c);
         let timeout = self.idle_timeout;
         // A connection closes at most a quarter of the bound (or 5 s) after it.
         let tick = (timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(5));
@@ -183,10 +200,13 @@ impl Upstream {
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
-                let (Some(pool), Some(private)) = (pool.upgrade(), private.upgrade()) else {
+                let (Some(pool), Some(private), Some(h2c)) =
+                    (pool.upgrade(), private.upgrade(), h2c.upgrade())
+                else {
                     return;
                 };
                 pool.reap(timeout);
+                h2c.reap(timeout);
                 // Reaped outside the registry's lock, so registering never waits for it.
                 let lists: Vec<Arc<IdleConns>> = {
                     let mut private = private.lock().unwrap();
