@@ -7,9 +7,15 @@
 # - WebSocket: round trip of a small text message (sequential, one connection) to the same
 #   Python echo function (tests/fixtures/ws_echo.py) directly, through synwake's own and
 #   shared ports and through nginx; p50/p99.
+# - An h2c function (`protocol = "h2c"`: synwake speaks HTTP/2 to it): one nginx worker
+#   answering 200 over h2c with prior knowledge; h2load against it directly and through
+#   synwake's shared port (nginx proxies HTTP/2 upstream only for gRPC: no nginx row).
+#   H2_ONLY="target ..." runs only those HTTP/2 targets.
 #
 #   scripts/bench-protocols.sh                 # 10 s per h2load run, 5000 WebSocket round trips
 #   DURATION=5s WS_ROUNDS=2000 scripts/bench-protocols.sh
+#   WS_ROUNDS=0 H2_ONLY="h2c-function-direct synwake-shared-port-to-h2c-function" \
+#       scripts/bench-protocols.sh             # only the h2c function rows
 #
 # Needs: cargo, h2load (nghttp2-client), nginx (with http_v2 and ssl), openssl, curl,
 # /usr/bin/python3 with websockets.
@@ -32,6 +38,7 @@ NGINX_TLS_PORT=$((BASE_PORT + 6))   # nginx, http2 over TLS
 WS_FN_PORT=$((BASE_PORT + 7))       # the WebSocket echo, called directly and by nginx
 WS_OWN_PORT=$((BASE_PORT + 8))      # synwake: the WebSocket function's own port
 NGINX_WS_PORT=$((BASE_PORT + 9))    # nginx in front of WS_FN_PORT
+H2C_FN_PORT=$((BASE_PORT + 10))     # the h2c function (nginx), called directly
 PY=/usr/bin/python3
 
 for tool in cargo h2load nginx openssl curl "$PY"; do
@@ -40,7 +47,7 @@ done
 "$PY" -c "import websockets" || { echo "bench-protocols: $PY lacks websockets" >&2; exit 1; }
 
 echo "building release binaries..." >&2
-cargo build --release -q -p synwake -p synwake-fn
+[ -n "${NO_BUILD:-}" ] || cargo build --release -q -p synwake -p synwake-fn
 BIN=${CARGO_TARGET_DIR:-target}/release
 SYNWAKE_BIN=${SYNWAKE_BIN:-$BIN/synwake}
 WS_ECHO=$(realpath crates/synwake/tests/fixtures/ws_echo.py)
@@ -58,6 +65,30 @@ chmod 600 "$WORK/key.pem"
 PORT=$FN_PORT SYNWAKE_FUNCTION=bench "$BIN/synwake-fn" >"$WORK/fn.log" 2>&1 &
 PIDS+=($!)
 PORT=$WS_FN_PORT "$PY" "$WS_ECHO" >"$WORK/ws-fn.log" 2>&1 &
+PIDS+=($!)
+
+# The h2c function, on $PORT, from its own nginx prefix per port.
+cat >"$WORK/h2cfn.conf.in" <<EOF
+worker_processes 1;
+pid $WORK/h2cfn-@PORT@/nginx.pid;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path $WORK/h2cfn-@PORT@/body;
+    server {
+        listen 127.0.0.1:@PORT@ http2;
+        location / { return 200 "ok\n"; }
+    }
+}
+EOF
+cat >"$WORK/h2cfn.sh" <<EOF
+d=$WORK/h2cfn-\$PORT
+mkdir -p "\$d"
+sed "s/@PORT@/\$PORT/g" $WORK/h2cfn.conf.in >"\$d/nginx.conf"
+exec nginx -e "\$d/error.log" -p "\$d" -c "\$d/nginx.conf" -g 'daemon off;'
+EOF
+PORT=$H2C_FN_PORT sh "$WORK/h2cfn.sh" >"$WORK/h2cfn.log" 2>&1 &
 PIDS+=($!)
 
 # 2. synwake with its own instances of the same functions, kept warm for the whole run.
@@ -86,6 +117,12 @@ idle_timeout = "1h"
 name = "ws"
 port = $WS_OWN_PORT
 command = ["$PY", "$WS_ECHO"]
+idle_timeout = "1h"
+
+[[function]]
+name = "h2cfn"
+protocol = "h2c"
+command = ["sh", "$WORK/h2cfn.sh"]
 idle_timeout = "1h"
 EOF
 SYNWAKE_LOG=warn "$SYNWAKE_BIN" up --config "$WORK/synwake.toml" >"$WORK/synwake.log" 2>&1 &
@@ -138,11 +175,15 @@ declare -A H2URL=(
     [synwake-tls-h2]="https://127.0.0.1:$TLS_PORT/function/bench/"
     [nginx-h2c]="http://127.0.0.1:$NGINX_H2C_PORT/"
     [nginx-tls-h2]="https://127.0.0.1:$NGINX_TLS_PORT/"
+    [h2c-function-direct]="http://127.0.0.1:$H2C_FN_PORT/"
+    [synwake-shared-port-to-h2c-function]="http://127.0.0.1:$SHARED_PORT/function/h2cfn/"
 )
-H2TARGETS=(synwake-own-port-h2c synwake-shared-port-h2c nginx-h2c synwake-tls-h2 nginx-tls-h2)
+H2TARGETS=(synwake-own-port-h2c synwake-shared-port-h2c nginx-h2c synwake-tls-h2 nginx-tls-h2
+    h2c-function-direct synwake-shared-port-to-h2c-function)
+[ -z "${H2_ONLY:-}" ] || read -r -a H2TARGETS <<<"$H2_ONLY"
 for t in "${H2TARGETS[@]}"; do
     case $t in
-        *-h2c) wait_http "${H2URL[$t]}" --http2-prior-knowledge ;; # nginx's h2c port speaks only h2
+        *-h2c | *h2c-function*) wait_http "${H2URL[$t]}" --http2-prior-knowledge ;; # h2c ports speak only h2
         *) wait_http "${H2URL[$t]}" -k --http2 ;;
     esac
 done
@@ -187,6 +228,7 @@ declare -A WSURL=(
     [nginx]="ws://127.0.0.1:$NGINX_WS_PORT/"
 )
 WSTARGETS=(direct synwake-own-port synwake-shared-port nginx)
+[ "$WS_ROUNDS" != 0 ] || WSTARGETS=()
 declare -A WSP50 WSP99 WSLOAD
 for t in "${WSTARGETS[@]}"; do
     WSLOAD[$t]=$(cut -d' ' -f1 /proc/loadavg)
@@ -201,8 +243,10 @@ echo "| HTTP/2 target (h2load \`-c64 -m10 -t2 -D $secs\`) | requests/s | loadavg
 echo "|---|---:|---:|"
 for t in "${H2TARGETS[@]}"; do echo "| $t | ${RPS[$t]} | ${LOAD[$t]} |"; done
 echo
-for pair in "synwake-own-port-h2c nginx-h2c" "synwake-shared-port-h2c nginx-h2c" "synwake-tls-h2 nginx-tls-h2"; do
+for pair in "synwake-own-port-h2c nginx-h2c" "synwake-shared-port-h2c nginx-h2c" "synwake-tls-h2 nginx-tls-h2" \
+    "synwake-shared-port-to-h2c-function h2c-function-direct"; do
     read -r a b <<<"$pair"
+    [ -n "${RPS[$a]:-}" ] && [ -n "${RPS[$b]:-}" ] || continue
     echo "- $a: $(awk -v a="${RPS[$a]}" -v b="${RPS[$b]}" 'BEGIN {printf "%.0f", 100 * a / b}')% of $b's requests/s"
 done
 echo
