@@ -7,8 +7,8 @@
 # - WebSocket: round trip of a small text message (sequential, one connection) to the same
 #   Python echo function (tests/fixtures/ws_echo.py) directly, through synwake's own and
 #   shared ports and through nginx; p50/p99.
-# - An h2c function (`protocol = "h2c"`: synwake speaks HTTP/2 to it): one nginx worker
-#   answering 200 over h2c with prior knowledge; h2load against it directly and through
+# - An h2c function (`protocol = "h2c"`: synwake speaks HTTP/2 to it): nghttpd serving a
+#   3-byte file over h2c with prior knowledge; h2load against it directly and through
 #   synwake's shared port (nginx proxies HTTP/2 upstream only for gRPC: no nginx row).
 #   H2_ONLY="target ..." runs only those HTTP/2 targets.
 #
@@ -17,8 +17,8 @@
 #   WS_ROUNDS=0 H2_ONLY="h2c-function-direct synwake-shared-port-to-h2c-function" \
 #       scripts/bench-protocols.sh             # only the h2c function rows
 #
-# Needs: cargo, h2load (nghttp2-client), nginx (with http_v2 and ssl), openssl, curl,
-# /usr/bin/python3 with websockets.
+# Needs: cargo, h2load (nghttp2-client), nghttpd (nghttp2-server), nginx (with http_v2 and
+# ssl), openssl, curl, /usr/bin/python3 with websockets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BENCH=bench-protocols
@@ -38,10 +38,10 @@ NGINX_TLS_PORT=$((BASE_PORT + 6))   # nginx, http2 over TLS
 WS_FN_PORT=$((BASE_PORT + 7))       # the WebSocket echo, called directly and by nginx
 WS_OWN_PORT=$((BASE_PORT + 8))      # synwake: the WebSocket function's own port
 NGINX_WS_PORT=$((BASE_PORT + 9))    # nginx in front of WS_FN_PORT
-H2C_FN_PORT=$((BASE_PORT + 10))     # the h2c function (nginx), called directly
+H2C_FN_PORT=$((BASE_PORT + 10))     # the h2c function (nghttpd), called directly
 PY=/usr/bin/python3
 
-for tool in cargo h2load nginx openssl curl "$PY"; do
+for tool in cargo h2load nghttpd nginx openssl curl "$PY"; do
     command -v "$tool" >/dev/null || { echo "bench-protocols: $tool not found" >&2; exit 1; }
 done
 "$PY" -c "import websockets" || { echo "bench-protocols: $PY lacks websockets" >&2; exit 1; }
@@ -67,28 +67,15 @@ PIDS+=($!)
 PORT=$WS_FN_PORT "$PY" "$WS_ECHO" >"$WORK/ws-fn.log" 2>&1 &
 PIDS+=($!)
 
-# The h2c function, on $PORT, from its own nginx prefix per port.
-cat >"$WORK/h2cfn.conf.in" <<EOF
-worker_processes 1;
-pid $WORK/h2cfn-@PORT@/nginx.pid;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path $WORK/h2cfn-@PORT@/body;
-    server {
-        listen 127.0.0.1:@PORT@ http2;
-        location / { return 200 "ok\n"; }
-    }
-}
-EOF
-cat >"$WORK/h2cfn.sh" <<EOF
-d=$WORK/h2cfn-\$PORT
-mkdir -p "\$d"
-sed "s/@PORT@/\$PORT/g" $WORK/h2cfn.conf.in >"\$d/nginx.conf"
-exec nginx -e "\$d/error.log" -p "\$d" -c "\$d/nginx.conf" -g 'daemon off;'
-EOF
-PORT=$H2C_FN_PORT sh "$WORK/h2cfn.sh" >"$WORK/h2cfn.log" 2>&1 &
+# The h2c function: nghttpd (nghttp2's C server) serving a small file over h2c on $PORT,
+# from a directory the function's unprivileged user can read.
+H2C=$WORK/h2cfn
+mkdir -p "$H2C"
+chmod 755 "$WORK" "$H2C"
+echo ok >"$H2C/index.html"
+chmod 644 "$H2C/index.html"
+H2C_FN="exec nghttpd --no-tls -d $H2C \$PORT"
+PORT=$H2C_FN_PORT sh -c "exec nghttpd --no-tls -d $H2C $H2C_FN_PORT" >"$WORK/h2cfn.log" 2>&1 &
 PIDS+=($!)
 
 # 2. synwake with its own instances of the same functions, kept warm for the whole run.
@@ -122,7 +109,7 @@ idle_timeout = "1h"
 [[function]]
 name = "h2cfn"
 protocol = "h2c"
-command = ["sh", "$WORK/h2cfn.sh"]
+command = ["sh", "-c", "$H2C_FN"]
 idle_timeout = "1h"
 EOF
 SYNWAKE_LOG=warn "$SYNWAKE_BIN" up --config "$WORK/synwake.toml" >"$WORK/synwake.log" 2>&1 &

@@ -18,6 +18,7 @@ set -euo pipefail
 #   build-essential pkg-config                     the linker cargo needs, native build deps
 #   openssl                                        test certificates, s_client in the TLS tests
 #   nghttp2-client                                 h2load: HTTP/2 and TLS load generator
+#   nghttp2-server                                 nghttpd: fast h2c function in bench-protocols
 #   python3-grpcio python3-websockets python3-h2   gRPC, WebSocket and HTTP/2 test clients
 #   docker-registry skopeo buildah podman umoci    real registry and image tools for oci tests
 #   python3-prometheus-client                      real OpenMetrics/text parsers for GET /metrics
@@ -28,7 +29,7 @@ PACKAGES=(
     nginx-light wrk
     python3 curl
     build-essential pkg-config
-    openssl nghttp2-client
+    openssl nghttp2-client nghttp2-server
     python3-grpcio python3-websockets python3-h2
     docker-registry skopeo buildah podman umoci
     python3-prometheus-client

@@ -328,6 +328,50 @@ fn websocket_over_http2_to_an_h2c_function_without_extended_connect_gets_501() {
     );
 }
 
+/// SIGTERM with a WebSocket over HTTP/2 open to an h2c function: synwake waits
+/// `drain_timeout` for it (the tunnel counts as in use), then closes it and stops the
+/// instance.
+#[test]
+fn shutdown_closes_an_h2c_websocket_still_open_after_drain_timeout() {
+    let Some(py) = python_with("h2") else {
+        return;
+    };
+    let mut d = Daemon::start_with(
+        "drain_timeout = \"2s\"",
+        &ws_h2c_function(py, "ws", "idle_timeout = \"60s\""),
+    );
+    // Says hello, then holds the stream open for 60 s.
+    let mut client = Command::new(py)
+        .arg(fixture("ws_h2_client.py"))
+        .args(["127.0.0.1", &d.shared.to_string(), "/function/ws/", "60"])
+        .args(["hello", "again"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut out = std::io::BufReader::new(client.stdout.take().unwrap());
+    let mut seen = String::new();
+    for _ in 0..2 {
+        out.read_line(&mut seen).unwrap();
+    }
+    assert_eq!(seen, "status 200\necho hello\n");
+    let instance = d.instance_pids();
+    assert_eq!(instance.len(), 1);
+    let term = Instant::now();
+    signal(d.pid(), libc::SIGTERM);
+    let status = d.wait_exit(Duration::from_secs(30)).expect("synwake exits");
+    let took = term.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        took >= Duration::from_millis(1900),
+        "exited after {took:?}, before drain_timeout (2 s), under an open WebSocket"
+    );
+    assert!(!alive(instance[0]), "the instance outlived synwake");
+    let _ = client.kill();
+    let _ = client.wait();
+}
+
 /// `client` holds a WebSocket to the cold function `ws` open for 3 s (idle_timeout is
 /// 1 s): the instance starts, stays up under the open socket, one instance answers
 /// throughout, the client prints `expected`, and the instance stops once it closed.
