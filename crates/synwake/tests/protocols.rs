@@ -254,7 +254,12 @@ fn websocket_over_http2_to_a_cold_h2c_function() {
     let client = Command::new(py)
         .arg(fixture("ws_h2_client.py"))
         .args(["127.0.0.1", &d.shared.to_string(), "/function/ws/", "3"])
-        .args(["hello", "again", "header:x-forwarded-for", "header:x-forwarded-proto"])
+        .args([
+            "hello",
+            "again",
+            "header:x-forwarded-for",
+            "header:x-forwarded-proto",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -312,11 +317,21 @@ fn websocket_over_http2_to_an_h2c_function_without_extended_connect_gets_501() {
     let cold = attempt();
     let warm = attempt();
     // The client gives up after 30 s: an answer well before it is no hang.
-    assert!(cold < Duration::from_secs(15), "cold: answered after {cold:?}");
-    assert!(warm < Duration::from_secs(5), "warm: answered after {warm:?}");
+    assert!(
+        cold < Duration::from_secs(15),
+        "cold: answered after {cold:?}"
+    );
+    assert!(
+        warm < Duration::from_secs(5),
+        "warm: answered after {warm:?}"
+    );
     let pid = d.call("plain", "/pid");
     assert_eq!(pid.status, 200, "{}", pid.text());
-    assert_eq!(d.instance_pids(), vec![pid.pid()], "one instance throughout");
+    assert_eq!(
+        d.instance_pids(),
+        vec![pid.pid()],
+        "one instance throughout"
+    );
     let m = d.metrics();
     assert_eq!(
         metric(

@@ -99,7 +99,10 @@ impl H2Conns {
                 Ok(resp) => return Ok(resp),
                 Err(mut e) => match e.take_message() {
                     Some(back) if !retried => {
-                        tracing::debug!("{addr}: HTTP/2 connection closed before the request left: {}", e.error());
+                        tracing::debug!(
+                            "{addr}: HTTP/2 connection closed before the request left: {}",
+                            e.error()
+                        );
                         self.forget(instance, &cell);
                         req = back;
                         retried = true;
@@ -292,9 +295,14 @@ impl PrefaceWatch {
 enum Frame {
     Incomplete,
     /// A SETTINGS frame (not an ACK) of `len` payload bytes, all in.
-    Settings { len: usize, enabled: bool },
+    Settings {
+        len: usize,
+        enabled: bool,
+    },
     /// A SETTINGS ACK, PING or WINDOW_UPDATE with `len` payload bytes.
-    Setup { len: usize },
+    Setup {
+        len: usize,
+    },
     /// Anything else, or a malformed SETTINGS frame (h2 fails the connection on it).
     Other,
 }
@@ -307,7 +315,7 @@ fn next_frame(head: &[u8]) -> Frame {
     let len = u32::from_be_bytes([0, l0, l1, l2]) as usize;
     match kind {
         FRAME_SETTINGS if flags & 0x1 == 0 => {
-            if len % 6 != 0 || len > MAX_SETTINGS_PAYLOAD {
+            if !len.is_multiple_of(6) || len > MAX_SETTINGS_PAYLOAD {
                 return Frame::Other;
             }
             let Some(payload) = head.get(9..9 + len) else {
@@ -423,7 +431,11 @@ mod tests {
         let on = settings(&[(0x3, 100), (0x8, 1)], 0);
         let off = settings(&[(0x3, 100)], 0);
         for chunk in [1, 2, 7, 9, 100] {
-            assert_eq!(watched(&on, chunk).await, (Some(true), true), "chunk {chunk}");
+            assert_eq!(
+                watched(&on, chunk).await,
+                (Some(true), true),
+                "chunk {chunk}"
+            );
             assert_eq!(watched(&off, chunk).await, (Some(false), true));
             // Incomplete: nothing published yet.
             assert_eq!(watched(&on[..on.len() - 1], chunk).await.0, None);
@@ -448,6 +460,9 @@ mod tests {
         }
         // Not a SETTINGS frame first (an HTTP/1.1 server's answer, say): not HTTP/2.
         assert_eq!(watched(&frame(0x7, &[0; 8]), 100).await, (None, false));
-        assert_eq!(watched(b"HTTP/1.1 400 Bad Request\r\n", 5).await, (None, false));
+        assert_eq!(
+            watched(b"HTTP/1.1 400 Bad Request\r\n", 5).await,
+            (None, false)
+        );
     }
 }

@@ -511,9 +511,10 @@ impl Proxy {
                 let body = GuardedBody::new(body, lease).boxed();
                 Response::from_parts(parts, body)
             }
-            Err(e @ upstream::SendError::H2c(h2c::Error::NoExtendedConnect)) => {
-                text_response(StatusCode::NOT_IMPLEMENTED, format!("function {function}: {e}"))
-            }
+            Err(e @ upstream::SendError::H2c(h2c::Error::NoExtendedConnect)) => text_response(
+                StatusCode::NOT_IMPLEMENTED,
+                format!("function {function}: {e}"),
+            ),
             Err(e) if client_body_failed(&e) => {
                 let detail = crate::error_chain(&e);
                 tracing::debug!("function {function}: the client's request body failed: {detail}");

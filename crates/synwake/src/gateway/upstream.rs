@@ -26,7 +26,6 @@ use crate::runtime::Instance;
 
 pub type UpstreamClient = Client<HttpConnector, ForwardBody>;
 
-
 /// Idle connections kept per instance in the shared list.
 const SHARED_IDLE_MAX: usize = 256;
 /// Idle private connections per instance of one client connection (more than one only for
