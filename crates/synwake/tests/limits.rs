@@ -129,6 +129,12 @@ fn oversized_or_too_many_headers_get_431() {
     // Within the limits the same request goes through.
     let r = request(loopback(d.shared), "GET", "/function/f/", &many[..50], None).unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
+    // A max_headers other than hyper's own default (100) is set on hyper: 20 are too many.
+    let d = Daemon::start_with("max_headers = 10", &function("f", ""));
+    let r = request(loopback(d.shared), "GET", "/function/f/", &many[..20], None).unwrap();
+    assert_eq!(r.status, 431, "{}", r.text());
+    let r = request(loopback(d.shared), "GET", "/function/f/", &many[..5], None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 #[test]

@@ -58,6 +58,11 @@ impl Default for Limits {
 /// hyper's HTTP/1.1 read buffer cannot be smaller than this.
 pub const MIN_HEADER_BYTES: usize = 8192;
 
+/// hyper's own bound on header fields when none is set. Set explicitly, hyper builds two
+/// vectors of that many fields for every request head (6 KiB written per request); at its
+/// default it parses into uninitialised arrays, with the same 431 past the bound.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
 /// The server half of the gateway's HTTP: built once, shared by every connection.
 pub struct Server {
     builder: auto::Builder<TokioExecutor>,
@@ -72,8 +77,10 @@ impl Server {
             .keep_alive(true)
             .timer(TokioTimer::new())
             .header_read_timeout(None)
-            .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES))
-            .max_headers(limits.max_headers);
+            .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES));
+        if limits.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            builder.http1().max_headers(limits.max_headers);
+        }
         builder
             .http2()
             .timer(TokioTimer::new())

@@ -3,9 +3,10 @@
 //! and `X-Forwarded-Host` (set: synwake is the edge and knows them, a client does not
 //! get to choose them).
 
-use std::fmt::Write;
+use std::io::Write;
 use std::net::IpAddr;
 
+use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::hosts::ConnInfo;
@@ -16,19 +17,21 @@ pub const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// The forwarded headers a request on a connection gets; they replace any of these four
 /// the request has (the client's own `X-Forwarded-For` and `Forwarded` are kept in front).
+/// Kept as parts and written straight into a request head: no allocation when the client
+/// sent no forwarded headers of its own.
 pub struct Forwarded {
-    pub xff: String,
+    ip: IpAddr,
     pub proto: &'static str,
     /// `None`: no `X-Forwarded-Host` (the client's is removed).
     pub host: Option<HeaderValue>,
-    pub forwarded: String,
+    /// The client's own values, joined, each followed by ", ".
+    prior_xff: Vec<u8>,
+    prior_forwarded: Vec<u8>,
 }
 
 impl Forwarded {
-    /// The values for a request with `headers` that came in on `conn`: two allocations
-    /// when the client sent no forwarded headers of its own.
+    /// The values for a request with `headers` that came in on `conn`.
     pub fn of(headers: &HeaderMap, conn: &ConnInfo) -> Forwarded {
-        let ip = conn.peer.ip();
         let host = headers
             .get(http::header::HOST)
             .filter(|v| v.to_str().is_ok())
@@ -37,24 +40,33 @@ impl Forwarded {
                 let name = conn.server_name.as_deref()?;
                 HeaderValue::from_str(name).ok()
             });
-        let mut xff = String::with_capacity(48);
-        join_prior(headers, &XFF, &mut xff);
-        let _ = write!(xff, "{ip}");
-        let mut forwarded = String::with_capacity(64);
-        join_prior(headers, &http::header::FORWARDED, &mut forwarded);
-        let _ = match ip {
-            IpAddr::V4(v4) => write!(forwarded, "for={v4};proto={}", conn.scheme()),
-            IpAddr::V6(v6) => write!(forwarded, "for=\"[{v6}]\";proto={}", conn.scheme()),
-        };
-        let h = host.as_ref().and_then(|v| v.to_str().ok());
-        if let Some(h) = h.filter(|h| !h.contains(['"', '\\'])) {
-            let _ = write!(forwarded, ";host=\"{h}\"");
-        }
         Forwarded {
-            xff,
+            ip: conn.peer.ip(),
             proto: conn.scheme(),
             host,
-            forwarded,
+            prior_xff: join_prior(headers, &XFF),
+            prior_forwarded: join_prior(headers, &http::header::FORWARDED),
+        }
+    }
+
+    /// The `X-Forwarded-For` value: the client's, then the peer's address.
+    pub fn write_xff(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.prior_xff);
+        let _ = write!(out, "{}", self.ip);
+    }
+
+    /// The `Forwarded` value (RFC 7239): the client's, then this hop's element.
+    pub fn write_forwarded(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.prior_forwarded);
+        let _ = match self.ip {
+            IpAddr::V4(v4) => write!(out, "for={v4};proto={}", self.proto),
+            IpAddr::V6(v6) => write!(out, "for=\"[{v6}]\";proto={}", self.proto),
+        };
+        let h = self.host.as_ref().and_then(|v| v.to_str().ok());
+        if let Some(h) = h.filter(|h| !h.contains(['"', '\\'])) {
+            out.extend_from_slice(b";host=\"");
+            out.extend_from_slice(h.as_bytes());
+            out.push(b'"');
         }
     }
 
@@ -64,33 +76,42 @@ impl Forwarded {
     }
 }
 
+/// A value written by `write` as a header value (the parts are visible ASCII already).
+fn value(write: impl FnOnce(&mut Vec<u8>)) -> Option<HeaderValue> {
+    let mut v = Vec::with_capacity(64);
+    write(&mut v);
+    HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
+}
+
 /// Adds the forwarded headers for a request that came in on `conn`.
 pub fn set_forwarded(headers: &mut HeaderMap, conn: &ConnInfo) {
     let f = Forwarded::of(headers, conn);
-    // From the Strings themselves: no copy.
-    if let Ok(v) = HeaderValue::try_from(f.xff) {
+    if let Some(v) = value(|out| f.write_xff(out)) {
         headers.insert(XFF, v);
     }
     headers.insert(XFP, HeaderValue::from_static(f.proto));
-    match f.host {
+    match &f.host {
         Some(v) => {
-            headers.insert(XFH, v);
+            headers.insert(XFH, v.clone());
         }
         None => {
             headers.remove(XFH);
         }
     }
-    if let Ok(v) = HeaderValue::try_from(f.forwarded) {
+    if let Some(v) = value(|out| f.write_forwarded(out)) {
         headers.insert(http::header::FORWARDED, v);
     }
 }
 
-/// The values a comma-separated header already has, joined, with ", " after them.
-fn join_prior(headers: &HeaderMap, name: &HeaderName, out: &mut String) {
-    for v in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
-        out.push_str(v);
-        out.push_str(", ");
+/// The values a comma-separated header already has, joined, with ", " after them (no
+/// allocation without any).
+fn join_prior(headers: &HeaderMap, name: &HeaderName) -> Vec<u8> {
+    let mut out = Vec::new();
+    for v in headers.get_all(name).iter().filter(|v| v.to_str().is_ok()) {
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b", ");
     }
+    out
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use super::forwarded::Forwarded;
+use super::upstream::Home;
 use super::ForwardBody;
 
 /// A response head (status line and header fields) larger than this is refused.
@@ -187,6 +188,10 @@ enum Framing {
 /// rest of the body. Nothing in it belongs to a connection, so when it failed before any
 /// byte left, it goes out again on another one.
 pub struct Outgoing {
+    /// The encoded head; `head_sent` of its bytes are out.
+    head: Vec<u8>,
+    head_sent: usize,
+    /// Body bytes after the head.
     pending: VecDeque<Bytes>,
     body: Option<ForwardBody>,
     framing: Framing,
@@ -196,9 +201,8 @@ pub struct Outgoing {
     written: usize,
     head_request: bool,
     /// Safe to send again once written (RFC 9110 9.2.2: an idempotent method, and no
-    /// body): the head is kept in `sent` when it leaves.
+    /// body): then the head is all there is, and it stays in `head` when it leaves.
     replayable: bool,
-    sent: Option<Bytes>,
 }
 
 impl Outgoing {
@@ -244,12 +248,16 @@ impl Outgoing {
             put_field(&mut head, name.as_str().as_bytes(), value.as_bytes());
         }
         if let Some(f) = &forwarded {
-            put_field(&mut head, b"x-forwarded-for", f.xff.as_bytes());
+            head.extend_from_slice(b"x-forwarded-for: ");
+            f.write_xff(&mut head);
+            head.extend_from_slice(b"\r\n");
             put_field(&mut head, b"x-forwarded-proto", f.proto.as_bytes());
             if let Some(h) = &f.host {
                 put_field(&mut head, b"x-forwarded-host", h.as_bytes());
             }
-            put_field(&mut head, b"forwarded", f.forwarded.as_bytes());
+            head.extend_from_slice(b"forwarded: ");
+            f.write_forwarded(&mut head);
+            head.extend_from_slice(b"\r\n");
         }
         match framing {
             Framing::Length(n) => {
@@ -267,7 +275,9 @@ impl Outgoing {
         }
         head.extend_from_slice(b"\r\n");
         let mut out = Outgoing {
-            pending: VecDeque::from([Bytes::from(head)]),
+            head,
+            head_sent: 0,
+            pending: VecDeque::new(),
             body: (framing != Framing::Empty).then_some(body),
             framing,
             remaining: match framing {
@@ -277,7 +287,6 @@ impl Outgoing {
             written: 0,
             head_request: parts.method == Method::HEAD,
             replayable: framing == Framing::Empty && parts.method.is_idempotent(),
-            sent: None,
         };
         if out.body.is_some() {
             // One look at the body: what is there now goes out with the head.
@@ -292,16 +301,16 @@ impl Outgoing {
 
     /// Everything was written.
     fn done(&self) -> bool {
-        self.pending.is_empty() && self.body.is_none()
+        self.head_sent == self.head.len() && self.pending.is_empty() && self.body.is_none()
     }
 
     /// Makes a replayable request that went out whole ready to go again from its first
     /// byte; false (and unchanged) for any other.
     fn rewind(&mut self) -> bool {
-        let Some(head) = self.sent.take() else {
+        if !self.replayable || self.head_sent != self.head.len() {
             return false;
-        };
-        self.pending.push_front(head);
+        }
+        self.head_sent = 0;
         self.written = 0;
         true
     }
@@ -373,7 +382,8 @@ impl Outgoing {
     /// the body has to wait.
     fn poll_write(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         loop {
-            if self.pending.is_empty() {
+            let head = &self.head[self.head_sent..];
+            if head.is_empty() && self.pending.is_empty() {
                 if self.body.is_none() {
                     return Poll::Ready(Ok(()));
                 }
@@ -383,7 +393,10 @@ impl Outgoing {
             let n = {
                 let mut iov = [IoSlice::new(&[]); 16];
                 let mut k = 0;
-                for (slot, b) in iov.iter_mut().zip(self.pending.iter()) {
+                let pieces = std::iter::once(head)
+                    .filter(|h| !h.is_empty())
+                    .chain(self.pending.iter().map(|b| &b[..]));
+                for (slot, b) in iov.iter_mut().zip(pieces) {
                     *slot = IoSlice::new(b);
                     k += 1;
                 }
@@ -396,7 +409,9 @@ impl Outgoing {
                 }
             };
             self.written += n;
-            let mut left = n;
+            let from_head = n.min(self.head.len() - self.head_sent);
+            self.head_sent += from_head;
+            let mut left = n - from_head;
             while left > 0 {
                 let front = self
                     .pending
@@ -404,15 +419,9 @@ impl Outgoing {
                     .expect("written bytes were pending");
                 if front.len() <= left {
                     left -= front.len();
-                    let gone = self.pending.pop_front();
-                    if self.replayable {
-                        // The whole head (all a replayable request is), moved, not copied.
-                        self.sent = gone;
-                    }
+                    self.pending.pop_front();
                 } else {
                     front.advance(left);
-                    // A head that went out in parts is not kept whole: never resent.
-                    self.replayable = false;
                     left = 0;
                 }
             }
@@ -440,9 +449,12 @@ struct Head {
 /// Parses a complete response head at the start of `buf` and removes it from there;
 /// `Ok(None)`: not complete yet.
 fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Error> {
-    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut raw);
-    let len = match resp.parse(buf) {
+    // Uninitialised: filling 100 empty fields for every response costs more than parsing it.
+    let mut raw = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut raw);
+    let len = match parsed {
         Ok(httparse::Status::Complete(n)) if n > MAX_HEAD_BYTES => return Err(Error::HeadTooLarge),
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
@@ -460,12 +472,18 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
     let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("bad status code"))?;
     // Where each name and value sits, so the values can share the head's buffer.
     let base = buf.as_ptr() as usize;
-    let mut at = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    // u32: a head is at most MAX_HEAD_BYTES.
+    let mut at = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let n = resp.headers.len();
     for (slot, h) in at.iter_mut().zip(resp.headers.iter()) {
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        *slot = (name, name + h.name.len(), value, value + h.value.len());
+        let name = (h.name.as_ptr() as usize - base) as u32;
+        let value = (h.value.as_ptr() as usize - base) as u32;
+        *slot = (
+            name,
+            name + h.name.len() as u32,
+            value,
+            value + h.value.len() as u32,
+        );
     }
     let head = buf.split_to(len).freeze();
     // Room for the one field forward adds (X-Synwake-Cold-Start) without a regrow.
@@ -476,12 +494,18 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
     let mut close = version == Version::HTTP_10;
     // Fields the response's Connection names are hop-by-hop too (left out below).
     let mut named: Vec<&[u8]> = Vec::new();
-    for &(n0, n1, v0, v1) in &at[..n] {
+    for (n0, n1, v0, v1) in at[..n]
+        .iter()
+        .map(|&(a, b, c, d)| (a as usize, b as usize, c as usize, d as usize))
+    {
         if head[n0..n1].eq_ignore_ascii_case(b"connection") {
             named.extend(head[v0..v1].split(|&b| b == b',').map(<[u8]>::trim_ascii));
         }
     }
-    for &(n0, n1, v0, v1) in &at[..n] {
+    for (n0, n1, v0, v1) in at[..n]
+        .iter()
+        .map(|&(a, b, c, d)| (a as usize, b as usize, c as usize, d as usize))
+    {
         let name =
             HeaderName::from_bytes(&head[n0..n1]).map_err(|_| Error::Invalid("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
@@ -597,12 +621,6 @@ fn closed_unanswered(e: &Error) -> bool {
     }
 }
 
-/// Where a connection goes when its exchange is over: the pool it came from (or none:
-/// closed).
-pub trait Home: Send + Sync + 'static {
-    fn put_back(&self, conn: Conn);
-}
-
 /// Sends `out` on `conn` and reads the response head (and a small body whole). When a
 /// connection that was reused fails, the request comes back to be sent on another one if
 /// no byte of it left, or if it is safe to resend (idempotent, no body) and the instance
@@ -611,7 +629,7 @@ pub trait Home: Send + Sync + 'static {
 pub async fn exchange(
     mut conn: Conn,
     mut out: Outgoing,
-    home: Option<Box<dyn Home>>,
+    home: Option<Home>,
 ) -> Result<Response<UpstreamBody>, (Error, Option<Outgoing>)> {
     let mut write_failed: Option<Error> = None;
     let mut interim = 0;
@@ -703,7 +721,7 @@ pub struct Streaming {
     out: Option<Outgoing>,
     state: State,
     reusable: bool,
-    home: Option<Box<dyn Home>>,
+    home: Option<Home>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -1024,7 +1042,7 @@ mod tests {
         let out = Outgoing::new(req, "127.0.0.1:9".parse().unwrap(), Some(f))
             .await
             .unwrap();
-        let head = String::from_utf8(out.pending[0].to_vec()).unwrap();
+        let head = String::from_utf8(out.head.clone()).unwrap();
         let mut lines: Vec<&str> = head.split("\r\n").collect();
         assert_eq!(lines.remove(0), "GET /p?q=1 HTTP/1.1");
         lines.sort_unstable();
@@ -1070,7 +1088,7 @@ mod tests {
                 .unwrap();
             let mut out = Outgoing::new(req, addr, None).await.unwrap();
             assert_eq!(out.replayable, replayable, "{method} {body:?}");
-            let head = out.pending[0].clone();
+            let head = out.head.clone();
             let mut io = TcpStream::connect(listener.local_addr().unwrap())
                 .await
                 .unwrap();
@@ -1081,7 +1099,7 @@ mod tests {
             // Sent whole, it can go again from its first byte.
             assert_eq!(out.rewind(), replayable, "{method} {body:?}");
             if replayable {
-                assert_eq!((out.written, out.pending.front()), (0, Some(&head)));
+                assert_eq!((out.written, out.head_sent, &out.head), (0, 0, &head));
                 assert!(!out.rewind(), "rewound twice");
             }
         }

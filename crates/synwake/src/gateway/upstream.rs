@@ -142,11 +142,9 @@ impl Upstream {
                 Some(c) => c,
                 None => Conn::connect(addr, connect_timeout).await?,
             };
-            let home = pool.map(|p| {
-                Box::new(Home {
-                    pool: p.clone(),
-                    instance: Arc::downgrade(instance),
-                }) as Box<dyn h1::Home>
+            let home = pool.map(|p| Home {
+                pool: p.clone(),
+                instance: Arc::downgrade(instance),
             });
             match h1::exchange(conn, out, home).await {
                 Ok(resp) => return Ok(resp),
@@ -329,14 +327,15 @@ impl IdleConns {
     }
 }
 
-/// Where a connection goes back to when its exchange is over.
-struct Home {
+/// Where a connection goes when its exchange is over: the pool it came from (none:
+/// closed). A plain struct, not a boxed trait object: no allocation per request.
+pub struct Home {
     pool: Arc<IdleConns>,
     instance: Weak<dyn Instance>,
 }
 
-impl h1::Home for Home {
-    fn put_back(&self, conn: Conn) {
+impl Home {
+    pub fn put_back(&self, conn: Conn) {
         self.pool.put(&self.instance, conn);
     }
 }
