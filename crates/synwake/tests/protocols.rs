@@ -278,10 +278,13 @@ fn websocket_over_http2_to_a_cold_h2c_function() {
         Some(1.0),
         "{m}"
     );
-    // Ordinary requests to the function go on HTTP/2 too, and start it again.
+    // Ordinary requests to the function go on HTTP/2 too, and start it again; the
+    // client's host is the `:authority`, with no Host beside it.
     let r = d.call("ws", "/pid");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(d.instance_pids(), vec![r.pid()]);
+    let r = d.call("ws", "/authority");
+    assert_eq!(r.text(), format!("127.0.0.1:{} host=None", d.shared));
 }
 
 /// An h2c function that did not enable the extended CONNECT protocol gets no extended
