@@ -287,6 +287,41 @@ fn websocket_over_http2_to_a_cold_h2c_function() {
     assert_eq!(r.text(), format!("127.0.0.1:{} host=None", d.shared));
 }
 
+/// An HTTP/1.1 WebSocket client (Python websockets, which checks Sec-WebSocket-Accept)
+/// reaches a cold h2c function too: synwake sends the handshake on as an RFC 8441 extended
+/// CONNECT and answers the client's 101 itself; the socket holds the instance past
+/// `idle_timeout`. An h2c function without extended CONNECT refuses it with 501.
+#[test]
+fn websocket_over_http1_to_a_cold_h2c_function() {
+    let Some(py) = python_with("h2") else {
+        return;
+    };
+    if python_with("websockets").is_none() {
+        return;
+    }
+    let plain = ws_h2c_function(py, "plain", "env = { WS_H2_EXTENDED_CONNECT = \"0\" }");
+    let d = Daemon::start(&(ws_h2c_function(py, "ws", "idle_timeout = \"1s\"") + &plain));
+    assert_eq!(d.available("ws"), 0, "the function starts cold");
+    let refused = Command::new(py)
+        .args(["-c", WS_CLIENT])
+        .arg(format!("ws://127.0.0.1:{}/function/plain/", d.shared))
+        .arg("0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(err.contains("HTTP 501"), "{err}");
+    let client = Command::new(py)
+        .args(["-c", WS_CLIENT])
+        .arg(format!("ws://127.0.0.1:{}/function/ws/", d.shared))
+        .arg("3")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    socket_keeps_its_instance_up(&d, client, "echo hello\necho again\n");
+}
+
 /// An h2c function that did not enable the extended CONNECT protocol gets no extended
 /// CONNECT (RFC 8441 section 3 forbids sending it): the client is answered 501 at once,
 /// cold or warm, and the function's connection keeps serving other requests.

@@ -310,8 +310,19 @@ impl Proxy {
                 upgrade = Some(HeaderValue::from_static("websocket"));
             }
         }
-        let client_upgrade =
-            (upgrade.is_some() || extended_connect).then(|| hyper::upgrade::on(&mut req));
+        // An HTTP/1.1 WebSocket handshake to an h2c function: sent on as an RFC 8441
+        // extended CONNECT; the client gets its 101 and Sec-WebSocket-Accept from synwake.
+        let ws_accept =
+            if spec.policy.protocol == Protocol::H2c && req.version() == http::Version::HTTP_11 {
+                match websocket_to_h2(&mut req) {
+                    Ok(accept) => accept,
+                    Err(resp) => return resp,
+                }
+            } else {
+                None
+            };
+        let client_upgrade = (upgrade.is_some() || extended_connect || ws_accept.is_some())
+            .then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         // h2c, Upgrade and plain CONNECT go through hyper's clients (they want an absolute
         // URI); all else is ours.
@@ -469,8 +480,9 @@ impl Proxy {
             return r;
         };
         // An h2c function accepts an extended CONNECT with 200 (RFC 8441 section 5).
+        let connect_sent = h2c && (extended_connect || ws_accept.is_some());
         let switched = |s: StatusCode| {
-            s == StatusCode::SWITCHING_PROTOCOLS || (extended_connect && h2c && s == StatusCode::OK)
+            s == StatusCode::SWITCHING_PROTOCOLS || (connect_sent && s == StatusCode::OK)
         };
         match sent {
             Ok(mut resp) if switched(resp.status()) => {
@@ -490,6 +502,19 @@ impl Proxy {
                     strip_hop_by_hop(&mut parts.headers);
                     parts.headers.remove(http::header::SEC_WEBSOCKET_ACCEPT);
                     parts.headers.remove(http::header::CONTENT_LENGTH);
+                } else if let Some(accept) = ws_accept {
+                    // An HTTP/1.1 client is answered 101 for its handshake (RFC 6455 4.2.2).
+                    parts.status = StatusCode::SWITCHING_PROTOCOLS;
+                    parts.version = http::Version::HTTP_11;
+                    strip_hop_by_hop(&mut parts.headers);
+                    parts.headers.remove(http::header::CONTENT_LENGTH);
+                    let h = &mut parts.headers;
+                    h.insert(
+                        http::header::CONNECTION,
+                        HeaderValue::from_static("upgrade"),
+                    );
+                    h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+                    h.insert(http::header::SEC_WEBSOCKET_ACCEPT, accept);
                 }
                 parts.headers.insert(
                     HeaderName::from_static(COLD_START_HEADER),
@@ -652,6 +677,50 @@ fn websocket_over_h2(
     h.entry(http::header::SEC_WEBSOCKET_VERSION)
         .or_insert(HeaderValue::from_static("13"));
     Ok(())
+}
+
+/// Turns an HTTP/1.1 WebSocket handshake (a GET asking `Upgrade: websocket`) for an h2c
+/// function into an RFC 8441 extended CONNECT, and gives the `Sec-WebSocket-Accept` the
+/// client is to get; None for any other request (sent on as it is). A handshake without
+/// a valid `Sec-WebSocket-Key` is refused.
+#[allow(clippy::result_large_err)] // the error is the response itself
+fn websocket_to_h2(
+    req: &mut Request<ForwardBody>,
+) -> Result<Option<HeaderValue>, Response<ProxyBody>> {
+    let asked = upgrade_asked(req.headers());
+    if req.method() != http::Method::GET
+        || !asked.is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"))
+    {
+        return Ok(None);
+    }
+    let key = req.headers_mut().remove(http::header::SEC_WEBSOCKET_KEY);
+    // 16 random bytes, base64 (RFC 6455 4.1).
+    let key = key.filter(|k| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(k.as_bytes())
+            .is_ok_and(|b| b.len() == 16)
+    });
+    let Some(key) = key else {
+        return Err(text_response(
+            StatusCode::BAD_REQUEST,
+            "WebSocket handshake without a valid Sec-WebSocket-Key (16 bytes, base64)",
+        ));
+    };
+    *req.method_mut() = http::Method::CONNECT;
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    Ok(Some(websocket_accept(key.as_bytes())))
+}
+
+/// `Sec-WebSocket-Accept` for a handshake's key (RFC 6455 4.2.2).
+fn websocket_accept(key: &[u8]) -> HeaderValue {
+    use base64::Engine;
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key);
+    ctx.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    let accept = base64::engine::general_purpose::STANDARD.encode(ctx.finish());
+    HeaderValue::from_str(&accept).expect("base64 is a header value")
 }
 
 /// The `Upgrade` protocol a request asks for (`Connection: upgrade` and `Upgrade: ...`).
@@ -871,6 +940,15 @@ mod tests {
         let uri: Uri = "/x?y".parse().unwrap();
         let (f, p) = route_request(&Route::Port("f".into()), &uri).unwrap();
         assert_eq!((f.as_str(), p.as_str()), ("f", "/x?y"));
+    }
+
+    #[test]
+    fn websocket_accept_is_rfc6455s() {
+        // The example of RFC 6455 section 1.3.
+        assert_eq!(
+            websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[test]
