@@ -11,7 +11,8 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bins::synwake_bin;
@@ -211,6 +212,19 @@ impl NsDaemon {
         self.dir.path().join("state")
     }
 
+    /// The daemon's thread named `name` (e.g. `synwake-probe`, the event reader).
+    pub fn thread(&self, name: &str) -> Option<i32> {
+        let pid = self.child.as_ref()?.id();
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .flatten()
+            .find(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|comm| comm.trim_end() == name)
+            })
+            .and_then(|t| t.file_name().to_str()?.parse().ok())
+    }
+
     /// Live instances according to the process runtime's pid files.
     pub fn pid_files(&self) -> usize {
         std::fs::read_dir(self.state_dir().join("run"))
@@ -335,5 +349,48 @@ impl RawSender {
             extra_options,
         );
         self.send(&packet)
+    }
+}
+
+/// Busy threads on every CPU and the daemon's probe reader at SCHED_IDLE until dropped:
+/// the reader reads the ring milliseconds late, as on a loaded host.
+pub struct StarvedReader {
+    tid: i32,
+    stop: Arc<AtomicBool>,
+    hogs: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl StarvedReader {
+    pub fn new(d: &NsDaemon) -> StarvedReader {
+        let tid = d.thread("synwake-probe").expect("the probe reader thread");
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sets the policy of a thread of the daemon this test started.
+        let rc = unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) };
+        assert_eq!(rc, 0, "SCHED_IDLE: {}", std::io::Error::last_os_error());
+        let stop = Arc::new(AtomicBool::new(false));
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let hogs = (0..cpus)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        StarvedReader { tid, stop, hogs }
+    }
+}
+
+impl Drop for StarvedReader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.hogs.drain(..) {
+            let _ = h.join();
+        }
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: gives the reader back its normal policy (it may have exited: ignored).
+        unsafe { libc::sched_setscheduler(self.tid, libc::SCHED_OTHER, &param) };
     }
 }

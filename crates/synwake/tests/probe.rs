@@ -110,6 +110,52 @@ fn syn_to_own_port_wakes_function_before_any_request() {
 /// with the thread that spawned it (the launcher arms PR_SET_PDEATHSIG). The probe is
 /// dropped first at shutdown; its thread must stay, so the instance gets the shutdown's
 /// SIGTERM (and can finish its work), not a SIGKILL when the probe goes.
+/// The SYN's event is in the ring before the handshake ends, so a connection accepted
+/// while the reader thread has not read it yet still starts the function from the SYN
+/// (it did not: the accept waited 1 ms for the reader, then started it itself; CI saw it).
+#[test]
+fn a_late_probe_reader_still_lets_the_syn_start_the_function() {
+    const TEST: &str = "a_late_probe_reader_still_lets_the_syn_start_the_function";
+    let Some(net) = Net::create_or_skip(TEST) else {
+        return;
+    };
+    // Three functions, one round each: a round's SYN is always to a port the probe has
+    // watched since startup.
+    let ports = [9011u16, 9012, 9013];
+    let body: String = ports
+        .iter()
+        .map(|p| {
+            function(
+                &format!("f{p}"),
+                &format!("port = {p}\nenv = {{ INIT_MS = \"50\" }}"),
+            )
+        })
+        .collect();
+    let d = NsDaemon::start(&net, "auto", "", &body);
+    if !d.probe_or_skip(TEST) {
+        return;
+    }
+    for port in ports {
+        let name = format!("f{port}");
+        let starved = StarvedReader::new(&d);
+        let held = net.client_connect(f_addr(port)).expect("connect");
+        let up = wait_until(Duration::from_secs(10), || d.available(&name) == 1);
+        drop(starved);
+        assert!(up, "{name} not available:\n{}", d.log());
+        let r = http(held, "GET", "/", &[], None).expect("request");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let m = d.metrics();
+        for (trigger, starts) in [("syn", 1.0), ("accept", 0.0), ("request", 0.0)] {
+            assert_eq!(
+                m.get(&series("synwake_cold_starts_total", &name, trigger)),
+                starts,
+                "{name} {trigger}: {}",
+                m.0
+            );
+        }
+    }
+}
+
 #[test]
 fn a_syn_started_instance_is_stopped_gracefully_at_shutdown() {
     const TEST: &str = "a_syn_started_instance_is_stopped_gracefully_at_shutdown";

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -26,6 +26,10 @@ use crate::policy::{IdleHistory, IdlePolicyKind};
 use crate::runtime::{self, Instance, Runtime, StartError};
 use crate::spec::{FunctionSpec, RuntimeKind};
 use idle::IdleState;
+
+/// Handles the probe events that are buffered but not read yet (see
+/// [`Lifecycle::set_probe`]).
+pub type BufferedWakes = Box<dyn Fn(&Lifecycle) + Send + Sync>;
 pub use idle::IdleView;
 pub use limiter::TokenBucket;
 
@@ -344,7 +348,8 @@ struct Inner {
     logs: Arc<LogStore>,
     next_instance: AtomicU64,
     shutting_down: AtomicBool,
-    probe_active: AtomicBool,
+    /// Set once the probe is attached: hands its buffered events to their wakes.
+    probe: OnceLock<BufferedWakes>,
     set_changed: watch::Sender<u64>,
     warmth_changed: watch::Sender<u64>,
     /// Idle histories loaded from the state dir, taken by each function's first deploy.
@@ -376,7 +381,7 @@ impl Lifecycle {
                 logs,
                 next_instance: AtomicU64::new(1),
                 shutting_down: AtomicBool::new(false),
-                probe_active: AtomicBool::new(false),
+                probe: OnceLock::new(),
                 set_changed: watch::channel(0).0,
                 warmth_changed: watch::channel(0).0,
                 restored: Mutex::new(HashMap::new()),
@@ -455,11 +460,24 @@ impl Lifecycle {
 
     /// Whether the eBPF probe is attached (then accept wakes defer to it).
     pub fn probe_active(&self) -> bool {
-        self.inner.probe_active.load(Ordering::Relaxed)
+        self.inner.probe.get().is_some()
     }
 
-    pub fn set_probe_active(&self, active: bool) {
-        self.inner.probe_active.store(active, Ordering::Relaxed);
+    /// The probe is attached; `buffered` handles the events in its ring that its reader
+    /// has not read yet (on the caller's thread, waiting if the reader is handling some).
+    pub fn set_probe(&self, buffered: BufferedWakes) {
+        let _ = self.inner.probe.set(buffered);
+    }
+
+    /// A connection or request for a cold function is here. Its SYN passed the probe
+    /// before the handshake did, so the SYN's event is in the ring by now, though the
+    /// reader thread may not have read it yet (on a busy host it can be milliseconds
+    /// late). Handling the buffered events first lets the earliest trigger start the
+    /// instance whatever the reader's delay.
+    fn take_buffered_wakes(&self) {
+        if let Some(buffered) = self.inner.probe.get() {
+            buffered(self);
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -732,22 +750,17 @@ impl Lifecycle {
     }
 
     /// A connection to the function's own port was accepted. With the probe attached, the
-    /// SYN's event for a cold function may still be in flight: wait 1 ms for it, so the
-    /// start is credited to the earliest trigger (and still happens if the SYN came in on
-    /// an interface the probe does not watch). Warm functions are never deferred.
+    /// SYN's event for a cold function may not have been read yet: it is handled first, so
+    /// the start is credited to the earliest trigger (and still happens at once if the SYN
+    /// came in on an interface the probe does not watch). Warm functions never wait.
     pub fn wake_on_accept(&self, name: &str, at: Instant) {
         let cold = self
             .get(name)
             .is_some_and(|f| f.state.lock().unwrap().live() == 0);
-        if cold && self.probe_active() {
-            let (lc, name) = (self.clone(), name.to_string());
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                lc.wake(&name, Trigger::Accept, at);
-            });
-        } else {
-            self.wake(name, Trigger::Accept, at);
+        if cold {
+            self.take_buffered_wakes();
         }
+        self.wake(name, Trigger::Accept, at);
     }
 
     /// Waits (bounded by start_timeout and max_pending) for a ready instance with capacity.
@@ -785,6 +798,7 @@ impl Lifecycle {
         let deadline = arrived + f.spec.policy.start_timeout;
         let mut guard: Option<PendingGuard> = None;
         let mut epoch_at_wait = 0;
+        let mut took_buffered = false;
         loop {
             let mut rx = {
                 let mut st = f.state.lock().unwrap();
@@ -855,6 +869,13 @@ impl Lifecycle {
                     st.pending += 1;
                     epoch_at_wait = st.fail_epoch;
                     guard = Some(PendingGuard(f));
+                }
+                if st.live() == 0 && !took_buffered && self.probe_active() {
+                    // Outside the state lock: a buffered event's start takes it.
+                    took_buffered = true;
+                    drop(st);
+                    self.take_buffered_wakes();
+                    continue;
                 }
                 self.maybe_start(f, &mut st, Trigger::Request, arrived);
                 f.changed.subscribe()

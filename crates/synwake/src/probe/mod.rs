@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use synwake_ebpf::{AttachMode, Probe, ProbeConfig, ProbeEvent, ProbeEvents, ProbeTrigger};
@@ -60,7 +60,7 @@ struct ReaderThread {
 
 impl ReaderThread {
     fn spawn(
-        events: ProbeEvents,
+        events: Arc<Mutex<ProbeEvents>>,
         dir: Arc<RwLock<Directory>>,
         lc: Lifecycle,
     ) -> std::io::Result<ReaderThread> {
@@ -78,7 +78,7 @@ impl ReaderThread {
             .spawn(move || {
                 // Starts use the runtime (timers, tasks, child reaping) from this thread.
                 let _rt = rt.enter();
-                read_events(events, &stop2, &dir, &lc);
+                read_events(&events, &stop2, &dir, &lc);
                 drop((dir, lc));
                 // An instance dies with the thread that spawned it (the launcher arms
                 // PR_SET_PDEATHSIG, which follows the spawning thread), so this thread
@@ -101,18 +101,18 @@ impl Drop for ReaderThread {
 
 /// Handles events until `stop` is readable: drains the ring buffer, then blocks in poll(2)
 /// until it or `stop` is readable.
-fn read_events(mut events: ProbeEvents, stop: &OwnedFd, dir: &RwLock<Directory>, lc: &Lifecycle) {
+fn read_events(
+    events: &Mutex<ProbeEvents>,
+    stop: &OwnedFd,
+    dir: &RwLock<Directory>,
+    lc: &Lifecycle,
+) {
+    let ring = lock(events).raw_fd();
     loop {
-        loop {
-            match events.try_next() {
-                Ok(Some(ev)) => on_event(&ev, dir, lc),
-                Ok(None) => break,
-                Err(e) => tracing::warn!("probe event dropped: {}", crate::error_chain(&e)),
-            }
-        }
+        drain(events, dir, lc);
         let mut fds = [
             libc::pollfd {
-                fd: events.raw_fd(),
+                fd: ring,
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -134,6 +134,26 @@ fn read_events(mut events: ProbeEvents, stop: &OwnedFd, dir: &RwLock<Directory>,
         }
         if fds[1].revents != 0 {
             return;
+        }
+    }
+}
+
+fn lock(events: &Mutex<ProbeEvents>) -> std::sync::MutexGuard<'_, ProbeEvents> {
+    events
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Handles every buffered event, on the caller's thread: the reader's, or a cold
+/// function's connection or request that must not start before its own SYN's wake
+/// ([`Lifecycle::set_probe`]). One caller at a time, so each event is handled once.
+fn drain(events: &Mutex<ProbeEvents>, dir: &RwLock<Directory>, lc: &Lifecycle) {
+    let mut events = lock(events);
+    loop {
+        match events.try_next() {
+            Ok(Some(ev)) => on_event(&ev, dir, lc),
+            Ok(None) => return,
+            Err(e) => tracing::warn!("probe event dropped: {}", crate::error_chain(&e)),
         }
     }
 }
@@ -222,7 +242,8 @@ pub fn start(config: &Config, lifecycle: Lifecycle, metrics: Arc<Metrics>) -> Op
             }
         })
     };
-    let reader = match ReaderThread::spawn(events, dir.clone(), lifecycle.clone()) {
+    let events = Arc::new(Mutex::new(events));
+    let reader = match ReaderThread::spawn(events.clone(), dir.clone(), lifecycle.clone()) {
         Ok(r) => r,
         Err(e) => {
             sync.abort();
@@ -235,7 +256,10 @@ pub fn start(config: &Config, lifecycle: Lifecycle, metrics: Arc<Metrics>) -> Op
         let s = weak.upgrade()?.stats().ok()?;
         Some((s.events_total, s.lost_events_total))
     }));
-    lifecycle.set_probe_active(true);
+    {
+        let dir = dir.clone();
+        lifecycle.set_probe(Box::new(move |lc| drain(&events, &dir, lc)));
+    }
     Some(ProbeHandle {
         tasks: vec![sync],
         _reader: reader,
