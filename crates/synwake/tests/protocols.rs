@@ -220,15 +220,23 @@ fn websocket_over_http2_extended_connect_to_a_cold_function() {
     }
     let d = Daemon::start(&ws_function(py, "1s"));
     assert_eq!(d.available("ws"), 0, "the function starts cold");
-    let port = d.shared.to_string();
-    let client = Command::new(py)
-        .arg(fixture("ws_h2_client.py"))
-        .args(["127.0.0.1", &port, "/function/ws/", "3", "hello", "again"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let client = ws_h2_client(py, d.shared, "/function/ws/", 3, &["hello", "again"])
         .spawn()
         .unwrap();
     socket_keeps_its_instance_up(&d, client, "status 200\necho hello\necho again\n");
+}
+
+/// The python3-h2 RFC 8441 client (tests/fixtures/ws_h2_client.py) for `path` on
+/// synwake's `port`: sends the first of `msgs`, waits `hold` seconds, sends the rest;
+/// stdout and stderr piped.
+fn ws_h2_client(py: &str, port: u16, path: &str, hold: u32, msgs: &[&str]) -> Command {
+    let mut c = Command::new(py);
+    c.arg(fixture("ws_h2_client.py"))
+        .args(["127.0.0.1", &port.to_string(), path, &hold.to_string()])
+        .args(msgs)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
 }
 
 /// The `[[function]]` of the python3-h2 WebSocket function (h2c, RFC 8441); `extra` is
@@ -251,17 +259,13 @@ fn websocket_over_http2_to_a_cold_h2c_function() {
     };
     let d = Daemon::start(&ws_h2c_function(py, "ws", "idle_timeout = \"1s\""));
     assert_eq!(d.available("ws"), 0, "the function starts cold");
-    let client = Command::new(py)
-        .arg(fixture("ws_h2_client.py"))
-        .args(["127.0.0.1", &d.shared.to_string(), "/function/ws/", "3"])
-        .args([
-            "hello",
-            "again",
-            "header:x-forwarded-for",
-            "header:x-forwarded-proto",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let msgs = [
+        "hello",
+        "again",
+        "header:x-forwarded-for",
+        "header:x-forwarded-proto",
+    ];
+    let client = ws_h2_client(py, d.shared, "/function/ws/", 3, &msgs)
         .spawn()
         .unwrap();
     socket_keeps_its_instance_up(
@@ -335,12 +339,9 @@ fn websocket_over_http2_to_an_h2c_function_without_extended_connect_gets_501() {
         "plain",
         "env = { WS_H2_EXTENDED_CONNECT = \"0\" }",
     ));
-    let port = d.shared.to_string();
     let attempt = || {
         let t0 = Instant::now();
-        let out = Command::new(py)
-            .arg(fixture("ws_h2_client.py"))
-            .args(["127.0.0.1", &port, "/function/plain/", "0", "hello"])
+        let out = ws_h2_client(py, d.shared, "/function/plain/", 0, &["hello"])
             .output()
             .unwrap();
         assert_eq!(
@@ -394,12 +395,7 @@ fn shutdown_closes_an_h2c_websocket_still_open_after_drain_timeout() {
         &ws_h2c_function(py, "ws", "idle_timeout = \"60s\""),
     );
     // Says hello, then holds the stream open for 60 s.
-    let mut client = Command::new(py)
-        .arg(fixture("ws_h2_client.py"))
-        .args(["127.0.0.1", &d.shared.to_string(), "/function/ws/", "60"])
-        .args(["hello", "again"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let mut client = ws_h2_client(py, d.shared, "/function/ws/", 60, &["hello", "again"])
         .spawn()
         .unwrap();
     use std::io::BufRead;
@@ -602,10 +598,7 @@ fn websocket_over_http2_over_tls() {
             ws_function(py, "60s")
         ),
     );
-    let out = Command::new(py)
-        .arg(fixture("ws_h2_client.py"))
-        .args(["127.0.0.1", &tls_port.to_string(), "/function/ws/", "0"])
-        .args(["hello", "again"])
+    let out = ws_h2_client(py, tls_port, "/function/ws/", 0, &["hello", "again"])
         .env("WS_TLS_CA", &cert)
         .env("WS_TLS_NAME", "ws.test")
         .output()

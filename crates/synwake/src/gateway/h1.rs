@@ -85,14 +85,20 @@ pub struct Conn {
     runtime: tokio::runtime::Id,
 }
 
+/// A TCP connection to an instance (no Nagle), within `timeout`; h2c's too.
+pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Error> {
+    let io = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(Error::Connect { addr, source }),
+        Err(_) => return Err(Error::ConnectTimeout { addr, timeout }),
+    };
+    let _ = io.set_nodelay(true);
+    Ok(io)
+}
+
 impl Conn {
     pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Error> {
-        let io = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(Error::Connect { addr, source }),
-            Err(_) => return Err(Error::ConnectTimeout { addr, timeout }),
-        };
-        let _ = io.set_nodelay(true);
+        let io = connect_tcp(addr, timeout).await?;
         Ok(Conn {
             io,
             buf: BytesMut::new(),

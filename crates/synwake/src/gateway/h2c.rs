@@ -23,20 +23,15 @@ use tokio::runtime::Id as RuntimeId;
 use tokio::sync::{watch, OnceCell};
 use tokio::time::Instant;
 
-use super::ForwardBody;
+use super::{h1, ForwardBody};
 use crate::runtime::Instance;
 
 /// Why a request could not be sent to an h2c instance, or no response came back.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("connecting to {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error("connecting to {addr}: no connection within {}", humantime::format_duration(*.timeout))]
-    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    /// `h1::Error::Connect` or `ConnectTimeout`: the same TCP connect.
+    #[error(transparent)]
+    Connect(h1::Error),
     #[error("HTTP/2 handshake with {addr}: {source}")]
     Handshake {
         addr: SocketAddr,
@@ -178,12 +173,9 @@ fn key_of(instance: &Arc<dyn Instance>) -> (usize, RuntimeId) {
 }
 
 async fn connect(addr: SocketAddr, timeout: Duration) -> Result<H2Conn, Error> {
-    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => return Err(Error::Connect { addr, source }),
-        Err(_) => return Err(Error::ConnectTimeout { addr, timeout }),
-    };
-    let _ = tcp.set_nodelay(true);
+    let tcp = h1::connect_tcp(addr, timeout)
+        .await
+        .map_err(Error::Connect)?;
     let (seen, extended_connect) = watch::channel(None);
     let io = TokioIo::new(PrefaceWatch::new(tcp, seen));
     let (send, conn) = http2::Builder::new(TokioExecutor::new())
