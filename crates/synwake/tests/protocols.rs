@@ -199,12 +199,18 @@ fn websocket_to_a_cold_function_holds_it_past_idle_timeout_until_closed() {
     socket_keeps_its_instance_up(&d, client, "echo hello\necho again\n");
 }
 
+/// A `[[function]]` running the Python fixture `script`; `extra` is more TOML lines.
+fn py_function(py: &str, name: &str, script: &str, extra: &str) -> String {
+    format!(
+        "[[function]]\nname = {name:?}\ncommand = [{py:?}, {:?}]\n{extra}\n",
+        fixture(script).display().to_string()
+    )
+}
+
 /// The `[[function]]` of the Python WebSocket echo function.
 fn ws_function(py: &str, idle_timeout: &str) -> String {
-    format!(
-        "[[function]]\nname = \"ws\"\ncommand = [{py:?}, {:?}]\nidle_timeout = {idle_timeout:?}\n",
-        fixture("ws_echo.py").display().to_string()
-    )
+    let extra = format!("idle_timeout = {idle_timeout:?}");
+    py_function(py, "ws", "ws_echo.py", &extra)
 }
 
 /// RFC 8441: an HTTP/2 client's extended CONNECT reaches the (HTTP/1.1) WebSocket function
@@ -242,10 +248,8 @@ fn ws_h2_client(py: &str, port: u16, path: &str, hold: u32, msgs: &[&str]) -> Co
 /// The `[[function]]` of the python3-h2 WebSocket function (h2c, RFC 8441); `extra` is
 /// more TOML lines.
 fn ws_h2c_function(py: &str, name: &str, extra: &str) -> String {
-    format!(
-        "[[function]]\nname = {name:?}\ncommand = [{py:?}, {:?}]\nprotocol = \"h2c\"\n{extra}\n",
-        fixture("ws_h2_server.py").display().to_string()
-    )
+    let extra = format!("protocol = \"h2c\"\n{extra}");
+    py_function(py, name, "ws_h2_server.py", &extra)
 }
 
 /// RFC 8441 end to end over HTTP/2: an HTTP/2 client's extended CONNECT reaches a cold
@@ -407,6 +411,15 @@ fn shutdown_closes_an_h2c_websocket_still_open_after_drain_timeout() {
     assert_eq!(seen, "status 200\necho hello\n");
     let instance = d.instance_pids();
     assert_eq!(instance.len(), 1);
+    exits_at_drain_timeout(&mut d);
+    assert!(!alive(instance[0]), "the instance outlived synwake");
+    let _ = client.kill();
+    let _ = client.wait();
+}
+
+/// SIGTERM to `d` (drain_timeout 2 s) with a WebSocket open: synwake exits with success,
+/// no earlier than drain_timeout.
+fn exits_at_drain_timeout(d: &mut Daemon) {
     let term = Instant::now();
     signal(d.pid(), libc::SIGTERM);
     let status = d.wait_exit(Duration::from_secs(30)).expect("synwake exits");
@@ -416,9 +429,6 @@ fn shutdown_closes_an_h2c_websocket_still_open_after_drain_timeout() {
         took >= Duration::from_millis(1900),
         "exited after {took:?}, before drain_timeout (2 s), under an open WebSocket"
     );
-    assert!(!alive(instance[0]), "the instance outlived synwake");
-    let _ = client.kill();
-    let _ = client.wait();
 }
 
 /// `client` holds a WebSocket to the cold function `ws` open for 3 s (idle_timeout is
@@ -545,15 +555,7 @@ fn shutdown_closes_a_websocket_still_open_after_drain_timeout() {
     let mut client = ws_drain_client(py, &d, "hold");
     assert_eq!(read_line(&mut client), "echo hello\n");
     let instance = d.instance_pids();
-    let term = Instant::now();
-    signal(d.pid(), libc::SIGTERM);
-    let status = d.wait_exit(Duration::from_secs(30)).expect("synwake exits");
-    let took = term.elapsed();
-    assert!(status.success(), "{status}");
-    assert!(
-        took >= Duration::from_millis(1900),
-        "exited after {took:?}, before drain_timeout (2 s), under an open WebSocket"
-    );
+    exits_at_drain_timeout(&mut d);
     let out = client.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "closed\n");
     assert!(!alive(instance[0]), "the instance outlived synwake");
