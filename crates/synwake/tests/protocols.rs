@@ -295,6 +295,36 @@ fn websocket_over_http2_to_a_cold_h2c_function() {
     assert_eq!(r.text(), format!("127.0.0.1:{} host=None", d.shared));
 }
 
+/// Requests to an h2c function are streams on one HTTP/2 connection per instance and
+/// serving thread, which synwake lets go of (and so closes) after `upstream_idle_timeout`
+/// without a request.
+#[test]
+fn h2c_requests_share_one_connection_until_upstream_idle_timeout() {
+    let Some(py) = python_with("h2") else {
+        return;
+    };
+    let d = Daemon::start_with(
+        "serving_threads = 1\nupstream_idle_timeout = \"500ms\"",
+        &ws_h2c_function(py, "f", "idle_timeout = \"60s\""),
+    );
+    let pid = d.call("f", "/pid").pid();
+    for _ in 0..20 {
+        assert_eq!(d.call("f", "/pid").pid(), pid);
+    }
+    // Accepted, open: the readiness check's connect, then one for 21 requests.
+    let first = d.call("f", "/connections").text();
+    std::thread::sleep(Duration::from_millis(2000));
+    let later = d.call("f", "/connections").text();
+    let counts = |t: &str| -> Vec<u32> { t.split(' ').map(|n| n.parse().unwrap()).collect() };
+    let (first, later) = (counts(&first), counts(&later));
+    assert_eq!(first[1], 1, "open connections after 22 requests: {first:?}");
+    assert_eq!(
+        (later[0], later[1]),
+        (first[0] + 1, 1),
+        "after upstream_idle_timeout the old connection is closed and a new one made"
+    );
+}
+
 /// An HTTP/1.1 WebSocket client (Python websockets, which checks Sec-WebSocket-Accept)
 /// reaches a cold h2c function too: synwake sends the handshake on as an RFC 8441 extended
 /// CONNECT and answers the client's 101 itself; the socket holds the instance past
