@@ -11,6 +11,9 @@
 #   3-byte file over h2c with prior knowledge; h2load against it directly and through
 #   synwake's shared port (nginx proxies HTTP/2 upstream only for gRPC: no nginx row).
 #   H2_ONLY="target ..." runs only those HTTP/2 targets.
+# - WebSocket over HTTP/2 (RFC 8441): round trips of the same message from the python3-h2
+#   client (tests/fixtures/ws_h2_client.py) to the python3-h2 h2c echo function
+#   (ws_h2_server.py) directly and through synwake's shared port.
 #
 #   scripts/bench-protocols.sh                 # 10 s per h2load run, 5000 WebSocket round trips
 #   DURATION=5s WS_ROUNDS=2000 scripts/bench-protocols.sh
@@ -39,6 +42,7 @@ WS_FN_PORT=$((BASE_PORT + 7))       # the WebSocket echo, called directly and by
 WS_OWN_PORT=$((BASE_PORT + 8))      # synwake: the WebSocket function's own port
 NGINX_WS_PORT=$((BASE_PORT + 9))    # nginx in front of WS_FN_PORT
 H2C_FN_PORT=$((BASE_PORT + 10))     # the h2c function (nghttpd), called directly
+WS_H2C_FN_PORT=$((BASE_PORT + 11))  # the RFC 8441 WebSocket echo (h2c), called directly
 PY=/usr/bin/python3
 
 for tool in cargo h2load nghttpd nginx openssl curl "$PY"; do
@@ -51,6 +55,8 @@ echo "building release binaries..." >&2
 BIN=${CARGO_TARGET_DIR:-target}/release
 SYNWAKE_BIN=${SYNWAKE_BIN:-$BIN/synwake}
 WS_ECHO=$(realpath crates/synwake/tests/fixtures/ws_echo.py)
+WS_H2_ECHO=$(realpath crates/synwake/tests/fixtures/ws_h2_server.py)
+WS_H2_CLIENT=$(realpath crates/synwake/tests/fixtures/ws_h2_client.py)
 
 bench_workdir
 
@@ -65,6 +71,8 @@ chmod 600 "$WORK/key.pem"
 PORT=$FN_PORT SYNWAKE_FUNCTION=bench "$BIN/synwake-fn" >"$WORK/fn.log" 2>&1 &
 PIDS+=($!)
 PORT=$WS_FN_PORT "$PY" "$WS_ECHO" >"$WORK/ws-fn.log" 2>&1 &
+PIDS+=($!)
+PORT=$WS_H2C_FN_PORT "$PY" "$WS_H2_ECHO" >"$WORK/ws-h2-fn.log" 2>&1 &
 PIDS+=($!)
 
 # The h2c function: nghttpd (nghttp2's C server) serving a small file over h2c on $PORT,
@@ -110,6 +118,12 @@ idle_timeout = "1h"
 name = "h2cfn"
 protocol = "h2c"
 command = ["sh", "-c", "$H2C_FN"]
+idle_timeout = "1h"
+
+[[function]]
+name = "wsh2"
+protocol = "h2c"
+command = ["$PY", "$WS_H2_ECHO"]
 idle_timeout = "1h"
 EOF
 SYNWAKE_LOG=warn "$SYNWAKE_BIN" up --config "$WORK/synwake.toml" >"$WORK/synwake.log" 2>&1 &
@@ -224,6 +238,18 @@ for t in "${WSTARGETS[@]}"; do
     WSP99[$t]=$p99
     echo "  ws $t: p50 $p50 us, p99 $p99 us" >&2
 done
+# RFC 8441 (python3-h2 client and h2c function): WebSocket over HTTP/2 end to end.
+declare -A WSH2=([h2-direct]="$WS_H2C_FN_PORT /" [h2-synwake-to-h2c-function]="$SHARED_PORT /function/wsh2/")
+WSH2TARGETS=(h2-direct h2-synwake-to-h2c-function)
+[ "$WS_ROUNDS" != 0 ] || WSH2TARGETS=()
+for t in "${WSH2TARGETS[@]}"; do
+    read -r port path <<<"${WSH2[$t]}"
+    WSLOAD[$t]=$(cut -d' ' -f1 /proc/loadavg)
+    read -r _ p50 p99 < <(WS_RTT_ROUNDS=$WS_ROUNDS "$PY" "$WS_H2_CLIENT" 127.0.0.1 "$port" "$path" 0 hi | grep '^rtt ')
+    WSP50[$t]=$p50
+    WSP99[$t]=$p99
+    echo "  ws $t: p50 $p50 us, p99 $p99 us" >&2
+done
 
 echo
 echo "| HTTP/2 target (h2load \`-c64 -m10 -t2 -D $secs\`) | requests/s | loadavg |"
@@ -239,8 +265,10 @@ done
 echo
 echo "| WebSocket target ($WS_ROUNDS round trips, 16 B) | p50 (us) | p99 (us) | added p50 (us) | loadavg |"
 echo "|---|---:|---:|---:|---:|"
-for t in "${WSTARGETS[@]}"; do
-    added=$(awk -v a="${WSP50[$t]}" -v b="${WSP50[direct]}" 'BEGIN {printf "%.0f", a - b}')
+for t in "${WSTARGETS[@]}" "${WSH2TARGETS[@]}"; do
+    base=direct
+    [[ $t != h2-* ]] || base=h2-direct
+    added=$(awk -v a="${WSP50[$t]}" -v b="${WSP50[$base]}" 'BEGIN {printf "%.0f", a - b}')
     echo "| $t | ${WSP50[$t]} | ${WSP99[$t]} | $added | ${WSLOAD[$t]} |"
 done
 echo
