@@ -255,13 +255,19 @@ fn ws_h2c_function(py: &str, name: &str, extra: &str) -> String {
 /// RFC 8441 end to end over HTTP/2: an HTTP/2 client's extended CONNECT reaches a cold
 /// h2c function as an extended CONNECT on its HTTP/2 connection; messages go both ways,
 /// the function sees the forwarded headers, the open stream holds the instance past
-/// `idle_timeout`, and it is counted like any request.
+/// `idle_timeout` (and its connection past `upstream_idle_timeout`), and it is counted like
+/// any request.
 #[test]
 fn websocket_over_http2_to_a_cold_h2c_function() {
     let Some(py) = python_with("h2") else {
         return;
     };
-    let d = Daemon::start(&ws_h2c_function(py, "ws", "idle_timeout = \"1s\""));
+    // The stream outlives upstream_idle_timeout too (synwake lets go of the connection,
+    // which stays open for its stream).
+    let d = Daemon::start_with(
+        "upstream_idle_timeout = \"500ms\"",
+        &ws_h2c_function(py, "ws", "idle_timeout = \"1s\""),
+    );
     assert_eq!(d.available("ws"), 0, "the function starts cold");
     let msgs = [
         "hello",
