@@ -13,6 +13,10 @@
 #       # also a second daemon from another build (before/after), interleaved the same way
 #   BODY_BYTES=1024 scripts/bench-proxy.sh        # POST rows: size of the request body
 #   LOADS="-t2 -c64" scripts/bench-proxy.sh       # wrk loads (default: "-t1 -c1" and "-t2 -c64")
+#   NGINX_FORWARDED=1 scripts/bench-proxy.sh
+#       # also nginx-forwarded: nginx sending the function the four forwarded fields synwake
+#       # sends (X-Forwarded-For/-Proto/-Host, Forwarded) and the client's Host, as an edge
+#       # proxy is usually set up; ratios against it are printed too
 #   ACCOUNT=1 scripts/bench-proxy.sh
 #       # also where the machine's CPU went during each measurement: CPU us per request of
 #       # wrk, the proxy and the function behind it, the rest of the machine, idle %, context
@@ -37,6 +41,7 @@ NGINX_PORT=$((BASE_PORT + 4))       # nginx in front of FN_PORT
 B_SHARED_PORT=$((BASE_PORT + 5))    # the "before" daemon, same layout
 B_API_PORT=$((BASE_PORT + 6))
 B_OWN_PORT=$((BASE_PORT + 7))
+NGINX_FWD_PORT=$((BASE_PORT + 8))   # NGINX_FORWARDED=1: nginx sending the forwarded fields
 
 for tool in cargo wrk nginx curl; do
     command -v "$tool" >/dev/null || { echo "bench-proxy: $tool not found" >&2; exit 1; }
@@ -97,6 +102,19 @@ start_synwake "$SYNWAKE_BIN" "$WORK/synwake" "$SHARED_PORT" "$API_PORT" "$OWN_PO
             proxy_set_header Connection "";
         }
     }
+    server {
+        listen 127.0.0.1:$NGINX_FWD_PORT;
+        location / {
+            proxy_pass http://fn;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$http_host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Forwarded-Host \$http_host;
+            proxy_set_header Forwarded "for=\$remote_addr;proto=\$scheme;host=\\"\$http_host\\"";
+        }
+    }
 }
 EOF
 start_nginx
@@ -109,6 +127,12 @@ declare -A URL=(
     [nginx]="http://127.0.0.1:$NGINX_PORT/"
 )
 TARGETS=(direct synwake-own-port synwake-shared-port nginx)
+NGINX_TARGETS=(nginx)
+if [ -n "${NGINX_FORWARDED:-}" ]; then
+    URL[nginx-forwarded]="http://127.0.0.1:$NGINX_FWD_PORT/"
+    TARGETS+=(nginx-forwarded)
+    NGINX_TARGETS+=(nginx-forwarded)
+fi
 SYNWAKE_TARGETS=(synwake-own-port synwake-shared-port)
 if [ -n "$SYNWAKE_BIN_BEFORE" ]; then
     start_synwake "$SYNWAKE_BIN_BEFORE" "$WORK/before" "$B_SHARED_PORT" "$B_API_PORT" "$B_OWN_PORT"
@@ -136,7 +160,7 @@ declare -A PROXY_PIDS FN_PIDS FN_CONN_URL ASKED_DIRECT
 for t in "${TARGETS[@]}"; do
     case $t in
         direct) PROXY_PIDS[$t]=""; FN_PIDS[$t]=$FN_PID ;;
-        nginx) PROXY_PIDS[$t]="$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')"; FN_PIDS[$t]=$FN_PID ;;
+        nginx|nginx-forwarded) PROXY_PIDS[$t]="$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')"; FN_PIDS[$t]=$FN_PID ;;
         synwake-*) PROXY_PIDS[$t]=${DAEMON[$WORK/synwake]}; FN_PIDS[$t]=$(descendants "${DAEMON[$WORK/synwake]}" synwake-fn | tr '\n' ' ') ;;
         before-*) PROXY_PIDS[$t]=${DAEMON[$WORK/before]}; FN_PIDS[$t]=$(descendants "${DAEMON[$WORK/before]}" synwake-fn | tr '\n' ' ') ;;
     esac
@@ -254,19 +278,21 @@ echo
 first() { awk -v i="$2" '{print $i}' <<<"$1"; }
 for load in "${LOADS[@]}"; do
     [[ "$load" == *c1 ]] && continue
-    for t in "${SYNWAKE_TARGETS[@]}"; do
-        ratios=""
-        for r in $(seq 1 "$ROUNDS"); do
-            ratios+="$(awk -v a="$(first "${RPS[$t|$load]}" "$r")" -v b="$(first "${RPS[nginx|$load]}" "$r")" \
-                'BEGIN {printf "%.2f", a / b}') "
+    for ng in "${NGINX_TARGETS[@]}"; do
+        for t in "${SYNWAKE_TARGETS[@]}"; do
+            ratios=""
+            for r in $(seq 1 "$ROUNDS"); do
+                ratios+="$(awk -v a="$(first "${RPS[$t|$load]}" "$r")" -v b="$(first "${RPS[$ng|$load]}" "$r")" \
+                    'BEGIN {printf "%.2f", a / b}') "
+            done
+            echo "- $t \`$load\`: requests/s / $ng's, per round: ${ratios% }" \
+                "(median $(median <<<"$ratios"); target >= 1.0)"
         done
-        echo "- $t \`$load\`: requests/s / nginx's, per round: ${ratios% }" \
-            "(median $(median <<<"$ratios"); target >= 1.0)"
     done
 done
 low="GET -t1 -c1"
 if [ -n "${P50[nginx|$low]:-}" ]; then
-    for t in "${SYNWAKE_TARGETS[@]}" nginx; do
+    for t in "${SYNWAKE_TARGETS[@]}" "${NGINX_TARGETS[@]}"; do
         added=""
         for r in $(seq 1 "$ROUNDS"); do
             added+="$(awk -v a="$(first "${P50[$t|$low]}" "$r")" -v b="$(first "${P50[direct|$low]}" "$r")" \
@@ -284,7 +310,10 @@ if [ -n "${ACCOUNT:-}" ]; then
     echo "of it is charged to the processes too), the whole machine (without steal) and the time"
     echo "the hypervisor stole; machine idle %; context switches per request (machine, wrk, the proxy, the"
     echo "function); TCP segments sent per request (all of the machine's); connections the"
-    echo "function accepted during the measurement."
+    echo "function accepted during the measurement. Context switches of threads that exited during"
+    echo "the measurement are lost: nginx closes an upstream connection after 1000 requests (its"
+    echo "keepalive_requests), so the function's column behind nginx is too low (perf stat -e"
+    echo "context-switches -p, which counts exited threads, showed about 1.0 per request for both)."
     echo
     echo "| target | load | round | requests/s | wrk | proxy | fn | rest | irq | machine | steal | idle | ctxt/req | wrk ctxt/req | proxy ctxt/req | fn ctxt/req | TCP segs/req | fn conns accepted | loadavg |"
     echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
