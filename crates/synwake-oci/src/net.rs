@@ -360,12 +360,15 @@ impl Network {
         batch(&["-n", &l.netns], &inner).await
     }
 
-    /// Deletes the netns (which removes its veth pair) and frees the address.
+    /// Deletes the veth pair and the netns, and frees the address.
     pub async fn release(&self, lease: Lease) {
-        delete_netns(&lease.netns);
+        // The host end first: `ip link del` returns once the pair is gone. Removing the
+        // netns first left the pair to the kernel's deferred netns cleanup, and under load
+        // the host end was still listed after the stop returned (CI saw it).
         if link_exists(&lease.host_veth) {
             let _ = run("ip", &["link", "del", &lease.host_veth]).await;
         }
+        delete_netns(&lease.netns);
         self.state
             .lock()
             .expect("alloc lock")

@@ -400,8 +400,9 @@ fn websocket_over_http2_to_an_h2c_function_without_extended_connect_gets_501() {
         cold < Duration::from_secs(15),
         "cold: answered after {cold:?}"
     );
+    // A python3 client took 6 s once in a loaded CI run (140-260 ms here); a hang is 30 s.
     assert!(
-        warm < Duration::from_secs(5),
+        warm < Duration::from_secs(15),
         "warm: answered after {warm:?}"
     );
     let pid = d.call("plain", "/pid");
