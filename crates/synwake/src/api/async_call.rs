@@ -501,7 +501,12 @@ pub async fn deliver(proxy: &Proxy, call: &StoredCall, call_id: &str) -> Outcome
         Err(e) => return answered(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let resp = match proxy
-        .invoke(req, name, call.path.clone(), Origin::Queued)
+        .invoke(
+            req,
+            name,
+            crate::gateway::FnPath::Given(call.path.clone()),
+            Origin::Queued,
+        )
         .await
     {
         Ok(resp) => resp,

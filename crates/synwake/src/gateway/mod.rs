@@ -19,6 +19,7 @@ pub mod path;
 pub mod tls;
 pub mod upstream;
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -211,7 +212,7 @@ impl Proxy {
         &self,
         req: Request<ForwardBody>,
         function: &str,
-        path: String,
+        path: FnPath,
         origin: Origin<'_>,
     ) -> Result<Response<ProxyBody>, AcquireError> {
         let arrived = Instant::now();
@@ -287,7 +288,7 @@ impl Proxy {
         &self,
         mut req: Request<ForwardBody>,
         lease: Lease,
-        path: String,
+        path: FnPath,
         origin: Origin<'_>,
     ) -> Response<ProxyBody> {
         let spec = lease.spec().clone();
@@ -331,30 +332,40 @@ impl Proxy {
             && parts.method != http::Method::CONNECT;
         let policy = &spec.policy;
         let h2c = policy.protocol == Protocol::H2c;
-        let target = if own_h1 {
-            path.parse()
-        } else if h2c {
-            // The function sees the client's host as `:authority` (as HTTP/1.1 functions
-            // see its Host); the connection goes to the instance whatever it names.
-            let host = parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
-                .or_else(|| parts.uri.authority().cloned());
-            match host {
-                Some(host) => format!("http://{host}{path}").parse(),
-                None => format!("http://{addr}{path}").parse(),
-            }
-        } else {
-            format!("http://{addr}{path}").parse()
+        // Our client gets the request's own path and query as it is (shared, not copied).
+        let asked = match path {
+            FnPath::AsAsked if own_h1 => parts.uri.path_and_query().cloned(),
+            _ => None,
         };
-        let uri: Uri = match target {
-            Ok(u) => u,
-            Err(e) => {
-                return text_response(
-                    StatusCode::BAD_REQUEST,
-                    format!("function {function}: invalid request path {path:?}: {e}"),
-                )
+        let uri = if let Some(pq) = asked {
+            Uri::from(pq)
+        } else {
+            let path = path.as_str(&parts.uri);
+            let target = if own_h1 {
+                path.parse()
+            } else if h2c {
+                // The function sees the client's host as `:authority` (as HTTP/1.1 functions
+                // see its Host); the connection goes to the instance whatever it names.
+                let host = parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+                    .or_else(|| parts.uri.authority().cloned());
+                match host {
+                    Some(host) => format!("http://{host}{path}").parse(),
+                    None => format!("http://{addr}{path}").parse(),
+                }
+            } else {
+                format!("http://{addr}{path}").parse()
+            };
+            match target {
+                Ok(u) => u,
+                Err(e) => {
+                    return text_response(
+                        StatusCode::BAD_REQUEST,
+                        format!("function {function}: invalid request path {path:?}: {e}"),
+                    )
+                }
             }
         };
         // HTTP/2 clients name the host in the URI, not in a Host header.
@@ -582,10 +593,27 @@ impl Proxy {
 /// The one namespace OpenFaaS clients may name: `/function/<name>.openfaas-fn/`.
 const NAMESPACE_SUFFIX: &str = ".openfaas-fn";
 
+/// The path and query a function is sent.
+#[derive(Debug)]
+pub enum FnPath {
+    /// The request's own: nothing to resolve or strip, so it is not copied.
+    AsAsked,
+    Given(String),
+}
+
+impl FnPath {
+    fn as_str<'a>(&'a self, uri: &'a Uri) -> &'a str {
+        match self {
+            FnPath::AsAsked => uri.path_and_query().map_or("/", |pq| pq.as_str()),
+            FnPath::Given(p) => p,
+        }
+    }
+}
+
 /// Phase 1: which function, and the path to send it (dot segments resolved first, so
 /// routing and the function see the same path).
 #[allow(clippy::result_large_err)] // the error is the response itself, built once per bad request
-fn route_request(route: &Route, uri: &Uri) -> Result<(String, String), Response<ProxyBody>> {
+fn route_request(route: &Route, uri: &Uri) -> Result<(Arc<str>, FnPath), Response<ProxyBody>> {
     let Some(resolved) = path::resolve_dot_segments(uri.path()) else {
         return Err(text_response(
             StatusCode::BAD_REQUEST,
@@ -600,7 +628,13 @@ fn route_request(route: &Route, uri: &Uri) -> Result<(String, String), Response<
         None => p.to_string(),
     };
     match route {
-        Route::Port(name) => Ok((name.to_string(), with_query(&resolved))),
+        // On its own port a function gets the path as asked unless a dot segment went.
+        Route::Port(name) => match resolved {
+            Cow::Borrowed(_) if uri.path_and_query().is_some() => {
+                Ok((name.clone(), FnPath::AsAsked))
+            }
+            _ => Ok((name.clone(), FnPath::Given(with_query(&resolved)))),
+        },
         Route::Shared => {
             let Some(rest) = resolved.strip_prefix("/function/") else {
                 return Err(text_response(
@@ -628,7 +662,7 @@ fn route_request(route: &Route, uri: &Uri) -> Result<(String, String), Response<
                     format!("function {} not found", path::quote(name)),
                 ));
             }
-            Ok((name.to_string(), with_query(tail)))
+            Ok((name.into(), FnPath::Given(with_query(tail))))
         }
     }
 }
@@ -925,9 +959,12 @@ mod tests {
     fn shared_route_splits_name_and_path() {
         let uri: Uri = "/function/hello/a/b?x=1".parse().unwrap();
         let (f, p) = route_request(&Route::Shared, &uri).unwrap();
-        assert_eq!((f.as_str(), p.as_str()), ("hello", "/a/b?x=1"));
+        assert_eq!((&*f, p.as_str(&uri)), ("hello", "/a/b?x=1"));
         let uri: Uri = "/function/hello".parse().unwrap();
-        assert_eq!(route_request(&Route::Shared, &uri).unwrap().1, "/");
+        assert_eq!(
+            route_request(&Route::Shared, &uri).unwrap().1.as_str(&uri),
+            "/"
+        );
         let uri: Uri = "/other".parse().unwrap();
         assert_eq!(
             route_request(&Route::Shared, &uri).unwrap_err().status(),
@@ -939,7 +976,15 @@ mod tests {
     fn own_port_keeps_path() {
         let uri: Uri = "/x?y".parse().unwrap();
         let (f, p) = route_request(&Route::Port("f".into()), &uri).unwrap();
-        assert_eq!((f.as_str(), p.as_str()), ("f", "/x?y"));
+        assert_eq!((&*f, p.as_str(&uri)), ("f", "/x?y"));
+        assert!(matches!(p, FnPath::AsAsked));
+        // A resolved dot segment is a new path; an absolute-form URI keeps its path.
+        let uri: Uri = "/a/../x?y".parse().unwrap();
+        let (_, p) = route_request(&Route::Port("f".into()), &uri).unwrap();
+        assert!(matches!(&p, FnPath::Given(g) if g == "/x?y"));
+        let uri: Uri = "http://h/x?y".parse().unwrap();
+        let (_, p) = route_request(&Route::Port("f".into()), &uri).unwrap();
+        assert_eq!(p.as_str(&uri), "/x?y");
     }
 
     #[test]
