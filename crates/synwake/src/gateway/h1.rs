@@ -497,21 +497,17 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut transfer_encodings = 0;
+    let span =
+        |&(a, b, c, d): &(u32, u32, u32, u32)| (a as usize, b as usize, c as usize, d as usize);
     let mut close = version == Version::HTTP_10;
     // Fields the response's Connection names are hop-by-hop too (left out below).
     let mut named: Vec<&[u8]> = Vec::new();
-    for (n0, n1, v0, v1) in at[..n]
-        .iter()
-        .map(|&(a, b, c, d)| (a as usize, b as usize, c as usize, d as usize))
-    {
+    for (n0, n1, v0, v1) in at[..n].iter().map(span) {
         if head[n0..n1].eq_ignore_ascii_case(b"connection") {
             named.extend(head[v0..v1].split(|&b| b == b',').map(<[u8]>::trim_ascii));
         }
     }
-    for (n0, n1, v0, v1) in at[..n]
-        .iter()
-        .map(|&(a, b, c, d)| (a as usize, b as usize, c as usize, d as usize))
-    {
+    for (n0, n1, v0, v1) in at[..n].iter().map(span) {
         let name =
             HeaderName::from_bytes(&head[n0..n1]).map_err(|_| Error::Invalid("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))

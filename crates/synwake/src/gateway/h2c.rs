@@ -168,8 +168,10 @@ impl H2Conns {
 }
 
 fn key_of(instance: &Arc<dyn Instance>) -> (usize, RuntimeId) {
-    let rt = tokio::runtime::Handle::current().id();
-    (Arc::as_ptr(instance) as *const () as usize, rt)
+    super::upstream::key_of(
+        Arc::as_ptr(instance),
+        tokio::runtime::Handle::current().id(),
+    )
 }
 
 async fn connect(addr: SocketAddr, timeout: Duration) -> Result<H2Conn, Error> {

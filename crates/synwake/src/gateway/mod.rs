@@ -295,7 +295,9 @@ impl Proxy {
         let function = &spec.name;
         let addr = lease.instance.addr();
         // HTTP/1.1 Upgrade (WebSocket): passed through to HTTP/1.1 functions.
-        let mut upgrade = upgrade_asked(req.headers()).filter(|_| {
+        // Read once: an HTTP/1.1 function gets it as asked, an h2c one as extended CONNECT.
+        let upgrade_header = upgrade_asked(req.headers());
+        let mut upgrade = upgrade_header.clone().filter(|_| {
             spec.policy.protocol == Protocol::Http1 && req.version() == http::Version::HTTP_11
         });
         // WebSocket over HTTP/2 (RFC 8441): an extended CONNECT, sent on as it is to an h2c
@@ -315,7 +317,7 @@ impl Proxy {
         // extended CONNECT; the client gets its 101 and Sec-WebSocket-Accept from synwake.
         let ws_accept =
             if spec.policy.protocol == Protocol::H2c && req.version() == http::Version::HTTP_11 {
-                match websocket_to_h2(&mut req) {
+                match websocket_to_h2(&mut req, upgrade_header.as_ref()) {
                     Ok(accept) => accept,
                     Err(resp) => return resp,
                 }
@@ -720,8 +722,8 @@ fn websocket_over_h2(
 #[allow(clippy::result_large_err)] // the error is the response itself
 fn websocket_to_h2(
     req: &mut Request<ForwardBody>,
+    asked: Option<&HeaderValue>,
 ) -> Result<Option<HeaderValue>, Response<ProxyBody>> {
-    let asked = upgrade_asked(req.headers());
     if req.method() != http::Method::GET
         || !asked.is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"))
     {

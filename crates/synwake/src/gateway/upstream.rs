@@ -234,7 +234,8 @@ struct Slot {
     conns: Vec<Conn>,
 }
 
-fn key_of(instance: *const dyn Instance, rt: RuntimeId) -> (usize, RuntimeId) {
+/// A pool key: the instance's allocation and the runtime whose I/O driver owns the socket.
+pub(super) fn key_of(instance: *const dyn Instance, rt: RuntimeId) -> (usize, RuntimeId) {
     (instance as *const () as usize, rt)
 }
 
