@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure this machine has what synwake's build, tests and benchmarks need.
 #
-#   scripts/deps.sh            as root: install missing Debian packages, mount bpffs;
+#   scripts/deps.sh            as root: install missing Debian packages, mount bpffs and tracefs;
 #                              otherwise: report what is missing and how to fix it
 #   scripts/deps.sh --check    change nothing; exit 1 if anything is missing
 #
@@ -129,6 +129,24 @@ if [[ -d /sys/fs/bpf ]] && ! grep -qs ' /sys/fs/bpf bpf ' /proc/mounts; then
         fi
     else
         say "bpffs is not mounted; as root: mount -t bpf bpf /sys/fs/bpf"
+        problems=$((problems + 1))
+    fi
+fi
+
+# --- tracefs ---------------------------------------------------------------------------
+# Tests that count cgroup migrations (crates/synwake-test-support/src/cgroup_trace.rs) use
+# a private tracefs instance; a fresh machine here boots without tracefs mounted.
+if [[ -d /sys/kernel/tracing ]] && ! grep -qs ' /sys/kernel/tracing tracefs ' /proc/mounts \
+    && [[ ! -d /sys/kernel/debug/tracing/instances ]]; then
+    if ! $check_only && is_root; then
+        if mount -t tracefs tracefs /sys/kernel/tracing; then
+            say "mounted tracefs at /sys/kernel/tracing"
+        else
+            say "WARNING: could not mount tracefs at /sys/kernel/tracing"
+            problems=$((problems + 1))
+        fi
+    else
+        say "tracefs is not mounted; as root: mount -t tracefs tracefs /sys/kernel/tracing"
         problems=$((problems + 1))
     fi
 fi
