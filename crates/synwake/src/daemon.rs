@@ -224,7 +224,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown_rx.clone(),
         conns.clone(),
     )));
-    let api_handler: listeners::Handler = Arc::new(move |req, conn| {
+    let api_handler = listeners::Handler::new(move |req, conn| -> listeners::HandlerFuture {
         let api = api.clone();
         Box::pin(async move { api.handle(req, conn.peer).await })
     });

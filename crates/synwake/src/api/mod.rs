@@ -104,7 +104,15 @@ impl Api {
         };
         if path.starts_with("/function/") {
             let conn = crate::gateway::ConnInfo::plain(peer);
-            return self.proxy.clone().handle(req, &Route::Shared, &conn).await;
+            return self
+                .proxy
+                .clone()
+                .handle(
+                    req.map(crate::gateway::ForwardBody::Client),
+                    &Route::Shared,
+                    &conn,
+                )
+                .await;
         }
         if let Some(rest) = path.strip_prefix("/async-function/") {
             if req.method() != Method::POST {

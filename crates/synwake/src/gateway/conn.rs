@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::h1srv::{self, Rewind};
 use super::hosts::ConnInfo;
 use super::listeners::Handler;
 use super::GuardedBody;
@@ -95,13 +96,14 @@ impl Server {
     }
 
     /// Serves one connection until it closes, times out, or finishes its in-flight
-    /// requests at shutdown.
+    /// requests at shutdown. A proxy listener's HTTP/1.1 requests are served by our own
+    /// server ([`h1srv`]) until one needs hyper's; hyper's serves the rest (and HTTP/2).
     pub async fn serve<IO>(
         &self,
         io: IO,
         info: ConnInfo,
         handler: Handler,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -111,14 +113,37 @@ impl Server {
             activity: activity.clone(),
             first_read: true,
         };
+        let io = match &handler.proxy {
+            Some((proxy, route)) => {
+                let own = h1srv::serve(io, &info, proxy, route, &activity, &self.limits, &shutdown);
+                match own.await {
+                    Some(rewound) => rewound,
+                    None => return,
+                }
+            }
+            None => Rewind::new(bytes::Bytes::new(), io),
+        };
+        self.serve_hyper(io, info, handler, activity, shutdown)
+            .await
+    }
+
+    async fn serve_hyper<IO>(
+        &self,
+        io: Rewind<TrackedIo<IO>>,
+        info: ConnInfo,
+        handler: Handler,
+        activity: Arc<Activity>,
+        mut shutdown: watch::Receiver<bool>,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let act = activity.clone();
         let peer = info.peer;
         let svc = service_fn(move |req| {
-            let h = handler.clone();
             let guard = act.request_started();
-            let info = info.clone();
+            let resp = handler.call(req, info.clone());
             async move {
-                let resp = h(req, info).await;
+                let resp = resp.await;
                 Ok::<_, std::convert::Infallible>(resp.map(|inner| GuardedBody::new(inner, guard)))
             }
         });
@@ -145,13 +170,13 @@ impl Server {
 }
 
 #[derive(Debug, PartialEq)]
-enum Expired {
+pub(super) enum Expired {
     HeadTimeout,
     Idle,
 }
 
 /// What a connection is doing, shared by its IO, its requests and its timer.
-struct Activity {
+pub(super) struct Activity {
     base: Instant,
     inflight: AtomicUsize,
     /// Nanoseconds after `base` when the last request finished.
@@ -178,7 +203,7 @@ impl Activity {
         self.base.elapsed().as_nanos() as u64
     }
 
-    fn request_started(self: &Arc<Self>) -> InflightGuard {
+    pub(super) fn request_started(self: &Arc<Self>) -> InflightGuard {
         self.inflight.fetch_add(1, Ordering::Relaxed);
         self.head_since.store(0, Ordering::Relaxed);
         InflightGuard(self.clone())
@@ -213,7 +238,7 @@ impl Activity {
     /// The state changes without waking the timer (no cost per request), and a new
     /// deadline is at least the shorter timeout away, so sleeping a quarter of that at a
     /// time is late by at most a quarter.
-    async fn expired(&self, limits: &Limits) -> Expired {
+    pub(super) async fn expired(&self, limits: &Limits) -> Expired {
         let step = limits
             .header_read_timeout
             .min(limits.client_idle_timeout)
@@ -232,7 +257,7 @@ impl Activity {
 }
 
 /// One request in flight, until its response body is finished or dropped.
-struct InflightGuard(Arc<Activity>);
+pub(super) struct InflightGuard(Arc<Activity>);
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
@@ -243,7 +268,7 @@ impl Drop for InflightGuard {
 }
 
 /// The client's stream, noting when bytes of a new request head arrive.
-struct TrackedIo<IO> {
+pub(super) struct TrackedIo<IO> {
     io: IO,
     activity: Arc<Activity>,
     first_read: bool,

@@ -25,8 +25,33 @@ use crate::fdlimit::LogOnce;
 use crate::lifecycle::{Lifecycle, Trigger};
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
-/// Serves one request of a connection.
-pub type Handler = Arc<dyn Fn(Request<Incoming>, ConnInfo) -> HandlerFuture + Send + Sync>;
+type HandlerFn = dyn Fn(Request<Incoming>, ConnInfo) -> HandlerFuture + Send + Sync;
+
+/// Serves the requests of a listener's connections.
+#[derive(Clone)]
+pub struct Handler {
+    /// A request hyper's server parsed.
+    hyper: Arc<HandlerFn>,
+    /// The proxy and route, when the listener's plain HTTP/1.1 requests are served by our
+    /// own server ([`super::h1srv`]) and go to the proxy without a boxed future.
+    pub(super) proxy: Option<(Arc<Proxy>, Route)>,
+}
+
+impl Handler {
+    /// A handler for hyper's server only.
+    pub fn new(
+        f: impl Fn(Request<Incoming>, ConnInfo) -> HandlerFuture + Send + Sync + 'static,
+    ) -> Self {
+        Handler {
+            hyper: Arc::new(f),
+            proxy: None,
+        }
+    }
+
+    pub fn call(&self, req: Request<Incoming>, conn: ConnInfo) -> HandlerFuture {
+        (self.hyper)(req, conn)
+    }
+}
 
 /// Runs for every accepted connection, before anything is read from it.
 pub type OnAccept = Option<Arc<dyn Fn() + Send + Sync>>;
@@ -323,11 +348,20 @@ fn sni_admits(proxy: &Proxy, edge: &TlsEdge, name: Option<&str>, at: Instant) ->
 
 /// Handler for a gateway route.
 pub fn proxy_handler(proxy: Arc<Proxy>, route: Route) -> Handler {
-    Arc::new(move |req, conn| {
-        let proxy = proxy.clone();
-        let route = route.clone();
-        Box::pin(async move { proxy.handle(req, &route, &conn).await })
-    })
+    let (p, r) = (proxy.clone(), route.clone());
+    let mut h = Handler::new(
+        move |req: Request<Incoming>, conn: ConnInfo| -> HandlerFuture {
+            let proxy = p.clone();
+            let route = r.clone();
+            Box::pin(async move {
+                proxy
+                    .handle(req.map(super::ForwardBody::Client), &route, &conn)
+                    .await
+            })
+        },
+    );
+    h.proxy = Some((proxy, route));
+    h
 }
 
 /// The listeners on functions' own ports, kept in step with the deployed functions.
@@ -504,7 +538,7 @@ mod tests {
     async fn connections_go_to_the_least_busy_serving_thread_and_stay_there() {
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
-        let handler: Handler = Arc::new(
+        let handler = Handler::new(
             |_req: Request<Incoming>, _conn: ConnInfo| -> HandlerFuture {
                 Box::pin(async {
                     let name = std::thread::current().name().unwrap_or("?").to_string();

@@ -12,6 +12,7 @@
 pub mod conn;
 pub mod forwarded;
 pub mod h1;
+mod h1srv;
 pub mod h2c;
 pub mod hosts;
 pub mod listeners;
@@ -175,7 +176,7 @@ impl Proxy {
     /// Serves one request end to end; never fails (errors become responses).
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ForwardBody>,
         route: &Route,
         conn: &ConnInfo,
     ) -> Response<ProxyBody> {
@@ -188,7 +189,6 @@ impl Proxy {
             Ok(r) => r,
             Err(resp) => return resp,
         };
-        let req = req.map(ForwardBody::Client);
         match self
             .invoke(req, &function, path, Origin::Client(conn))
             .await
@@ -250,7 +250,7 @@ impl Proxy {
     fn route_by_host(
         &self,
         route: &Route,
-        req: &Request<Incoming>,
+        req: &Request<ForwardBody>,
         conn: &ConnInfo,
     ) -> Result<Option<Arc<str>>, Response<ProxyBody>> {
         if !matches!(route, Route::Shared) {
@@ -782,9 +782,11 @@ pub enum Origin<'a> {
     Queued,
 }
 
-/// A request body to forward: a client's, streamed, or a queued call's, held whole.
+/// A request body to forward: a client's, streamed (hyper's server) or read whole (ours),
+/// or a queued call's, held whole.
 pub enum ForwardBody {
     Client(Incoming),
+    Read(Full<Bytes>),
     Queued(Full<Bytes>),
 }
 
@@ -798,21 +800,23 @@ impl Body for ForwardBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ForwardBody::Client(b) => Pin::new(b).poll_frame(cx),
-            ForwardBody::Queued(b) => Pin::new(b).poll_frame(cx).map_err(|n| match n {}),
+            ForwardBody::Read(b) | ForwardBody::Queued(b) => {
+                Pin::new(b).poll_frame(cx).map_err(|n| match n {})
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ForwardBody::Client(b) => b.is_end_stream(),
-            ForwardBody::Queued(b) => b.is_end_stream(),
+            ForwardBody::Read(b) | ForwardBody::Queued(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ForwardBody::Client(b) => b.size_hint(),
-            ForwardBody::Queued(b) => b.size_hint(),
+            ForwardBody::Read(b) | ForwardBody::Queued(b) => b.size_hint(),
         }
     }
 }
