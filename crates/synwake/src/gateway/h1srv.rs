@@ -226,9 +226,15 @@ fn parse(buf: &[u8], limits: &Limits, spans: &mut Spans) -> Parsed {
 
 /// The request from a parsed head (`bytes` starts with it) and its body; `None` when
 /// hyper would refuse a part of it (it then answers the request itself).
-fn request(head: &Head, bytes: &Bytes, spans: &Spans, body: Bytes) -> Option<Request<ForwardBody>> {
+fn request(
+    head: &Head,
+    bytes: &Bytes,
+    spans: &Spans,
+    body: Bytes,
+    mut headers: HeaderMap,
+) -> Option<Request<ForwardBody>> {
     let uri = Uri::from_maybe_shared(bytes.slice(head.path.0..head.path.1)).ok()?;
-    let mut headers = HeaderMap::with_capacity(head.headers);
+    headers.reserve(head.headers);
     for s in &spans[..head.headers] {
         // SAFETY: `parse` wrote the first `head.headers` spans.
         let [ns, ne, vs, ve] = unsafe { s.assume_init() };
@@ -261,6 +267,8 @@ where
     let mut buf = BytesMut::with_capacity(READ_ROOM);
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     let mut spans: Spans = [const { MaybeUninit::uninit() }; STACK_HEADERS];
+    // The last response's header map, emptied: the next request's (as hyper reuses it).
+    let mut spare = HeaderMap::new();
     // One timer and one shutdown wait for the whole connection (none per request).
     let expired = activity.expired(limits);
     tokio::pin!(expired);
@@ -321,7 +329,8 @@ where
         }
         let bytes = buf.split_to(head.len).freeze();
         let body = buf.split_to(head.content_length).freeze();
-        let Some(req) = request(&head, &bytes, &spans, body.clone()) else {
+        let fields = std::mem::take(&mut spare);
+        let Some(req) = request(&head, &bytes, &spans, body.clone(), fields) else {
             // hyper parses it again and answers it (400).
             return Some(Rewind::new(rejoin(&[&bytes, &body, &buf]), io));
         };
@@ -341,7 +350,7 @@ where
         let keep_alive = head.keep_alive && !*shutdown.borrow();
         let http10 = head.version == Version::HTTP_10;
         let kept = write_response(
-            &mut io, &mut out, &mut buf, resp, is_head, http10, keep_alive,
+            &mut io, &mut out, &mut buf, &mut spare, resp, is_head, http10, keep_alive,
         )
         .await;
         drop(guard);
@@ -401,6 +410,7 @@ async fn write_response<IO: AsyncRead + AsyncWrite + Unpin>(
     io: &mut IO,
     out: &mut Vec<u8>,
     buf: &mut BytesMut,
+    spare: &mut HeaderMap,
     resp: http::Response<ProxyBody>,
     is_head: bool,
     http10: bool,
@@ -418,7 +428,8 @@ async fn write_response<IO: AsyncRead + AsyncWrite + Unpin>(
     };
     out.clear();
     let (framing, last) = encode_head(out, &mut parts, length, is_head, http10, keep_alive);
-    drop(parts);
+    parts.headers.clear();
+    *spare = parts.headers;
     if framing == Framing::Empty {
         drop(body);
         io.write_all(out).await?;
@@ -903,7 +914,14 @@ mod tests {
             panic!("not parsed");
         };
         assert!(head.keep_alive, "HTTP/1.0 asked for keep-alive");
-        let req = request(&head, &raw.slice(..head.len), &sp, Bytes::new()).unwrap();
+        let req = request(
+            &head,
+            &raw.slice(..head.len),
+            &sp,
+            Bytes::new(),
+            HeaderMap::new(),
+        )
+        .unwrap();
         assert_eq!(req.method(), Method::PUT);
         assert_eq!(req.uri(), "/p?q=1");
         assert_eq!(req.version(), Version::HTTP_10);
@@ -1061,7 +1079,18 @@ mod tests {
         let writing = tokio::spawn(async move {
             let (mut out, mut buf) = (Vec::new(), BytesMut::new());
             let resp = http::Response::new(body);
-            write_response(&mut server, &mut out, &mut buf, resp, false, false, true).await
+            let mut spare = HeaderMap::new();
+            write_response(
+                &mut server,
+                &mut out,
+                &mut buf,
+                &mut spare,
+                resp,
+                false,
+                false,
+                true,
+            )
+            .await
         });
         // Nothing read: the writer stops once the pipe and its buffer are full.
         let mut first = [0u8; 1];
@@ -1113,6 +1142,7 @@ mod tests {
             &mut server,
             &mut out,
             &mut BytesMut::new(),
+            &mut HeaderMap::new(),
             resp,
             false,
             false,
@@ -1137,6 +1167,7 @@ mod tests {
             &mut server,
             &mut out,
             &mut BytesMut::new(),
+            &mut HeaderMap::new(),
             resp,
             false,
             false,
