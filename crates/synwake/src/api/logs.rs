@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::StreamBody;
 use hyper::body::Frame;
 use tokio::sync::broadcast;
 
@@ -139,7 +139,7 @@ pub fn serve(lc: &Lifecycle, query: Option<&str>) -> Response<ProxyBody> {
     Response::builder()
         .status(StatusCode::OK)
         .header(http::header::CONTENT_TYPE, "application/x-ndjson")
-        .body(StreamBody::new(stream).boxed())
+        .body(ProxyBody::boxed(StreamBody::new(stream)))
         .unwrap()
 }
 

@@ -84,6 +84,6 @@ pub fn stream(
     Response::builder()
         .status(StatusCode::OK)
         .header(http::header::CONTENT_TYPE, "application/x-ndjson")
-        .body(StreamBody::new(body).boxed())
+        .body(ProxyBody::boxed(StreamBody::new(body)))
         .unwrap()
 }

@@ -1069,7 +1069,7 @@ mod tests {
             taken: taken.clone(),
             exact,
         };
-        (body.boxed(), taken)
+        (ProxyBody::boxed(body), taken)
     }
 
     #[tokio::test]

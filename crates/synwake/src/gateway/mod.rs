@@ -21,7 +21,6 @@ pub mod tls;
 pub mod upstream;
 
 use std::borrow::Cow;
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -32,7 +31,7 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -45,7 +44,62 @@ use crate::spec::Protocol;
 pub use hosts::{ConnInfo, HostTable};
 pub use listeners::{serve_listener, PortListeners};
 
-pub type ProxyBody = BoxBody<Bytes, BodyError>;
+/// A response body the gateway sends a client. An instance's response and synwake's own
+/// answers are not boxed (one allocation less per request); other bodies are.
+pub enum ProxyBody {
+    Full(Full<Bytes>),
+    /// An instance's response, holding its lease until the last byte.
+    Instance(GuardedBody<FromInstance, Lease>),
+    Boxed(BoxBody<Bytes, BodyError>),
+}
+
+impl ProxyBody {
+    pub fn boxed(body: impl Body<Data = Bytes, Error = BodyError> + Send + Sync + 'static) -> Self {
+        ProxyBody::Boxed(BoxBody::new(body))
+    }
+}
+
+impl std::fmt::Debug for ProxyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProxyBody::Full(_) => "ProxyBody::Full",
+            ProxyBody::Instance(_) => "ProxyBody::Instance",
+            ProxyBody::Boxed(_) => "ProxyBody::Boxed",
+        })
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ProxyBody::Full(b) => Pin::new(b).poll_frame(cx).map_err(|n| match n {}),
+            ProxyBody::Instance(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Boxed(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_end_stream(),
+            ProxyBody::Instance(b) => b.is_end_stream(),
+            ProxyBody::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(b) => b.size_hint(),
+            ProxyBody::Instance(b) => b.size_hint(),
+            ProxyBody::Boxed(b) => b.size_hint(),
+        }
+    }
+}
 
 /// Why a response body failed: hyper's client (h2c, Upgrade) or ours (HTTP/1.1).
 #[derive(Debug, thiserror::Error)]
@@ -72,9 +126,7 @@ pub fn text_response(status: StatusCode, body: impl Into<String>) -> Response<Pr
 }
 
 pub fn full(b: impl Into<Bytes>) -> ProxyBody {
-    Full::new(b.into())
-        .map_err(|n: Infallible| match n {})
-        .boxed()
+    ProxyBody::Full(Full::new(b.into()))
 }
 
 /// Which function a connection's requests are for.
@@ -546,7 +598,7 @@ impl Proxy {
                     HeaderName::from_static(COLD_START_HEADER),
                     HeaderValue::from_static(if cold { "true" } else { "false" }),
                 );
-                let body = GuardedBody::new(body, lease).boxed();
+                let body = ProxyBody::Instance(GuardedBody::new(body, lease));
                 Response::from_parts(parts, body)
             }
             Err(e @ upstream::SendError::H2c(h2c::Error::NoExtendedConnect)) => text_response(
@@ -822,7 +874,7 @@ impl Body for ForwardBody {
 }
 
 /// A response body from an instance: from our HTTP/1.1 client or hyper's.
-enum FromInstance {
+pub enum FromInstance {
     Ours(h1::UpstreamBody),
     Hyper(Incoming),
 }
