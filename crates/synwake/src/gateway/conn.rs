@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::h1srv::{self, Rewind};
+use super::h1srv;
 use super::hosts::ConnInfo;
 use super::listeners::Handler;
 use super::GuardedBody;
@@ -108,11 +108,7 @@ impl Server {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let activity = Arc::new(Activity::new());
-        let io = TrackedIo {
-            io,
-            activity: activity.clone(),
-            first_read: true,
-        };
+        let io = TrackedIo::new(io, activity.clone());
         let io = match &handler.proxy {
             Some((proxy, route)) => {
                 let own = h1srv::serve(io, &info, proxy, route, &activity, &self.limits, &shutdown);
@@ -121,7 +117,7 @@ impl Server {
                     None => return,
                 }
             }
-            None => Rewind::new(bytes::Bytes::new(), io),
+            None => io,
         };
         self.serve_hyper(io, info, handler, activity, shutdown)
             .await
@@ -129,7 +125,7 @@ impl Server {
 
     async fn serve_hyper<IO>(
         &self,
-        io: Rewind<TrackedIo<IO>>,
+        io: TrackedIo<IO>,
         info: ConnInfo,
         handler: Handler,
         activity: Arc<Activity>,
@@ -188,7 +184,7 @@ pub(super) struct Activity {
 }
 
 impl Activity {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Activity {
             base: Instant::now(),
             inflight: AtomicUsize::new(0),
@@ -267,11 +263,32 @@ impl Drop for InflightGuard {
     }
 }
 
-/// The client's stream, noting when bytes of a new request head arrive.
+/// The client's stream, noting when bytes of a new request head arrive. Bytes our own
+/// server read before handing the connection to hyper's are put back in front
+/// ([`TrackedIo::put_back`]); they were noted when first read.
 pub(super) struct TrackedIo<IO> {
     io: IO,
     activity: Arc<Activity>,
     first_read: bool,
+    pre: bytes::Bytes,
+}
+
+impl<IO> TrackedIo<IO> {
+    pub(super) fn new(io: IO, activity: Arc<Activity>) -> Self {
+        TrackedIo {
+            io,
+            activity,
+            first_read: true,
+            pre: bytes::Bytes::new(),
+        }
+    }
+
+    /// `pre` is read again before anything more from the stream.
+    pub(super) fn put_back(mut self, pre: bytes::Bytes) -> Self {
+        debug_assert!(self.pre.is_empty(), "bytes put back once");
+        self.pre = pre;
+        self
+    }
 }
 
 const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2";
@@ -282,6 +299,12 @@ impl<IO: AsyncRead + Unpin> AsyncRead for TrackedIo<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            buf.put_slice(&self.pre[..n]);
+            bytes::Buf::advance(&mut self.pre, n);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
         let read = &buf.filled()[before..];

@@ -16,18 +16,18 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Body;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-use super::conn::{Activity, Expired, Limits, MIN_HEADER_BYTES};
+use super::conn::{Activity, Expired, Limits, TrackedIo, MIN_HEADER_BYTES};
 use super::hosts::ConnInfo;
 use super::{ForwardBody, Proxy, ProxyBody, Route};
 
@@ -42,64 +42,6 @@ const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
 const COPY_MAX: usize = 16 << 10;
 /// Spare room the read buffer keeps for a read.
 const READ_ROOM: usize = 8 << 10;
-
-/// A stream with bytes already read from it put back in front.
-pub(super) struct Rewind<IO> {
-    pre: Bytes,
-    io: IO,
-}
-
-impl<IO> Rewind<IO> {
-    pub(super) fn new(pre: Bytes, io: IO) -> Self {
-        Rewind { pre, io }
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.pre.is_empty() {
-            let n = self.pre.len().min(buf.remaining());
-            buf.put_slice(&self.pre[..n]);
-            self.pre.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
 
 /// A request head served here, as offsets into the read buffer.
 struct Head {
@@ -253,14 +195,14 @@ fn request(
 /// Serves `io`'s requests until the connection closes (`None`), or one is for hyper's
 /// server: then the connection, with what was read of it put back, is returned.
 pub(super) async fn serve<IO>(
-    mut io: IO,
+    mut io: TrackedIo<IO>,
     info: &ConnInfo,
     proxy: &Arc<Proxy>,
     route: &Route,
     activity: &Arc<Activity>,
     limits: &Limits,
     shutdown: &watch::Receiver<bool>,
-) -> Option<Rewind<IO>>
+) -> Option<TrackedIo<IO>>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -285,7 +227,7 @@ where
                 match parse(&buf, limits, &mut spans) {
                     Parsed::Complete(h) => break h,
                     Parsed::Partial => {}
-                    Parsed::Hyper => return Some(Rewind::new(buf.freeze(), io)),
+                    Parsed::Hyper => return Some(io.put_back(buf.freeze())),
                 }
             }
             if stopping && buf.is_empty() {
@@ -324,7 +266,7 @@ where
             match read {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return None,
                 Poll::Ready(Ok(_)) => {}
-                Poll::Pending => return Some(Rewind::new(buf.freeze(), io)),
+                Poll::Pending => return Some(io.put_back(buf.freeze())),
             }
         }
         let bytes = buf.split_to(head.len).freeze();
@@ -332,7 +274,7 @@ where
         let fields = std::mem::take(&mut spare);
         let Some(req) = request(&head, &bytes, &spans, body.clone(), fields) else {
             // hyper parses it again and answers it (400).
-            return Some(Rewind::new(rejoin(&[&bytes, &body, &buf]), io));
+            return Some(io.put_back(rejoin(&[&bytes, &body, &buf])));
         };
         drop((bytes, body));
         let is_head = head.method == Method::HEAD;
@@ -826,6 +768,7 @@ fn put_date(dst: &mut Vec<u8>) {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Context;
 
     fn spans() -> Spans {
         [const { MaybeUninit::uninit() }; STACK_HEADERS]
@@ -1186,7 +1129,8 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(64);
         client.write_all(b" world").await.unwrap();
         drop(client);
-        let mut r = Rewind::new(Bytes::from_static(b"hello"), server);
+        let io = TrackedIo::new(server, Arc::new(Activity::new()));
+        let mut r = io.put_back(Bytes::from_static(b"hello"));
         let mut s = String::new();
         r.read_to_string(&mut s).await.unwrap();
         assert_eq!(s, "hello world");
