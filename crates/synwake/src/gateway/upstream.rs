@@ -350,7 +350,7 @@ impl Home {
 /// (the shared list's reaper closes them too).
 pub struct PrivateConns {
     idle: Arc<IdleConns>,
-    /// Known to the reaper (registered on first use).
+    /// Known to the reaper (registered on first use); false: it was never used.
     reaped: AtomicBool,
 }
 
@@ -378,8 +378,9 @@ impl std::fmt::Debug for PrivateConns {
 impl PrivateConns {
     /// An idle connection to `instance` is kept here (then a body-less request uses it,
     /// so an HTTP/2 client's concurrent body-less streams still use the shared list).
+    /// A client connection that never sent a body has none: no lock on the hot path.
     pub fn holds(&self, instance: &Arc<dyn Instance>) -> bool {
-        self.idle.holds(instance)
+        self.reaped.load(Ordering::Relaxed) && self.idle.holds(instance)
     }
 }
 
