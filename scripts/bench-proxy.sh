@@ -276,16 +276,19 @@ done
 
 echo
 first() { awk -v i="$2" '{print $i}' <<<"$1"; }
+per_round() { # series a, series b, awk expression of a and b, printf format: one value per round
+    local out="" r
+    for r in $(seq 1 "$ROUNDS"); do
+        out+="$(awk -v a="$(first "$1" "$r")" -v b="$(first "$2" "$r")" "BEGIN {printf \"$4\", $3}") "
+    done
+    echo "${out% }"
+}
 for load in "${LOADS[@]}"; do
     [[ "$load" == *c1 ]] && continue
     for ng in "${NGINX_TARGETS[@]}"; do
         for t in "${SYNWAKE_TARGETS[@]}"; do
-            ratios=""
-            for r in $(seq 1 "$ROUNDS"); do
-                ratios+="$(awk -v a="$(first "${RPS[$t|$load]}" "$r")" -v b="$(first "${RPS[$ng|$load]}" "$r")" \
-                    'BEGIN {printf "%.2f", a / b}') "
-            done
-            echo "- $t \`$load\`: requests/s / $ng's, per round: ${ratios% }" \
+            ratios=$(per_round "${RPS[$t|$load]}" "${RPS[$ng|$load]}" "a / b" "%.2f")
+            echo "- $t \`$load\`: requests/s / $ng's, per round: $ratios" \
                 "(median $(median <<<"$ratios"); target >= 1.0)"
         done
     done
@@ -293,12 +296,8 @@ done
 low="GET -t1 -c1"
 if [ -n "${P50[nginx|$low]:-}" ]; then
     for t in "${SYNWAKE_TARGETS[@]}" "${NGINX_TARGETS[@]}"; do
-        added=""
-        for r in $(seq 1 "$ROUNDS"); do
-            added+="$(awk -v a="$(first "${P50[$t|$low]}" "$r")" -v b="$(first "${P50[direct|$low]}" "$r")" \
-                'BEGIN {printf "%.0f", a - b}') "
-        done
-        echo "- $t: p50 added over direct at one connection, per round: ${added% } us" \
+        added=$(per_round "${P50[$t|$low]}" "${P50[direct|$low]}" "a - b" "%.0f")
+        echo "- $t: p50 added over direct at one connection, per round: $added us" \
             "(median $(median <<<"$added"))"
     done
 fi

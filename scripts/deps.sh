@@ -116,39 +116,31 @@ else
     problems=$((problems + 1))
 fi
 
-# --- bpffs -----------------------------------------------------------------------------
+# --- bpffs and tracefs -----------------------------------------------------------------
+# Mounts filesystem type $1 at $2 (named $3 in messages) unless it is there already.
+ensure_mount() {
+    local type=$1 dir=$2 name=$3
+    [[ -d $dir ]] && ! grep -qs " $dir $type " /proc/mounts || return 0
+    if ! $check_only && is_root; then
+        if mount -t "$type" "$type" "$dir"; then
+            say "mounted $name at $dir"
+        else
+            say "WARNING: could not mount $name at $dir"
+            problems=$((problems + 1))
+        fi
+    else
+        say "$name is not mounted; as root: mount -t $type $type $dir"
+        problems=$((problems + 1))
+    fi
+}
 # The probe pins nothing by default, but bpftool and some tests expect bpffs; the kernel
 # here does not mount it at boot.
-if [[ -d /sys/fs/bpf ]] && ! grep -qs ' /sys/fs/bpf bpf ' /proc/mounts; then
-    if ! $check_only && is_root; then
-        if mount -t bpf bpf /sys/fs/bpf; then
-            say "mounted bpffs at /sys/fs/bpf"
-        else
-            say "WARNING: could not mount bpffs at /sys/fs/bpf"
-            problems=$((problems + 1))
-        fi
-    else
-        say "bpffs is not mounted; as root: mount -t bpf bpf /sys/fs/bpf"
-        problems=$((problems + 1))
-    fi
-fi
-
-# --- tracefs ---------------------------------------------------------------------------
+ensure_mount bpf /sys/fs/bpf bpffs
 # Tests that count cgroup migrations (crates/synwake-test-support/src/cgroup_trace.rs) use
-# a private tracefs instance; a fresh machine here boots without tracefs mounted.
-if [[ -d /sys/kernel/tracing ]] && ! grep -qs ' /sys/kernel/tracing tracefs ' /proc/mounts \
-    && [[ ! -d /sys/kernel/debug/tracing/instances ]]; then
-    if ! $check_only && is_root; then
-        if mount -t tracefs tracefs /sys/kernel/tracing; then
-            say "mounted tracefs at /sys/kernel/tracing"
-        else
-            say "WARNING: could not mount tracefs at /sys/kernel/tracing"
-            problems=$((problems + 1))
-        fi
-    else
-        say "tracefs is not mounted; as root: mount -t tracefs tracefs /sys/kernel/tracing"
-        problems=$((problems + 1))
-    fi
+# a private tracefs instance; a fresh machine here boots without tracefs mounted (an
+# older kernel's tracefs under debugfs does as well).
+if [[ ! -d /sys/kernel/debug/tracing/instances ]]; then
+    ensure_mount tracefs /sys/kernel/tracing tracefs
 fi
 
 # --- Rust toolchain --------------------------------------------------------------------
