@@ -3,13 +3,10 @@
 //! and `X-Forwarded-Host` (set: synwake is the edge and knows them, a client does not
 //! get to choose them).
 
-use std::io::Write;
-use std::net::IpAddr;
-
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use super::hosts::ConnInfo;
+use super::hosts::{ConnInfo, PeerText};
 
 pub const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -20,7 +17,7 @@ pub const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// Kept as parts and written straight into a request head: no allocation when the client
 /// sent no forwarded headers of its own.
 pub struct Forwarded {
-    ip: IpAddr,
+    ip: PeerText,
     pub proto: &'static str,
     /// `None`: no `X-Forwarded-Host` (the client's is removed).
     pub host: Option<HeaderValue>,
@@ -41,7 +38,7 @@ impl Forwarded {
                 HeaderValue::from_str(name).ok()
             });
         Forwarded {
-            ip: conn.peer.ip(),
+            ip: conn.peer_text,
             proto: conn.scheme(),
             host,
             prior_xff: join_prior(headers, &XFF),
@@ -52,16 +49,22 @@ impl Forwarded {
     /// The `X-Forwarded-For` value: the client's, then the peer's address.
     pub fn write_xff(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.prior_xff);
-        let _ = write!(out, "{}", self.ip);
+        out.extend_from_slice(self.ip.as_bytes());
     }
 
     /// The `Forwarded` value (RFC 7239): the client's, then this hop's element.
     pub fn write_forwarded(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.prior_forwarded);
-        let _ = match self.ip {
-            IpAddr::V4(v4) => write!(out, "for={v4};proto={}", self.proto),
-            IpAddr::V6(v6) => write!(out, "for=\"[{v6}]\";proto={}", self.proto),
-        };
+        if self.ip.is_ipv6() {
+            out.extend_from_slice(b"for=\"[");
+            out.extend_from_slice(self.ip.as_bytes());
+            out.extend_from_slice(b"]\"");
+        } else {
+            out.extend_from_slice(b"for=");
+            out.extend_from_slice(self.ip.as_bytes());
+        }
+        out.extend_from_slice(b";proto=");
+        out.extend_from_slice(self.proto.as_bytes());
         let h = self.host.as_ref().and_then(|v| v.to_str().ok());
         if let Some(h) = h.filter(|h| !h.contains(['"', '\\'])) {
             out.extend_from_slice(b";host=\"");

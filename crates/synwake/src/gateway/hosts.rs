@@ -2,7 +2,8 @@
 //! says its host is (SNI on TLS, the Host header on plain HTTP).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use super::upstream::PrivateConns;
@@ -12,6 +13,9 @@ use crate::spec::FunctionSpec;
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's address as text, written once per connection (every request's
+    /// forwarded fields carry it).
+    pub peer_text: PeerText,
     /// The connection is TLS (the client spoke HTTPS to synwake).
     pub tls: bool,
     /// The TLS SNI server name, lowercase.
@@ -24,6 +28,7 @@ impl ConnInfo {
     pub fn plain(peer: SocketAddr) -> ConnInfo {
         ConnInfo {
             peer,
+            peer_text: PeerText::of(peer.ip()),
             tls: false,
             server_name: None,
             private: Arc::default(),
@@ -33,6 +38,7 @@ impl ConnInfo {
     pub fn tls(peer: SocketAddr, server_name: Option<Arc<str>>) -> ConnInfo {
         ConnInfo {
             peer,
+            peer_text: PeerText::of(peer.ip()),
             tls: true,
             server_name,
             private: Arc::default(),
@@ -45,6 +51,43 @@ impl ConnInfo {
         } else {
             "http"
         }
+    }
+}
+
+/// An IP address as text, kept inline (an IPv6 address is at most 45 characters).
+#[derive(Clone, Copy)]
+pub struct PeerText {
+    len: u8,
+    v6: bool,
+    buf: [u8; 45],
+}
+
+impl PeerText {
+    pub fn of(ip: IpAddr) -> PeerText {
+        let mut buf = [0u8; 45];
+        let mut w = &mut buf[..];
+        // Cannot fail: the longest IPv6 text fits.
+        let _ = write!(w, "{ip}");
+        let len = 45 - w.len();
+        PeerText {
+            len: len as u8,
+            v6: ip.is_ipv6(),
+            buf,
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len as usize]
+    }
+
+    pub fn is_ipv6(&self) -> bool {
+        self.v6
+    }
+}
+
+impl std::fmt::Debug for PeerText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(std::str::from_utf8(self.as_bytes()).unwrap_or("?"))
     }
 }
 
@@ -107,6 +150,23 @@ pub fn request_host(req: &http::Request<impl Sized>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_text_is_the_address_as_displayed_up_to_the_longest_ipv6() {
+        for ip in [
+            "192.0.2.7",
+            "255.255.255.255",
+            "::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+            "1:2:3:4:5:6:255.255.255.255",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let t = PeerText::of(ip);
+            assert_eq!(t.as_bytes(), ip.to_string().as_bytes());
+            assert_eq!(t.is_ipv6(), ip.is_ipv6());
+        }
+    }
 
     #[test]
     fn exact_then_wildcard() {
