@@ -119,6 +119,17 @@ impl IdleState {
         true
     }
 
+    /// Whether [`Self::take_prewarm`] may still answer true in this idle period (so
+    /// somebody has to keep asking).
+    pub fn prewarm_pending(&self, now: Instant) -> bool {
+        let (Some(last), Some(idle)) = (self.last_done, self.idle(now)) else {
+            return false;
+        };
+        !self.window.prewarm_after.is_zero()
+            && self.prewarmed_for != Some(last)
+            && idle < self.window.keep_alive
+    }
+
     pub fn view(&self, policy: &Policy) -> IdleView {
         IdleView {
             policy: policy.idle_policy.as_str().into(),

@@ -359,6 +359,9 @@ struct Inner {
     affinity: Mutex<Option<Affinity<IpAddr, Arc<str>>>>,
     affinity_on: AtomicBool,
     origin: Instant,
+    /// Passes of the idle reaper (tests check it sleeps while nothing is up).
+    #[cfg(test)]
+    reaper_passes: AtomicU64,
 }
 
 /// Clients remembered for affinity wakes; beyond it the least recently seen are forgotten.
@@ -388,16 +391,40 @@ impl Lifecycle {
                 affinity: Mutex::new(None),
                 affinity_on: AtomicBool::new(false),
                 origin: Instant::now(),
+                #[cfg(test)]
+                reaper_passes: AtomicU64::new(0),
             }),
         };
+        // The idle reaper: every 50 ms while any instance exists or a predicted pre-warm
+        // is due later; otherwise it sleeps until an instance starts or the functions
+        // change (a daemon scaled to zero does not wake up 20 times a second).
         let weak = Arc::downgrade(&lc.inner);
+        let mut warmth = lc.subscribe_warmth();
+        let mut changes = lc.subscribe_changes();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(50));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                Lifecycle { inner }.reap_idle();
+                let again = {
+                    let Some(inner) = weak.upgrade() else { return };
+                    // Seen before the pass: a change during it wakes the wait below.
+                    warmth.borrow_and_update();
+                    changes.borrow_and_update();
+                    #[cfg(test)]
+                    inner.reaper_passes.fetch_add(1, Ordering::Relaxed);
+                    Lifecycle { inner }.reap_idle()
+                };
+                if !again {
+                    // Err: the lifecycle is gone.
+                    let gone = tokio::select! {
+                        r = warmth.changed() => r.is_err(),
+                        r = changes.changed() => r.is_err(),
+                    };
+                    if gone {
+                        return;
+                    }
+                }
             }
         });
         lc
@@ -1324,16 +1351,20 @@ impl Lifecycle {
     }
 
     /// Stops idle instances and unused prewarms. Called every 50 ms.
-    fn reap_idle(&self) {
+    /// One pass of the idle reaper; true when a later pass may have work (an instance
+    /// exists, or a predicted pre-warm is still to come).
+    fn reap_idle(&self) -> bool {
         let now = Instant::now();
         let functions = self.all_functions();
+        let mut again = false;
         for f in functions {
             if f.spec.policy.idle_policy == IdlePolicyKind::Adaptive {
-                self.reap_adaptive(&f, now);
+                again |= self.reap_adaptive(&f, now);
                 continue;
             }
             let victims: Vec<(u64, bool)> = {
                 let st = f.state.lock().unwrap();
+                again |= !st.slots.is_empty();
                 st.slots
                     .iter()
                     .filter(|s| s.ready().is_some() && s.inflight == 0)
@@ -1375,12 +1406,14 @@ impl Lifecycle {
                 tokio::spawn(async move { lc.finish_stop(&f, id, inst).await });
             }
         }
+        again
     }
 
     /// The adaptive policy's side of [`Self::reap_idle`]: stop at the keep-alive point (or
     /// right after the last request when a pre-warm point is set), start at the pre-warm
-    /// point, and undo packet wakes after prewarm_ttl as for fixed functions.
-    fn reap_adaptive(&self, f: &Arc<Function>, now: Instant) {
+    /// point, and undo packet wakes after prewarm_ttl as for fixed functions. True when a
+    /// later pass may have work for it.
+    fn reap_adaptive(&self, f: &Arc<Function>, now: Instant) -> bool {
         let name = &f.spec.name;
         let (window, idle) = {
             let s = f.idle.lock().unwrap();
@@ -1392,8 +1425,10 @@ impl Lifecycle {
             KeepAlive,
             Unload,
         }
+        let mut again;
         let victims: Vec<(u64, Why)> = {
             let st = f.state.lock().unwrap();
+            again = !st.slots.is_empty();
             let busy = st.slots.iter().any(|s| s.inflight > 0) || st.pending > 0;
             st.slots
                 .iter()
@@ -1461,7 +1496,9 @@ impl Lifecycle {
             );
             let mut st = f.state.lock().unwrap();
             self.spawn_start(f, &mut st, Trigger::Predicted, now);
+            again = true;
         }
+        again || f.idle.lock().unwrap().prewarm_pending(now)
     }
 
     /// Hands saved idle histories to the functions deployed next (call before deploying).

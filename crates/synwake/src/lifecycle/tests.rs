@@ -528,6 +528,40 @@ async fn busy_instance_is_not_reaped() {
 }
 
 #[tokio::test]
+async fn the_idle_reaper_sleeps_while_nothing_is_up() {
+    let (lc, _) = lifecycle();
+    let passes = || lc.inner.reaper_passes.load(Ordering::Relaxed);
+    let mut s = spec("f", &[]);
+    s.policy.idle_timeout = Duration::from_millis(100);
+    lc.deploy(s).await.unwrap();
+    // Deployed, never called: a pass for the deploy, then none (it ticked every 50 ms).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let cold = passes();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(passes(), cold, "the reaper ran with no instance up");
+    // Up: it runs again, and stops the instance once idle.
+    drop(lc.acquire("f").await.unwrap());
+    assert!(
+        wait_until(
+            || lc.status("f").unwrap().replicas == 0 && lc.status("f").unwrap().available == 0,
+            Duration::from_secs(5)
+        )
+        .await,
+        "the idle instance was not stopped"
+    );
+    assert!(passes() >= cold + 2, "the reaper did not run while up");
+    // Scaled to zero again: quiet again (at most the pass that saw the last slot go).
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let after = passes();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        passes(),
+        after,
+        "the reaper kept running after the instance stopped"
+    );
+}
+
+#[tokio::test]
 async fn request_during_stop_starts_a_new_instance() {
     let (lc, rt) = lifecycle();
     lc.deploy(spec("f", &[])).await.unwrap();
