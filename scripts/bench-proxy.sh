@@ -12,7 +12,8 @@
 #   SYNWAKE_BIN_BEFORE=/path/to/old/synwake scripts/bench-proxy.sh
 #       # also a second daemon from another build (before/after), interleaved the same way
 #   BODY_BYTES=1024 scripts/bench-proxy.sh        # POST rows: size of the request body
-#   LOADS="-t2 -c64" scripts/bench-proxy.sh       # wrk loads (default: "-t1 -c1" and "-t2 -c64")
+#   LOADS="GET -t2 -c64" scripts/bench-proxy.sh   # method and wrk load, ';' between several
+#       # (default: "GET -t1 -c1;GET -t2 -c64;POST -t2 -c64")
 #   NGINX_FORWARDED=1 scripts/bench-proxy.sh
 #       # also nginx-forwarded: nginx sending the function the four forwarded fields synwake
 #       # sends (X-Forwarded-For/-Proto/-Host, Forwarded) and the client's Host, as an edge
@@ -45,6 +46,15 @@ NGINX_FWD_PORT=$((BASE_PORT + 8))   # NGINX_FORWARDED=1: nginx sending the forwa
 
 for tool in cargo wrk nginx curl; do
     command -v "$tool" >/dev/null || { echo "bench-proxy: $tool not found" >&2; exit 1; }
+done
+
+IFS=';' read -r -a LOADS <<<"${LOADS:-GET -t1 -c1;GET -t2 -c64;POST -t2 -c64}"
+for load in "${LOADS[@]}"; do
+    case "$load" in
+    "GET "* | "POST "*) ;;
+    *) echo "bench-proxy: LOADS entry \"$load\" must start with GET or POST, then wrk's options (as in \"GET -t1 -c1\")" >&2
+       exit 2 ;;
+    esac
 done
 
 if [ -z "${NO_BUILD:-}" ]; then
@@ -205,7 +215,6 @@ median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR] = $1} END {
     else printf "%.2f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-IFS=';' read -r -a LOADS <<<"${LOADS:-GET -t1 -c1;GET -t2 -c64;POST -t2 -c64}"
 declare -A RPS P50 P99 LOAD     # space-separated values, one per round
 n=${#TARGETS[@]}
 for round in $(seq 1 "$ROUNDS"); do
