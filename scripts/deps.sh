@@ -22,6 +22,7 @@ set -euo pipefail
 #   python3-grpcio python3-websockets python3-h2   gRPC, WebSocket and HTTP/2 test clients
 #   docker-registry skopeo buildah podman umoci    real registry and image tools for oci tests
 #   python3-prometheus-client                      real OpenMetrics/text parsers for GET /metrics
+#   tcpdump linux-perf                             bench-serial-path: loopback timestamps, syscall tracepoints
 PACKAGES=(
     clang llvm libbpf-dev bpftool linux-libc-dev
     runc busybox-static
@@ -33,6 +34,7 @@ PACKAGES=(
     python3-grpcio python3-websockets python3-h2
     docker-registry skopeo buildah podman umoci
     python3-prometheus-client
+    tcpdump linux-perf
 )
 
 check_only=false
