@@ -21,7 +21,7 @@
 #   ACCOUNT=1 scripts/bench-proxy.sh
 #       # also where the machine's CPU went during each measurement: CPU us per request of
 #       # wrk, the proxy and the function behind it, the rest of the machine, idle %, context
-#       # switches per request, and the upstream connections the function accepted
+#       # switches and CPU halts per request, and the upstream connections the function accepted
 #
 # Needs: cargo, wrk, nginx (Debian: nginx-light), curl.
 set -euo pipefail
@@ -188,12 +188,22 @@ ticks() { # pids: utime + stime, clock ticks, all threads
     done
     echo "$sum"
 }
+cpu_halts() { # entries into a cpuidle state that is not polling, all CPUs (0 without cpuidle)
+    local d sum=0 name
+    for d in /sys/devices/system/cpu/cpu[0-9]*/cpuidle/state[0-9]*; do
+        [ -r "$d/usage" ] || continue
+        name=$(cat "$d/name" 2>/dev/null || true)
+        [ "$name" = POLL ] && continue
+        sum=$((sum + $(cat "$d/usage")))
+    done
+    echo "$sum"
+}
 machine() { # busy ticks, idle ticks (idle + iowait), context switches, irq + softirq
-    # ticks, steal ticks, TCP segments sent
-    { cat /proc/stat; grep '^Tcp:' /proc/net/snmp | tail -1; } | awk '
+    # ticks, steal ticks, TCP segments sent, CPU halts
+    { cat /proc/stat; grep '^Tcp:' /proc/net/snmp | tail -1; echo "halts $(cpu_halts)"; } | awk '
         $1 == "cpu" {b = $2 + $3 + $4 + $7 + $8; i = $5 + $6; q = $7 + $8; st = $9}
-        $1 == "ctxt" {c = $2} $1 == "Tcp:" {o = $12}
-        END {print b, i, c, q, st, o}'
+        $1 == "ctxt" {c = $2} $1 == "Tcp:" {o = $12} $1 == "halts" {h = $2}
+        END {print b, i, c, q, st, o, h}'
 }
 fn_accepted() { curl -fsS "$1" 2>/dev/null | tr -dc '0-9'; }
 ctxt() { # pids: voluntary + involuntary context switches of all their threads
@@ -230,7 +240,7 @@ for round in $(seq 1 "$ROUNDS"); do
             l=$(cut -d' ' -f1 /proc/loadavg)
             if [ -n "${ACCOUNT:-}" ]; then
                 # shellcheck disable=SC2086
-                { a0=$(fn_accepted "${FN_CONN_URL[$t]}"); read -r mb0 mi0 mc0 mq0 ms0 mo0 < <(machine)
+                { a0=$(fn_accepted "${FN_CONN_URL[$t]}"); read -r mb0 mi0 mc0 mq0 ms0 mo0 mh0 < <(machine)
                   p0=$(ticks ${PROXY_PIDS[$t]}); f0=$(ticks ${FN_PIDS[$t]})
                   pc0=$(ctxt ${PROXY_PIDS[$t]}); fc0=$(ctxt ${FN_PIDS[$t]}); }
             fi
@@ -241,7 +251,7 @@ for round in $(seq 1 "$ROUNDS"); do
             r=$(awk '/^Requests\/sec:/ {print $2}' "$file")
             if [ -n "${ACCOUNT:-}" ]; then
                 # shellcheck disable=SC2086
-                { read -r mb1 mi1 mc1 mq1 ms1 mo1 < <(machine); p1=$(ticks ${PROXY_PIDS[$t]}); f1=$(ticks ${FN_PIDS[$t]})
+                { read -r mb1 mi1 mc1 mq1 ms1 mo1 mh1 < <(machine); p1=$(ticks ${PROXY_PIDS[$t]}); f1=$(ticks ${FN_PIDS[$t]})
                   pc1=$(ctxt ${PROXY_PIDS[$t]}); fc1=$(ctxt ${FN_PIDS[$t]})
                   a1=$(fn_accepted "${FN_CONN_URL[$t]}"); }
                 reqs=$(awk '/requests in/ {print $1}' "$file")
@@ -249,15 +259,16 @@ for round in $(seq 1 "$ROUNDS"); do
                 row=$(awk -v n="$reqs" -v wu="$wu" -v ws="$ws" -v p="$((p1 - p0))" -v f="$((f1 - f0))" \
                     -v mb="$((mb1 - mb0))" -v mi="$((mi1 - mi0))" -v mc="$((mc1 - mc0))" \
                     -v mq="$((mq1 - mq0))" -v ms="$((ms1 - ms0))" -v mo="$((mo1 - mo0))" \
+                    -v mh="$((mh1 - mh0))" \
                     -v acc="$((a1 - a0 - ${ASKED_DIRECT[$t]}))" -v wcs="$((wv + wc))" \
                     -v pcs="$((pc1 - pc0))" -v fcs="$((fc1 - fc0))" 'BEGIN {
                     tick = 1e6 / 100 / n; w = (wu + ws) * 1e6 / n
-                    printf "%.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.0f%% | %.2f | %.2f | %.2f | %.2f | %.1f | %d",
+                    printf "%.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.0f%% | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f | %d",
                         w, p * tick, f * tick, mb * tick - w - p * tick - f * tick,
                         mq * tick, mb * tick, ms * tick, 100 * mi / (mb + mi + ms), mc / n, wcs / n,
-                        pcs / n, fcs / n, mo / n, acc }')
+                        pcs / n, fcs / n, mh / n, mo / n, acc }')
                 ACCT_ROWS+=("| $t | \`$load\` | $round | $r | $row | $l |")
-                echo "    us/request wrk | proxy | fn | rest | irq | machine | steal | idle | ctxt/req: machine | wrk | proxy | fn | TCP segments/req | fn conns accepted: $row" >&2
+                echo "    us/request wrk | proxy | fn | rest | irq | machine | steal | idle | ctxt/req: machine | wrk | proxy | fn | CPU halts/req | TCP segments/req | fn conns accepted: $row" >&2
             fi
             p50=$(to_us "$(awk '$1 == "50%" {print $2}' "$file")")
             p99=$(to_us "$(awk '$1 == "99%" {print $2}' "$file")")
@@ -317,14 +328,16 @@ if [ -n "${ACCOUNT:-}" ]; then
     echo "behind it, the rest of the machine (other jobs, kernel threads), irq + softirq time (part"
     echo "of it is charged to the processes too), the whole machine (without steal) and the time"
     echo "the hypervisor stole; machine idle %; context switches per request (machine, wrk, the proxy, the"
-    echo "function); TCP segments sent per request (all of the machine's); connections the"
+    echo "function); entries of the CPUs into an idle state that halts them (cpuidle, not POLL;"
+    echo "0 without cpuidle) per request: on a VM each costs an exit, and waking it again costs"
+    echo "whoever wakes a task there; TCP segments sent per request (all of the machine's); connections the"
     echo "function accepted during the measurement. Context switches of threads that exited during"
     echo "the measurement are lost: nginx closes an upstream connection after 1000 requests (its"
     echo "keepalive_requests), so the function's column behind nginx is too low (perf stat -e"
     echo "context-switches -p, which counts exited threads, showed about 1.0 per request for both)."
     echo
-    echo "| target | load | round | requests/s | wrk | proxy | fn | rest | irq | machine | steal | idle | ctxt/req | wrk ctxt/req | proxy ctxt/req | fn ctxt/req | TCP segs/req | fn conns accepted | loadavg |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| target | load | round | requests/s | wrk | proxy | fn | rest | irq | machine | steal | idle | ctxt/req | wrk ctxt/req | proxy ctxt/req | fn ctxt/req | CPU halts/req | TCP segs/req | fn conns accepted | loadavg |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     printf '%s\n' "${ACCT_ROWS[@]}"
 fi
 echo
