@@ -24,24 +24,7 @@ bench_workdir
 OUT="" # nothing to keep: the cleanup removes the work dir
 
 start() { # binary, dir, shared port (api +1, own +2)
-    mkdir -p "$2"
-    cat >"$2/synwake.toml" <<T
-[gateway]
-listen = "127.0.0.1:$3"
-api_listen = "127.0.0.1:$(($3 + 1))"
-state_dir = "$2/state"
-
-[probe]
-mode = "off"
-
-[[function]]
-name = "bench"
-port = $(($3 + 2))
-command = ["$FN"]
-idle_timeout = "1h"
-T
-    SYNWAKE_LOG=warn "$1" up --config "$2/synwake.toml" >"$2/synwake.log" 2>&1 &
-    PIDS+=($!)
+    start_bench_synwake "$1" "$2" "$3" "$(($3 + 1))" "$(($3 + 2))" "$FN"
 }
 start "$1" "$WORK/a" "$BASE_PORT"
 start "$2" "$WORK/b" "$((BASE_PORT + 3))"

@@ -1,6 +1,7 @@
 # Shared parts of the side-by-side benchmark scripts (bench-proxy.sh, bench-tls.sh,
-# bench-protocols.sh): work dir and cleanup, waiting for a URL, wrk's latency units, and
-# the nginx configuration and start they all use. Sourced, not run; BENCH names the script
+# bench-protocols.sh, bench-cpu-ab.sh, bench-serial-path.sh): work dir and cleanup,
+# waiting for a URL, wrk's latency units, a synwake daemon in front of synwake-fn, and the
+# nginx configuration and start they use. Sourced, not run; BENCH names the script
 # in messages.
 
 # WORK (a temp dir), OUT (default WORK, kept), PIDS (killed on exit; WORK removed unless
@@ -36,6 +37,49 @@ to_us() {
         n = v + 0
         if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000;
         else if (v ~ /s$/) print n * 1000000; else print n }'
+}
+
+# synwake in front of one function `bench` (synwake-fn, kept warm for an hour) on its own
+# port, probe off: writes DIR/synwake.toml and starts the daemon in the background (its pid
+# is the last in PIDS).
+start_bench_synwake() { # binary, dir, shared port, api port, own port, synwake-fn binary
+    mkdir -p "$2"
+    cat >"$2/synwake.toml" <<CONF
+[gateway]
+listen = "127.0.0.1:$3"
+api_listen = "127.0.0.1:$4"
+state_dir = "$2/state"
+
+[probe]
+mode = "off"
+
+[[function]]
+name = "bench"
+port = $5
+command = ["$(realpath "$6")"]
+idle_timeout = "1h"
+CONF
+    SYNWAKE_LOG=warn "$1" up --config "$2/synwake.toml" >"$2/synwake.log" 2>&1 &
+    PIDS+=($!)
+}
+
+# nginx's plain reverse proxy with upstream keepalive, inside `http {`: upstream `fn` at
+# 127.0.0.1:FN_PORT and a server on 127.0.0.1:LISTEN_PORT passing everything to it.
+nginx_plain_proxy() { # fn port, listen port
+    cat <<CONF
+    upstream fn {
+        server 127.0.0.1:$1;
+        keepalive 128;
+    }
+    server {
+        listen 127.0.0.1:$2;
+        location / {
+            proxy_pass http://fn;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+CONF
 }
 
 # The head of nginx.conf for an nginx run from $WORK/nginx, up to and inside `http {`:

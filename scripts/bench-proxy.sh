@@ -75,43 +75,14 @@ FN_PID=$!
 
 # 2. synwake with its own instance of the same binary; kept warm for the whole run.
 start_synwake() { # binary, dir, shared port, api port, own port
-    mkdir -p "$2"
-    cat >"$2/synwake.toml" <<EOF
-[gateway]
-listen = "127.0.0.1:$3"
-api_listen = "127.0.0.1:$4"
-state_dir = "$2/state"
-
-[probe]
-mode = "off"
-
-[[function]]
-name = "bench"
-port = $5
-command = ["$(realpath "$BIN/synwake-fn")"]
-idle_timeout = "1h"
-EOF
-    SYNWAKE_LOG=warn "$1" up --config "$2/synwake.toml" >"$2/synwake.log" 2>&1 &
-    PIDS+=($!)
-    DAEMON[$2]=$!
+    start_bench_synwake "$1" "$2" "$3" "$4" "$5" "$BIN/synwake-fn"
+    DAEMON[$2]=${PIDS[-1]}
 }
 declare -A DAEMON
 start_synwake "$SYNWAKE_BIN" "$WORK/synwake" "$SHARED_PORT" "$API_PORT" "$OWN_PORT"
 
 # 3. nginx as a plain reverse proxy with upstream keepalive to the direct function.
-{ nginx_conf_head; cat <<EOF; } >"$WORK/nginx/nginx.conf"
-    upstream fn {
-        server 127.0.0.1:$FN_PORT;
-        keepalive 128;
-    }
-    server {
-        listen 127.0.0.1:$NGINX_PORT;
-        location / {
-            proxy_pass http://fn;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
+{ nginx_conf_head; nginx_plain_proxy "$FN_PORT" "$NGINX_PORT"; cat <<EOF; } >"$WORK/nginx/nginx.conf"
     server {
         listen 127.0.0.1:$NGINX_FWD_PORT;
         location / {

@@ -41,41 +41,12 @@ bench_workdir
 
 PORT=$FN_PORT SYNWAKE_FUNCTION=bench "$BIN/synwake-fn" >"$WORK/fn.log" 2>&1 &
 PIDS+=($!)
-mkdir -p "$WORK/synwake"
-cat >"$WORK/synwake/synwake.toml" <<CONF
-[gateway]
-listen = "127.0.0.1:$((BASE_PORT + 1))"
-api_listen = "127.0.0.1:$((BASE_PORT + 2))"
-state_dir = "$WORK/synwake/state"
-
-[probe]
-mode = "off"
-
-[[function]]
-name = "bench"
-port = $OWN_PORT
-command = ["$(realpath "$BIN/synwake-fn")"]
-idle_timeout = "1h"
-CONF
-SYNWAKE_LOG=warn "$SYNWAKE_BIN" up --config "$WORK/synwake/synwake.toml" >"$WORK/synwake/synwake.log" 2>&1 &
-PIDS+=($!)
-SYNWAKE_PID=$!
-# Two workers, as synwake has one serving thread per CPU on this 2-CPU reference machine.
-{ nginx_conf_head; cat <<CONF; } >"$WORK/nginx/nginx.conf"
-    upstream fn {
-        server 127.0.0.1:$FN_PORT;
-        keepalive 128;
-    }
-    server {
-        listen 127.0.0.1:$NGINX_PORT;
-        location / {
-            proxy_pass http://fn;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-CONF
+start_bench_synwake "$SYNWAKE_BIN" "$WORK/synwake" "$((BASE_PORT + 1))" "$((BASE_PORT + 2))" \
+    "$OWN_PORT" "$BIN/synwake-fn"
+SYNWAKE_PID=${PIDS[-1]}
+# nginx_conf_head's `worker_processes auto`: one worker per CPU, as synwake has one
+# serving thread per CPU.
+{ nginx_conf_head; nginx_plain_proxy "$FN_PORT" "$NGINX_PORT"; echo "}"; } >"$WORK/nginx/nginx.conf"
 start_nginx
 NGINX_PID=${PIDS[-1]}
 wait_http "http://127.0.0.1:$FN_PORT/"
