@@ -105,18 +105,14 @@ impl IdleState {
     /// Whether a cold function should be pre-warmed now (then marks it done for this idle
     /// period).
     pub fn take_prewarm(&mut self, now: Instant) -> bool {
-        let (Some(last), Some(idle)) = (self.last_done, self.idle(now)) else {
-            return false;
-        };
-        if self.window.prewarm_after.is_zero()
-            || self.prewarmed_for == Some(last)
-            || idle < self.window.prewarm_after
-            || idle >= self.window.keep_alive
-        {
-            return false;
+        let due = self.prewarm_pending(now)
+            && self
+                .idle(now)
+                .is_some_and(|idle| idle >= self.window.prewarm_after);
+        if due {
+            self.prewarmed_for = self.last_done;
         }
-        self.prewarmed_for = Some(last);
-        true
+        due
     }
 
     /// Whether [`Self::take_prewarm`] may still answer true in this idle period (so

@@ -1350,9 +1350,8 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// Stops idle instances and unused prewarms. Called every 50 ms.
-    /// One pass of the idle reaper; true when a later pass may have work (an instance
-    /// exists, or a predicted pre-warm is still to come).
+    /// One pass of the idle reaper: stops idle instances and unused prewarms. True when a
+    /// later pass may have work (an instance exists, or a predicted pre-warm is to come).
     fn reap_idle(&self) -> bool {
         let now = Instant::now();
         let functions = self.all_functions();
@@ -1425,12 +1424,11 @@ impl Lifecycle {
             KeepAlive,
             Unload,
         }
-        let mut again;
-        let victims: Vec<(u64, Why)> = {
+        let (victims, up): (Vec<(u64, Why)>, bool) = {
             let st = f.state.lock().unwrap();
-            again = !st.slots.is_empty();
             let busy = st.slots.iter().any(|s| s.inflight > 0) || st.pending > 0;
-            st.slots
+            let victims = st
+                .slots
                 .iter()
                 .filter(|s| s.ready().is_some() && s.inflight == 0 && !busy)
                 .filter_map(|s| {
@@ -1451,7 +1449,8 @@ impl Lifecycle {
                         None
                     }
                 })
-                .collect()
+                .collect();
+            (victims, !st.slots.is_empty())
         };
         for (id, why) in victims {
             let Some(inst) = self.begin_stop(f, id, true) else {
@@ -1496,9 +1495,9 @@ impl Lifecycle {
             );
             let mut st = f.state.lock().unwrap();
             self.spawn_start(f, &mut st, Trigger::Predicted, now);
-            again = true;
+            return true;
         }
-        again || f.idle.lock().unwrap().prewarm_pending(now)
+        up || f.idle.lock().unwrap().prewarm_pending(now)
     }
 
     /// Hands saved idle histories to the functions deployed next (call before deploying).
